@@ -1,0 +1,320 @@
+"""The typed config schema, its validation (before any compute), and pack expansion.
+
+A config arrives from Hydra (or a plain dict in tests), is merged onto the dataclass schema, checked
+value by value, and expanded into one fully resolved config per trained model: a list in a packable
+key (seed, lr, init scale, dropout rate, weight decay) means "train each of these", and the pack is
+the Cartesian product of those lists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from bnstudy.models import DROPOUT_PLACEMENTS, MODELS, NORMS
+
+DATASETS = ("mnist", "cifar10")
+OPTIMIZERS = ("sgd", "adam")
+WANDB_MODES = ("offline", "online", "disabled")
+LOOPS = ("auto", "python", "scan")
+
+# Packable key -> the HParams field it feeds.
+PACKABLE = {
+    "optimizer.lr": "lr",
+    "optimizer.weight_decay": "weight_decay",
+    "model.init_scale": "init_scale",
+    "model.dropout.rate": "dropout_rate",
+    "seed": "seed",
+}
+# Keys that change the compiled program: a list here is a mistake, Hydra's -m is the way.
+STRUCTURAL = (
+    "dataset.name",
+    "model.name",
+    "model.norm",
+    "model.width",
+    "model.bn_momentum",
+    "model.dropout.placement",
+    "optimizer.name",
+    "optimizer.momentum",
+    "train.batch_size",
+)
+
+
+class ConfigError(ValueError):
+    """A config value that cannot be trained; the message says which key, what is expected, what was given."""
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "mnist"
+    data_dir: str | None = None  # TFDS data_dir; None = TFDS's default (~/tensorflow_datasets)
+    download: bool = False
+    train_subset: int | None = None  # use only the first N training examples (quick runs, tests)
+    test_subset: int | None = None
+
+
+@dataclass
+class DropoutConfig:
+    placement: str = "none"
+    rate: Any = 0.0  # packable
+
+
+@dataclass
+class ModelConfig:
+    name: str = "cnn"
+    norm: str = "before_relu"
+    bn_momentum: float = 0.9  # running = momentum * running + (1 - momentum) * batch (PyTorch's 0.1)
+    bn_epsilon: float = 1e-5
+    init_scale: Any = 1.0  # packable
+    width: float = 1.0  # vgg channel multiplier
+    dropout: DropoutConfig = field(default_factory=DropoutConfig)
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "sgd"
+    lr: Any = 0.1  # packable
+    momentum: float = 0.9
+    weight_decay: Any = 0.0  # packable
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 128
+    epochs: int = 3
+    eval_every: int = 1  # epochs; 0 = only at the end
+    log_every: int = 50  # steps
+    eval_batch_size: int = 1000
+    max_steps_per_epoch: int | None = None
+    pack_size: Any = "auto"  # models per compiled program: an int, or "auto"
+    loop: str = "auto"
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"
+    project: str = "bnstudy"
+    entity: str | None = None
+    group: str | None = None  # default: the study name
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggerConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    progress: bool = True  # progress bar on a terminal (never in non-interactive logs)
+
+
+@dataclass
+class Config:
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    seed: Any = 0  # packable
+    out_dir: str = "outputs"
+    study: str | None = None
+    compile_cache_dir: str | None = "~/.cache/bnstudy/jax"
+
+
+def _fail(key: str, expected: str, given: Any, hint: str = "") -> None:
+    msg = f"Invalid config: `{key}` must be {expected}; got {given!r} ({type(given).__name__})."
+    raise ConfigError(msg + (" " + hint if hint else ""))
+
+
+def _get(cfg: Config, key: str) -> Any:
+    value = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _set(cfg: Config, key: str, value: Any) -> None:
+    *parents, last = key.split(".")
+    target = cfg
+    for part in parents:
+        target = getattr(target, part)
+    setattr(target, last, value)
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_choice(cfg, key, choices):
+    value = _get(cfg, key)
+    if isinstance(value, (list, tuple)):
+        _fail(key, f"a single value from {list(choices)}", value, _SWEEP_HINT.format(key=key))
+    if value not in choices:
+        _fail(key, f"one of {list(choices)}", value)
+
+
+_SWEEP_HINT = (
+    "It changes the compiled program, so it cannot be packed: sweep it as separate jobs with "
+    "Hydra's multirun, e.g. `python -m bnstudy.train -m {key}=a,b,c`."
+)
+
+# Packable key -> (predicate on one value, what is expected).
+_PACKABLE_RULES = {
+    "optimizer.lr": (lambda v: _number(v) and v > 0, "a positive number"),
+    "optimizer.weight_decay": (lambda v: _number(v) and v >= 0, "a number >= 0"),
+    "model.init_scale": (lambda v: _number(v) and v > 0, "a positive number"),
+    "model.dropout.rate": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "seed": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**31, "an integer >= 0"),
+}
+
+# Scalar key -> (predicate, what is expected).
+_SCALAR_RULES = {
+    "model.bn_momentum": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "model.bn_epsilon": (lambda v: _number(v) and v > 0, "a positive number"),
+    "model.width": (lambda v: _number(v) and v > 0, "a positive number"),
+    "optimizer.momentum": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "train.batch_size": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+    "train.epochs": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+    "train.eval_every": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0 (0 = only at the end)"),
+    "train.log_every": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+    "train.eval_batch_size": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+    "train.max_steps_per_epoch": (lambda v: v is None or (isinstance(v, int) and v >= 1), "null or an integer >= 1"),
+    "train.pack_size": (lambda v: v == "auto" or (isinstance(v, int) and v >= 1), "'auto' or an integer >= 1"),
+    "dataset.train_subset": (lambda v: v is None or (isinstance(v, int) and v >= 1), "null or an integer >= 1"),
+    "dataset.test_subset": (lambda v: v is None or (isinstance(v, int) and v >= 1), "null or an integer >= 1"),
+}
+
+
+def _check_packable(cfg: Config, key: str) -> None:
+    ok, expected = _PACKABLE_RULES[key]
+    value = _get(cfg, key)
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not values:
+        _fail(key, f"{expected}, or a non-empty list of them to pack", value)
+    for v in values:
+        if not ok(v):
+            _fail(key, f"{expected} (or a list of them to pack)", v)
+    if len(set(values)) != len(values):
+        _fail(key, "a list without repeated values", value)
+
+
+def validate(cfg: Config) -> Config:
+    """Check every value of a schema-typed config; raises ConfigError naming the first bad key."""
+    if cfg.dataset is None:
+        _fail("dataset", "a dataset (dataset=mnist or dataset=cifar10)", None)
+    _check_choice(cfg, "dataset.name", DATASETS)
+    _check_choice(cfg, "model.name", MODELS)
+    _check_choice(cfg, "model.norm", NORMS)
+    _check_choice(cfg, "model.dropout.placement", DROPOUT_PLACEMENTS)
+    _check_choice(cfg, "optimizer.name", OPTIMIZERS)
+    _check_choice(cfg, "logger.wandb.mode", WANDB_MODES)
+    _check_choice(cfg, "train.loop", LOOPS)
+    for key in STRUCTURAL:
+        if isinstance(_get(cfg, key), (list, tuple)):
+            _fail(key, "a single value", _get(cfg, key), _SWEEP_HINT.format(key=key))
+    for key, (ok, expected) in _SCALAR_RULES.items():
+        if not ok(_get(cfg, key)):
+            _fail(key, expected, _get(cfg, key))
+    for key in PACKABLE:
+        _check_packable(cfg, key)
+    return cfg
+
+
+def parse(raw: DictConfig | dict) -> Config:
+    """Merge a raw config onto the schema (types, unknown keys) and validate its values."""
+    if isinstance(raw, dict):
+        raw = OmegaConf.create(raw)
+    schema = OmegaConf.structured(Config)
+    try:
+        merged = OmegaConf.merge(schema, raw)
+        cfg = OmegaConf.to_object(merged)
+    except ConfigKeyError as e:
+        raise ConfigError(
+            f"Invalid config: unknown key `{e.full_key}`. Check its spelling; the known keys are in "
+            f"configs/ and in the README's config table."
+        ) from None
+    except ValidationError as e:
+        given = getattr(e, "value", None)
+        raise ConfigError(
+            f"Invalid config: `{e.full_key}` has the wrong type: {e.msg.splitlines()[0]} (got {given!r})."
+        ) from None
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", "?")
+        raise ConfigError(f"Invalid config at `{key}`: {e.msg.splitlines()[0] if e.msg else e}.") from None
+    return validate(cfg)
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def pack_axes(cfg: Config) -> dict[str, list]:
+    """Packable key -> the list of values it takes in this job (a scalar is a list of one)."""
+    axes = {}
+    for key in PACKABLE:
+        value = _get(cfg, key)
+        axes[key] = list(value) if isinstance(value, (list, tuple)) else [value]
+    return axes
+
+
+def expand_pack(cfg: Config) -> list[Config]:
+    """One fully resolved config per model: the Cartesian product of the packable lists."""
+    axes = pack_axes(cfg)
+    runs = []
+    for combo in itertools.product(*axes.values()):
+        run = from_dict(to_dict(cfg))
+        for key, value in zip(axes, combo):
+            _set(run, key, int(value) if key == "seed" else float(value))
+        runs.append(run)
+    return runs
+
+
+def from_dict(d: dict) -> Config:
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), d))
+
+
+def hparams_row(run: Config) -> dict:
+    """The HParams fields of a resolved (scalar) run config."""
+    return {field_name: _get(run, key) for key, field_name in PACKABLE.items()}
+
+
+# Keys that do not change what is trained, so they do not change a run's identity.
+_IDENTITY_EXCLUDED = ("logger", "out_dir", "compile_cache_dir")
+
+
+def identity(run: Config) -> dict:
+    d = to_dict(run)
+    for key in _IDENTITY_EXCLUDED:
+        d.pop(key, None)
+    d["train"].pop("pack_size", None)
+    d["train"].pop("loop", None)
+    return d
+
+
+def config_hash(run: Config) -> str:
+    blob = json.dumps(identity(run), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:8]
+
+
+def run_id(run: Config) -> str:
+    """Readable name plus a short hash of everything that defines the run, e.g. `cnn-before_relu-lr0.1-s0-1a2b3c4d`."""
+    return f"{run_name(run)}-{config_hash(run)}"
+
+
+def run_name(run: Config) -> str:
+    m, o = run.model, run.optimizer
+    parts = [run.dataset.name, m.name, m.norm, f"lr{o.lr:g}"]
+    if m.init_scale != 1.0:
+        parts.append(f"init{m.init_scale:g}")
+    if m.dropout.placement != "none":
+        parts.append(f"drop-{m.dropout.placement}{m.dropout.rate:g}")
+    if o.weight_decay:
+        parts.append(f"wd{o.weight_decay:g}")
+    parts.append(f"bs{run.train.batch_size}")
+    parts.append(f"s{run.seed}")
+    return "-".join(parts)

@@ -1,0 +1,96 @@
+"""TFDS splits -> uint8 numpy -> device arrays, once per process, with the dataset's normalization constants."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+
+import jax.numpy as jnp
+import numpy as np
+
+from bnstudy.engine import ArrayData
+
+# Per-channel mean/std of the training images in [0, 1]; normalization itself happens on device.
+STATS = {
+    "mnist": ((0.1307,), (0.3081,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+}
+AUGMENT = {"mnist": False, "cifar10": True}
+NUM_CLASSES = {"mnist": 10, "cifar10": 10}
+
+
+class DataUnavailableError(RuntimeError):
+    """The dataset is neither prepared in data_dir nor downloadable."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    name: str
+    arrays: ArrayData
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    augment: bool
+
+    @property
+    def num_train(self) -> int:
+        return int(self.arrays.train_images.shape[0])
+
+    @property
+    def num_test(self) -> int:
+        return int(self.arrays.test_images.shape[0])
+
+
+def _unavailable_message(name: str, data_dir: str | None, cause: Exception) -> str:
+    where = data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
+    return (
+        f"Could not load TFDS dataset '{name}' from {where!s} ({type(cause).__name__}: {cause}). "
+        f"Without internet access TFDS cannot download it: prepare it once on a connected machine "
+        f"(`python -c \"import tensorflow_datasets as tfds; tfds.builder('{name}').download_and_prepare()\"`) "
+        f"and copy the directory here, then point bnstudy at it with `dataset.data_dir=/path/to/tensorflow_datasets` "
+        f"(the folder that contains '{name}/'). To let bnstudy download it itself, set `dataset.download=true`."
+    )
+
+
+def _quiet_tensorflow() -> None:
+    """TF and TFDS log at INFO on import and load; a training log only needs our own lines."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.getLogger("absl").setLevel(logging.WARNING)
+
+
+def load_split_numpy(name: str, split: str, data_dir: str | None, download: bool) -> tuple[np.ndarray, np.ndarray]:
+    """A whole TFDS split as (uint8 images [N, H, W, C], int32 labels [N])."""
+    _quiet_tensorflow()
+    import tensorflow_datasets as tfds  # app-layer only: the core never needs TFDS
+
+    try:
+        ds = tfds.load(name, split=split, data_dir=data_dir, download=download, batch_size=-1, as_supervised=True)
+        images, labels = tfds.as_numpy(ds)
+    except Exception as e:  # TFDS raises many kinds (AssertionError, DatasetNotFoundError, OSError...)
+        raise DataUnavailableError(_unavailable_message(name, data_dir, e)) from e
+    return np.asarray(images, np.uint8), np.asarray(labels, np.int32)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_numpy_cached(name, data_dir, download):
+    return load_split_numpy(name, "train", data_dir, download), load_split_numpy(name, "test", data_dir, download)
+
+
+def load(
+    name: str,
+    data_dir: str | None = None,
+    download: bool = False,
+    train_subset: int | None = None,
+    test_subset: int | None = None,
+) -> Dataset:
+    """The dataset on device; the TFDS read happens once per process (every Hydra job in it reuses it)."""
+    (train_x, train_y), (test_x, test_y) = _load_numpy_cached(name, data_dir, download)
+    if train_subset:
+        train_x, train_y = train_x[:train_subset], train_y[:train_subset]
+    if test_subset:
+        test_x, test_y = test_x[:test_subset], test_y[:test_subset]
+    mean, std = STATS[name]
+    arrays = ArrayData(jnp.asarray(train_x), jnp.asarray(train_y), jnp.asarray(test_x), jnp.asarray(test_y))
+    return Dataset(name, arrays, num_classes=NUM_CLASSES[name], mean=mean, std=std, augment=AUGMENT[name])

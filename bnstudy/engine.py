@@ -1,0 +1,209 @@
+"""Pure training functions for one model: init, train_step, eval_batch; callers vmap them over a pack.
+
+Everything a sweep varies numerically (learning rate, weight decay, init scale, dropout rate, seed)
+arrives as a traced `HParams` leaf, never as a Python constant, so a pack of runs is one
+`jax.vmap` of these same functions. Everything that changes the program (model, optimizer kind,
+batch size, augmentation) lives in the static `Program`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+# Independent random streams derived from a run's seed.
+STREAM_INIT, STREAM_DROPOUT, STREAM_AUGMENT, STREAM_DATA = range(4)
+
+
+class HParams(NamedTuple):
+    """Per-run numeric hyperparameters; each leaf is a scalar (one run) or a [K] array (a pack)."""
+
+    lr: Any
+    weight_decay: Any
+    init_scale: Any
+    dropout_rate: Any
+    seed: Any
+
+    @classmethod
+    def stack(cls, rows: list[dict]) -> HParams:
+        """Pack a list of per-run dicts into [K]-shaped arrays (float32, seed int32)."""
+        return cls(
+            **{f: jnp.asarray([r[f] for r in rows], jnp.int32 if f == "seed" else jnp.float32) for f in cls._fields}
+        )
+
+
+class ArrayData(NamedTuple):
+    """A dataset already on device: uint8 images [N, H, W, C] and int32 labels [N]."""
+
+    train_images: jax.Array
+    train_labels: jax.Array
+    test_images: jax.Array
+    test_labels: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """The static part of a run: whatever, when changed, needs a new compiled program."""
+
+    model: nn.Module
+    optimizer: str = "sgd"  # sgd | adam
+    momentum: float = 0.9
+    batch_size: int = 128
+    input_mean: tuple[float, ...] = (0.0,)
+    input_std: tuple[float, ...] = (1.0,)
+    augment: bool = False  # random crop (pad 4) + horizontal flip
+
+
+class TrainState(struct.PyTreeNode):
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    diverged: jax.Array  # bool: a non-finite loss or gradient was seen; the run is frozen since
+    diverged_step: jax.Array  # int32: the step at which it diverged, -1 if it has not
+
+
+def run_key(seed: jax.Array, stream: int) -> jax.Array:
+    return jax.random.fold_in(jax.random.key(seed), stream)
+
+
+def _sgd(learning_rate, weight_decay, momentum):
+    # Coupled L2 (added to the gradient before momentum), as in torch.optim.SGD.
+    return optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(learning_rate, momentum=momentum or None))
+
+
+def _adam(learning_rate, weight_decay):
+    return optax.adamw(learning_rate, weight_decay=weight_decay)
+
+
+def make_optimizer(program: Program, lr, weight_decay) -> optax.GradientTransformation:
+    """An optimizer whose lr and weight decay live in its state, so they can differ across a pack."""
+    if program.optimizer == "sgd":
+        return optax.inject_hyperparams(_sgd, static_args=("momentum",))(lr, weight_decay, program.momentum)
+    if program.optimizer == "adam":
+        return optax.inject_hyperparams(_adam)(lr, weight_decay)
+    raise ValueError(f"unknown optimizer {program.optimizer!r}; expected 'sgd' or 'adam'")
+
+
+def scale_kernels(params, scale):
+    """Multiply every kernel by `scale`: He-normal std x init_scale, biases and BN untouched."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: x * scale if getattr(path[-1], "key", None) == "kernel" else x, params
+    )
+
+
+def init_state(program: Program, input_shape: tuple[int, ...], hp: HParams) -> TrainState:
+    """A fresh model and optimizer for one run."""
+    variables = program.model.init(run_key(hp.seed, STREAM_INIT), jnp.zeros((1, *input_shape)), train=False)
+    params = scale_kernels(variables["params"], hp.init_scale)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=variables.get("batch_stats", {}),
+        opt_state=make_optimizer(program, hp.lr, hp.weight_decay).init(params),
+        diverged=jnp.zeros((), bool),
+        diverged_step=jnp.full((), -1, jnp.int32),
+    )
+
+
+def normalize(program: Program, images_uint8: jax.Array) -> jax.Array:
+    x = images_uint8.astype(jnp.float32) / 255.0
+    return (x - jnp.asarray(program.input_mean)) / jnp.asarray(program.input_std)
+
+
+def augment(images: jax.Array, key: jax.Array) -> jax.Array:
+    """Random crop with 4-pixel zero padding and random horizontal flip, per example."""
+    n, h, w, _ = images.shape
+    crop_key, flip_key = jax.random.split(key)
+    padded = jnp.pad(images, ((0, 0), (4, 4), (4, 4), (0, 0)))
+    offsets = jax.random.randint(crop_key, (n, 2), 0, 9)
+    crop = jax.vmap(lambda img, o: jax.lax.dynamic_slice(img, (o[0], o[1], 0), (h, w, img.shape[-1])))
+    cropped = crop(padded, offsets)
+    flip = jax.random.bernoulli(flip_key, 0.5, (n, 1, 1, 1))
+    return jnp.where(flip, cropped[:, :, ::-1, :], cropped)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def forward_train(program, params, batch_stats, x, y, dropout_rate, dropout_key):
+    """Loss in train mode (batch statistics) and the updated running statistics."""
+    variables = {"params": params, "batch_stats": batch_stats}
+    logits, updates = program.model.apply(
+        variables, x, train=True, dropout_rate=dropout_rate, dropout_rng=dropout_key, mutable=["batch_stats"]
+    )
+    return cross_entropy(logits, y).mean(), (logits, updates.get("batch_stats", {}))
+
+
+def batch_at(program: Program, data: ArrayData, perm: jax.Array, index: jax.Array):
+    """The `index`-th training batch of an epoch ordered by `perm`."""
+    idx = jax.lax.dynamic_slice_in_dim(perm, index * program.batch_size, program.batch_size)
+    return data.train_images[idx], data.train_labels[idx]
+
+
+def train_step(program: Program, state: TrainState, hp: HParams, data: ArrayData, perm: jax.Array, index):
+    """One SGD/Adam step on batch `index` of the epoch order `perm`; frozen once diverged."""
+    images, labels = batch_at(program, data, perm, index)
+    x = normalize(program, images)
+    if program.augment:
+        x = augment(x, jax.random.fold_in(run_key(hp.seed, STREAM_AUGMENT), state.step))
+    dropout_key = jax.random.fold_in(run_key(hp.seed, STREAM_DROPOUT), state.step)
+    grad_fn = jax.value_and_grad(forward_train, argnums=1, has_aux=True)
+    (loss, (logits, batch_stats)), grads = grad_fn(
+        program, state.params, state.batch_stats, x, labels, hp.dropout_rate, dropout_key
+    )
+    tx = make_optimizer(program, hp.lr, hp.weight_decay)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep_new = finite & ~state.diverged
+    choose = lambda new, old: jax.tree.map(lambda n, o: jnp.where(keep_new, n, o), new, old)
+    newly_diverged = ~finite & ~state.diverged
+    new_state = state.replace(
+        step=state.step + 1,
+        params=choose(params, state.params),
+        batch_stats=choose(batch_stats, state.batch_stats),
+        opt_state=choose(opt_state, state.opt_state),
+        diverged=state.diverged | ~finite,
+        diverged_step=jnp.where(newly_diverged, state.step, state.diverged_step),
+    )
+    metrics = {
+        "loss": loss,
+        "acc": jnp.mean(jnp.argmax(logits, -1) == labels),
+        "grad_norm": grad_norm,
+        "param_norm": optax.global_norm(new_state.params),
+        "lr": jnp.asarray(hp.lr, jnp.float32),
+        "diverged": new_state.diverged.astype(jnp.float32),
+    }
+    return new_state, metrics
+
+
+def train_epoch_scan(program: Program, state: TrainState, hp: HParams, data: ArrayData, perm, num_steps: int):
+    """A whole epoch as one `lax.scan` (fast on GPU; slow on XLA:CPU, where a Python loop wins)."""
+
+    def body(s, i):
+        return train_step(program, s, hp, data, perm, i)
+
+    return jax.lax.scan(body, state, jnp.arange(num_steps))
+
+
+def epoch_permutation(seed: jax.Array, epoch: jax.Array, num_examples: int) -> jax.Array:
+    """This run's order of the training set in `epoch`, from its own seed."""
+    return jax.random.permutation(jax.random.fold_in(run_key(seed, STREAM_DATA), epoch), num_examples)
+
+
+def eval_batch(program: Program, params, batch_stats, images, labels, mask):
+    """Sums of loss and correct predictions over the masked examples, BN with running averages."""
+    logits = program.model.apply({"params": params, "batch_stats": batch_stats}, normalize(program, images), train=False)
+    loss = cross_entropy(logits, labels)
+    correct = jnp.argmax(logits, -1) == labels
+    return {"loss_sum": jnp.sum(loss * mask), "correct_sum": jnp.sum(correct * mask)}

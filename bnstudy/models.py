@@ -1,0 +1,138 @@
+"""Flax CNNs whose normalization placement, dropout and init scale are the things under study.
+
+Every hidden layer is a *block*: layer -> {BN -> ReLU | ReLU -> BN | ReLU}, chosen by `norm`.
+BatchNorm layers are named `<block>_bn` (e.g. `conv1_bn`) so that metrics can report them by
+their block name. The dropout rate is a call argument (a traced value), not a module field, so
+runs with different rates share one compiled program.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+NORMS = ("none", "before_relu", "after_relu")
+DROPOUT_PLACEMENTS = ("none", "after_block", "before_classifier")
+MODELS = ("cnn", "vgg")
+
+# He-normal on fan-in; the study's init scale multiplies these kernels afterwards (engine.scale_kernels).
+HE_NORMAL = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+
+# VGG-11 ("A" in Simonyan & Zisserman); "M" is a 2x2 max-pool.
+VGG11_LAYOUT = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
+
+
+def dropout(x: jax.Array, rate: jax.Array, rng: jax.Array | None) -> jax.Array:
+    """Inverted dropout with a traced rate; identity when rng is None (eval) or rate == 0."""
+    if rng is None:
+        return x
+    keep = 1.0 - rate
+    mask = jax.random.bernoulli(rng, keep, x.shape)
+    return jnp.where(mask, x / keep, 0.0)
+
+
+class Block(nn.Module):
+    """Wraps a layer's output in the norm/activation order given by `norm`."""
+
+    norm: str
+    bn_momentum: float
+    bn_epsilon: float
+
+    @nn.compact
+    def __call__(self, h: jax.Array, train: bool) -> jax.Array:
+        if self.norm == "none":
+            return nn.relu(h)
+        bn = nn.BatchNorm(
+            use_running_average=not train,
+            momentum=self.bn_momentum,
+            epsilon=self.bn_epsilon,
+            name="bn",
+        )
+        if self.norm == "before_relu":
+            return nn.relu(bn(h))
+        return bn(nn.relu(h))
+
+
+class _Net(nn.Module):
+    """Conv blocks (each optionally followed by a 2x2 max-pool), dense blocks, then a classifier."""
+
+    conv_blocks: Sequence[tuple[int, bool]]  # (channels, pool after the block)
+    dense_widths: Sequence[int]
+    num_classes: int
+    norm: str
+    dropout_placement: str
+    bn_momentum: float
+    bn_epsilon: float
+
+    def _block(self, h, name, train):
+        return Block(self.norm, self.bn_momentum, self.bn_epsilon, name=f"{name}_norm")(h, train)
+
+    @nn.compact
+    def __call__(self, x, *, train: bool, dropout_rate=0.0, dropout_rng=None):
+        n_blocks = len(self.conv_blocks) + len(self.dense_widths)
+        rngs = [None] * n_blocks if dropout_rng is None else list(jax.random.split(dropout_rng, n_blocks))
+        after_block = self.dropout_placement == "after_block"
+        h = x
+        for i, (channels, pool) in enumerate(self.conv_blocks):
+            name = f"conv{i + 1}"
+            h = self._block(nn.Conv(channels, (3, 3), kernel_init=HE_NORMAL, name=name)(h), name, train)
+            if pool:
+                h = nn.max_pool(h, (2, 2), strides=(2, 2))
+            if after_block:
+                h = dropout(h, dropout_rate, rngs[i])
+        h = h.reshape(h.shape[0], -1)
+        for j, width in enumerate(self.dense_widths):
+            name = f"dense{j + 1}"
+            h = self._block(nn.Dense(width, kernel_init=HE_NORMAL, name=name)(h), name, train)
+            is_last = j + 1 == len(self.dense_widths)
+            if after_block or (is_last and self.dropout_placement == "before_classifier"):
+                h = dropout(h, dropout_rate, rngs[len(self.conv_blocks) + j])
+        return nn.Dense(self.num_classes, kernel_init=HE_NORMAL, name="classifier")(h)
+
+
+def conv_blocks_from_layout(layout: Sequence[int | str]) -> tuple[tuple[int, bool], ...]:
+    """(64, "M", 128, ...) -> ((64, True), (128, ...), ...): each conv with whether a pool follows it."""
+    blocks = []
+    for item in layout:
+        if item == "M":
+            blocks[-1] = (blocks[-1][0], True)
+        else:
+            blocks.append((int(item), False))
+    return tuple(blocks)
+
+
+def build_model(
+    name: str,
+    *,
+    norm: str = "before_relu",
+    num_classes: int = 10,
+    dropout_placement: str = "none",
+    bn_momentum: float = 0.9,
+    bn_epsilon: float = 1e-5,
+    width: float = 1.0,
+) -> nn.Module:
+    """The model named `name` ("cnn" for MNIST, "vgg" for CIFAR-10) with the given BN placement."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; expected one of {MODELS}")
+    if norm not in NORMS:
+        raise ValueError(f"unknown norm {norm!r}; expected one of {NORMS}")
+    if dropout_placement not in DROPOUT_PLACEMENTS:
+        raise ValueError(f"unknown dropout placement {dropout_placement!r}; expected one of {DROPOUT_PLACEMENTS}")
+    if name == "cnn":
+        layout, dense_widths = (32, "M", 64, "M"), (128,)
+    else:
+        layout = tuple(c if c == "M" else max(1, round(c * width)) for c in VGG11_LAYOUT)
+        dense_widths = (max(1, round(512 * width)),)
+    return _Net(
+        conv_blocks=conv_blocks_from_layout(layout),
+        dense_widths=dense_widths,
+        num_classes=num_classes,
+        norm=norm,
+        dropout_placement=dropout_placement,
+        bn_momentum=bn_momentum,
+        bn_epsilon=bn_epsilon,
+    )
+
