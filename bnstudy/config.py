@@ -123,6 +123,7 @@ class Config:
     seed: Any = 0  # packable
     out_dir: str = "outputs"
     study: str | None = None
+    report: Any = None  # free-form study description (claim, decision rule) read by bnstudy.report
     compile_cache_dir: str | None = "~/.cache/bnstudy/jax"
 
 
@@ -284,7 +285,7 @@ def hparams_row(run: Config) -> dict:
 
 
 # Keys that do not change what is trained, so they do not change a run's identity.
-_IDENTITY_EXCLUDED = ("logger", "out_dir", "compile_cache_dir")
+_IDENTITY_EXCLUDED = ("logger", "out_dir", "compile_cache_dir", "report")
 
 
 def identity(run: Config) -> dict:
