@@ -1,0 +1,88 @@
+"""Shared fixtures: tiny generated data for the core, mocked TFDS and an in-process Hydra runner for the app."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bnstudy import engine, models
+
+# Small settings every app-level test starts from; tests add their own overrides after these.
+TINY = [
+    "train.batch_size=32",
+    "train.epochs=1",
+    "train.max_steps_per_epoch=3",
+    "train.log_every=2",
+    "train.eval_batch_size=64",
+    "logger.wandb.mode=disabled",
+    "logger.progress=false",
+    "compile_cache_dir=null",
+]
+
+
+def make_arrays(n_train=256, n_test=64, shape=(28, 28, 1), seed=0) -> engine.ArrayData:
+    """Learnable synthetic images: the label sets which horizontal band is bright, plus noise."""
+    rng = np.random.default_rng(seed)
+
+    def split(n):
+        labels = rng.integers(0, 10, n).astype(np.int32)
+        images = rng.integers(0, 60, (n, *shape)).astype(np.uint8)
+        band = shape[0] // 10
+        for i, y in enumerate(labels):
+            images[i, y * band : (y + 1) * band] = 220
+        return images, labels
+
+    (a, b), (c, d) = split(n_train), split(n_test)
+    return engine.ArrayData(jnp.asarray(a), jnp.asarray(b), jnp.asarray(c), jnp.asarray(d))
+
+
+def cnn_program(norm="before_relu", batch_size=32, dropout_placement="none", **kw) -> engine.Program:
+    model = models.build_model("cnn", norm=norm, dropout_placement=dropout_placement)
+    return engine.Program(model=model, batch_size=batch_size, input_mean=(0.13,), input_std=(0.31,), **kw)
+
+
+def hparams(rows) -> engine.HParams:
+    defaults = dict(lr=0.05, weight_decay=0.0, init_scale=1.0, dropout_rate=0.0, seed=0)
+    return engine.HParams.stack([{**defaults, **r} for r in rows])
+
+
+@pytest.fixture
+def arrays():
+    return make_arrays()
+
+
+@pytest.fixture
+def mock_tfds():
+    """TFDS mocked with 256 random examples per split; bnstudy's per-process data cache cleared around it."""
+    import tensorflow_datasets as tfds
+
+    from bnstudy import data
+
+    data._load_numpy_cached.cache_clear()
+    with tfds.testing.mock_data(num_examples=256):
+        yield
+    data._load_numpy_cached.cache_clear()
+
+
+@pytest.fixture
+def run_app(monkeypatch, tmp_path):
+    """Run the Hydra app in-process as a user would from the shell: `run_app("model.norm=none", "-m", ...)`."""
+    from bnstudy import train
+
+    def run(*overrides):
+        flags = [o for o in overrides if o.startswith("-")]  # Hydra's argparse wants flags before overrides
+        rest = [o for o in overrides if not o.startswith("-")]
+        argv = ["bnstudy-train", *flags, *TINY, f"out_dir={tmp_path / 'out'}", *rest]
+        monkeypatch.setattr(sys, "argv", argv)
+        monkeypatch.setenv("TMPDIR", str(tmp_path))
+        train.main()
+        return tmp_path / "out"
+
+    return run

@@ -1,0 +1,117 @@
+"""The models are what they claim: BN placement, momentum, init scale, dropout placement, VGG layout."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bnstudy import engine, models
+from conftest import hparams
+
+X = jax.random.normal(jax.random.key(0), (64, 8, 8, 4)) * 3.0 + 1.5
+
+
+def apply_block(norm):
+    block = models.Block(norm, bn_momentum=0.9, bn_epsilon=1e-5)
+    h = jax.random.normal(jax.random.key(1), (256, 16)) * 2.0 + 0.7
+    variables = block.init(jax.random.key(2), h, train=True)
+    out, _ = block.apply(variables, h, train=True, mutable=["batch_stats"])
+    return variables, h, out
+
+
+def test_after_relu_block_output_is_normalized_per_channel():
+    _, _, out = apply_block("after_relu")
+    np.testing.assert_allclose(out.mean(0), 0.0, atol=1e-5)
+    np.testing.assert_allclose(out.var(0), 1.0, atol=1e-3)
+
+
+def test_before_relu_block_output_is_nonnegative_and_normalized_before_the_relu():
+    _, h, out = apply_block("before_relu")
+    assert float(out.min()) >= 0.0
+    normalized = (h - h.mean(0)) / jnp.sqrt(h.var(0) + 1e-5)
+    np.testing.assert_allclose(out, jax.nn.relu(normalized), atol=1e-4)
+
+
+def test_none_block_is_relu_and_model_has_no_batch_stats():
+    variables, h, out = apply_block("none")
+    assert "batch_stats" not in variables
+    np.testing.assert_array_equal(out, jax.nn.relu(h))
+    net = models.build_model("cnn", norm="none")
+    assert "batch_stats" not in net.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)), train=False)
+
+
+@pytest.mark.parametrize("norm", ["before_relu", "after_relu"])
+def test_bn_layers_named_by_block(norm):
+    net = models.build_model("cnn", norm=norm)
+    x = jax.random.normal(jax.random.key(0), (16, 28, 28, 1))
+    variables = net.init(jax.random.key(1), x, train=False)
+    assert set(variables["batch_stats"]) == {"conv1_norm", "conv2_norm", "dense1_norm"}
+    assert net.apply(variables, x, train=False).shape == (16, 10)
+
+
+def test_bn_running_stats_move_by_one_minus_momentum():
+    # running = 0.9 * running + 0.1 * batch: PyTorch's momentum=0.1 convention, not Flax's 0.99 default.
+    block = models.Block("before_relu", bn_momentum=0.9, bn_epsilon=1e-5)
+    h = jnp.ones((8, 3)) * 5.0
+    variables = block.init(jax.random.key(0), h, train=True)
+    _, updates = block.apply(variables, h, train=True, mutable=["batch_stats"])
+    np.testing.assert_allclose(updates["batch_stats"]["bn"]["mean"], 0.5, rtol=1e-6)
+    np.testing.assert_allclose(updates["batch_stats"]["bn"]["var"], 0.9, rtol=1e-6)  # batch var is 0
+
+
+@pytest.mark.parametrize("scale", [0.1, 3.0])
+def test_init_scale_multiplies_kernel_std_exactly(scale):
+    program = engine.Program(models.build_model("cnn"))
+    base = engine.init_state(program, (28, 28, 1), jax.tree.map(lambda a: a[0], hparams([{}])))
+    scaled = engine.init_state(program, (28, 28, 1), jax.tree.map(lambda a: a[0], hparams([{"init_scale": scale}])))
+    for name in ("conv1", "conv2", "dense1", "classifier"):
+        k0, k1 = base.params[name]["kernel"], scaled.params[name]["kernel"]
+        np.testing.assert_allclose(k1, scale * k0, rtol=1e-6)
+        np.testing.assert_allclose(float(k1.std() / k0.std()), scale, rtol=1e-5)
+        np.testing.assert_array_equal(scaled.params[name]["bias"], 0.0)
+    np.testing.assert_array_equal(scaled.params["conv1_norm"]["bn"]["scale"], 1.0)
+
+
+def test_he_normal_std_matches_fan_in():
+    program = engine.Program(models.build_model("cnn"))
+    state = engine.init_state(program, (28, 28, 1), jax.tree.map(lambda a: a[0], hparams([{}])))
+    kernel = state.params["dense1"]["kernel"]  # fan-in 7*7*64 = 3136
+    np.testing.assert_allclose(float(kernel.std()), np.sqrt(2.0 / 3136), rtol=0.05)
+
+
+@pytest.mark.parametrize("placement", ["after_block", "before_classifier"])
+def test_dropout_changes_train_output_only_when_rate_positive(placement):
+    net = models.build_model("cnn", norm="none", dropout_placement=placement)
+    x = jax.random.normal(jax.random.key(0), (4, 28, 28, 1))
+    variables = net.init(jax.random.key(1), x, train=False)
+    key = jax.random.key(2)
+    plain = net.apply(variables, x, train=True)
+    off = net.apply(variables, x, train=True, dropout_rate=0.0, dropout_rng=key)
+    on = net.apply(variables, x, train=True, dropout_rate=0.5, dropout_rng=key)
+    np.testing.assert_allclose(off, plain, rtol=1e-6)
+    assert not np.allclose(on, plain)
+
+
+def test_dropout_keeps_expectation():
+    x = jnp.ones((200_000,))
+    y = models.dropout(x, 0.3, jax.random.key(0))
+    assert abs(float(y.mean()) - 1.0) < 0.01
+    np.testing.assert_allclose(float((y == 0).mean()), 0.3, atol=0.01)
+
+
+def test_vgg_layout_and_width():
+    net = models.build_model("vgg", norm="before_relu", width=0.125)
+    x = jnp.zeros((2, 32, 32, 3))
+    variables = net.init(jax.random.key(0), x, train=False)
+    convs = sorted(k for k in variables["params"] if k.startswith("conv") and not k.endswith("_norm"))
+    assert len(convs) == 8
+    assert variables["params"]["conv1"]["kernel"].shape == (3, 3, 3, 8)  # 64 * 0.125
+    assert variables["params"]["dense1"]["kernel"].shape == (64, 64)  # 512*0.125 channels at 1x1 after 5 pools
+    assert net.apply(variables, x, train=False).shape == (2, 10)
+
+
+def test_unknown_choices_are_rejected():
+    with pytest.raises(ValueError, match="norm"):
+        models.build_model("cnn", norm="middle")
+    with pytest.raises(ValueError, match="model"):
+        models.build_model("resnet")

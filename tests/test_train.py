@@ -1,0 +1,109 @@
+"""The Hydra app end to end on mocked TFDS: run folders, wandb offline files, sweeps, packs, bad input."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+
+def run_folders(out: Path) -> list[Path]:
+    return sorted(p.parent for p in out.glob("*/*/summary.json"))
+
+
+def read_summary(folder: Path) -> dict:
+    return json.loads((folder / "summary.json").read_text())
+
+
+def read_metrics(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_default_job_writes_a_complete_run_folder_and_offline_wandb_run(mock_tfds, run_app):
+    out = run_app("logger.wandb.mode=offline", "logger.wandb.tags=[smoke]", "model.norm=after_relu")
+    (folder,) = run_folders(out)
+    assert folder.parent.name == "default"
+    summary = read_summary(folder)
+    assert summary["status"] == "done"
+    for key in ("train/epoch_loss", "train/epoch_acc", "test/loss", "test/acc", "examples_per_s", "compile_time",
+                "wall_time", "step_time", "git_sha", "packages", "device", "epochs"):
+        assert key in summary, key
+    assert summary["num_test"] == 256  # from the data, not hard-coded
+    assert summary["packages"]["jax"] and summary["device"]["backend"] == "cpu"
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    assert config["model"]["norm"] == "after_relu" and config["train"]["batch_size"] == 32
+    metrics = read_metrics(folder)
+    assert [m["step"] for m in metrics if "train/loss" in m] == [2, 3]
+    assert "test/acc" in metrics[-1] and metrics[-1]["epoch"] == 1.0
+    (wandb_run,) = list((folder / "wandb").glob("offline-run-*"))
+    assert list(wandb_run.glob("run-*.wandb")), "wandb offline run file missing"
+
+
+def test_multirun_over_placements_gives_three_folders(mock_tfds, run_app):
+    out = run_app("-m", "model.norm=none,before_relu,after_relu")
+    folders = run_folders(out)
+    norms = sorted(yaml.safe_load((f / "config.yaml").read_text())["model"]["norm"] for f in folders)
+    assert norms == ["after_relu", "before_relu", "none"]
+    assert all(read_summary(f)["status"] == "done" for f in folders)
+
+
+def test_packed_job_writes_one_folder_per_model_with_distinct_configs(mock_tfds, run_app):
+    out = run_app(
+        "optimizer.lr=[0.01,0.1,1.0]", "model.init_scale=[0.5,1,2]", "seed=[0,1,2]",
+        "train.pack_size=4", "train.max_steps_per_epoch=1", "train.eval_batch_size=256",
+    )
+    folders = run_folders(out)
+    assert len(folders) == 27
+    configs = {(c["optimizer"]["lr"], c["model"]["init_scale"], c["seed"])
+               for c in (yaml.safe_load((f / "config.yaml").read_text()) for f in folders)}
+    assert len(configs) == 27
+    summaries = [read_summary(f) for f in folders]
+    assert len({s["run_id"] for s in summaries}) == 27
+    assert {s["pack"]["size"] for s in summaries} == {4, 3}  # 6 packs of 4, the last of 3 (padded to 4)
+
+
+def test_diverging_run_ends_with_status_diverged(mock_tfds, run_app):
+    out = run_app("model.norm=none", "optimizer.lr=1e6", "train.max_steps_per_epoch=4")
+    (folder,) = run_folders(out)
+    summary = read_summary(folder)
+    assert summary["status"] == "diverged" and summary["diverged_step"] >= 0
+    assert summary["test/acc"] is None
+
+
+def test_rerun_of_the_same_config_finds_and_replaces_its_folder(mock_tfds, run_app):
+    first = run_folders(run_app("seed=5"))
+    second = run_folders(run_app("seed=5"))
+    assert first == second and len(second) == 1
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("model.norm=middle", "model.norm"),
+        ("optimizer.lr=0", "optimizer.lr"),
+        ("train.batch_size=0", "train.batch_size"),
+        ("train.batch_size=100000", "train.batch_size"),  # larger than the training split
+        ("model.dropout.rate=1.5", "model.dropout.rate"),
+        ("train.epochs=abc", "train.epochs"),
+        ("model.norm=[none,after_relu]", "model.norm"),
+    ],
+)
+def test_bad_input_exits_nonzero_with_a_clear_message_and_no_folder(mock_tfds, run_app, tmp_path, capsys, override, key):
+    with pytest.raises(SystemExit) as info:
+        run_app(override)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"`{key}`" in err and ("must be" in err or "wrong type" in err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_dataset_says_how_to_use_data_dir(run_app, tmp_path, capsys):
+    from bnstudy import data
+
+    data._load_numpy_cached.cache_clear()
+    with pytest.raises(SystemExit) as info:
+        run_app(f"dataset.data_dir={tmp_path / 'empty'}")
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "dataset.data_dir" in err and "mnist" in err
+    assert not (tmp_path / "out").exists()
