@@ -16,8 +16,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
 
 from bnstudy.models import DROPOUT_PLACEMENTS, MODELS, NORMS
 
@@ -45,6 +45,10 @@ STRUCTURAL = (
     "optimizer.name",
     "optimizer.momentum",
     "train.batch_size",
+    "probe.every",
+    "discrepancy.enabled",
+    "discrepancy.population_batches",
+    "discrepancy.train_subset",
 )
 
 
@@ -54,7 +58,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class DatasetConfig:
-    name: str = "mnist"
+    name: str = MISSING  # required: dataset=mnist or dataset=cifar10
     data_dir: str | None = None  # TFDS data_dir; None = TFDS's default (~/tensorflow_datasets)
     download: bool = False
     train_subset: int | None = None  # use only the first N training examples (quick runs, tests)
@@ -99,6 +103,19 @@ class TrainConfig:
 
 
 @dataclass
+class ProbeConfig:
+    every: int = 0  # steps between loss-smoothness probes (DESIGN.md 4.1); 0 = off
+    step_multipliers: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0])  # x lr
+
+
+@dataclass
+class DiscrepancyConfig:
+    enabled: bool = True  # train/inference discrepancy at each evaluation (DESIGN.md 4.2); BN models only
+    population_batches: int = 20  # training batches for the population statistics (capped at one epoch)
+    train_subset: int = 2000  # first N training examples, also evaluated in the three modes; 0 = none
+
+
+@dataclass
 class WandbConfig:
     mode: str = "offline"
     project: str = "bnstudy"
@@ -120,6 +137,8 @@ class Config:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    discrepancy: DiscrepancyConfig = field(default_factory=DiscrepancyConfig)
     seed: Any = 0  # packable
     out_dir: str = "outputs"
     study: str | None = None
@@ -188,6 +207,13 @@ _SCALAR_RULES = {
     "train.pack_size": (lambda v: v == "auto" or (isinstance(v, int) and v >= 1), "'auto' or an integer >= 1"),
     "dataset.train_subset": (lambda v: v is None or (isinstance(v, int) and v >= 1), "null or an integer >= 1"),
     "dataset.test_subset": (lambda v: v is None or (isinstance(v, int) and v >= 1), "null or an integer >= 1"),
+    "probe.every": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0 (steps between probes; 0 = off)"),
+    "probe.step_multipliers": (
+        lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(_number(m) and m > 0 for m in v),
+        "a non-empty list of positive numbers (multiples of the learning rate)",
+    ),
+    "discrepancy.population_batches": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+    "discrepancy.train_subset": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0 (0 = no training subset)"),
 }
 
 
@@ -215,9 +241,6 @@ def validate(cfg: Config) -> Config:
     _check_choice(cfg, "optimizer.name", OPTIMIZERS)
     _check_choice(cfg, "logger.wandb.mode", WANDB_MODES)
     _check_choice(cfg, "train.loop", LOOPS)
-    for key in STRUCTURAL:
-        if isinstance(_get(cfg, key), (list, tuple)):
-            _fail(key, "a single value", _get(cfg, key), _SWEEP_HINT.format(key=key))
     for key, (ok, expected) in _SCALAR_RULES.items():
         if not ok(_get(cfg, key)):
             _fail(key, expected, _get(cfg, key))
@@ -230,6 +253,10 @@ def parse(raw: DictConfig | dict) -> Config:
     """Merge a raw config onto the schema (types, unknown keys) and validate its values."""
     if isinstance(raw, dict):
         raw = OmegaConf.create(raw)
+    for key in STRUCTURAL:  # before the typed merge, whose type error would hide the real advice
+        value = OmegaConf.select(raw, key, default=None)
+        if OmegaConf.is_list(value):
+            _fail(key, "a single value", OmegaConf.to_container(value), _SWEEP_HINT.format(key=key))
     schema = OmegaConf.structured(Config)
     try:
         merged = OmegaConf.merge(schema, raw)
@@ -243,6 +270,11 @@ def parse(raw: DictConfig | dict) -> Config:
         given = getattr(e, "value", None)
         raise ConfigError(
             f"Invalid config: `{e.full_key}` has the wrong type: {e.msg.splitlines()[0]} (got {given!r})."
+        ) from None
+    except MissingMandatoryValue as e:
+        raise ConfigError(
+            f"Invalid config: `{e.full_key}` is required and was not given. For the dataset choose one with "
+            f"`dataset=mnist` or `dataset=cifar10`."
         ) from None
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", "?")
@@ -285,7 +317,8 @@ def hparams_row(run: Config) -> dict:
 
 
 # Keys that do not change what is trained, so they do not change a run's identity.
-_IDENTITY_EXCLUDED = ("logger", "out_dir", "compile_cache_dir", "report")
+# The probes and the discrepancy evaluation only look: they leave training bit-identical.
+_IDENTITY_EXCLUDED = ("logger", "out_dir", "compile_cache_dir", "report", "probe", "discrepancy")
 
 
 def identity(run: Config) -> dict:

@@ -66,11 +66,14 @@ def load_split_numpy(name: str, split: str, data_dir: str | None, download: bool
     import tensorflow_datasets as tfds  # app-layer only: the core never needs TFDS
 
     try:
-        ds = tfds.load(name, split=split, data_dir=data_dir, download=download, batch_size=-1, as_supervised=True)
-        images, labels = tfds.as_numpy(ds)
+        ds = tfds.load(name, split=split, data_dir=data_dir, download=download, as_supervised=True)
+        # Large batches, not batch_size=-1: that path aborts the process on generator-backed datasets.
+        chunks = list(tfds.as_numpy(ds.batch(8192)))
     except Exception as e:  # TFDS raises many kinds (AssertionError, DatasetNotFoundError, OSError...)
         raise DataUnavailableError(_unavailable_message(name, data_dir, e)) from e
-    return np.asarray(images, np.uint8), np.asarray(labels, np.int32)
+    images = np.concatenate([c[0] for c in chunks]).astype(np.uint8, copy=False)
+    labels = np.concatenate([c[1] for c in chunks]).astype(np.int32, copy=False)
+    return images, labels
 
 
 @functools.lru_cache(maxsize=4)

@@ -17,8 +17,9 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-# Independent random streams derived from a run's seed.
-STREAM_INIT, STREAM_DROPOUT, STREAM_AUGMENT, STREAM_DATA = range(4)
+# Independent random streams derived from a run's seed. STREAM_METRICS feeds measurements only
+# (bnstudy.metrics), so turning a measurement on or off never shifts a training stream.
+STREAM_INIT, STREAM_DROPOUT, STREAM_AUGMENT, STREAM_DATA, STREAM_METRICS = range(5)
 
 
 class HParams(NamedTuple):
@@ -148,13 +149,25 @@ def batch_at(program: Program, data: ArrayData, perm: jax.Array, index: jax.Arra
     return data.train_images[idx], data.train_labels[idx]
 
 
-def train_step(program: Program, state: TrainState, hp: HParams, data: ArrayData, perm: jax.Array, index):
-    """One SGD/Adam step on batch `index` of the epoch order `perm`; frozen once diverged."""
+def train_inputs(program: Program, data: ArrayData, perm: jax.Array, index, augment_key: jax.Array):
+    """Normalized (and, where the dataset asks for it, augmented) training batch `index` with its labels."""
     images, labels = batch_at(program, data, perm, index)
     x = normalize(program, images)
     if program.augment:
-        x = augment(x, jax.random.fold_in(run_key(hp.seed, STREAM_AUGMENT), state.step))
-    dropout_key = jax.random.fold_in(run_key(hp.seed, STREAM_DROPOUT), state.step)
+        x = augment(x, augment_key)
+    return x, labels
+
+
+def step_inputs(program: Program, state: TrainState, hp: HParams, data: ArrayData, perm: jax.Array, index):
+    """Exactly what the step at `state.step` sees: its batch, labels and dropout key (shared with the probes)."""
+    augment_key = jax.random.fold_in(run_key(hp.seed, STREAM_AUGMENT), state.step)
+    x, labels = train_inputs(program, data, perm, index, augment_key)
+    return x, labels, jax.random.fold_in(run_key(hp.seed, STREAM_DROPOUT), state.step)
+
+
+def train_step(program: Program, state: TrainState, hp: HParams, data: ArrayData, perm: jax.Array, index):
+    """One SGD/Adam step on batch `index` of the epoch order `perm`; frozen once diverged."""
+    x, labels, dropout_key = step_inputs(program, state, hp, data, perm, index)
     grad_fn = jax.value_and_grad(forward_train, argnums=1, has_aux=True)
     (loss, (logits, batch_stats)), grads = grad_fn(
         program, state.params, state.batch_stats, x, labels, hp.dropout_rate, dropout_key
@@ -201,9 +214,14 @@ def epoch_permutation(seed: jax.Array, epoch: jax.Array, num_examples: int) -> j
     return jax.random.permutation(jax.random.fold_in(run_key(seed, STREAM_DATA), epoch), num_examples)
 
 
+def eval_logits(program: Program, params, batch_stats, images):
+    """Inference-mode logits: BN normalizes with `batch_stats` (running averages, or any stats put there)."""
+    return program.model.apply({"params": params, "batch_stats": batch_stats}, normalize(program, images), train=False)
+
+
 def eval_batch(program: Program, params, batch_stats, images, labels, mask):
     """Sums of loss and correct predictions over the masked examples, BN with running averages."""
-    logits = program.model.apply({"params": params, "batch_stats": batch_stats}, normalize(program, images), train=False)
+    logits = eval_logits(program, params, batch_stats, images)
     loss = cross_entropy(logits, labels)
     correct = jnp.argmax(logits, -1) == labels
     return {"loss_sum": jnp.sum(loss * mask), "correct_sum": jnp.sum(correct * mask)}

@@ -1,8 +1,8 @@
 """Flax CNNs whose normalization placement, dropout and init scale are the things under study.
 
 Every hidden layer is a *block*: layer -> {BN -> ReLU | ReLU -> BN | ReLU}, chosen by `norm`.
-BatchNorm layers are named `<block>_bn` (e.g. `conv1_bn`) so that metrics can report them by
-their block name. The dropout rate is a call argument (a traced value), not a module field, so
+BatchNorm layers live at `<block>_norm/bn` (e.g. `conv1_norm/bn`) so that metrics can report them
+by their block name. The dropout rate is a call argument (a traced value), not a module field, so
 runs with different rates share one compiled program.
 """
 
@@ -69,6 +69,17 @@ class _Net(nn.Module):
 
     def _block(self, h, name, train):
         return Block(self.norm, self.bn_momentum, self.bn_epsilon, name=f"{name}_norm")(h, train)
+
+    def block_names(self) -> tuple[str, ...]:
+        return tuple(f"conv{i + 1}" for i in range(len(self.conv_blocks))) + tuple(
+            f"dense{j + 1}" for j in range(len(self.dense_widths))
+        )
+
+    def dropout_fed_blocks(self) -> tuple[str, ...]:
+        """Blocks whose BN input lies downstream of a dropout: where Li et al.'s variance shift applies."""
+        if self.norm == "none" or self.dropout_placement != "after_block":
+            return ()  # before_classifier dropout feeds only the classifier, which has no BN
+        return self.block_names()[1:]
 
     @nn.compact
     def __call__(self, x, *, train: bool, dropout_rate=0.0, dropout_rng=None):

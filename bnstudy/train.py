@@ -14,6 +14,7 @@ from pathlib import Path
 
 import hydra
 import jax
+import jax.numpy as jnp
 from omegaconf import DictConfig
 
 from bnstudy import config as config_lib
@@ -27,9 +28,13 @@ from bnstudy.trainer import PackTrainer, Schedule, summarize_final
 
 log = logging.getLogger("bnstudy")
 
-# Packs larger than this on an accelerator are split; measured memory use of an MNIST CNN pack is tiny,
-# the cap keeps VGG packs within a single GPU's memory.
-ACCELERATOR_PACK_CAP = 64
+# Upper bound on models per program on an accelerator; beyond it the returns are small and a
+# failure costs more runs. Memory, measured per model, usually binds first for VGG.
+ACCELERATOR_PACK_CAP = 256
+# Fraction of device memory a pack may plan to use (the rest: data, eval buffers, fragmentation).
+PACK_MEMORY_FRACTION = 0.5
+# Metric families that a diverged run has no final value for (its weights are frozen pre-divergence).
+RESULT_PREFIXES = ("train/", "test/", "train_subset/", "smooth/", "disc/", "bn/")
 
 
 def quiet_jax() -> None:
@@ -43,11 +48,31 @@ def enable_compile_cache(cache_dir: str | None) -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
-def resolve_pack_size(pack_size, num_runs: int) -> int:
-    """`auto`: one model per program on CPU (vmapped convs run slower there), up to a cap on accelerators."""
+def resolve_pack_size(pack_size, num_runs: int, trainer: PackTrainer | None = None) -> int:
+    """`auto`: 1 on CPU (vmapped convs run slower per model there); on an accelerator as many models as
+    fit in a fraction of device memory, measured from the compiled single-model step."""
     if pack_size == "auto":
-        pack_size = 1 if jax.default_backend() == "cpu" else ACCELERATOR_PACK_CAP
+        if jax.default_backend() == "cpu":
+            pack_size = 1
+        else:
+            pack_size = _models_fitting_in_memory(trainer) if trainer else ACCELERATOR_PACK_CAP
     return max(1, min(int(pack_size), num_runs))
+
+
+def _models_fitting_in_memory(trainer: PackTrainer) -> int:
+    limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+    if not limit:
+        return ACCELERATOR_PACK_CAP
+    one = HParams.stack([{f: 0 for f in HParams._fields}])
+    state = jax.eval_shape(trainer.init_fn, one)
+    perm = jax.ShapeDtypeStruct((1, trainer.num_train), jnp.int32)
+    memory = trainer.step_fn.lower(state, one, trainer.data, perm, jnp.int32(0)).compile().memory_analysis()
+    data_bytes = sum(a.nbytes for a in trainer.data)
+    per_model = memory.temp_size_in_bytes + max(memory.argument_size_in_bytes - data_bytes, 0)
+    fitting = int(PACK_MEMORY_FRACTION * (limit - data_bytes) // max(per_model, 1))
+    log.info("pack_size=auto: %.0f MB per model, %d fit in %.0f%% of device memory",
+             per_model / 2**20, fitting, 100 * PACK_MEMORY_FRACTION)
+    return max(1, min(fitting, ACCELERATOR_PACK_CAP))
 
 
 def build_program(cfg: Config, dataset: data_lib.Dataset) -> Program:
@@ -81,6 +106,11 @@ def schedule_from(cfg: Config) -> Schedule:
         eval_batch_size=t.eval_batch_size,
         loop=t.loop,
         max_steps_per_epoch=t.max_steps_per_epoch,
+        probe_every=cfg.probe.every,
+        probe_multipliers=tuple(cfg.probe.step_multipliers),
+        discrepancy=cfg.discrepancy.enabled,
+        population_batches=cfg.discrepancy.population_batches,
+        discrepancy_train_subset=cfg.discrepancy.train_subset,
     )
 
 
@@ -156,7 +186,7 @@ def train_pack(trainer: PackTrainer, runs: list[Config], pack_size: int, pack_in
     summaries = []
     for k, (sink, final) in enumerate(zip(sinks, summarize_final(result))):
         if final["status"] == "diverged":
-            final = {key: (None if key.startswith(("train/", "test/")) else v) for key, v in final.items()}
+            final = {key: (None if key.startswith(RESULT_PREFIXES) else v) for key, v in final.items()}
         summary = {
             **final,
             "epochs": cfg.train.epochs,
@@ -181,7 +211,7 @@ def train_and_evaluate(cfg: Config) -> list[dict]:
     dataset = data_lib.load(d.name, d.data_dir, d.download, d.train_subset, d.test_subset)
     check_against_data(cfg, dataset)
     trainer = PackTrainer(build_program(cfg, dataset), dataset.arrays, schedule_from(cfg))
-    pack_size = resolve_pack_size(cfg.train.pack_size, len(runs))
+    pack_size = resolve_pack_size(cfg.train.pack_size, len(runs), trainer)
     chunks = [runs[i : i + pack_size] for i in range(0, len(runs), pack_size)]
     log.info(
         "%d run(s) of %s/%s norm=%s in %d pack(s) of <=%d on %s",
@@ -212,7 +242,11 @@ def run_from_hydra(raw: DictConfig) -> list[dict]:
         sys.exit(2)
 
 
-@hydra.main(config_path="../configs", config_name="config", version_base="1.3")
+# An absolute path: works for `python -m bnstudy.train`, the console script and in-process calls alike.
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
 def main(raw: DictConfig) -> None:
     run_from_hydra(raw)
 

@@ -24,6 +24,7 @@ TINY = [
     "logger.wandb.mode=disabled",
     "logger.progress=false",
     "compile_cache_dir=null",
+    "discrepancy.enabled=false",  # tests of the discrepancy metrics turn it on themselves
 ]
 
 

@@ -80,3 +80,49 @@ def test_scan_loop_matches_python_loop(arrays):
 def test_batch_larger_than_training_set_is_refused(arrays):
     with pytest.raises(ValueError, match="exceeds"):
         trainer.PackTrainer(cnn_program(batch_size=10_000), arrays, SCHEDULE)
+
+
+def test_cifar_augmentation_is_a_padded_crop_or_its_mirror():
+    import jax
+    import jax.numpy as jnp
+
+    from bnstudy import engine
+
+    images = jax.random.normal(jax.random.key(0), (16, 8, 8, 3))
+    out = np.asarray(engine.augment(images, jax.random.key(1)))
+    padded = np.pad(np.asarray(images), ((0, 0), (4, 4), (4, 4), (0, 0)))
+    flipped = 0
+    for i in range(16):
+        crops = [padded[i, r : r + 8, c : c + 8] for r in range(9) for c in range(9)]
+        plain = any(np.array_equal(out[i], crop) for crop in crops)
+        mirror = any(np.array_equal(out[i], crop[:, ::-1]) for crop in crops)
+        assert plain or mirror
+        flipped += mirror and not plain
+    assert 0 < flipped < 16  # both flipped and unflipped examples occur
+    assert not np.array_equal(out, np.asarray(engine.augment(images, jax.random.key(2))))
+    assert out.shape == images.shape and jnp.asarray(out).dtype == images.dtype
+
+
+def test_auto_pack_size_follows_measured_device_memory(arrays, monkeypatch):
+    import jax
+
+    from bnstudy import train
+
+    pt = trainer.PackTrainer(cnn_program(batch_size=32), arrays, SCHEDULE)
+    assert train.resolve_pack_size("auto", 50, pt) == 1  # CPU: one model per program
+    assert train.resolve_pack_size(8, 5, pt) == 5  # never more than the runs
+
+    class FakeAccelerator:
+        def __init__(self, limit):
+            self.limit = limit
+
+        def memory_stats(self):
+            return {"bytes_limit": self.limit}
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    sizes = {}
+    for gib in (1, 4):
+        monkeypatch.setattr(jax, "devices", lambda *a, gib=gib: [FakeAccelerator(gib * 2**30)])
+        sizes[gib] = train.resolve_pack_size("auto", 10_000, pt)
+    assert 1 <= sizes[1] < sizes[4] <= train.ACCELERATOR_PACK_CAP
+    assert train.resolve_pack_size("auto", 3, pt) <= 3

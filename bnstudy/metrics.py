@@ -1,0 +1,245 @@
+"""What BN does, measured for one model: loss-smoothness probes and train/inference discrepancy.
+
+Like `engine`, every function here is written for ONE model and vmapped over a pack by the trainer,
+and none of them returns a new TrainState: a measurement never changes what is trained.
+Definitions are those of DESIGN.md section 4.1 (Santurkar et al. 2018) and 4.2 (Ioffe 2017;
+Wu & Johnson 2021; Li et al. 2019).
+
+BN layers are found by their variables (`<block>_norm/bn/{mean,var}`) and reported under the block
+name, e.g. `bn/conv1/mean_shift`.
+
+Keys (each a scalar per model):
+  smooth/loss_min, smooth/loss_max, smooth/loss_range   L(w - eta g) over eta in multipliers x lr
+  smooth/grad_pred, smooth/grad_pred_min                max / min over eta of ||grad L(w - eta g) - g||
+  smooth/beta_eff                                       max over eta of that / ||eta g||
+  <split>/loss_<mode>, <split>/acc_<mode>               split: test, train_subset; mode: running
+                                                        (running averages), batch (each evaluation
+                                                        batch's own statistics, training batch size),
+                                                        population (pooled statistics, see `pool`)
+  disc/acc_gap = acc_batch - acc_running; disc/loss_gap = loss_running - loss_batch;
+  disc/train_test_inconsistency = err_population - err_batch; disc/ema_error = err_running -
+  err_population; disc/kl = mean over examples of KL(p_batch || p_running)   (all on the test split)
+  bn/<layer>/mean_shift         mean over channels |mu_run - mu_pop| / sqrt(var_pop + eps)
+  bn/<layer>/log_var_ratio      mean over channels log((var_run + eps) / (var_pop + eps))
+  bn/<layer>/dropout_var_shift  mean over channels (Var_eval + eps) / (Var_train + eps) of the layer's
+                                input, dropout off / on, only for layers downstream of a dropout
+Population statistics are collected as precise BN does: the network in train mode (every BN layer on
+its batch's statistics, dropout off) over whole training batches, pooled exactly across batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from bnstudy import engine
+from bnstudy.engine import ArrayData, HParams, Program, TrainState
+
+SMOOTH_KEYS = (
+    "smooth/loss_min",
+    "smooth/loss_max",
+    "smooth/loss_range",
+    "smooth/grad_pred",
+    "smooth/grad_pred_min",
+    "smooth/beta_eff",
+)
+MODES = ("running", "batch", "population")
+
+
+# ---------------------------------------------------------------------------------------------
+# 4.1 Loss smoothness
+# ---------------------------------------------------------------------------------------------
+
+
+def smoothness(loss_fn: Callable, params, etas: jax.Array, vectorize: bool = True) -> dict[str, jax.Array]:
+    """Santurkar's probes along the gradient: for each eta, w' = w - eta * g with g = grad L(w).
+
+    loss range over eta, l2 gradient predictiveness max/min ||grad L(w') - g||, and the effective
+    beta-smoothness max ||grad L(w') - g|| / ||eta g||. All etas in one program: vmapped over eta,
+    or (vectorize=False) unrolled, which XLA:CPU runs about twice as fast because the vmapped convs
+    become grouped convs there.
+    """
+    g = jax.grad(loss_fn)(params)
+    g_norm = optax.global_norm(g)
+
+    def at(eta):
+        loss, g_new = jax.value_and_grad(loss_fn)(jax.tree.map(lambda w, gi: w - eta * gi, params, g))
+        return loss, optax.global_norm(jax.tree.map(jnp.subtract, g_new, g))
+
+    if vectorize:
+        losses, changes = jax.vmap(at)(etas)
+    else:
+        losses, changes = (jnp.stack(v) for v in zip(*(at(etas[j]) for j in range(etas.shape[0]))))
+    return {
+        "smooth/loss_min": losses.min(),
+        "smooth/loss_max": losses.max(),
+        "smooth/loss_range": losses.max() - losses.min(),
+        "smooth/grad_pred": changes.max(),
+        "smooth/grad_pred_min": changes.min(),
+        "smooth/beta_eff": jnp.max(changes / (etas * g_norm)),
+    }
+
+
+def smoothness_probe(
+    program: Program,
+    multipliers: Sequence[float],
+    vectorize: bool,
+    state: TrainState,
+    hp: HParams,
+    data: ArrayData,
+    perm,
+    index,
+) -> dict[str, jax.Array]:
+    """The probe at the step `state` is about to take: its batch, its dropout mask, BN on batch statistics.
+
+    The loss is the data loss the step differentiates (weight decay is the optimizer's, not the
+    loss's). The running statistics forward_train would update are dropped, so nothing changes.
+    """
+    x, labels, dropout_key = engine.step_inputs(program, state, hp, data, perm, index)
+
+    def loss_fn(params):
+        return engine.forward_train(program, params, state.batch_stats, x, labels, hp.dropout_rate, dropout_key)[0]
+
+    out = smoothness(loss_fn, state.params, jnp.asarray(multipliers, jnp.float32) * hp.lr, vectorize)
+    # A diverged run is frozen at its last finite weights: that landscape is not the one it diverged on.
+    return {k: jnp.where(state.diverged, jnp.nan, v) for k, v in out.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# 4.2 BN statistics: batch, population, and their shift from the running averages
+# ---------------------------------------------------------------------------------------------
+
+
+def _is_bn(tree) -> bool:
+    return isinstance(tree, dict) and set(tree) == {"mean", "var"}
+
+
+def bn_layers(batch_stats) -> dict[str, dict]:
+    """{readable layer name: {"mean", "var"}}: `conv1_norm/bn` -> `conv1`."""
+    found = {}
+
+    def visit(tree, path):
+        if _is_bn(tree):
+            found["/".join(p.removesuffix("_norm") for p in path if p != "bn")] = tree
+        elif isinstance(tree, dict):
+            for key, sub in tree.items():
+                visit(sub, (*path, key))
+
+    visit(batch_stats, ())
+    return found
+
+
+def batch_statistics(program: Program, params, batch_stats, x, dropout_rate=0.0, dropout_key=None):
+    """Each BN layer's mean and (biased, as flax's) variance of its input over the batch `x`, train mode.
+
+    Runs a copy of the model with BN momentum 0 on zeroed running stats, so the "updated running
+    averages" are exactly this batch's statistics: 0 * 0 + 1 * batch, no rounding.
+    """
+    stats_program = dataclasses.replace(program, model=program.model.clone(bn_momentum=0.0))
+    zeros = jax.tree.map(jnp.zeros_like, batch_stats)
+    no_labels = jnp.zeros(x.shape[0], jnp.int32)  # forward_train wants labels; its loss is not used
+    _, (_, stats) = engine.forward_train(stats_program, params, zeros, x, no_labels, dropout_rate, dropout_key)
+    return stats
+
+
+def population_batch(program: Program, with_dropout: bool, params, batch_stats, hp: HParams, data, perm, index):
+    """BN input statistics of training batch `index` with dropout off, and (if asked) with it on.
+
+    Keys come from the measurement stream, so measuring never shifts a training stream.
+    """
+    key = jax.random.fold_in(engine.run_key(hp.seed, engine.STREAM_METRICS), index)
+    augment_key, dropout_key = jax.random.split(key)
+    x, _ = engine.train_inputs(program, data, perm, index, augment_key)
+    off = batch_statistics(program, params, batch_stats, x)
+    on = batch_statistics(program, params, batch_stats, x, hp.dropout_rate, dropout_key) if with_dropout else None
+    return off, on
+
+
+def pool(per_batch):
+    """Population mean/var from equal-sized batches' statistics (leading axis = batch): exact pooled moments.
+
+    var = mean_b(var_b) + mean_b((mean_b - mean)^2): the two-pass form, free of cancellation and
+    exactly the batch's own statistics when there is one batch.
+    """
+
+    def one(s):
+        mean = s["mean"].mean(0)
+        return {"mean": mean, "var": s["var"].mean(0) + jnp.square(s["mean"] - mean).mean(0)}
+
+    return jax.tree.map(one, per_batch, is_leaf=_is_bn)
+
+
+def bn_shift(running, population, eps: float) -> dict[str, jax.Array]:
+    """Per BN layer: mean over channels of |mu_run - mu_pop| / sqrt(var_pop + eps) and of log var ratio.
+
+    The variances in the ratio carry BN's eps (what BN divides by), so a dead channel with zero
+    variance in both gives 0, not NaN.
+    """
+    pop = bn_layers(population)
+    out = {}
+    for name, run in bn_layers(running).items():
+        p = pop[name]
+        out[f"bn/{name}/mean_shift"] = jnp.mean(jnp.abs(run["mean"] - p["mean"]) / jnp.sqrt(p["var"] + eps))
+        out[f"bn/{name}/log_var_ratio"] = jnp.mean(jnp.log((run["var"] + eps) / (p["var"] + eps)))
+    return out
+
+
+def dropout_var_shift(eval_stats, train_stats, layers: Sequence[str], eps: float) -> dict[str, jax.Array]:
+    """Li et al.'s variance shift, Var_eval / Var_train of each named BN layer's input, mean over channels."""
+    ev, tr = bn_layers(eval_stats), bn_layers(train_stats)
+    return {f"bn/{n}/dropout_var_shift": jnp.mean((ev[n]["var"] + eps) / (tr[n]["var"] + eps)) for n in layers}
+
+
+def population(per_batch: Sequence[tuple]):
+    """Pooled statistics from `population_batch`'s per-batch (dropout off, dropout on or None) pairs."""
+    stack = lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+    off, on = zip(*per_batch)
+    return pool(stack(off)), (None if on[0] is None else pool(stack(on)))
+
+
+def bn_metrics(dropout_layers: Sequence[str], eps: float, running, pop, pop_dropout) -> dict[str, jax.Array]:
+    """bn/* metrics. Kept apart from `population` so they compare materialized statistics: with
+    running == population they are exactly 0, which a fused recomputation of the mean would not be."""
+    out = bn_shift(running, pop, eps)
+    if dropout_layers:
+        out |= dropout_var_shift(pop, pop_dropout, dropout_layers, eps)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# 4.2 Evaluation in the three BN modes
+# ---------------------------------------------------------------------------------------------
+
+
+def batch_mode_logits(program: Program, params, batch_stats, images):
+    """Logits with BN normalizing by this batch's own statistics (train mode, dropout off); nothing kept."""
+    x = engine.normalize(program, images)
+    no_labels = jnp.zeros(x.shape[0], jnp.int32)
+    _, (logits, _) = engine.forward_train(program, params, batch_stats, x, no_labels, 0.0, None)
+    return logits
+
+
+def split_metrics(split: str, logits: dict[str, jax.Array], labels) -> dict[str, jax.Array]:
+    """Loss and accuracy of each mode on one split ({mode: [N, classes]}); for the test split, the gaps too."""
+    out, err = {}, {}
+    for mode in MODES:
+        out[f"{split}/loss_{mode}"] = engine.cross_entropy(logits[mode], labels).mean()
+        out[f"{split}/acc_{mode}"] = acc = jnp.mean(jnp.argmax(logits[mode], -1) == labels)
+        err[mode] = 1.0 - acc
+    if split != "test":
+        return out
+    log_p_batch = jax.nn.log_softmax(logits["batch"])
+    log_p_running = jax.nn.log_softmax(logits["running"])
+    kl = jnp.sum(jnp.exp(log_p_batch) * (log_p_batch - log_p_running), -1)
+    out |= {
+        "disc/acc_gap": out["test/acc_batch"] - out["test/acc_running"],
+        "disc/loss_gap": out["test/loss_running"] - out["test/loss_batch"],
+        "disc/train_test_inconsistency": err["population"] - err["batch"],
+        "disc/ema_error": err["running"] - err["population"],
+        "disc/kl": kl.mean(),
+    }
+    return out
