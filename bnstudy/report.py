@@ -1,0 +1,515 @@
+"""Write a study's report: tables, figures and a README with the verdict, from bnstudy.analysis.
+
+    python -m bnstudy.report STUDY [--runs DIR] [--out DIR] [--dataset NAME]
+    python -m bnstudy.report STUDY --source wandb [--entity E] [--project P] [--group G]
+
+Writes `results/<study>/` (or --out): summary.csv, runs.csv, comparisons.csv, table.md, table.tex, figures
+(PNG and SVG) and README.md with the claim, the verdict, the effect sizes with their 95% intervals, the
+tables, the figures, the command that regenerates it and the data/version facts of the runs. Reports are
+regenerated, never edited. Needs only pandas, scipy, matplotlib, numpy and yaml: no training stack, no GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import shlex
+import sys
+import warnings
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.transforms import offset_copy
+from scipy import stats
+
+from bnstudy.analysis import (
+    CONFIDENCE,
+    FINISHED,
+    Analysis,
+    ReportError,
+    Runs,
+    aggregate,
+    analyse,
+    for_dataset,
+    history_frame,
+    known_studies,
+    load_local,
+    load_wandb,
+    spec_metrics,
+)
+
+OFFICIAL_SPLITS = {"mnist": (60000, 10000), "cifar10": (50000, 10000)}  # train / test sizes
+
+LABELS = {
+    "model.norm": "normalization",
+    "optimizer.lr": "learning rate",
+    "model.init_scale": "init scale (x He-normal std)",
+    "model.dropout.rate": "dropout rate",
+    "model.dropout.placement": "dropout placement",
+    "train.batch_size": "batch size",
+    "test/acc": "test accuracy",
+    "test/loss": "test loss",
+    "train/loss": "train loss",
+    "diverged": "fraction of runs diverged",
+    "step_time": "step time (s)",
+    "examples_per_s": "examples / s",
+    "gen_gap": "train acc - test acc",
+    "step": "training step",
+    "epoch": "epoch",
+}
+# Reading order of categorical axes (others sort alphabetically).
+ORDER = {
+    "model.norm": ["none", "before_relu", "after_relu"],
+    "model.dropout.placement": ["none", "after_block", "before_classifier"],
+}
+
+
+# ----------------------------------------------------------------------------------------------- tables
+
+
+def fmt(x: Any) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-"
+    return f"{x:.4g}" if isinstance(x, (float, np.floating)) else str(x)
+
+
+def cell_text(r: pd.Series) -> str:
+    if r["n"] == 0:
+        return "- (n=0)"
+    return f"{fmt(r['mean'])} [{fmt(r['ci_low'])}, {fmt(r['ci_high'])}] (n={r['n']})"
+
+
+def wide_tables(a: Analysis) -> dict[str, pd.DataFrame]:
+    """Per table kind: one row per group, its run counts, one 'mean [95% CI] (n)' column per metric."""
+    out = {}
+    for kind, part in a.summary.groupby("table", sort=False):
+        by = [c for c in a.grid if c in part and part[c].notna().any()] or ["group"]
+        part = part.assign(cell=part.apply(cell_text, axis=1), group="all runs")
+        wide = part.pivot_table(index=by, columns="metric", values="cell", aggfunc="first", sort=False)
+        if kind == "runs":
+            counts = part.groupby(by, sort=False)[["runs", "diverged"]].first()
+            counts.columns = ["finished runs", "of which diverged"]
+        else:
+            counts = part.groupby(by, sort=False)[["runs"]].first().set_axis(["seeds"], axis=1)
+        table = counts.join(wide[list(part["metric"].unique())]).reset_index()
+        table.columns.name = None
+        out[kind] = table
+    return out
+
+
+def comparison_table(a: Analysis) -> pd.DataFrame:
+    c = a.comparisons
+    if c.empty:
+        return c
+    return pd.DataFrame({
+        "metric": c["metric"],
+        "comparison": c["comparison"],
+        "context": c["context"],
+        "claimed effect": c["expect"],
+        "mean A": c["mean_a"].map(fmt),
+        "mean B": c["mean_b"].map(fmt),
+        "effect [95% CI]": [
+            f"{fmt(e)} [{fmt(lo)}, {fmt(hi)}]" for e, lo, hi in zip(c["estimate"], c["ci_low"], c["ci_high"])
+        ],
+        "Welch df": c["df"].map(fmt),
+        "p": c["p"].map(fmt),
+        "used / runs per group": c["n"],
+        "verdict": c["verdict"] + c["note"].map(lambda s: f" ({s})" if s else ""),
+    })
+
+
+def to_latex(df: pd.DataFrame, caption: str) -> str:
+    return df.to_latex(index=False, escape=True, caption=caption, na_rep="-")
+
+
+# ---------------------------------------------------------------------------------------------- figures
+
+
+def _save(fig, out: Path, name: str) -> list[str]:
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+    with matplotlib.rc_context({"svg.hashsalt": "bnstudy"}):  # same input, same bytes: reports diff cleanly
+        fig.savefig(out / f"{stem}.png", dpi=120, bbox_inches="tight")
+        fig.savefig(out / f"{stem}.svg", bbox_inches="tight", metadata={"Date": None})
+    return [f"{stem}.png", f"{stem}.svg"]
+
+
+def _line_keys(by: list[str], f: dict) -> list[str]:
+    """Columns that split lines: the hue, then every other grid column not on an axis or a panel."""
+    rest = [c for c in by if c not in (f.get("x"), f.get("hue"), f.get("col"))]
+    return ([f["hue"]] if f.get("hue") in by else []) + rest
+
+
+def _panels(frame: pd.DataFrame, col: str | None) -> list[tuple[str, pd.DataFrame]]:
+    if not col or col not in frame:
+        return [("", frame)]
+    return [(f"{LABELS.get(col, col)} = {v}", g) for v, g in frame.groupby(col, sort=True)]
+
+
+def _rank(col: str, value) -> tuple:
+    order = ORDER.get(col, [])
+    return (order.index(value) if value in order else len(order), value)
+
+
+def _ordered_lines(part: pd.DataFrame, keys: list[str]) -> list[tuple]:
+    """(value, rows) per line, in reading order (ORDER for known categories, else sorted)."""
+    if not keys:
+        return [((), part)]
+    lines = list(part.groupby(keys, sort=True))
+    return sorted(lines, key=lambda kv: [_rank(k, v) for k, v in zip(keys, _as_tuple(kv[0]))])
+
+
+def _as_tuple(value) -> tuple:
+    return value if isinstance(value, tuple) else (value,)
+
+
+def _new_figure(n_panels: int):
+    fig = Figure(figsize=(5.0 * n_panels, 3.8), layout="constrained")  # object API: no pyplot state
+    FigureCanvasAgg(fig)  # Agg: no display needed
+    return fig, fig.subplots(1, n_panels, squeeze=False)[0]
+
+
+def _line_label(keys: list[str], values) -> str:
+    pairs = enumerate(zip(keys, _as_tuple(values)))
+    parts = [f"{v}" if i == 0 else f"{k.split('.')[-1]}={v}" for i, (k, v) in pairs]
+    return ", ".join(parts) or "all runs"
+
+
+def figure_xy(a: Analysis, f: dict, out: Path) -> list[str]:
+    """Final metric vs a grid column, mean with 95% t-interval error bars, one line per group (dodged by 4 pt)."""
+    frame, by = a.frames[f["y"]]
+    x = f["x"]
+    agg = aggregate(frame, f["y"], by)
+    if agg["mean"].notna().sum() == 0:
+        return []
+    categorical = x in agg and not pd.api.types.is_numeric_dtype(agg[x])
+    if categorical:
+        agg = agg.assign(_pos=agg[x].map(partial(_rank, x)))
+    panels = _panels(agg, f.get("col"))
+    fig, axes = _new_figure(len(panels))
+    for ax, (title, part) in zip(axes, panels):
+        keys = _line_keys(by, f)
+        lines = _ordered_lines(part, keys)
+        for i, (value, line) in enumerate(lines):
+            line = line.sort_values("_pos" if categorical else x) if x in line else line
+            xs = line[x].astype(str) if categorical else (line[x] if x in line else np.zeros(len(line)))
+            err = [(line["mean"] - line["ci_low"]).fillna(0), (line["ci_high"] - line["mean"]).fillna(0)]
+            dodge = offset_copy(ax.transData, fig=fig, x=4.0 * (i - (len(lines) - 1) / 2), units="points")
+            bars = ax.errorbar(xs, line["mean"], yerr=err, marker="o", capsize=3,
+                               linestyle="none" if categorical else "-", label=_line_label(keys, value))
+            for artist in (bars.lines[0], *bars.lines[1], *bars.lines[2]):  # shift after autoscaling saw the data
+                artist.set_transform(dodge)
+        if f.get("logx") and not categorical:
+            ax.set_xscale("log")
+        if f.get("logy"):
+            ax.set_yscale("log")
+        ax.set_xlabel(LABELS.get(x, x))
+        interval = "95% exact binomial interval" if f["y"] == "diverged" else "mean, 95% t-interval over seeds"
+        ax.set_ylabel(f"{LABELS.get(f['y'], f['y'])}\n({interval})")
+        ax.set_title(title, fontsize=9)
+        if keys:
+            ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    return _save(fig, out, f["name"])
+
+
+def figure_curve(a: Analysis, runs: Runs, f: dict, out: Path) -> list[str]:
+    """A logged key over training (metrics.jsonl), mean with a 95% t-band over seeds, one line per group."""
+    done = a.runs[a.runs["status"] == "done"]
+    hist = history_frame(runs, done["run_id"], f["curve"])
+    if hist.empty:
+        return []
+    x = f.get("x", "step")
+    keys = _line_keys(a.grid, f)
+    cols = list(dict.fromkeys([*keys, *([f["col"]] if f.get("col") in a.grid else [])]))
+    hist = hist.merge(done[["run_id", *cols]], on="run_id")
+    g = hist.groupby([*cols, x], sort=True)["value"].agg(["mean", "std", "count"]).reset_index()
+    half = stats.t.ppf(0.5 + CONFIDENCE / 2, g["count"] - 1) * g["std"] / np.sqrt(g["count"])
+    g["lo"], g["hi"] = g["mean"] - half, g["mean"] + half
+    panels = _panels(g, f.get("col") if f.get("col") in a.grid else None)
+    fig, axes = _new_figure(len(panels))
+    for ax, (title, part) in zip(axes, panels):
+        for value, line in _ordered_lines(part, keys):
+            marker = "." if len(line) < 30 else None
+            (handle,) = ax.plot(line[x], line["mean"], marker=marker, label=_line_label(keys, value))
+            ax.fill_between(line[x], line["lo"], line["hi"], alpha=0.2, color=handle.get_color())
+        if f.get("logy"):
+            ax.set_yscale("log")
+        ax.set_xlabel(LABELS.get(x, x))
+        ax.set_ylabel(f"{LABELS.get(f['curve'], f['curve'])}\n(mean, 95% t-band over seeds)")
+        ax.set_title(title, fontsize=9)
+        if keys:
+            ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    return _save(fig, out, f["name"])
+
+
+def caption(a: Analysis, f: dict) -> str:
+    what = f.get("curve") or f["y"]
+    if "curve" in f:
+        how = "over training; mean and 95% t-band over seeds; diverged runs excluded"
+    elif what == "diverged":
+        how = "fraction of finished runs that diverged, with exact binomial 95% intervals"
+    elif what in (a.spec.get("derived") or {}):
+        how = "one value per seed (rule below the verdict); mean and 95% t-interval over seeds"
+    else:
+        how = "final values; mean and 95% t-interval over seeds; diverged runs excluded"
+    return f"{LABELS.get(what, what)}: {how}."
+
+
+def write_figures(a: Analysis, runs: Runs, out: Path) -> tuple[list[tuple[str, str]], list[str]]:
+    """(name, caption) of each written figure, and notes on figures with no data."""
+    written, notes = [], []
+    for f in a.spec.get("figures") or []:
+        files = figure_curve(a, runs, f, out) if "curve" in f else figure_xy(a, f, out)
+        what = f.get("curve") or f.get("y")
+        if files:
+            written.append((files[0], caption(a, f)))
+        else:
+            notes.append(f"figure `{f['name']}` not drawn: no run has `{what}`")
+    return written, notes
+
+
+# ------------------------------------------------------------------------------------------------ README
+
+
+def facts(a: Analysis) -> list[str]:
+    """Data and version facts, read from the run summaries."""
+    r = a.runs
+    done = r[r["status"].isin(FINISHED)]
+
+    def values(col, frame=r):
+        if col not in frame:
+            return "unknown"
+        return ", ".join(f"{v} ({n} runs)" for v, n in frame[col].astype(str).value_counts().items())
+
+    lines = [
+        f"- dataset `{a.dataset}`; examples used per run (train / test): "
+        f"{values('num_train', done)} / {values('num_test', done)}"
+        + (f"; TFDS data_dir: {values('dataset.data_dir')}" if "dataset.data_dir" in r else ""),
+    ]
+    official = OFFICIAL_SPLITS.get(a.dataset)
+    sizes = done.reindex(columns=["num_train", "num_test"]).dropna().astype(int)
+    if official and len(sizes):
+        if set(zip(sizes["num_train"], sizes["num_test"])) != {official}:
+            lines.append(
+                f"- **not the official {a.dataset} split** (official: {official[0]} train / {official[1]} test): "
+                f"these numbers are not comparable to published {a.dataset} results."
+            )
+    if "train.epochs" in done:
+        lines.append(f"- training: epochs {values('train.epochs', done)}; steps per run {values('steps', done)}")
+    dirty = "git_sha" in r and r["git_sha"].astype(str).str.endswith("-dirty").any()
+    lines.append(f"- git SHA: {values('git_sha')}" + (" (`-dirty`: uncommitted changes)" if dirty else ""))
+    pkg_cols = sorted(c for c in r if c.startswith("packages."))
+    if pkg_cols:
+        pk = "; ".join(f"{c[9:]} {'/'.join(sorted(r[c].dropna().astype(str).unique()))}" for c in pkg_cols)
+        lines.append(f"- packages: {pk}")
+    dev = [c for c in ("device.backend", "device.device_kind", "device.device_count") if c in r]
+    if dev:
+        combos = r[dev].astype(str).agg(" / ".join, axis=1).value_counts()
+        lines.append("- device (backend / kind / count): " + ", ".join(f"{k} ({n} runs)" for k, n in combos.items()))
+    if "wall_time" in done:
+        minutes = done["wall_time"].astype(float).sum() / 60
+        lines.append(f"- total wall time of the finished runs: {minutes:.1f} min (sum over runs)")
+    if "started_at" in r and r["started_at"].notna().any():
+        lines.append(f"- runs started {r['started_at'].dropna().min()} .. {r['started_at'].dropna().max()}")
+    return lines
+
+
+def train_command(a: Analysis) -> str:
+    """The training command of this grid, rebuilt from what the runs recorded."""
+    parts = ["python", "-m", "bnstudy.train", "-m", f"experiment={a.study}"]
+    if a.dataset != "mnist":
+        parts.append(f"dataset={a.dataset}")
+    if "quick" in str(a.spec.get("variant", "")):
+        parts.append("+preset=quick")
+    data_dirs = a.runs["dataset.data_dir"].dropna().unique() if "dataset.data_dir" in a.runs else []
+    if len(data_dirs) == 1:
+        parts.append(f"dataset.data_dir={data_dirs[0]}")
+    return shlex.join(parts)
+
+
+def readme(a: Analysis, tables: dict, comp: pd.DataFrame, figures, notes, command: str, data_note: str | None) -> str:
+    s = a.spec
+    counts = a.runs["status"].value_counts()
+    lines = [
+        f"# {a.study}: {s.get('title', a.study)}",
+        "",
+        "Generated by `bnstudy.report`; do not edit by hand. Regenerate this report with:",
+        "",
+        f"    {command}",
+        "",
+        "The runs were trained with (each run's exact config is in its config.yaml and in runs.csv):",
+        "",
+        f"    {train_command(a)}",
+        "",
+        "## Claim",
+        "",
+        f"{s['claim']}",
+        "",
+        f"Source: {s.get('source', 'not given')}",
+        "",
+    ]
+    variant = s.get("variant") or f"default (configs/experiment/{a.study}.yaml)"
+    lines += [f"Grid variant: **{variant}**.", ""]
+    data = [line[2:] for line in facts(a)[:2] if line.startswith("- ")]
+    lines += [f"Data: {data[0]}", ""] + ([f"Data note: {data_note}", ""] if data_note else [])
+    lines += [f"{data[1]}", ""] if len(data) > 1 and data[1].startswith("**not") else []
+    lines += [
+        f"## Verdict: **{a.verdict}**",
+        "",
+        "Each comparison is a contrast of group means over seeds with a Welch 95% t-interval (unequal variances, "
+        "Welch-Satterthwaite degrees of freedom; p is two-sided against 0). A comparison supports the claim when its "
+        "interval lies entirely on the claimed side of the margin, contradicts it when it lies entirely on the other "
+        "side, and is inconclusive otherwise or with fewer than 2 finished runs in a group. The claim is **supported** "
+        "when every comparison supports it (intersection-union test at the 5% level), **contradicted** when any "
+        "comparison contradicts it, otherwise **inconclusive**. The effect is mean A - mean B in the metric's units "
+        "(for `relative_to`, that difference minus the same difference in the reference groups); the margin is the "
+        "smallest effect that matters (0 unless the study sets one). Diverged runs are excluded from means and "
+        "counted.",
+        "",
+    ]
+    lines += [comp.to_markdown(index=False) if not comp.empty else "No comparison is declared for this study.", ""]
+    derived = a.spec.get("derived") or {}
+    for name, d in derived.items():
+        rule = (f"largest `{d['over']}` whose run finished without diverging with `{d['of']}` >= "
+                f"{for_dataset(d.get('threshold'), a.dataset)}" + (" (log10)" if d.get("log10") else "")
+                if d["reduce"] == "max_stable" else
+                f"max - min of `{d['of']}` over `{d['over']}`, a diverged run counting as {d.get('diverged_value')}")
+        lines.append(f"- `{name}` (one value per seed): {rule}; a seed counts only if all its `{d['over']}` "
+                     "values finished.")
+    if "epochs_to_target" in spec_metrics(s):
+        target = for_dataset(s.get("target_acc"), a.dataset)
+        lines.append(f"- `epochs_to_target`: first evaluated epoch with test accuracy >= {target}; runs that never "
+                     "reach it are not averaged in (n counts those that did).")
+    if any(m.startswith("mean(") for m in spec_metrics(s)):
+        lines.append("- `mean(key)`: the mean of a logged key over all its records in metrics.jsonl (over training).")
+    if "gen_gap" in spec_metrics(s):
+        lines.append("- `gen_gap`: mean train accuracy of the last epoch (dropout on) minus final test accuracy.")
+    if any(m.startswith("bn/*/") for m in spec_metrics(s)):
+        lines.append("- `bn/*/key`: the mean of `bn/<layer>/key` over the BN layers that log it.")
+    lines += ["", "## Results", "", "Each cell: mean [95% t-interval] (n runs used) over seeds.", ""]
+    for kind, t in tables.items():
+        lines += [f"### {kind}", "", t.to_markdown(index=False), ""]
+    lines += ["## Figures", ""]
+    lines += [f"![{name}]({name})\n\n{text} (SVG: same name.)\n" for name, text in figures]
+    lines += [] if figures else ["No figure could be drawn.", ""]
+    lines += [f"- {n}" for n in notes] + ([""] if notes else [])
+    by_status = ", ".join(f"{k} {v}" for k, v in counts.items())
+    lines += ["## Runs", "", f"Runs by status: {by_status}; corrupt folders skipped: {len(a.skipped)}.", ""]
+    incomplete = a.runs[~a.runs["status"].isin(FINISHED)]
+    for _, r in incomplete.iterrows():
+        error = f" ({r['error']})" if isinstance(r.get("error"), str) else ""
+        lines.append(f"- {r['status']}: `{r['path']}`{error}")
+    for path, why in a.skipped:
+        lines.append(f"- corrupt, skipped: `{path}` ({why})")
+    for m in a.missing:
+        lines.append(f"- no run has metric `{m}`")
+    lines += ["", "## Data and versions", ""] + facts(a)
+    if data_note:
+        lines.append(f"- note: {data_note}")
+    lines += ["", "Files: `summary.csv` (one row per group and metric), `runs.csv` (one row per run), "
+              "`comparisons.csv`, `table.md`, `table.tex`, figures as PNG and SVG.", ""]
+    return "\n".join(lines)
+
+
+def write_report(a: Analysis, runs: Runs, out: Path, command: str, data_note: str | None = None) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    a.summary[["table", *a.summary.columns.drop("table")]].to_csv(out / "summary.csv", index=False)
+    a.comparisons.to_csv(out / "comparisons.csv", index=False)
+    a.runs.to_csv(out / "runs.csv", index=False)
+    tables = wide_tables(a)
+    comp = comparison_table(a)
+    md = [f"## {kind}\n\n{t.to_markdown(index=False)}\n" for kind, t in tables.items()]
+    if not comp.empty:
+        md.append(f"## comparisons (verdict: {a.verdict})\n\n{comp.to_markdown(index=False)}\n")
+    (out / "table.md").write_text("\n".join(md))
+    tex = [to_latex(t, f"{a.study}: {kind}; mean [95\\% t-interval] (n) over seeds") for kind, t in tables.items()]
+    if not comp.empty:
+        tex.append(to_latex(comp, f"{a.study}: comparisons, Welch 95\\% intervals; verdict {a.verdict}"))
+    (out / "table.tex").write_text("\n".join(tex))
+    figures, notes = write_figures(a, runs, out)
+    (out / "README.md").write_text(readme(a, tables, comp, figures, notes, command, data_note))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="bnstudy-report",
+        description="Turn a study's runs into a report: tables with 95% intervals, figures and a verdict on its claim.",
+    )
+    p.add_argument("study", help="study name, e.g. placement (configs/experiment/<study>.yaml)")
+    p.add_argument("--runs", type=Path, help="folder of run folders (default: <out-dir>/<study>)")
+    p.add_argument("--out-dir", type=Path, default=Path("outputs"), help="training out_dir root (default: outputs)")
+    p.add_argument("--out", type=Path, help="report folder (default: results/<study>)")
+    p.add_argument("--dataset", help="report the runs of this dataset only (needed when runs mix datasets)")
+    p.add_argument("--data-note", help="a sentence about the data, printed at the top of the report")
+    p.add_argument("--source", choices=("local", "wandb"), default="local")
+    p.add_argument("--entity", help="wandb entity (--source wandb)")
+    p.add_argument("--project", default="bnstudy", help="wandb project (--source wandb; default bnstudy)")
+    p.add_argument("--group", help="wandb group (--source wandb; default: the study name)")
+    return p.parse_args(argv)
+
+
+def command_line(args: argparse.Namespace) -> str:
+    parts = ["python", "-m", "bnstudy.report", args.study]
+    for flag in ("runs", "out_dir", "out", "dataset", "data_note"):
+        value = getattr(args, flag)
+        if value is not None and not (flag == "out_dir" and (args.runs or str(value) == "outputs")):
+            parts += [f"--{flag.replace('_', '-')}", str(value)]
+    if args.source == "wandb":
+        parts += ["--source", "wandb", "--project", args.project]
+        parts += [x for flag in ("entity", "group") if getattr(args, flag) for x in (f"--{flag}", getattr(args, flag))]
+    return shlex.join(parts)
+
+
+def _print_warning(message, category, *args, **kwargs) -> None:
+    print(f"bnstudy-report: warning: {message}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.showwarning = _print_warning
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
+    try:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", args.study):
+            raise ReportError(f"study name {args.study!r} must be a plain name like `placement`.")
+        if args.source == "wandb":
+            runs = load_wandb(args.entity, args.project, args.group or args.study)
+        else:
+            runs_dir = args.runs or args.out_dir / args.study
+            if not runs_dir.is_dir() and args.study not in known_studies():
+                known = ", ".join(known_studies())
+                raise ReportError(f"unknown study {args.study!r} and no runs in {runs_dir}. Known studies: {known}.")
+            if not runs_dir.is_dir():
+                quick = args.out_dir / "quick" / args.study
+                hint = f" Quick runs of it are in {quick}: add `--out-dir {quick.parent}`." if quick.is_dir() else ""
+                raise ReportError(
+                    f"no runs directory {runs_dir}: expected the run folders of study {args.study!r} there. Train "
+                    f"them with `python -m bnstudy.train -m experiment={args.study}`, or point --runs at the folder "
+                    f"that holds them.{hint}"
+                )
+            runs = load_local(runs_dir)
+        analysis = analyse(args.study, runs, args.dataset)
+        out = write_report(analysis, runs, args.out or Path("results") / args.study, command_line(args), args.data_note)
+    except ReportError as e:
+        print(f"bnstudy-report: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"{args.study}: {analysis.verdict} ({len(analysis.runs)} runs) -> {out / 'README.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""Every study file composes with Hydra for each dataset it declares, with and without the quick preset,
+and every job of its sweep passes validation; one quick study runs end to end through train and report."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
+
+from bnstudy import config as config_lib
+from bnstudy import analysis, report
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+STUDIES = ("placement", "learning_rate", "init_scale", "dropout", "batch_size", "smoothness", "cost")
+
+
+def compose_study(study: str, *overrides: str, hydra_config: bool = False):
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose("config", overrides=[f"experiment={study}", *overrides], return_hydra_config=hydra_config)
+
+
+def sweep_jobs(params) -> list[list[str]]:
+    """The jobs Hydra's basic sweeper makes of `hydra.sweeper.params`: one override list per combination."""
+    parser = OverridesParser.create()
+    axes = [[f"{key}={v}" for v in parser.parse_override(f"{key}={value}").sweep_string_iterator()]
+            for key, value in params.items()]
+    return [list(job) for job in itertools.product(*axes)]
+
+
+def cases():
+    for study in STUDIES:
+        spec = analysis.experiment_spec(study)
+        for dataset in spec["datasets"]:
+            for preset in ([], ["+preset=quick"]):
+                yield pytest.param(study, dataset, preset, id=f"{study}-{dataset}{'-quick' if preset else ''}")
+
+
+def test_there_is_one_experiment_file_per_study():
+    assert analysis.known_studies() == sorted(STUDIES)
+
+
+@pytest.mark.parametrize("study, dataset, preset", list(cases()))
+def test_study_composes_and_every_sweep_job_validates(study, dataset, preset):
+    base = [f"dataset={dataset}", *preset]
+    params = compose_study(study, *base, hydra_config=True).hydra.sweeper.params
+    assert params, f"{study}: structural axes belong in hydra.sweeper.params"
+    jobs = sweep_jobs(params)
+    assert len(jobs) >= 2
+    for job in jobs:
+        cfg = config_lib.parse(compose_study(study, *base, *job))
+        assert cfg.study == study and cfg.dataset.name == dataset
+        seeds = config_lib.pack_axes(cfg)["seed"]
+        assert len(seeds) >= (2 if preset else 3)
+        if preset:
+            assert cfg.train.epochs == 1 and cfg.train.max_steps_per_epoch and cfg.dataset.train_subset
+            assert cfg.out_dir == "outputs/quick" and "quick" in cfg.report["variant"]
+
+
+@pytest.mark.parametrize("study", STUDIES)
+def test_report_block_is_complete_and_names_real_axes(study):
+    cfg = compose_study(study)
+    spec = analysis.validate_spec(OmegaConf.to_container(cfg.report), study)
+    assert spec == analysis.experiment_spec(study)  # what the runs carry equals what the file says
+    assert spec["claim"].endswith(".") and spec.get("source")
+    assert spec["compare"], f"{study}: a study needs at least one deciding comparison"
+    params = compose_study(study, hydra_config=True).hydra.sweeper.params
+    job = config_lib.parse(compose_study(study, *sweep_jobs(params)[0]))
+    packed = {key for key, values in config_lib.pack_axes(job).items() if len(values) > 1}
+    axes = set(params) | packed
+    for comp in spec["compare"]:
+        for filters in (comp["a"], comp["b"], comp.get("where") or {}, comp.get("relative_to") or {}):
+            assert set(filters) <= axes, f"{study}: comparison filters {set(filters) - axes} are not grid axes"
+    for name, d in (spec.get("derived") or {}).items():
+        assert d["over"] in packed, f"{study}: derived {name} runs over {d['over']}, which is not packed"
+    for fig in spec.get("figures") or []:
+        assert {"name"} <= set(fig) and ("y" in fig or "curve" in fig)
+
+
+def test_quick_placement_runs_end_to_end_through_train_and_report(mock_tfds, run_app, tmp_path):
+    out = run_app("-m", "experiment=placement", "+preset=quick", "train.max_steps_per_epoch=2",
+                  "discrepancy.enabled=false", "train.pack_size=2")  # one compiled program per placement
+    runs_dir = out / "placement"
+    assert len(list(runs_dir.glob("*/summary.json"))) == 6  # 3 placements x 2 seeds
+    results = tmp_path / "results"
+    report.main(["placement", "--runs", str(runs_dir), "--out", str(results)])
+    text = (results / "README.md").read_text()
+    assert "## Verdict: **" in text and "quick (2 seeds" in text and "Runs by status: done 6" in text
+    assert (results / "test_acc_by_norm.svg").is_file() and (results / "learning_curves_train_loss.png").is_file()
+    comparisons = (results / "comparisons.csv").read_text()
+    assert comparisons.count("2 of 2 / 2 of 2") == 3

@@ -1,0 +1,399 @@
+"""bnstudy.report on synthetic run folders with known values: aggregates, intervals and verdicts are the
+hand-computed ones; diverged, running, failed and corrupt runs are counted, listed or skipped."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from scipy import stats
+
+from bnstudy import analysis, report
+
+# Synthetic runs log only what each test needs; the report's "no run has metric" warnings are expected here.
+pytestmark = pytest.mark.filterwarnings("ignore:study .*no run has metric:bnstudy.analysis.ReportWarning")
+
+T975_DF2 = 4.302652729911275  # t quantile 0.975 with 2 degrees of freedom (statistical tables)
+T975_DF4 = 2.7764451051977987  # ... with 4 degrees of freedom
+
+
+def write_run(root: Path, *, study="placement", norm="before_relu", seed=0, lr=0.1, init_scale=1.0,
+              placement="none", rate=0.0, batch_size=128, status="done", summary=None, records=(), spec=None):
+    """One run folder laid out as bnstudy.sinks writes it."""
+    config = {
+        "dataset": {"name": "mnist", "data_dir": "/data", "download": False, "train_subset": None, "test_subset": None},
+        "model": {"name": "cnn", "norm": norm, "bn_momentum": 0.9, "init_scale": init_scale,
+                  "dropout": {"placement": placement, "rate": rate}},
+        "optimizer": {"name": "sgd", "lr": lr, "momentum": 0.9, "weight_decay": 0.0},
+        "train": {"batch_size": batch_size, "epochs": 3, "pack_size": "auto", "loop": "auto"},
+        "logger": {"wandb": {"mode": "disabled", "tags": []}, "progress": False},
+        "seed": seed, "out_dir": str(root.parent), "study": study, "report": spec,
+    }
+    run_id = f"{norm}-lr{lr}-init{init_scale}-{placement}{rate}-bs{batch_size}-s{seed}"
+    folder = root / run_id
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    full = {"run_id": run_id, "status": status, "study": study, "git_sha": "abc1234", "num_train": 8000,
+            "num_test": 2000, "packages": {"jax": "0.10.2"}, "device": {"backend": "cpu", "device_kind": "cpu"},
+            "wall_time": 10.0, **(summary or {})}
+    (folder / "summary.json").write_text(json.dumps(full))
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return folder
+
+
+PLACEMENT = {
+    "before_relu": [0.97, 0.98, 0.99],
+    "after_relu": [0.94, 0.95, 0.96],
+    "none": [0.80, 0.82, 0.84],
+}
+
+
+def placement_runs(root: Path, values=PLACEMENT) -> Path:
+    for norm, accs in values.items():
+        for seed, acc in enumerate(accs):
+            curve = [{"step": 10 * e, "epoch": float(e), "test/acc": acc - 0.02 * (3 - e)} for e in (1, 2, 3)]
+            summary = {"test/acc": acc, "test/loss": 1 - acc, "train/epoch_acc": acc + 0.01}
+            write_run(root, norm=norm, seed=seed, summary=summary, records=curve)
+    return root
+
+
+def welch_by_hand(a, b):
+    """Difference of means with the Welch-Satterthwaite t-interval, written out."""
+    a, b = np.asarray(a), np.asarray(b)
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    se = math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    half = stats.t.ppf(0.975, df) * se
+    d = a.mean() - b.mean()
+    return d, d - half, d + half, df
+
+
+def analyse_dir(study, root, **kw):
+    return analysis.analyse(study, analysis.load_local(root), **kw)
+
+
+# ------------------------------------------------------------------------------------------- statistics
+
+
+def test_group_mean_std_and_t_interval_equal_hand_computed(tmp_path):
+    a = analyse_dir("placement", placement_runs(tmp_path / "runs"))
+    row = a.summary[(a.summary["metric"] == "test/acc") & (a.summary["model.norm"] == "before_relu")].iloc[0]
+    assert row["n"] == 3 and row["runs"] == 3 and row["diverged"] == 0
+    assert row["mean"] == pytest.approx(0.98)
+    assert row["std"] == pytest.approx(0.01)
+    half = T975_DF2 * 0.01 / math.sqrt(3)
+    assert (row["ci_low"], row["ci_high"]) == pytest.approx((0.98 - half, 0.98 + half))
+
+
+def test_welch_contrast_matches_formula_and_scipy():
+    a, b = [0.97, 0.98, 0.99], [0.80, 0.82, 0.84]
+    got = analysis.welch_contrast([np.array(a), np.array(b)], [1, -1])
+    d, lo, hi, df = welch_by_hand(a, b)
+    assert (got["estimate"], got["ci_low"], got["ci_high"], got["df"]) == pytest.approx((d, lo, hi, df))
+    ref = stats.ttest_ind(a, b, equal_var=False)
+    assert got["p"] == pytest.approx(ref.pvalue)
+    # equal n and equal spread: Welch df is 2(n-1) = 4 exactly
+    eq = analysis.welch_contrast([np.array([0.97, 0.98, 0.99]), np.array([0.94, 0.95, 0.96])], [1, -1])
+    half = T975_DF4 * math.sqrt(2 * 0.01**2 / 3)
+    assert eq["df"] == pytest.approx(4.0)
+    assert (eq["ci_low"], eq["ci_high"]) == pytest.approx((0.03 - half, 0.03 + half))
+
+
+def test_interaction_contrast_of_four_groups_equals_hand_computed():
+    groups = [np.array(g) for g in ([0.90, 0.92, 0.91], [0.97, 0.98, 0.99], [0.95, 0.96, 0.94], [0.96, 0.95, 0.97])]
+    got = analysis.welch_contrast(groups, [1, -1, -1, 1])
+    means = [g.mean() for g in groups]
+    terms = [g.var(ddof=1) / len(g) for g in groups]
+    se = math.sqrt(sum(terms))
+    df = se**4 / sum(t**2 / 2 for t in terms)
+    est = means[0] - means[1] - means[2] + means[3]
+    half = stats.t.ppf(0.975, df) * se
+    expected = (est, est - half, est + half, df)
+    assert (got["estimate"], got["ci_low"], got["ci_high"], got["df"]) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    "lo, hi, expect, margin, verdict",
+    [
+        (0.01, 0.05, "greater", 0.0, "supported"),
+        (-0.05, -0.01, "greater", 0.0, "contradicted"),
+        (-0.01, 0.05, "greater", 0.0, "inconclusive"),
+        (-0.05, -0.01, "less", 0.0, "supported"),
+        (0.001, 0.004, "less", 0.005, "supported"),  # a gain below the margin: "adds little"
+        (0.006, 0.02, "less", 0.005, "contradicted"),
+        (0.003, 0.02, "less", 0.005, "inconclusive"),
+    ],
+)
+def test_decision_rule(lo, hi, expect, margin, verdict):
+    assert analysis.decide(lo, hi, expect, margin) == verdict
+
+
+def test_overall_verdict_is_an_intersection_of_the_comparisons():
+    assert analysis.overall(["supported", "supported"]) == "supported"
+    assert analysis.overall(["supported", "inconclusive"]) == "inconclusive"
+    assert analysis.overall(["supported", "contradicted", "inconclusive"]) == "contradicted"
+    assert analysis.overall([]) == "inconclusive"
+
+
+# ---------------------------------------------------------------------------------------------- verdicts
+
+
+def test_placement_verdict_supported_with_hand_computed_effects(tmp_path):
+    a = analyse_dir("placement", placement_runs(tmp_path / "runs"))
+    assert a.verdict == "supported"
+    c = a.comparisons.set_index("comparison")
+    for (x, y) in [("before_relu", "after_relu"), ("before_relu", "none"), ("after_relu", "none")]:
+        row = c.loc[f"(norm={x}) - (norm={y})"]
+        d, lo, hi, df = welch_by_hand(PLACEMENT[x], PLACEMENT[y])
+        assert (row["estimate"], row["ci_low"], row["ci_high"], row["df"]) == pytest.approx((d, lo, hi, df))
+        assert row["verdict"] == "supported"
+
+
+def test_placement_verdict_contradicted_and_inconclusive(tmp_path):
+    swapped = {**PLACEMENT, "before_relu": PLACEMENT["after_relu"], "after_relu": PLACEMENT["before_relu"]}
+    a = analyse_dir("placement", placement_runs(tmp_path / "swapped", swapped))
+    assert a.verdict == "contradicted"
+    close = {**PLACEMENT, "after_relu": [0.96, 0.975, 0.99]}
+    b = analyse_dir("placement", placement_runs(tmp_path / "close", close))
+    assert b.verdict == "inconclusive"
+    assert list(b.comparisons["verdict"]) == ["inconclusive", "supported", "supported"]
+
+
+def test_diverged_run_is_counted_and_not_averaged(tmp_path):
+    root = placement_runs(tmp_path / "runs")
+    write_run(root, norm="before_relu", seed=7, status="diverged", summary={"test/acc": None, "diverged_step": 12})
+    a = analyse_dir("placement", root)
+    row = a.summary[(a.summary["metric"] == "test/acc") & (a.summary["model.norm"] == "before_relu")].iloc[0]
+    assert (row["runs"], row["diverged"], row["n"]) == (4, 1, 3)
+    assert row["mean"] == pytest.approx(0.98)
+    # even a diverged run that still reports a number is not averaged in
+    write_run(root, norm="none", seed=8, status="diverged", summary={"test/acc": 0.1})
+    b = analyse_dir("placement", root)
+    row = b.summary[(b.summary["metric"] == "test/acc") & (b.summary["model.norm"] == "none")].iloc[0]
+    assert (row["diverged"], row["n"], row["mean"]) == (1, 3, pytest.approx(0.82))
+
+
+def test_corrupt_folder_is_skipped_with_a_warning_and_listed(tmp_path):
+    root = placement_runs(tmp_path / "runs")
+    bad = root / "broken-run"
+    bad.mkdir()
+    (bad / "config.yaml").write_text("model: {norm: none}\n")
+    (bad / "summary.json").write_text('{"status": "do')
+    (root / "half-written").mkdir()
+    with pytest.warns(analysis.ReportWarning) as warned:
+        runs = analysis.load_local(root)
+    messages = " ".join(str(w.message) for w in warned)
+    assert "broken-run: summary.json is not JSON" in messages and "half-written: no config.yaml" in messages
+    assert {Path(p).name for p, _ in runs.skipped} == {"broken-run", "half-written"}
+    a = analysis.analyse("placement", runs)
+    assert a.verdict == "supported" and len(a.runs) == 9
+
+
+def test_running_and_failed_runs_are_listed_not_used(tmp_path):
+    root = placement_runs(tmp_path / "runs")
+    write_run(root, norm="none", seed=5, status="running")
+    write_run(root, norm="after_relu", seed=6, status="failed", summary={"error": "RuntimeError: out of memory"})
+    a = analyse_dir("placement", root)
+    assert a.summary.query("metric == 'test/acc'")["runs"].sum() == 9
+    out = report.write_report(a, analysis.load_local(root), tmp_path / "out", "python -m bnstudy.report placement")
+    text = (out / "README.md").read_text()
+    assert "running: `" in text and "none-lr0.1-init1.0-none0.0-bs128-s5" in text
+    assert "failed: `" in text and "out of memory" in text
+
+
+# ------------------------------------------------------------------------------------------ other studies
+
+
+def test_learning_rate_max_stable_lr_per_seed(tmp_path):
+    root = tmp_path / "runs"
+    # (norm, seed) -> largest lr that finished with acc >= 0.5; above it the run diverges
+    largest = {("before_relu", 0): 1.0, ("before_relu", 1): 1.0, ("before_relu", 2): 0.1,
+               ("none", 0): 0.1, ("none", 1): 0.01, ("none", 2): 0.01}
+    for (norm, seed), top in largest.items():
+        for lr in (0.01, 0.1, 1.0):
+            ok = lr <= top
+            write_run(root, study="learning_rate", norm=norm, seed=seed, lr=lr, status="done" if ok else "diverged",
+                      summary={"test/acc": 0.9 if ok else None})
+    a = analyse_dir("learning_rate", root)
+    dframe, dgrid = a.frames["log10_max_stable_lr"]
+    assert dgrid == ["model.norm"]
+    got = dframe.set_index(["model.norm", "seed"])["log10_max_stable_lr"].to_dict()
+    assert got == pytest.approx({k: math.log10(v) for k, v in largest.items()})
+    (row,) = a.comparisons.query("comparison == '(norm=before_relu) - (norm=none)'").to_dict("records")
+    d, lo, hi, _ = welch_by_hand([0, 0, -1], [-1, -2, -2])
+    assert (row["estimate"], row["ci_low"], row["ci_high"]) == pytest.approx((d, lo, hi))
+    div = a.summary.query("metric == 'diverged' and `model.norm` == 'none' and `optimizer.lr` == 1.0").iloc[0]
+    assert (div["mean"], div["n"]) == (1.0, 3)  # divergence rate counts the diverged runs by definition
+    assert (div["ci_low"], div["ci_high"]) == pytest.approx((0.025 ** (1 / 3), 1.0))  # Clopper-Pearson, k = n
+
+
+def test_init_scale_spread_counts_diverged_runs_as_chance(tmp_path):
+    root = tmp_path / "runs"
+    for seed in range(3):
+        for scale, acc in [(0.1, 0.95), (1.0, 0.97), (10.0, 0.96 - 0.01 * seed)]:
+            write_run(root, study="init_scale", norm="before_relu", seed=seed, init_scale=scale,
+                      summary={"test/acc": acc})
+        for scale, acc in [(0.1, 0.90), (1.0, 0.97), (10.0, None)]:
+            write_run(root, study="init_scale", norm="none", seed=seed, init_scale=scale,
+                      status="done" if acc else "diverged", summary={"test/acc": acc})
+    a = analyse_dir("init_scale", root)
+    spread = a.frames["acc_spread"][0].set_index(["model.norm", "seed"])["acc_spread"]
+    assert spread["none"].tolist() == pytest.approx([0.87, 0.87, 0.87])  # 0.97 - 0.1 (diverged = chance)
+    assert spread["before_relu"].tolist() == pytest.approx([0.02, 0.02, 0.03])
+
+
+def test_dropout_interaction_and_margin(tmp_path):
+    root = tmp_path / "runs"
+    acc = {  # (norm, placement, rate) -> per-seed accuracies
+        ("before_relu", "before_classifier", 0.0): [0.980, 0.982, 0.981],
+        ("before_relu", "before_classifier", 0.5): [0.981, 0.983, 0.982],
+        ("before_relu", "after_block", 0.5): [0.950, 0.955, 0.945],
+        ("before_relu", "after_block", 0.0): [0.980, 0.982, 0.981],
+        ("none", "before_classifier", 0.5): [0.975, 0.977, 0.976],
+        ("none", "after_block", 0.5): [0.972, 0.974, 0.973],
+        ("none", "before_classifier", 0.0): [0.970, 0.972, 0.971],
+        ("none", "after_block", 0.0): [0.970, 0.972, 0.971],
+    }
+    for (norm, placement, rate), values in acc.items():
+        for seed, v in enumerate(values):
+            write_run(root, study="dropout", norm=norm, seed=seed, placement=placement, rate=rate,
+                      summary={"test/acc": v, "train/epoch_acc": v + 0.01, "bn/conv2/dropout_var_shift": 0.8,
+                               "bn/dense1/dropout_var_shift": 0.6})
+    a = analyse_dir("dropout", root)
+    gain, inter = a.comparisons.to_dict("records")
+    with_bn = ("before_relu", "before_classifier")
+    d, lo, hi, _ = welch_by_hand(acc[(*with_bn, 0.5)], acc[(*with_bn, 0.0)])
+    assert (gain["estimate"], gain["ci_low"], gain["ci_high"]) == pytest.approx((d, lo, hi))
+    assert gain["verdict"] == "supported"  # the gain's interval lies below the 0.005 margin
+    groups = [np.array(acc[k]) for k in [("before_relu", "after_block", 0.5), ("before_relu", "before_classifier", 0.5),
+                                         ("none", "after_block", 0.5), ("none", "before_classifier", 0.5)]]
+    ref = analysis.welch_contrast(groups, [1, -1, -1, 1])
+    means = [np.mean(g) for g in groups]
+    assert inter["estimate"] == pytest.approx(means[0] - means[1] - means[2] + means[3])
+    assert (inter["ci_low"], inter["ci_high"]) == pytest.approx((ref["ci_low"], ref["ci_high"]))
+    assert inter["verdict"] == "supported" and a.verdict == "supported"
+    shift = a.summary.query("metric == 'bn/*/dropout_var_shift'")["mean"]
+    assert shift.tolist() == pytest.approx([0.7] * len(shift))  # mean over the BN layers
+    gap = a.summary.query("metric == 'gen_gap'")["mean"]
+    assert gap.tolist() == pytest.approx([0.01] * len(gap))
+
+
+def test_smoothness_mean_over_training_is_compared_per_learning_rate(tmp_path):
+    root = tmp_path / "runs"
+    for lr in (0.01, 0.1):
+        for seed in range(3):
+            for norm, level in [("before_relu", 1.0), ("none", 5.0)]:
+                recs = [{"step": s, "epoch": s / 30, "smooth/beta_eff": level * lr * 10 + seed / 100 + s / 10,
+                         "smooth/loss_range": level, "smooth/grad_pred": level} for s in (10, 20, 30)]
+                write_run(root, study="smoothness", norm=norm, seed=seed, lr=lr, summary={"test/acc": 0.9},
+                          records=recs)
+    a = analyse_dir("smoothness", root)
+    beta = a.comparisons[a.comparisons["metric"] == "mean(smooth/beta_eff)"]
+    assert sorted(beta["context"]) == ["lr=0.01", "lr=0.1"]
+    frame = a.frames["mean(smooth/beta_eff)"][0]
+    one = frame[(frame["model.norm"] == "none") & (frame["optimizer.lr"] == 0.1) & (frame["seed"] == 2)]
+    assert one["mean(smooth/beta_eff)"].item() == pytest.approx(np.mean([5 + 2 / 100 + s / 10 for s in (10, 20, 30)]))
+    row = beta[beta["context"] == "lr=0.1"].iloc[0]
+    assert row["estimate"] == pytest.approx(1.0 - 5.0)
+    # zero spread in loss_range: the interval collapses to the difference, stated in the note
+    lr_row = a.comparisons[a.comparisons["metric"] == "mean(smooth/loss_range)"].iloc[0]
+    assert lr_row["ci_low"] == lr_row["ci_high"] == pytest.approx(-4.0) and lr_row["note"]
+    assert a.verdict == "supported"
+
+
+def test_epochs_to_target_reads_the_learning_curves(tmp_path):
+    root = tmp_path / "runs"
+    for norm in ("before_relu", "none"):
+        for seed in range(2):
+            accs = [0.95, 0.975, 0.99] if norm == "before_relu" else [0.9, 0.93, 0.96]
+            recs = [{"step": 10 * e, "epoch": float(e), "test/acc": acc} for e, acc in zip((1, 2, 3), accs)]
+            write_run(root, norm=norm, seed=seed, summary={"test/acc": accs[-1]}, records=recs)
+    a = analyse_dir("placement", root)
+    e = a.summary.query("metric == 'epochs_to_target'").set_index("model.norm")
+    assert (e.loc["before_relu", "mean"], e.loc["before_relu", "n"]) == (2.0, 2)
+    assert e.loc["none", "n"] == 0  # never reached 0.97: not averaged in
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_writes_every_output(tmp_path, capsys):
+    root = placement_runs(tmp_path / "outputs" / "placement")
+    out = tmp_path / "results"
+    report.main(["placement", "--out-dir", str(tmp_path / "outputs"), "--out", str(out), "--data-note", "synthetic"])
+    assert "placement: supported" in capsys.readouterr().out
+    for name in ("summary.csv", "runs.csv", "comparisons.csv", "table.md", "table.tex", "README.md",
+                 "test_acc_by_norm.png", "test_acc_by_norm.svg", "learning_curves_test_acc.png"):
+        assert (out / name).is_file(), name
+    summary = pd.read_csv(out / "summary.csv")
+    row = summary[(summary["metric"] == "test/acc") & (summary["model.norm"] == "none")].iloc[0]
+    half = T975_DF2 * 0.02 / math.sqrt(3)
+    assert (row["mean"], row["ci_low"], row["ci_high"]) == pytest.approx((0.82, 0.82 - half, 0.82 + half))
+    text = (out / "README.md").read_text()
+    assert "## Verdict: **supported**" in text and "Welch" in text and "synthetic" in text
+    assert f"--out-dir {tmp_path / 'outputs'}" in text and "abc1234" in text
+    assert "not the official mnist split" in text
+    assert "\\begin{tabular}" in (out / "table.tex").read_text()
+    assert root.is_dir()
+
+
+def test_cli_rejects_unknown_study_and_missing_runs(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        report.main(["no_such_study", "--out-dir", str(tmp_path)])
+    assert e.value.code == 2
+    assert "unknown study 'no_such_study'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        report.main(["placement", "--runs", str(tmp_path / "nothing")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "no runs directory" in err and "experiment=placement" in err
+
+
+def test_cli_fails_clearly_when_nothing_finished(tmp_path, capsys):
+    root = tmp_path / "runs"
+    write_run(root, status="running")
+    with pytest.raises(SystemExit):
+        report.main(["placement", "--runs", str(root), "--out", str(tmp_path / "out")])
+    assert "none of the 1 run(s)" in capsys.readouterr().err
+
+
+def test_wandb_failure_is_a_clear_error(monkeypatch):
+    wandb = pytest.importorskip("wandb")
+
+    def no_network(*a, **k):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(wandb, "Api", no_network)
+    with pytest.raises(analysis.ReportError, match="could not read wandb runs.*--source local"):
+        analysis.load_wandb("me", "bnstudy", "placement")
+
+
+def test_report_module_does_not_import_the_training_stack():
+    code = (
+        "import sys, bnstudy.report, bnstudy.analysis; "
+        "bad = {'jax', 'flax', 'hydra', 'tensorflow_datasets', 'tensorflow', 'wandb', 'bnstudy.train'} "
+        "& set(sys.modules); "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_final_metric_missing_from_the_summary_is_read_from_the_last_logged_record(tmp_path):
+    root = tmp_path / "runs"
+    for bs, kl in [(2, [0.30, 0.32, 0.31]), (128, [0.010, 0.012, 0.011])]:
+        for seed, v in enumerate(kl):
+            recs = [{"step": 5, "epoch": 0.5, "disc/kl": 9.0},
+                    {"step": 10, "epoch": 1.0, "disc/kl": v, "test/acc": 0.9}]
+            write_run(root, study="batch_size", batch_size=bs, seed=seed, summary={"test/acc": 0.9}, records=recs)
+    a = analyse_dir("batch_size", root)
+    kl = a.summary.query("metric == 'disc/kl'").set_index("train.batch_size")["mean"]
+    assert kl.to_dict() == pytest.approx({2: 0.31, 128: 0.011})
+    assert list(a.comparisons["verdict"]) == ["supported"]
+    assert "disc/acc_gap" in a.missing  # named by the study, logged by no run
