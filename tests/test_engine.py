@@ -126,3 +126,12 @@ def test_auto_pack_size_follows_measured_device_memory(arrays, monkeypatch):
         sizes[gib] = train.resolve_pack_size("auto", 10_000, pt)
     assert 1 <= sizes[1] < sizes[4] <= train.ACCELERATOR_PACK_CAP
     assert train.resolve_pack_size("auto", 3, pt) <= 3
+
+
+def test_later_packs_of_the_same_shape_reuse_the_compiled_programs(arrays):
+    pt = trainer.PackTrainer(cnn_program(), arrays, SCHEDULE)
+    pt.train(hparams([{"seed": 0}]), lambda *a: None)
+    programs = dict(pt._compiled)
+    pt.train(hparams([{"seed": 1}]), lambda *a: None)
+    assert pt._compiled.keys() == programs.keys()
+    assert all(pt._compiled[k] is programs[k] for k in programs)
