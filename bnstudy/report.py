@@ -291,8 +291,7 @@ def facts(a: Analysis) -> list[str]:
 
     lines = [
         f"- dataset `{a.dataset}`; examples used per run (train / test): "
-        f"{values('num_train', done)} / {values('num_test', done)}"
-        + (f"; TFDS data_dir: {values('dataset.data_dir')}" if "dataset.data_dir" in r else ""),
+        f"{values('num_train', done)} / {values('num_test', done)}",
     ]
     official = OFFICIAL_SPLITS.get(a.dataset)
     sizes = done.reindex(columns=["num_train", "num_test"]).dropna().astype(int)
@@ -329,9 +328,12 @@ def train_command(a: Analysis) -> str:
         parts.append(f"dataset={a.dataset}")
     if "quick" in str(a.spec.get("variant", "")):
         parts.append("+preset=quick")
-    data_dirs = a.runs["dataset.data_dir"].dropna().unique() if "dataset.data_dir" in a.runs else []
-    if len(data_dirs) == 1:
-        parts.append(f"dataset.data_dir={data_dirs[0]}")
+    epochs = a.runs["train.epochs"].dropna().unique() if "train.epochs" in a.runs else []
+    if len(epochs) == 1:  # explicit, since a grid may have been run with fewer epochs than its file says
+        parts.append(f"train.epochs={int(epochs[0])}")
+    if "dataset.data_dir" in a.runs and a.runs["dataset.data_dir"].notna().any():
+        # The reader's own prepared TFDS folder; the path on the machine that trained is not theirs.
+        return shlex.join(parts) + " dataset.data_dir=$DATA_DIR"
     return shlex.join(parts)
 
 
@@ -423,7 +425,8 @@ def write_report(a: Analysis, runs: Runs, out: Path, command: str, data_note: st
     out.mkdir(parents=True, exist_ok=True)
     a.summary[["table", *a.summary.columns.drop("table")]].to_csv(out / "summary.csv", index=False)
     a.comparisons.to_csv(out / "comparisons.csv", index=False)
-    a.runs.to_csv(out / "runs.csv", index=False)
+    # data_dir is a path on the machine that trained, meaningless to a reader.
+    a.runs.drop(columns=["dataset.data_dir"], errors="ignore").to_csv(out / "runs.csv", index=False)
     tables = wide_tables(a)
     comp = comparison_table(a)
     md = [f"## {kind}\n\n{t.to_markdown(index=False)}\n" for kind, t in tables.items()]
