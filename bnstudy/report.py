@@ -207,16 +207,20 @@ def figure_xy(a: Analysis, f: dict, out: Path) -> list[str]:
                 artist.set_transform(dodge)
         if f.get("logx") and not categorical:
             ax.set_xscale("log")
-        if f.get("logy"):
-            ax.set_yscale("log")
-        ax.set_xlabel(LABELS.get(x, x))
         interval = "95% exact binomial interval" if f["y"] == "diverged" else "mean, 95% t-interval over seeds"
-        ax.set_ylabel(f"{LABELS.get(f['y'], f['y'])}\n({interval})")
-        ax.set_title(title, fontsize=9)
-        if keys:
-            ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
+        _finish_axes(ax, f, LABELS.get(x, x), f"{LABELS.get(f['y'], f['y'])}\n({interval})", title, bool(keys))
     return _save(fig, out, f["name"])
+
+
+def _finish_axes(ax, f: dict, xlabel: str, ylabel: str, title: str, legend: bool) -> None:
+    if f.get("logy"):
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    if legend:
+        ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
 
 
 def figure_curve(a: Analysis, runs: Runs, f: dict, out: Path) -> list[str]:
@@ -239,14 +243,8 @@ def figure_curve(a: Analysis, runs: Runs, f: dict, out: Path) -> list[str]:
             marker = "." if len(line) < 30 else None
             (handle,) = ax.plot(line[x], line["mean"], marker=marker, label=_line_label(keys, value))
             ax.fill_between(line[x], line["lo"], line["hi"], alpha=0.2, color=handle.get_color())
-        if f.get("logy"):
-            ax.set_yscale("log")
-        ax.set_xlabel(LABELS.get(x, x))
-        ax.set_ylabel(f"{LABELS.get(f['curve'], f['curve'])}\n(mean, 95% t-band over seeds)")
-        ax.set_title(title, fontsize=9)
-        if keys:
-            ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
+        ylabel = f"{LABELS.get(f['curve'], f['curve'])}\n(mean, 95% t-band over seeds)"
+        _finish_axes(ax, f, LABELS.get(x, x), ylabel, title, bool(keys))
     return _save(fig, out, f["name"])
 
 
