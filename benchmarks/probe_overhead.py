@@ -17,7 +17,7 @@ probe call against one train step, with the step sizes vmapped and unrolled.
 Only the core is needed. Data: random MNIST-shaped uint8 images (--train/--test examples), or, with
 --data-dir, a prepared TFDS `mnist` folder read through bnstudy.data (needs tensorflow-datasets).
 
-    python benchmarks/probe_overhead.py --data-dir /tmp/tfds --epochs 2 --repeats 2 --out overhead.json
+    python benchmarks/probe_overhead.py --data-dir DATA_DIR --epochs 2 --repeats 2 --out overhead.json
     python benchmarks/probe_overhead.py --train 60000 --test 10000 --epochs 1 --repeats 1
 """
 
