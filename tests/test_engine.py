@@ -135,3 +135,15 @@ def test_later_packs_of_the_same_shape_reuse_the_compiled_programs(arrays):
     pt.train(hparams([{"seed": 1}]), lambda *a: None)
     assert pt._compiled.keys() == programs.keys()
     assert all(pt._compiled[k] is programs[k] for k in programs)
+
+
+def test_core_imports_none_of_the_app_stack():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, bnstudy.models, bnstudy.engine, bnstudy.trainer, bnstudy.metrics; "
+        "bad = {'hydra', 'omegaconf', 'wandb', 'tensorflow_datasets', 'tensorflow', 'tqdm'} & set(sys.modules); "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
