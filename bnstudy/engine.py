@@ -200,15 +200,6 @@ def train_step(program: Program, state: TrainState, hp: HParams, data: ArrayData
     return new_state, metrics
 
 
-def train_epoch_scan(program: Program, state: TrainState, hp: HParams, data: ArrayData, perm, num_steps: int):
-    """A whole epoch as one `lax.scan` (fast on GPU; slow on XLA:CPU, where a Python loop wins)."""
-
-    def body(s, i):
-        return train_step(program, s, hp, data, perm, i)
-
-    return jax.lax.scan(body, state, jnp.arange(num_steps))
-
-
 def epoch_permutation(seed: jax.Array, epoch: jax.Array, num_examples: int) -> jax.Array:
     """This run's order of the training set in `epoch`, from its own seed."""
     return jax.random.permutation(jax.random.fold_in(run_key(seed, STREAM_DATA), epoch), num_examples)
