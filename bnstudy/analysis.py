@@ -36,8 +36,10 @@ import pandas as pd
 import yaml
 from scipy import stats
 
+from bnstudy import config_tree
+
 REPO = Path(__file__).resolve().parent.parent
-EXPERIMENTS_DIR = REPO / "configs" / "experiment"
+EXPERIMENTS_DIR = config_tree.experiments_dir()
 CONFIDENCE = 0.95
 FINISHED = ("done", "diverged")
 

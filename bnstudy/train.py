@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from omegaconf import DictConfig
 
 from bnstudy import config as config_lib
+from bnstudy import config_tree
 from bnstudy import data as data_lib
 from bnstudy.config import Config, ConfigError
 from bnstudy.engine import HParams, Program
@@ -242,8 +243,10 @@ def run_from_hydra(raw: DictConfig) -> list[dict]:
         sys.exit(2)
 
 
-# An absolute path: works for `python -m bnstudy.train`, the console script and in-process calls alike.
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+# An absolute path: works for `python -m bnstudy.train`, the console script and in-process calls alike,
+# from a checkout or an installed wheel. The schema's defaults and the studies go to Hydra's ConfigStore.
+CONFIG_DIR = str(config_tree.config_dir())
+config_tree.register()
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")

@@ -6,9 +6,11 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from bnstudy import config as config_lib
+from bnstudy import config_tree
 from bnstudy.config import ConfigError
 
-CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
+CONFIGS = str(config_tree.config_dir())
+config_tree.register()
 
 
 def composed(*overrides):

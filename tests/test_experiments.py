@@ -12,9 +12,11 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from bnstudy import config as config_lib
+from bnstudy import config_tree
 from bnstudy import analysis, report
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = config_tree.config_dir()
+config_tree.register()
 STUDIES = ("placement", "learning_rate", "init_scale", "dropout", "batch_size", "smoothness", "cost")
 
 

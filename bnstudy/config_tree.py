@@ -1,0 +1,61 @@
+"""Where the shipped Hydra configs and studies live, and how Hydra finds them.
+
+`configs/` (groups and the main config) and `experiments/` (one file per study) sit at the top of a
+checkout; an installed wheel carries them as `bnstudy/configs/` and `bnstudy/experiments/`
+(pyproject's `package-dir`). `register()` puts two things in Hydra's ConfigStore before composing:
+the typed schema's defaults (`bnstudy_schema`, the only home of every default value) and each study
+as option `experiment=<study>` (so `experiment=NAME` selects `experiments/NAME.yaml` in both layouts).
+Hydra is imported only inside `register()`, so the report can locate the studies without it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+SCHEMA_NAME = "bnstudy_schema"  # the first entry of configs/config.yaml's defaults list
+EXPERIMENT_GROUP = "experiment"
+
+
+def shipped_dir(name: str) -> Path:
+    """`configs` or `experiments`: inside the installed package, else beside it in a checkout."""
+    for candidate in (PACKAGE_DIR / name, PACKAGE_DIR.parent / name):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError(f"bnstudy's {name}/ folder is missing: looked in {PACKAGE_DIR} and {PACKAGE_DIR.parent}")
+
+
+def config_dir() -> Path:
+    return shipped_dir("configs")
+
+
+def experiments_dir() -> Path:
+    return shipped_dir("experiments")
+
+
+def study_files(directory: Path | None = None) -> dict[str, Path]:
+    """Study name -> its experiment file."""
+    directory = directory or experiments_dir()
+    return {p.stem: p for p in sorted(directory.glob("*.yaml"))}
+
+
+def schema_defaults() -> dict:
+    """Every key of the typed schema with its default, untyped, so that `bnstudy.config.parse` (not
+    Hydra's merge) is what checks the values and words the errors."""
+    from omegaconf import OmegaConf
+
+    from bnstudy.config import Config
+
+    return OmegaConf.to_container(OmegaConf.structured(Config))
+
+
+def register() -> None:
+    """Store the schema's defaults and every study in Hydra's ConfigStore (idempotent)."""
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    store = ConfigStore.instance()
+    store.store(name=SCHEMA_NAME, node=schema_defaults())
+    for study, path in study_files().items():
+        # The files start with `# @package _global_`; a stored node states its package here instead.
+        store.store(group=EXPERIMENT_GROUP, name=study, node=OmegaConf.load(path), package="_global_")
