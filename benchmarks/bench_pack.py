@@ -48,9 +48,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -98,7 +99,10 @@ def make_data(num_train: int, seed: int = 0) -> ArrayData:
 
 
 def make_program() -> Program:
-    model = build_model("cnn", norm="before_relu", num_classes=NUM_CLASSES)
+    model = build_model(
+        "cnn", norm="before_relu", num_classes=NUM_CLASSES, dropout_placement="none", bn_momentum=0.9, bn_epsilon=1e-5,
+        width=1.0,
+    )
     return Program(model=model, optimizer="sgd", momentum=0.9, batch_size=BATCH, input_mean=MNIST_MEAN, input_std=MNIST_STD)
 
 
@@ -112,7 +116,10 @@ def hparam_rows(k: int, offset: int = 0) -> list[dict]:
 
 
 def make_schedule(steps: int, loop: str) -> Schedule:
-    return Schedule(epochs=1, eval_every=0, log_every=steps, eval_batch_size=TEST_EXAMPLES, loop=loop, max_steps_per_epoch=steps)
+    return Schedule(
+        epochs=1, eval_every=0, log_every=steps, eval_batch_size=TEST_EXAMPLES, loop=loop, max_steps_per_epoch=steps,
+        probe_every=0, probe_multipliers=(), discrepancy=False, population_batches=1, discrepancy_train_subset=0,
+    )
 
 
 def machine_info() -> dict[str, Any]:
@@ -265,19 +272,21 @@ def pack1_compiled_variant(program, data, steps, loop: str) -> Variant:
         trainer = PackTrainer(program, data, make_schedule(steps, loop))
         hp = HParams.stack(hparam_rows(1))
         state, compile_s = trainer.compile(hp)
-        st.update(trainer=trainer, hp=hp, state=state, perm=trainer.perm_fn(hp.seed, 0, trainer.num_train))
+        perm = trainer.permutation(hp, 0)
+        program_of_loop = trainer.compiled_epoch if loop == "scan" else trainer.compiled_step
+        st.update(trainer=trainer, hp=hp, state=state, perm=perm, compiled=program_of_loop(state, hp, perm))
         return compile_s
 
     def run():
-        tr, hp, perm = st["trainer"], st["hp"], st["perm"]
+        compiled, hp, perm = st["compiled"], st["hp"], st["perm"]
         state = st["state"]
         t0 = time.perf_counter()
         if loop == "scan":
-            state, metrics = tr.epoch_c(state, hp, data, perm)
+            state, metrics = compiled(state, hp, data, perm)
             jax.block_until_ready((state, metrics))
         else:
             for i in range(steps):
-                state, _ = tr.step_c(state, hp, data, perm, jnp.int32(i))
+                state, _ = compiled(state, hp, data, perm, jnp.int32(i))
             jax.block_until_ready(state)
         st["state"] = state
         return time.perf_counter() - t0
@@ -507,12 +516,13 @@ def compile_programs(k: int, steps: int) -> dict[str, dict[str, float]]:
         out[name] = {"lower_s": t1 - t0, "compile_s": time.perf_counter() - t1}
         return compiled
 
-    state = timed("init", trainer.init_fn, hp)(hp)
-    perm = trainer.perm_fn(hp.seed, 0, trainer.num_train)
-    timed("step", trainer.step_fn, state, hp, data, perm, jnp.int32(0))
-    timed("epoch_scan", trainer.epoch_fn, state, hp, data, perm)
-    images, labels, mask = (a[0] for a in trainer._eval_batches)
-    timed("eval", trainer.eval_fn, state.params, state.batch_stats, images, labels, mask)
+    programs = trainer.programs
+    state = timed("init", programs.init, hp)(hp)
+    perm = trainer.permutation(hp, 0)
+    timed("step", programs.step, state, hp, data, perm, jnp.int32(0))
+    timed("epoch_scan", programs.epoch, state, hp, data, perm)
+    images, labels, mask = (a[0] for a in trainer.evaluator.running_batches["test"])
+    timed("eval", trainer.evaluator.programs.sums, state.params, state.batch_stats, images, labels, mask)
     return out
 
 

@@ -24,7 +24,6 @@ Only the core is needed. Data: random MNIST-shaped uint8 images (--train/--test 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
@@ -79,17 +78,27 @@ def time_calls(fn, n: int) -> float:
     return statistics.median(times)
 
 
+def schedule(**kw) -> Schedule:
+    """The app's default schedule (configs + bnstudy/config.py), written out: benchmarks run on bare JAX."""
+    base = dict(
+        epochs=1, eval_every=1, log_every=50, eval_batch_size=1000, loop="auto", max_steps_per_epoch=None,
+        probe_every=0, probe_multipliers=(0.5, 1.0, 2.0, 4.0), discrepancy=False, population_batches=20,
+        discrepancy_train_subset=0,
+    )
+    return Schedule(**{**base, **kw})
+
+
 def probe_vs_step(program: Program, data: ArrayData, hp: HParams, n: int) -> dict:
     """Seconds of one train step and of one probe (4 step sizes, vmapped and unrolled), pack of one."""
-    trainer = PackTrainer(program, data, Schedule(epochs=1))
+    trainer = PackTrainer(program, data, schedule(epochs=1))
     state, _ = trainer.compile(hp)
-    perm = trainer.perm_fn(hp.seed, 0, trainer.num_train)
+    perm = trainer.permutation(hp, 0)
     step = jax.jit(jax.vmap(partial(engine.train_step, program), in_axes=(0, 0, None, 0, None)))  # no donation
     out = {"step_s": time_calls(lambda: step(state, hp, data, perm, jnp.int32(0))[1], n)}
     for name, vectorize in (("probe_vmap_s", True), ("probe_unrolled_s", False)):
         probe = partial(metrics.smoothness_probe, program, (0.5, 1.0, 2.0, 4.0), vectorize)
         fn = jax.jit(jax.vmap(probe, in_axes=(0, 0, None, 0, None)))
-        out[name] = time_calls(lambda: fn(state, hp, data, perm, jnp.int32(0)), n)
+        out[name] = time_calls(lambda fn=fn: fn(state, hp, data, perm, jnp.int32(0)), n)
     return out
 
 
@@ -113,7 +122,9 @@ def main() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
     data, source = load_data(args)
-    model = build_model("cnn", norm="before_relu")
+    model = build_model(
+        "cnn", norm="before_relu", num_classes=10, dropout_placement="none", bn_momentum=0.9, bn_epsilon=1e-5, width=1.0
+    )
     program = Program(model=model, optimizer="sgd", momentum=0.9, batch_size=128, input_mean=MNIST_MEAN,
                       input_std=MNIST_STD)
     hp = HParams.stack([dict(lr=0.1, weight_decay=0.0, init_scale=1.0, dropout_rate=0.0, seed=0)])
@@ -125,7 +136,7 @@ def main() -> None:
 
     chosen = {k: v for k, v in variants(args).items() if k in args.variants.split(",")}
     trainers = {
-        name: PackTrainer(program, data, Schedule(epochs=args.epochs, eval_every=1, log_every=50, **kw))
+        name: PackTrainer(program, data, schedule(epochs=args.epochs, **kw))
         for name, kw in chosen.items()
     }
     runs = {name: [] for name in chosen}

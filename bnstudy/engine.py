@@ -74,21 +74,19 @@ def run_key(seed: jax.Array, stream: int) -> jax.Array:
     return jax.random.fold_in(jax.random.key(seed), stream)
 
 
-def _sgd(learning_rate, weight_decay, momentum):
-    # Coupled L2 (added to the gradient before momentum), as in torch.optim.SGD.
-    return optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(learning_rate, momentum=momentum or None))
-
-
-def _adam(learning_rate, weight_decay):
-    return optax.adamw(learning_rate, weight_decay=weight_decay)
-
-
 def make_optimizer(program: Program, lr, weight_decay) -> optax.GradientTransformation:
-    """An optimizer whose lr and weight decay live in its state, so they can differ across a pack."""
+    """The optimizer of one run, built from its (traced) lr and weight decay.
+
+    `train_step` rebuilds it from `hp` at every step, so `hp.lr` is the one source of the learning
+    rate: the value logged, the value that scales the probes and the value the update uses. The
+    optimizer state holds only what the update accumulates (momentum, Adam's moments), never the lr.
+    """
     if program.optimizer == "sgd":
-        return optax.inject_hyperparams(_sgd, static_args=("momentum",))(lr, weight_decay, program.momentum)
+        # Coupled L2 (added to the gradient before momentum), as in torch.optim.SGD.
+        momentum = program.momentum or None
+        return optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(lr, momentum=momentum))
     if program.optimizer == "adam":
-        return optax.inject_hyperparams(_adam)(lr, weight_decay)
+        return optax.adamw(lr, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {program.optimizer!r}; expected 'sgd' or 'adam'")
 
 

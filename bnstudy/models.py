@@ -118,14 +118,17 @@ def conv_blocks_from_layout(layout: Sequence[int | str]) -> tuple[tuple[int, boo
 def build_model(
     name: str,
     *,
-    norm: str = "before_relu",
-    num_classes: int = 10,
-    dropout_placement: str = "none",
-    bn_momentum: float = 0.9,
-    bn_epsilon: float = 1e-5,
-    width: float = 1.0,
+    norm: str,
+    num_classes: int,
+    dropout_placement: str,
+    bn_momentum: float,
+    bn_epsilon: float,
+    width: float,
 ) -> nn.Module:
-    """The model named `name` ("cnn" for MNIST, "vgg" for CIFAR-10) with the given BN placement."""
+    """The model named `name` ("cnn" for MNIST, "vgg" for CIFAR-10) with the given BN placement.
+
+    No defaults: the app passes the config's values, whose defaults live in the schema (bnstudy/config.py).
+    """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; expected one of {MODELS}")
     if norm not in NORMS:

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import hydra
 import jax
-import jax.numpy as jnp
 from omegaconf import DictConfig
 
 from bnstudy import config as config_lib
@@ -23,17 +22,13 @@ from bnstudy import data as data_lib
 from bnstudy.config import Config, ConfigError
 from bnstudy.engine import HParams, Program
 from bnstudy.models import build_model
+from bnstudy.pack_size import resolve_pack_size
 from bnstudy.provenance import provenance
 from bnstudy.sinks import RunFolder, RunSinks, WandbRun
 from bnstudy.trainer import PackTrainer, Schedule, summarize_final
 
 log = logging.getLogger("bnstudy")
 
-# Upper bound on models per program on an accelerator; beyond it the returns are small and a
-# failure costs more runs. Memory, measured per model, usually binds first for VGG.
-ACCELERATOR_PACK_CAP = 256
-# Fraction of device memory a pack may plan to use (the rest: data, eval buffers, fragmentation).
-PACK_MEMORY_FRACTION = 0.5
 # Metric families that a diverged run has no final value for (its weights are frozen pre-divergence).
 RESULT_PREFIXES = ("train/", "test/", "train_subset/", "smooth/", "disc/", "bn/")
 
@@ -47,33 +42,6 @@ def enable_compile_cache(cache_dir: str | None) -> None:
     if cache_dir:
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cache_dir))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-
-
-def resolve_pack_size(pack_size, num_runs: int, trainer: PackTrainer | None = None) -> int:
-    """`auto`: 1 on CPU (vmapped convs run slower per model there); on an accelerator as many models as
-    fit in a fraction of device memory, measured from the compiled single-model step."""
-    if pack_size == "auto":
-        if jax.default_backend() == "cpu":
-            pack_size = 1
-        else:
-            pack_size = _models_fitting_in_memory(trainer) if trainer else ACCELERATOR_PACK_CAP
-    return max(1, min(int(pack_size), num_runs))
-
-
-def _models_fitting_in_memory(trainer: PackTrainer) -> int:
-    limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
-    if not limit:
-        return ACCELERATOR_PACK_CAP
-    one = HParams.stack([{f: 0 for f in HParams._fields}])
-    state = jax.eval_shape(trainer.init_fn, one)
-    perm = jax.ShapeDtypeStruct((1, trainer.num_train), jnp.int32)
-    memory = trainer.step_fn.lower(state, one, trainer.data, perm, jnp.int32(0)).compile().memory_analysis()
-    data_bytes = sum(a.nbytes for a in trainer.data)
-    per_model = memory.temp_size_in_bytes + max(memory.argument_size_in_bytes - data_bytes, 0)
-    fitting = int(PACK_MEMORY_FRACTION * (limit - data_bytes) // max(per_model, 1))
-    log.info("pack_size=auto: %.0f MB per model, %d fit in %.0f%% of device memory",
-             per_model / 2**20, fitting, 100 * PACK_MEMORY_FRACTION)
-    return max(1, min(fitting, ACCELERATOR_PACK_CAP))
 
 
 def build_program(cfg: Config, dataset: data_lib.Dataset) -> Program:
@@ -185,7 +153,7 @@ def train_pack(trainer: PackTrainer, runs: list[Config], pack_size: int, pack_in
             s.finish({"status": "failed", "error": f"{type(e).__name__}: {e}"})
         raise
     summaries = []
-    for k, (sink, final) in enumerate(zip(sinks, summarize_final(result))):
+    for sink, final in zip(sinks, summarize_final(result)):
         if final["status"] == "diverged":
             final = {key: (None if key.startswith(RESULT_PREFIXES) else v) for key, v in final.items()}
         summary = {

@@ -44,8 +44,28 @@ def make_arrays(n_train=256, n_test=64, shape=(28, 28, 1), seed=0) -> engine.Arr
     return engine.ArrayData(jnp.asarray(a), jnp.asarray(b), jnp.asarray(c), jnp.asarray(d))
 
 
+# The model settings the tests use (bnstudy's own defaults live in the config schema alone).
+MODEL_KW = dict(norm="before_relu", num_classes=10, dropout_placement="none", bn_momentum=0.9, bn_epsilon=1e-5, width=1.0)
+
+# A short schedule for core tests; each test overrides what it is about with `schedule(...)`.
+SCHEDULE_KW = dict(
+    epochs=1, eval_every=1, log_every=50, eval_batch_size=64, loop="auto", max_steps_per_epoch=None, probe_every=0,
+    probe_multipliers=(0.5, 1.0, 2.0, 4.0), discrepancy=False, population_batches=20, discrepancy_train_subset=0,
+)
+
+
+def build_model(name="cnn", **kw):
+    return models.build_model(name, **{**MODEL_KW, **kw})
+
+
+def schedule(**kw):
+    from bnstudy import trainer
+
+    return trainer.Schedule(**{**SCHEDULE_KW, **kw})
+
+
 def cnn_program(norm="before_relu", batch_size=32, dropout_placement="none", **kw) -> engine.Program:
-    model = models.build_model("cnn", norm=norm, dropout_placement=dropout_placement)
+    model = build_model("cnn", norm=norm, dropout_placement=dropout_placement)
     return engine.Program(model=model, batch_size=batch_size, input_mean=(0.13,), input_std=(0.31,), **kw)
 
 

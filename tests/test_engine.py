@@ -1,85 +1,10 @@
-"""Training is reproducible, divergence is a result, and a pack trains each model exactly as alone."""
+"""The pure per-model functions: augmentation, the optimizer update, and a core free of the app stack."""
+
+from functools import partial
 
 import numpy as np
-import pytest
 
-from bnstudy import trainer
 from conftest import cnn_program, hparams
-
-SCHEDULE = trainer.Schedule(epochs=2, log_every=1, max_steps_per_epoch=4, eval_batch_size=64)
-
-
-def train(arrays, rows, norm="before_relu", schedule=SCHEDULE, **program_kw):
-    """Train a pack; returns the result and per-step logs as {key: [steps, K]}."""
-    logs = []
-    pt = trainer.PackTrainer(cnn_program(norm, **program_kw), arrays, schedule)
-    result = pt.train(hparams(rows), lambda step, epoch, m: logs.append(m) if "train/loss" in m else None)
-    stacked = {k: np.stack([m[k] for m in logs]) for k in ("train/loss", "train/acc")}
-    return result, stacked
-
-
-def test_same_seed_same_numbers_different_seed_different(arrays):
-    _, a = train(arrays, [{"seed": 1}])
-    _, b = train(arrays, [{"seed": 1}])
-    _, c = train(arrays, [{"seed": 2}])
-    np.testing.assert_array_equal(a["train/loss"], b["train/loss"])
-    assert not np.allclose(a["train/loss"], c["train/loss"])
-
-
-def test_model_learns_the_synthetic_task(arrays):
-    schedule = trainer.Schedule(epochs=3, log_every=8, eval_batch_size=64)
-    result, logs = train(arrays, [{"lr": 0.05}], schedule=schedule)
-    assert logs["train/loss"][-1, 0] < 0.5 * logs["train/loss"][0, 0]
-    assert result.final["test/acc"][0] > 0.5
-
-
-def test_huge_lr_diverges_as_a_result_and_freezes(arrays):
-    result, _ = train(arrays, [{"lr": 1e6}], norm="none")
-    assert result.diverged_step[0] >= 0
-    summary = trainer.summarize_final(result)[0]
-    assert summary["status"] == "diverged"
-    # Frozen at the last finite parameters: nothing non-finite leaks into the state.
-    import jax
-
-    assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(result.state.params))
-
-
-# vmap turns the convs into grouped convs, so a pack is not bitwise equal to solo training on XLA:CPU;
-# losses agree to float32 round-off accumulated over the steps.
-PACK_RTOL = 2e-4
-
-
-def test_pack_of_three_matches_each_model_trained_alone(arrays):
-    rows = [{"lr": 0.02, "seed": 0}, {"lr": 0.05, "seed": 1}, {"lr": 0.1, "seed": 2, "init_scale": 0.5}]
-    packed, packed_logs = train(arrays, rows)
-    for k, row in enumerate(rows):
-        alone, alone_logs = train(arrays, [row])
-        np.testing.assert_allclose(packed_logs["train/loss"][:, k], alone_logs["train/loss"][:, 0], rtol=PACK_RTOL)
-        np.testing.assert_allclose(packed.final["test/loss"][k], alone.final["test/loss"][0], rtol=PACK_RTOL)
-        assert packed.final["test/acc"][k] == pytest.approx(alone.final["test/acc"][0], abs=1.5 / 64)
-
-
-def test_diverging_member_does_not_disturb_the_rest_of_its_pack(arrays):
-    rows = [{"lr": 0.05, "seed": 0}, {"lr": 1e6, "seed": 0}]
-    packed, packed_logs = train(arrays, rows, norm="none")
-    alone, alone_logs = train(arrays, rows[:1], norm="none")
-    assert packed.diverged_step.tolist()[0] == -1 and packed.diverged_step[1] >= 0
-    np.testing.assert_allclose(packed_logs["train/loss"][:, 0], alone_logs["train/loss"][:, 0], rtol=PACK_RTOL)
-
-
-def test_scan_loop_matches_python_loop(arrays):
-    rows = [{"lr": 0.05, "seed": 3, "dropout_rate": 0.2}]
-    kw = dict(dropout_placement="after_block")
-    py, py_logs = train(arrays, rows, schedule=SCHEDULE, **kw)
-    scan_schedule = trainer.Schedule(**{**SCHEDULE.__dict__, "loop": "scan"})
-    sc, sc_logs = train(arrays, rows, schedule=scan_schedule, **kw)
-    np.testing.assert_allclose(sc_logs["train/loss"], py_logs["train/loss"], rtol=1e-5)
-    np.testing.assert_allclose(sc.final["test/loss"], py.final["test/loss"], rtol=1e-5)
-
-
-def test_batch_larger_than_training_set_is_refused(arrays):
-    with pytest.raises(ValueError, match="exceeds"):
-        trainer.PackTrainer(cnn_program(batch_size=10_000), arrays, SCHEDULE)
 
 
 def test_cifar_augmentation_is_a_padded_crop_or_its_mirror():
@@ -103,47 +28,56 @@ def test_cifar_augmentation_is_a_padded_crop_or_its_mirror():
     assert out.shape == images.shape and jnp.asarray(out).dtype == images.dtype
 
 
-def test_auto_pack_size_follows_measured_device_memory(arrays, monkeypatch):
-    import jax
-
-    from bnstudy import train
-
-    pt = trainer.PackTrainer(cnn_program(batch_size=32), arrays, SCHEDULE)
-    assert train.resolve_pack_size("auto", 50, pt) == 1  # CPU: one model per program
-    assert train.resolve_pack_size(8, 5, pt) == 5  # never more than the runs
-
-    class FakeAccelerator:
-        def __init__(self, limit):
-            self.limit = limit
-
-        def memory_stats(self):
-            return {"bytes_limit": self.limit}
-
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    sizes = {}
-    for gib in (1, 4):
-        monkeypatch.setattr(jax, "devices", lambda *a, gib=gib: [FakeAccelerator(gib * 2**30)])
-        sizes[gib] = train.resolve_pack_size("auto", 10_000, pt)
-    assert 1 <= sizes[1] < sizes[4] <= train.ACCELERATOR_PACK_CAP
-    assert train.resolve_pack_size("auto", 3, pt) <= 3
-
-
-def test_later_packs_of_the_same_shape_reuse_the_compiled_programs(arrays):
-    pt = trainer.PackTrainer(cnn_program(), arrays, SCHEDULE)
-    pt.train(hparams([{"seed": 0}]), lambda *a: None)
-    programs = dict(pt._compiled)
-    pt.train(hparams([{"seed": 1}]), lambda *a: None)
-    assert pt._compiled.keys() == programs.keys()
-    assert all(pt._compiled[k] is programs[k] for k in programs)
-
-
 def test_core_imports_none_of_the_app_stack():
     import subprocess
     import sys
 
     code = (
-        "import sys, bnstudy.models, bnstudy.engine, bnstudy.trainer, bnstudy.metrics; "
+        "import sys, bnstudy.models, bnstudy.engine, bnstudy.trainer, bnstudy.evaluate, bnstudy.metrics, bnstudy.pack_size; "
         "bad = {'hydra', 'omegaconf', 'wandb', 'tensorflow_datasets', 'tensorflow', 'tqdm'} & set(sys.modules); "
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def member(tree, k):
+    """Run k of a pack's tree."""
+    import jax
+
+    return jax.tree.map(lambda a: a[k], tree)
+
+
+def first_sgd_update_by_hand(program, state, hp, data, perm):
+    """p0 - lr * (g + wd * p0): SGD's first step (the momentum buffer starts at the gradient)."""
+    import jax
+
+    from bnstudy import engine
+
+    x, labels, key = engine.step_inputs(program, state, hp, data, perm, 0)
+    loss = lambda p: engine.forward_train(program, p, state.batch_stats, x, labels, 0.0, key)[0]
+    grads = jax.grad(loss)(state.params)
+    return jax.tree.map(lambda p, g: p - hp.lr * (g + hp.weight_decay * p), state.params, grads)
+
+
+def test_the_update_uses_hp_lr_exactly_as_sgd_says(arrays):
+    """Each lr of a pack moves its model as SGD says, with the lr of the step's hp, not the one the state
+    was initialized with."""
+    import jax
+    import jax.numpy as jnp
+
+    from bnstudy import engine
+
+    program = cnn_program(norm="none")
+    hp = hparams([{"lr": 0.01, "weight_decay": 0.1}, {"lr": 0.3, "weight_decay": 0.1}])
+    hp = hp._replace(seed=jnp.zeros_like(hp.seed))  # same init and batch, only the lr differs
+    init_hp = hp._replace(lr=jnp.full_like(hp.lr, 0.05))
+    state = jax.vmap(lambda h: engine.init_state(program, arrays.train_images.shape[1:], h))(init_hp)
+    perm = jnp.stack([jnp.arange(arrays.train_images.shape[0])] * 2)
+    new, _ = jax.vmap(partial(engine.train_step, program), in_axes=(0, 0, None, 0, None))(state, hp, arrays, perm, 0)
+    for k in range(2):
+        expected = first_sgd_update_by_hand(program, member(state, k), member(hp, k), arrays, perm[k])
+        for e, g in zip(jax.tree.leaves(expected), jax.tree.leaves(member(new.params, k)), strict=True):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-5, atol=1e-7)
+    moved = [jax.tree.leaves(member(new.params, k))[0] - jax.tree.leaves(member(state.params, k))[0] for k in range(2)]
+    ratio = np.asarray(moved[1]) / np.asarray(moved[0])
+    np.testing.assert_allclose(ratio[np.isfinite(ratio)], 30.0, rtol=1e-3)  # the step scales with hp.lr alone

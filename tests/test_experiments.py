@@ -4,16 +4,14 @@ and every job of its sweep passes validation; one quick study runs end to end th
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
+from bnstudy import analysis, config_tree, report
 from bnstudy import config as config_lib
-from bnstudy import config_tree
-from bnstudy import analysis, report
 
 CONFIGS = config_tree.config_dir()
 config_tree.register()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from bnstudy import engine, metrics, models, trainer
-from conftest import cnn_program, hparams, make_arrays
+from conftest import cnn_program, hparams, make_arrays, schedule
 
 SHAPE = (10, 10, 1)  # small images: these tests are about exactness, not accuracy
 
@@ -65,15 +65,16 @@ def probes_of(logs):
 
 
 def test_python_loop_probe_leaves_params_opt_state_and_running_stats_bit_identical():
-    schedule = trainer.Schedule(epochs=1, log_every=1, max_steps_per_epoch=3, eval_batch_size=24, loop="python",
-                                probe_every=1, probe_multipliers=(1.0, 2.0))  # two etas: a smaller program
+    sched = schedule(epochs=1, log_every=1, max_steps_per_epoch=3, eval_batch_size=24, loop="python",
+                     probe_every=1, probe_multipliers=(1.0, 2.0))  # two etas: a smaller program
     # Dropout on: the probe must reuse the step's dropout key, not consume one of its own.
-    pt, probed, logs = train_pack(schedule, dropout_placement="after_block")
+    pt, probed, logs = train_pack(sched, dropout_placement="after_block")
     hp = hparams([{"dropout_rate": 0.3}])
-    state = pt.init_c(hp)  # the same compiled step, with no probe anywhere
-    perm = pt.perm_fn(hp.seed, 0, pt.num_train)
+    state, _ = pt.compile(hp)
+    perm = pt.permutation(hp, 0)
+    step = pt.compiled_step(state, hp, perm)  # the same compiled step, with no probe anywhere
     for i in range(3):
-        state, _ = pt.step_c(state, hp, pt.data, perm, jnp.int32(i))
+        state, _ = step(state, hp, pt.data, perm, jnp.int32(i))
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(probed.state), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert [step for step, _ in probes_of(logs)] == [0, 1, 2]
@@ -83,8 +84,8 @@ def test_python_loop_probe_leaves_params_opt_state_and_running_stats_bit_identic
 
 def test_scan_loop_probe_inside_the_epoch_program_leaves_training_bit_identical():
     base = dict(epochs=1, log_every=1, max_steps_per_epoch=3, eval_batch_size=24, loop="scan")
-    _, plain, plain_logs = train_pack(trainer.Schedule(**base), dropout_placement="after_block")
-    probing = trainer.Schedule(**base, probe_every=2, probe_multipliers=(1.0, 2.0))
+    _, plain, plain_logs = train_pack(schedule(**base), dropout_placement="after_block")
+    probing = schedule(**base, probe_every=2, probe_multipliers=(1.0, 2.0))
     _, probed, probed_logs = train_pack(probing, dropout_placement="after_block")
     for a, b in zip(jax.tree.leaves(plain.state), jax.tree.leaves(probed.state), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -102,10 +103,10 @@ def whole_set_pack():
     """A pack of two trained for 2 steps on 32 images that are also the test set; one batch is all of them."""
     data = tiny_arrays(n_train=32, n_test=8)
     data = data._replace(test_images=data.train_images, test_labels=data.train_labels)
-    schedule = trainer.Schedule(epochs=1, log_every=4, max_steps_per_epoch=2, eval_batch_size=24, discrepancy=True,
-                                population_batches=5, discrepancy_train_subset=32)  # capped to the 1 batch there is
+    sched = schedule(epochs=1, log_every=4, max_steps_per_epoch=2, eval_batch_size=24, discrepancy=True,
+                     population_batches=5, discrepancy_train_subset=32)  # capped to the 1 batch there is
     rows = [{"seed": 0}, {"seed": 1, "lr": 0.1}]
-    pt, result, _ = train_pack(schedule, arrays=data, rows=rows, batch_size=32)
+    pt, result, _ = train_pack(sched, arrays=data, rows=rows, batch_size=32)
     return pt, result, hparams(rows)
 
 
@@ -114,8 +115,8 @@ LAYERS = ("conv1", "conv2", "dense1")
 
 def test_running_stats_set_to_population_stats_give_zero_shift_and_identical_evals(whole_set_pack):
     pt, result, hp = whole_set_pack
-    pop, _ = pt.population_stats(result.state, hp, epoch=0)
-    out = pt.discrepancy(result.state.replace(batch_stats=pop), hp, epoch=0)
+    pop, _ = pt.evaluator.population_stats(result.state, hp, epoch=0)
+    out = pt.evaluator.evaluate(result.state.replace(batch_stats=pop), hp, epoch=0)
 
     for layer in LAYERS:
         np.testing.assert_array_equal(out[f"bn/{layer}/mean_shift"], 0.0)
@@ -131,7 +132,7 @@ def test_running_stats_set_to_population_stats_give_zero_shift_and_identical_eva
 def test_batch_of_the_whole_eval_set_normalizes_with_population_statistics(whole_set_pack):
     pt, result, hp = whole_set_pack
     program, state = pt.program, result.state
-    pop, _ = pt.population_stats(state, hp, epoch=0)
+    pop, _ = pt.evaluator.population_stats(state, hp, epoch=0)
     first = lambda tree: jax.tree.map(lambda a: a[0], tree)
     params, running = first(state.params), first(state.batch_stats)
     x = engine.normalize(program, pt.data.test_images)
@@ -139,7 +140,7 @@ def test_batch_of_the_whole_eval_set_normalizes_with_population_statistics(whole
     for (name, b), p in zip(metrics.bn_layers(batch).items(), metrics.bn_layers(first(pop)).values(), strict=True):
         np.testing.assert_allclose(b["mean"], p["mean"], rtol=1e-5, atol=1e-6, err_msg=name)
         np.testing.assert_allclose(b["var"], p["var"], rtol=1e-5, atol=1e-6, err_msg=name)
-    out = pt.discrepancy(state, hp, epoch=0)
+    out = pt.evaluator.evaluate(state, hp, epoch=0)
     np.testing.assert_allclose(out["test/loss_batch"], out["test/loss_population"], rtol=1e-5)
     np.testing.assert_array_equal(out["disc/train_test_inconsistency"], 0.0)
     assert (out["disc/kl"] > 0).all()  # running averages after 2 steps are not the population
@@ -147,15 +148,6 @@ def test_batch_of_the_whole_eval_set_normalizes_with_population_statistics(whole
     halves = [metrics.batch_statistics(program, params, running, h) for h in (x[:16], x[16:])]
     pooled = metrics.bn_layers(metrics.pool(jax.tree.map(lambda *a: jnp.stack(a), *halves)))["conv1"]
     np.testing.assert_allclose(pooled["var"], metrics.bn_layers(batch)["conv1"]["var"], rtol=1e-5, atol=1e-6)
-
-
-def test_batch_mode_batches_are_full_batches_of_real_examples_without_padding():
-    images = jnp.arange(1, 24)[:, None]  # 23 distinct examples, none of them 0 (a padding value)
-    batches = trainer._wrapped_batches(images, 5)
-    assert batches.shape == (5, 5, 1)
-    flat = np.asarray(batches).reshape(-1)
-    np.testing.assert_array_equal(flat[:23], np.arange(1, 24))  # each example once, in order, first
-    np.testing.assert_array_equal(flat[23:], [1, 2])  # then repeats from the start, not padding
 
 
 class DropoutThenBN(nn.Module):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from bnstudy import engine, models
-from conftest import hparams
+from conftest import build_model, hparams
 
 X = jax.random.normal(jax.random.key(0), (64, 8, 8, 4)) * 3.0 + 1.5
 
@@ -36,13 +36,13 @@ def test_none_block_is_relu_and_model_has_no_batch_stats():
     variables, h, out = apply_block("none")
     assert "batch_stats" not in variables
     np.testing.assert_array_equal(out, jax.nn.relu(h))
-    net = models.build_model("cnn", norm="none")
+    net = build_model("cnn", norm="none")
     assert "batch_stats" not in net.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)), train=False)
 
 
 @pytest.mark.parametrize("norm", ["before_relu", "after_relu"])
 def test_bn_layers_named_by_block(norm):
-    net = models.build_model("cnn", norm=norm)
+    net = build_model("cnn", norm=norm)
     x = jax.random.normal(jax.random.key(0), (16, 28, 28, 1))
     variables = net.init(jax.random.key(1), x, train=False)
     assert set(variables["batch_stats"]) == {"conv1_norm", "conv2_norm", "dense1_norm"}
@@ -61,7 +61,7 @@ def test_bn_running_stats_move_by_one_minus_momentum():
 
 @pytest.mark.parametrize("scale", [0.1, 3.0])
 def test_init_scale_multiplies_kernel_std_exactly(scale):
-    program = engine.Program(models.build_model("cnn"))
+    program = engine.Program(build_model("cnn"))
     base = engine.init_state(program, (28, 28, 1), jax.tree.map(lambda a: a[0], hparams([{}])))
     scaled = engine.init_state(program, (28, 28, 1), jax.tree.map(lambda a: a[0], hparams([{"init_scale": scale}])))
     for name in ("conv1", "conv2", "dense1", "classifier"):
@@ -73,7 +73,7 @@ def test_init_scale_multiplies_kernel_std_exactly(scale):
 
 
 def test_he_normal_std_matches_fan_in():
-    program = engine.Program(models.build_model("cnn"))
+    program = engine.Program(build_model("cnn"))
     state = engine.init_state(program, (28, 28, 1), jax.tree.map(lambda a: a[0], hparams([{}])))
     kernel = state.params["dense1"]["kernel"]  # fan-in 7*7*64 = 3136
     np.testing.assert_allclose(float(kernel.std()), np.sqrt(2.0 / 3136), rtol=0.05)
@@ -81,7 +81,7 @@ def test_he_normal_std_matches_fan_in():
 
 @pytest.mark.parametrize("placement", ["after_block", "before_classifier"])
 def test_dropout_changes_train_output_only_when_rate_positive(placement):
-    net = models.build_model("cnn", norm="none", dropout_placement=placement)
+    net = build_model("cnn", norm="none", dropout_placement=placement)
     x = jax.random.normal(jax.random.key(0), (4, 28, 28, 1))
     variables = net.init(jax.random.key(1), x, train=False)
     key = jax.random.key(2)
@@ -100,7 +100,7 @@ def test_dropout_keeps_expectation():
 
 
 def test_vgg_layout_and_width():
-    net = models.build_model("vgg", norm="before_relu", width=0.125)
+    net = build_model("vgg", norm="before_relu", width=0.125)
     x = jnp.zeros((2, 32, 32, 3))
     variables = net.init(jax.random.key(0), x, train=False)
     convs = sorted(k for k in variables["params"] if k.startswith("conv") and not k.endswith("_norm"))
@@ -112,6 +112,6 @@ def test_vgg_layout_and_width():
 
 def test_unknown_choices_are_rejected():
     with pytest.raises(ValueError, match="norm"):
-        models.build_model("cnn", norm="middle")
+        build_model("cnn", norm="middle")
     with pytest.raises(ValueError, match="model"):
-        models.build_model("resnet")
+        build_model("resnet")

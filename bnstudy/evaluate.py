@@ -1,0 +1,210 @@
+"""Evaluating a pack of K models: loss and accuracy on named splits, and BN's three modes.
+
+Every split in `splits` (name -> (uint8 images, int32 labels)) is evaluated with BN on its running
+averages, giving `<name>/loss` and `<name>/acc` ([K] arrays). For a model with BN, every split in
+`bn_mode_splits` is also evaluated with BN on each batch's own statistics (training batch size) and
+on population statistics recomputed over training batches (`bnstudy.metrics`), giving
+`<name>/{loss,acc}_{running,batch,population}`, `disc/*` (test split) and `bn/<layer>/*`; a split in
+both gets its running-mode numbers from that pass. Models without BN log no `disc/*` or `bn/*`.
+Compiled programs are built once in `build_eval_programs`; `CompileCache` compiles them ahead of
+time per argument shape and counts the seconds spent, so evaluation time excludes compilation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bnstudy import engine, metrics
+from bnstudy.engine import ArrayData, HParams, Program, TrainState
+
+Split = tuple[jax.Array, jax.Array]  # uint8 images [N, ...], int32 labels [N]
+
+
+class CompileCache:
+    """Jitted functions compiled ahead of time, once per argument structure and shapes."""
+
+    def __init__(self):
+        self._programs: dict = {}
+        self.compile_seconds = 0.0  # total time spent compiling in `compiled`
+
+    def compiled(self, fn, *args):
+        """`fn` compiled for these arguments' shapes (reused for any later call of the same shapes)."""
+        key = (fn, jax.tree.structure(args), tuple((a.shape, a.dtype) for a in jax.tree.leaves(args)))
+        if key not in self._programs:
+            t0 = time.perf_counter()
+            self._programs[key] = fn.lower(*args).compile()
+            self.compile_seconds += time.perf_counter() - t0
+        return self._programs[key]
+
+    def call(self, fn, *args):
+        return self.compiled(fn, *args)(*args)
+
+    def snapshot(self) -> dict:
+        """The compiled programs held now, by key (a copy)."""
+        return dict(self._programs)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalPrograms:
+    """The jitted, pack-vmapped programs of an evaluation; the BN-mode ones are None without BN modes."""
+
+    sums: Callable  # (params, batch_stats, images, labels, mask) -> {loss_sum, correct_sum}
+    permutation: Callable  # (seed, epoch, num_examples) -> the epoch's training order
+    logits: Callable | None = None  # (params, stats, images) -> inference-mode logits
+    batch_logits: Callable | None = None  # (params, stats, images) -> logits with BN on the batch's statistics
+    population_batch: Callable | None = None  # one training batch's BN statistics (dropout off, and on)
+    population: Callable | None = None  # pooled population statistics
+    bn_metrics: Callable | None = None  # bn/<layer>/* from running vs population statistics
+    split_metrics: dict[str, Callable] = dataclasses.field(default_factory=dict)  # per BN-mode split
+
+
+def build_eval_programs(program: Program, bn_mode_splits: tuple[str, ...]) -> EvalPrograms:
+    p = program
+    sums = jax.jit(jax.vmap(partial(engine.eval_batch, p), in_axes=(0, 0, None, None, None)))
+    permutation = jax.jit(jax.vmap(engine.epoch_permutation, in_axes=(0, None, None)), static_argnums=2)
+    if not bn_mode_splits:
+        return EvalPrograms(sums, permutation)
+    dropout_layers = tuple(getattr(p.model, "dropout_fed_blocks", tuple)())
+    population_batch = partial(metrics.population_batch, p, bool(dropout_layers))
+    return EvalPrograms(
+        sums,
+        permutation,
+        logits=jax.jit(jax.vmap(partial(engine.eval_logits, p), in_axes=(0, 0, None))),
+        # One call per batch: vmapping several batches into one call ran 3x slower on XLA:CPU.
+        batch_logits=jax.jit(jax.vmap(partial(metrics.batch_mode_logits, p), in_axes=(0, 0, None))),
+        population_batch=jax.jit(jax.vmap(population_batch, in_axes=(0, 0, 0, None, 0, None))),
+        population=jax.jit(jax.vmap(metrics.population)),
+        bn_metrics=jax.jit(jax.vmap(partial(metrics.bn_metrics, dropout_layers, p.model.bn_epsilon))),
+        split_metrics={
+            name: jax.jit(jax.vmap(partial(metrics.split_metrics, name), in_axes=(0, None))) for name in bn_mode_splits
+        },
+    )
+
+
+def has_batch_norm(program: Program, input_shape: tuple[int, ...]) -> bool:
+    shapes = jax.eval_shape(partial(program.model.init, train=False), jax.random.key(0), jnp.zeros((1, *input_shape)))
+    return bool(jax.tree.leaves(shapes.get("batch_stats", {})))
+
+
+def padded_batches(images, labels, batch_size):
+    """A split as [B, batch, ...] device arrays padded to full batches, with a validity mask."""
+    n = int(images.shape[0])
+    batch_size = min(batch_size, n)
+    nb = math.ceil(n / batch_size)
+    pad = nb * batch_size - n
+    mask = jnp.concatenate([jnp.ones(n, jnp.float32), jnp.zeros(pad, jnp.float32)])
+    images = jnp.concatenate([images, jnp.zeros((pad, *images.shape[1:]), images.dtype)])
+    labels = jnp.concatenate([labels, jnp.zeros(pad, labels.dtype)])
+    shape = lambda a: a.reshape(nb, batch_size, *a.shape[1:])
+    return shape(images), shape(labels), shape(mask)
+
+
+def wrapped_batches(images, batch_size):
+    """[B, batch, ...] batches of exactly `batch_size` real examples, for BN's batch mode.
+
+    The last batch is topped up from the start of the split instead of padded, so batch statistics
+    never see padding and every example is normalized with a full batch; the repeats' outputs are
+    dropped. A split smaller than the batch is one batch of the whole split.
+    """
+    n = int(images.shape[0])
+    batch_size = min(batch_size, n)
+    nb = math.ceil(n / batch_size)
+    return images[jnp.arange(nb * batch_size) % n].reshape(nb, batch_size, *images.shape[1:])
+
+
+class PackEvaluator:
+    """Evaluates the models of a pack (any K) on named splits; see the module docstring for the keys."""
+
+    def __init__(
+        self,
+        program: Program,
+        data: ArrayData,
+        splits: dict[str, Split],
+        bn_mode_splits: dict[str, Split],
+        *,
+        batch_size: int,
+        population_batches: int,
+        cache: CompileCache | None = None,
+    ):
+        self.program, self.data = program, data
+        self.cache = cache or CompileCache()
+        self.num_train = int(data.train_images.shape[0])
+        input_shape = tuple(data.train_images.shape[1:])
+        self.bn_modes_on = bool(bn_mode_splits) and has_batch_norm(program, input_shape)
+        self.bn_mode_splits = dict(bn_mode_splits) if self.bn_modes_on else {}
+        self.population_batches = max(1, min(population_batches, self.num_train // program.batch_size))
+        # name -> ([B, batch, ...] images, labels, mask) for the running mode; split sizes by name
+        self.running_batches = {name: padded_batches(x, y, batch_size) for name, (x, y) in splits.items()}
+        self.sizes = {name: int(y.shape[0]) for name, (_, y) in {**splits, **self.bn_mode_splits}.items()}
+        self._mode_batches = {  # name -> (inference batches, batch-mode batches, labels)
+            name: (padded_batches(x, y, batch_size)[0], wrapped_batches(x, program.batch_size), y)
+            for name, (x, y) in self.bn_mode_splits.items()
+        }
+        self.programs = build_eval_programs(program, tuple(self.bn_mode_splits))
+
+    def compile(self, state: TrainState) -> None:
+        """Compile the running-mode program for these splits ahead of time (no-op once done)."""
+        for images, labels, mask in self.running_batches.values():
+            self.cache.compiled(self.programs.sums, state.params, state.batch_stats, images[0], labels[0], mask[0])
+
+    def evaluate(self, state: TrainState, hp: HParams, epoch: int) -> dict[str, np.ndarray]:
+        """Every key of the module docstring as [K] numpy arrays; population statistics come from
+        the first `population_batches` batches of `epoch`'s training order."""
+        out: dict[str, Any] = {}
+        if self.bn_modes_on:
+            out = self.bn_modes(state, hp, epoch)
+        for name in self.running_batches:
+            if name in self.bn_mode_splits:
+                out[f"{name}/loss"], out[f"{name}/acc"] = out[f"{name}/loss_running"], out[f"{name}/acc_running"]
+            else:
+                out |= self.running(state, name)
+        return jax.device_get(out)
+
+    def running(self, state: TrainState, name: str) -> dict[str, jax.Array]:
+        """`<name>/loss` and `<name>/acc` with BN on its running averages."""
+        images, labels, mask = self.running_batches[name]
+        totals = None
+        for b in range(images.shape[0]):
+            sums = self.cache.call(self.programs.sums, state.params, state.batch_stats, images[b], labels[b], mask[b])
+            totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+        n = float(self.sizes[name])
+        return {f"{name}/loss": totals["loss_sum"] / n, f"{name}/acc": totals["correct_sum"] / n}
+
+    def bn_modes(self, state: TrainState, hp: HParams, epoch: int) -> dict[str, jax.Array]:
+        """The BN-mode splits with BN on running, batch and population statistics; disc/* and bn/*."""
+        pop_stats, out = self.population_stats(state, hp, epoch)
+        progs = self.programs
+        for name, (batches, wrapped, labels) in self._mode_batches.items():
+            n = int(labels.shape[0])
+            logits = {
+                "running": self._logits(progs.logits, state.params, state.batch_stats, batches, n),
+                "batch": self._logits(progs.batch_logits, state.params, state.batch_stats, wrapped, n),
+                "population": self._logits(progs.logits, state.params, pop_stats, batches, n),
+            }
+            out |= self.cache.call(progs.split_metrics[name], logits, labels)
+        return out
+
+    def population_stats(self, state: TrainState, hp: HParams, epoch: int):
+        """Each model's population BN statistics (a tree like `batch_stats`) and its bn/* metrics."""
+        progs = self.programs
+        perm = progs.permutation(hp.seed, epoch, self.num_train)
+        per_batch = tuple(
+            self.cache.call(progs.population_batch, state.params, state.batch_stats, hp, self.data, perm, jnp.int32(b))
+            for b in range(self.population_batches)
+        )
+        pop, pop_dropout = self.cache.call(progs.population, per_batch)
+        return pop, self.cache.call(progs.bn_metrics, state.batch_stats, pop, pop_dropout)
+
+    def _logits(self, fn, params, stats, batches, n):
+        """[K, n, classes] logits of the first n examples of a batched split (padding and repeats dropped)."""
+        parts = [self.cache.call(fn, params, stats, batches[b]) for b in range(batches.shape[0])]
+        return jnp.concatenate(parts, axis=1)[:, :n]
