@@ -104,13 +104,13 @@ class TrainConfig:
 
 @dataclass
 class ProbeConfig:
-    every: int = 0  # steps between loss-smoothness probes (DESIGN.md 4.1); 0 = off
+    every: int = 0  # steps between loss-smoothness probes (docs/design.md §4.1); 0 = off
     step_multipliers: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0])  # x lr
 
 
 @dataclass
 class DiscrepancyConfig:
-    enabled: bool = True  # train/inference discrepancy at each evaluation (DESIGN.md 4.2); BN models only
+    enabled: bool = True  # train/inference discrepancy at each evaluation (docs/design.md §4.2); BN models only
     population_batches: int = 20  # training batches for the population statistics (capped at one epoch)
     train_subset: int = 2000  # first N training examples, also evaluated in the three modes; 0 = none
 

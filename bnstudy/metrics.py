@@ -2,7 +2,7 @@
 
 Like `engine`, every function here is written for ONE model and vmapped over a pack by the trainer,
 and none of them returns a new TrainState: a measurement never changes what is trained.
-Definitions are those of DESIGN.md section 4.1 (Santurkar et al. 2018) and 4.2 (Ioffe 2017;
+Definitions are those of docs/design.md §4.1 (Santurkar et al. 2018) and §4.2 (Ioffe 2017;
 Wu & Johnson 2021; Li et al. 2019).
 
 BN layers are found by their variables (`<block>_norm/bn/{mean,var}`) and reported under the block

@@ -1,6 +1,6 @@
 """Where one trained model's numbers go: its run folder (always) and its wandb run (if enabled).
 
-Run folder layout (DESIGN.md section 6): `config.yaml` (resolved config of this model),
+Run folder layout (docs/design.md §6.1): `config.yaml` (resolved config of this model),
 `metrics.jsonl` (one JSON object per logged step), `summary.json` (status, final metrics, timings,
 provenance; rewritten atomically). A wandb failure is reported once and never stops training.
 """
