@@ -1,23 +1,20 @@
 """Read a study's runs into one pandas DataFrame and decide its claim: aggregates over seeds, comparisons, verdict.
 
 Runs come from run folders (`config.yaml`, `metrics.jsonl`, `summary.json`, see bnstudy/sinks.py) or from the
-wandb API. The study's `report:` block (configs/experiment/<study>.yaml, also stored in every run's
-config.yaml) names the claim, the metrics and the comparisons that decide it. Nothing here writes files or
-draws; bnstudy.report does. Only numpy, pandas, scipy and yaml are imported: no training stack, no GPU.
+wandb API. The study's `report:` block (experiments/<study>.yaml, also stored in every run's
+config.yaml) names the claim, the metrics, an optional per-arm selection and the comparisons that decide it.
+Nothing here writes files or draws; bnstudy.report does. The statistics and verdict rules live in
+bnstudy.stats. Only numpy, pandas, scipy and yaml are imported: no training stack, no GPU.
 
-Statistics, stated once:
+What is counted where:
 - a group is every run with the same config apart from the seed; its value is the mean over the runs
-  that finished (`done`) with a finite value, with the sample std, n and the 95% t-interval
-  mean +- t(0.975, n-1) * std / sqrt(n). Diverged runs are counted per group and never averaged in
-  (except in metrics defined on them: `diverged`, the divergence rate, whose interval is the exact
-  Clopper-Pearson binomial one, and derived metrics that say how they use them).
-- a comparison is a contrast of group means (A - B, or (A - B) - (A' - B') with `relative_to`), with a
-  Welch (unequal variances, Welch-Satterthwaite df) 95% t-interval. It supports its part of the claim
-  when the interval lies entirely on the claimed side of the margin (default 0), contradicts it when it
-  lies entirely on the other side, and is inconclusive otherwise (or with fewer than 2 runs in a group).
-- the claim is supported when every comparison supports it (an intersection-union test, so no
-  multiplicity correction is needed for "supported"), contradicted when any comparison contradicts it,
-  and inconclusive otherwise.
+  that finished `done` and trained (bnstudy.stats.is_trained) with a finite value. Diverged and
+  not-trained runs are counted per group and never averaged in, except in the stability metrics that are
+  defined on them: `diverged` (the fraction of runs that diverged or did not train) and the derived
+  `max_stable` (the largest setting that trained) and `range` (a failed run counts as `diverged_value`).
+- with `select: {by: val/acc, over: [optimizer.lr]}`, each arm (a combination of the other grid columns)
+  is compared at its own setting of `over` with the best mean validation score over seeds; the test split
+  never chooses anything.
 """
 
 from __future__ import annotations
@@ -35,14 +32,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import yaml
-from scipy import stats
 
-from bnstudy import config_tree
+from bnstudy import config_tree, stats
+from bnstudy.stats import CONFIDENCE  # noqa: F401  (re-exported: bnstudy.report reads it from here)
 
 REPO = Path(__file__).resolve().parent.parent
 EXPERIMENTS_DIR = config_tree.experiments_dir()
-CONFIDENCE = 0.95
-FINISHED = ("done", "diverged")
+FINISHED = ("done", "diverged", "not_trained")
+FAILED = ("diverged", "not_trained")  # counted as failures by the stability metrics
 
 # Config keys that do not define what was trained (prefixes): never grouping columns.
 NOT_GRID = ("seed", "out_dir", "compile_cache_dir", "study", "logger.", "report", "train.pack_size", "train.loop",
@@ -206,26 +203,66 @@ def choose_spec(study: str, runs: Runs, experiments_dir: Path = EXPERIMENTS_DIR)
         spec = experiment_spec(study, experiments_dir)
     if not spec:
         raise ReportError(
-            f"no report block for study {study!r}: expected configs/experiment/{study}.yaml with a `report:` "
+            f"no report block for study {study!r}: expected experiments/{study}.yaml with a `report:` "
             f"block, or runs trained with one. Known studies: {', '.join(known_studies(experiments_dir)) or 'none'}."
         )
     return validate_spec(spec, study)
+
+
+def _margin_values(value: Any) -> list:
+    return list(value.values()) if isinstance(value, dict) else [value]
+
+
+def _is_margin(value: Any) -> bool:
+    """A margin: a number >= 0, or one per dataset ({mnist: 0.005, cifar10: 0.01})."""
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in _margin_values(value))
+
+
+def validate_comparison(comp: Any, where: str) -> None:
+    """A `compare:` entry: metric, a, b, expect; a declared margin needs `margin_reason`, `equivalent` a margin."""
+    if not isinstance(comp, dict):
+        raise ReportError(f"{where}: expected a mapping with metric, a, b, expect; got {comp!r}.")
+    missing = [k for k in ("metric", "a", "b", "expect") if k not in comp]
+    if missing:
+        raise ReportError(f"{where} lacks {missing} (needs metric, a, b, expect).")
+    if comp["expect"] not in stats.EXPECTATIONS:
+        raise ReportError(f"{where}: `expect` must be one of {', '.join(stats.EXPECTATIONS)}, got {comp['expect']!r}.")
+    if "margin" in comp and not _is_margin(comp["margin"]):
+        raise ReportError(f"{where}: `margin` must be a number >= 0 or one per dataset, got {comp['margin']!r}.")
+    if comp["expect"] == "equivalent" and not all(v > 0 for v in _margin_values(comp.get("margin", 0))):
+        raise ReportError(f"{where}: `expect: equivalent` needs a `margin` > 0 (the largest difference that "
+                          f"does not matter), got {comp.get('margin')!r}.")
+    if "margin" in comp and not (isinstance(comp.get("margin_reason"), str) and comp["margin_reason"].strip()):
+        raise ReportError(f"{where}: a declared `margin` needs a `margin_reason` (one sentence: why this size), "
+                          f"got {comp.get('margin_reason')!r}.")
+
+
+def validate_select(select: Any, study: str) -> None:
+    """`select: {by: val/acc, over: [optimizer.lr], mode: max}`: chosen on validation, never on test keys."""
+    where = f"study {study!r}: `select`"
+    if not isinstance(select, dict) or not isinstance(select.get("by"), str) or not (
+            isinstance(select.get("over"), list) and select["over"] and all(isinstance(k, str) for k in select["over"])):
+        raise ReportError(f"{where} must be {{by: METRIC, over: [CONFIG_KEY, ...]}} (e.g. {{by: val/acc, over: "
+                          f"[optimizer.lr]}}), got {select!r}.")
+    if select["by"].startswith("test/"):
+        raise ReportError(f"{where}: `by: {select['by']}` is a test metric; a setting must be chosen on the "
+                          f"validation split (e.g. val/acc or val/loss), never on the test split.")
+    if select.get("mode", "max") not in ("max", "min"):
+        raise ReportError(f"{where}: `mode` must be max or min, got {select.get('mode')!r}.")
 
 
 def validate_spec(spec: dict, study: str) -> dict:
     if not isinstance(spec.get("claim"), str):
         raise ReportError(f"study {study!r}: the report block needs a `claim` (one sentence).")
     for i, comp in enumerate(spec.get("compare") or []):
-        missing = [k for k in ("metric", "a", "b", "expect") if k not in comp]
-        if missing:
-            raise ReportError(f"study {study!r}: comparison {i + 1} lacks {missing} (needs metric, a, b, expect).")
-        if comp["expect"] not in ("greater", "less"):
-            raise ReportError(
-                f"study {study!r}: comparison {i + 1}: `expect` must be greater or less, got {comp['expect']!r}."
-            )
+        validate_comparison(comp, f"study {study!r}: comparison {i + 1}")
     for name, d in (spec.get("derived") or {}).items():
         if d.get("reduce") not in ("max_stable", "range") or "over" not in d or "of" not in d:
             raise ReportError(f"study {study!r}: derived metric {name!r} needs over, of and reduce: max_stable|range.")
+    if "select" in spec:
+        validate_select(spec["select"], study)
+    if not isinstance(spec.get("require_trained", True), bool):
+        raise ReportError(f"study {study!r}: `require_trained` must be true or false, got {spec['require_trained']!r}.")
     return spec
 
 
@@ -273,15 +310,21 @@ def _layer_columns(frame: pd.DataFrame, name: str) -> list[str]:
     return [c for c in frame if re.fullmatch(rf"bn/[^/]+/{re.escape(name[5:])}", c)]
 
 
+GEN_GAP_INPUTS = ("train_subset/acc", "test/acc")
+
+
 def add_run_metrics(frame: pd.DataFrame, runs: Runs, names: list[str], dataset: str, spec: dict) -> list[str]:
     """Add a column per metric the study names; returns the names no run has.
 
     A final metric missing from summary.json is taken as its last value in metrics.jsonl. Derived ones:
-    `diverged` (0/1), `gen_gap` (train/epoch_acc - test/acc), `bn/*/key` (mean over BN layers),
-    `mean(key)` (mean over the logged records), `epochs_to_target` (first epoch with test/acc >= target_acc).
+    `diverged` (1 if the run diverged or did not train, else 0), `gen_gap` (bnstudy.stats.gen_gap:
+    train_subset/acc - test/acc; missing for a run that lacks train_subset/acc), `bn/*/key` (mean over BN
+    layers), `mean(key)` (mean over the logged records), `epochs_to_target` (first epoch with
+    test/acc >= target_acc).
     """
     computed = ("diverged", "gen_gap", "epochs_to_target")
     wanted = [n for n in names if n not in computed and not n.startswith("mean(")]
+    wanted += list(GEN_GAP_INPUTS) if "gen_gap" in names else []
     if any(not (_layer_columns(frame, n) if n.startswith("bn/*/") else _has(frame, n)) for n in wanted):
         last = last_logged(runs, frame["run_id"])
         for col in last:
@@ -290,9 +333,9 @@ def add_run_metrics(frame: pd.DataFrame, runs: Runs, names: list[str], dataset: 
     missing = []
     for name in dict.fromkeys(names):
         if name == "diverged":
-            frame[name] = (frame["status"] == "diverged").astype(float)
-        elif name == "gen_gap" and {"train/epoch_acc", "test/acc"} <= set(frame):
-            frame[name] = frame["train/epoch_acc"].astype(float) - frame["test/acc"].astype(float)
+            frame[name] = frame["status"].isin(FAILED).astype(float)
+        elif name == "gen_gap":
+            frame[name] = _gen_gap(frame)
         elif name.startswith("bn/*/"):
             cols = _layer_columns(frame, name)
             frame[name] = frame[cols].astype(float).mean(axis=1) if cols else np.nan
@@ -308,6 +351,53 @@ def add_run_metrics(frame: pd.DataFrame, runs: Runs, names: list[str], dataset: 
         if not frame[name].notna().any():
             missing.append(name)
     return missing
+
+
+def _numeric(frame: pd.DataFrame, col: str) -> pd.Series:
+    return pd.to_numeric(frame[col], errors="coerce") if col in frame else pd.Series(np.nan, index=frame.index)
+
+
+def _gen_gap(frame: pd.DataFrame) -> pd.Series:
+    """train_subset/acc - test/acc per run; runs without train_subset/acc get none (with a warning)."""
+    train, test = _numeric(frame, "train_subset/acc"), _numeric(frame, "test/acc")
+    lacking = frame["status"].eq("done") & train.isna()
+    if lacking.any():
+        warnings.warn(f"gen_gap: {int(lacking.sum())} finished run(s) lack train_subset/acc (training-subset "
+                      "accuracy in inference mode); their gen_gap is missing", ReportWarning, stacklevel=3)
+    return pd.Series(stats.gen_gap(train, test), index=frame.index)
+
+
+NUM_CLASSES = {"mnist": 10, "cifar10": 10}
+
+
+def trained_flags(frame: pd.DataFrame, runs: Runs, dataset: str) -> pd.Series:
+    """Per run: did it learn (bnstudy.stats.is_trained)? A `trained` the run wrote in summary.json wins;
+    otherwise the first and last logged train/loss and the final test/acc decide."""
+    hist = history_frame(runs, frame["run_id"], "train/loss").sort_values("step", kind="stable")
+    first = hist.groupby("run_id")["value"].first()
+    last = hist.groupby("run_id")["value"].last()
+    final = _numeric(frame, "train/loss").fillna(frame["run_id"].map(last))
+    acc = _numeric(frame, "test/acc")
+    classes = NUM_CLASSES.get(dataset, 10)
+    derived = [
+        stats.is_trained(first.get(rid), f if np.isfinite(f) else None, a if np.isfinite(a) else None, classes)
+        for rid, f, a in zip(frame["run_id"], final, acc)
+    ]
+    written = frame["trained"] if "trained" in frame else pd.Series(None, index=frame.index, dtype=object)
+    return pd.Series([bool(w) if isinstance(w, (bool, np.bool_)) else d for w, d in zip(written, derived)],
+                     index=frame.index)
+
+
+def mark_not_trained(frame: pd.DataFrame, runs: Runs, dataset: str, spec: dict) -> pd.DataFrame:
+    """A `done` run that did not learn becomes `not_trained` (unless the study sets `require_trained: false`)."""
+    frame = frame.copy()
+    done = frame["status"].eq("done")
+    frame["trained"] = pd.Series(np.nan, index=frame.index, dtype=object)
+    if done.any():
+        frame.loc[done, "trained"] = trained_flags(frame[done], runs, dataset)
+    if spec.get("require_trained", True):
+        frame.loc[done & frame["trained"].eq(False), "status"] = "not_trained"
+    return frame
 
 
 def derive_across(finished: pd.DataFrame, name: str, d: dict, grid: list[str], dataset: str) -> pd.DataFrame:
@@ -338,15 +428,12 @@ def derive_across(finished: pd.DataFrame, name: str, d: dict, grid: list[str], d
     return pd.DataFrame(rows)
 
 
-def proportion_ci(k: int, n: int) -> tuple[float, float]:
-    if n == 0:
-        return (np.nan, np.nan)
-    ci = stats.binomtest(int(k), int(n)).proportion_ci(confidence_level=CONFIDENCE, method="exact")
-    return (ci.low, ci.high)
-
-
 def aggregate(frame: pd.DataFrame, metric: str, by: list[str]) -> pd.DataFrame:
-    """Per group: runs, diverged, n used, mean, std and the 95% t-interval of one metric."""
+    """Per group: runs, diverged, not trained, n used, mean, std and the 95% interval of one metric.
+
+    The interval is the t-interval of the mean (clipped to the metric's range when it has one, e.g. [0, 1] for
+    accuracies); for `diverged`, a proportion, the exact Clopper-Pearson interval.
+    """
     f = frame.assign(_v=pd.to_numeric(frame[metric], errors="coerce"), _all=0)
     use = f["status"].eq("done") | (metric == "diverged")
     f["_v"] = f["_v"].where(use)
@@ -354,50 +441,18 @@ def aggregate(frame: pd.DataFrame, metric: str, by: list[str]) -> pd.DataFrame:
     out = g["_v"].agg(["count", "mean", "std"]).rename(columns={"count": "n"})
     out["runs"] = g.size()
     out["diverged"] = g["status"].agg(lambda s: int((s == "diverged").sum()))
-    half = stats.t.ppf(0.5 + CONFIDENCE / 2, out["n"] - 1) * out["std"] / np.sqrt(out["n"])
-    out["ci_low"], out["ci_high"] = out["mean"] - half, out["mean"] + half
+    out["not_trained"] = g["status"].agg(lambda s: int((s == "not_trained").sum()))
+    half = stats.t_half_width(out["std"], out["n"])
+    out["ci_low"], out["ci_high"] = stats.clip_to_bounds(out["mean"] - half, out["mean"] + half, metric)
     if metric == "diverged":  # a proportion: exact (Clopper-Pearson) binomial interval instead
-        cis = [proportion_ci(round(m * n), n) for m, n in zip(out["mean"].fillna(0), out["n"])]
+        cis = [stats.proportion_interval(round(m * n), n) for m, n in zip(out["mean"].fillna(0), out["n"])]
         out["ci_low"], out["ci_high"] = [c[0] for c in cis], [c[1] for c in cis]
     out = out.reset_index().drop(columns=["_all"], errors="ignore")
     out.insert(len(by), "metric", metric)
-    return out[[*by, "metric", "runs", "diverged", "n", "mean", "std", "ci_low", "ci_high"]]
+    return out[[*by, "metric", "runs", "diverged", "not_trained", "n", "mean", "std", "ci_low", "ci_high"]]
 
 
 # ------------------------------------------------------------------------------------------- comparisons
-
-
-def welch_contrast(groups: list[np.ndarray], coefs: list[float]) -> dict:
-    """Sum_i c_i * mean_i with its Welch-Satterthwaite t-interval and two-sided p-value (H0: contrast = 0)."""
-    n = np.array([len(g) for g in groups], float)
-    means = np.array([np.mean(g) for g in groups])
-    var = np.array([np.var(g, ddof=1) for g in groups])
-    c = np.asarray(coefs, float)
-    estimate = float(c @ means)
-    terms = c**2 * var / n
-    se = float(math.sqrt(terms.sum()))
-    if se == 0.0:  # every group has zero spread: the interval collapses to the point
-        return {"estimate": estimate, "ci_low": estimate, "ci_high": estimate, "df": np.inf, "p": np.nan, "se": 0.0}
-    df = se**4 / float((terms**2 / (n - 1)).sum())
-    half = stats.t.ppf(0.5 + CONFIDENCE / 2, df) * se
-    p = 2 * stats.t.sf(abs(estimate) / se, df)
-    return {"estimate": estimate, "ci_low": estimate - half, "ci_high": estimate + half, "df": df, "p": p, "se": se}
-
-
-def decide(ci_low: float, ci_high: float, expect: str, margin: float) -> str:
-    """supported / contradicted / inconclusive from where the interval lies relative to the margin."""
-    above, below = ci_low > margin, ci_high < margin
-    if expect == "greater":
-        return "supported" if above else "contradicted" if below else "inconclusive"
-    return "supported" if below else "contradicted" if above else "inconclusive"
-
-
-def overall(verdicts: list[str]) -> str:
-    if not verdicts:
-        return "inconclusive"
-    if "contradicted" in verdicts:
-        return "contradicted"
-    return "supported" if all(v == "supported" for v in verdicts) else "inconclusive"
 
 
 def _matches(frame: pd.DataFrame, filters: dict) -> pd.Series:
@@ -418,8 +473,25 @@ def _label(filters: dict) -> str:
     return ", ".join(f"{k.split('.')[-1]}={v}" for k, v in filters.items())
 
 
+def _seed_values(sel: pd.DataFrame, metric: str) -> pd.Series:
+    """The metric's values of the runs used (done, or any finished run for `diverged`), indexed by seed."""
+    used = sel["status"].eq("done") | (metric == "diverged")
+    part = sel.loc[used]
+    values = pd.to_numeric(part[metric], errors="coerce")
+    index = part["seed"] if "seed" in part else pd.RangeIndex(len(part))
+    return pd.Series(values.to_numpy(), index=pd.Index(index, name="seed")).dropna()
+
+
+def _expect_text(expect: str, margin: float) -> str:
+    if expect == "equivalent":
+        return f"within +-{margin:g}"
+    return f"{'above' if expect == 'greater' else 'below'} {margin:g}"
+
+
 def compare(frame: pd.DataFrame, grid: list[str], comp: dict, dataset: str) -> list[dict]:
-    """One result per context (every combination of the grid columns the comparison does not fix)."""
+    """One row per context (every combination of the grid columns the comparison does not fix): the contrast,
+    its 95% interval, which interval (paired or Welch) and the unadjusted one-sided p-values of support and
+    contradiction. The verdicts come later, over all of a study's rows at once (`decide_rows`)."""
     where, ref = comp.get("where") or {}, comp.get("relative_to")
     fixed = {*comp["a"], *comp["b"], *where, *(ref or {})}
     context_cols = [c for c in grid if c not in fixed]
@@ -430,34 +502,80 @@ def compare(frame: pd.DataFrame, grid: list[str], comp: dict, dataset: str) -> l
         sides += [({**comp["a"], **ref}, -1.0), ({**comp["b"], **ref}, 1.0)]
     results = []
     for ctx in sorted(contexts, key=lambda d: [str(v) for v in d.values()]):
-        groups, coefs, notes = [], [], []
-        for filters, coef in sides:
+        groups, notes = [], []
+        for filters, _ in sides:
             sel = frame[_matches(frame, {**where, **ctx, **filters})]
-            used = sel["status"].eq("done") | (comp["metric"] == "diverged")
-            values = pd.to_numeric(sel.loc[used, comp["metric"]], errors="coerce").dropna()
-            groups.append(values.to_numpy())
-            coefs.append(coef)
-            notes.append(f"{len(values)} of {len(sel)}")
+            groups.append(_seed_values(sel, comp["metric"]))
+            notes.append(f"{len(groups[-1])} of {len(sel)}")
         a_label, b_label = _label(comp["a"]), _label(comp["b"])
         row = {
             "metric": comp["metric"],
             "comparison": f"({a_label}) - ({b_label})" + (f" minus the same at {_label(ref)}" if ref else ""),
             "context": _label({**where, **ctx}) or "all runs",
-            "expect": f"{'above' if comp['expect'] == 'greater' else 'below'} {margin:g}",
-            "mean_a": float(np.mean(groups[0])) if len(groups[0]) else np.nan,
-            "mean_b": float(np.mean(groups[1])) if len(groups[1]) else np.nan,
+            "expect": _expect_text(comp["expect"], margin),
+            "margin": margin,
+            "margin_reason": comp.get("margin_reason", ""),
+            "mean_a": float(groups[0].mean()) if len(groups[0]) else np.nan,
+            "mean_b": float(groups[1].mean()) if len(groups[1]) else np.nan,
             "n": " / ".join(notes),
         }
-        if min(len(g) for g in groups) < 2:
-            row.update(estimate=np.nan, ci_low=np.nan, ci_high=np.nan, df=np.nan, p=np.nan,
-                       verdict="inconclusive", note="fewer than 2 finished runs with this metric in a group")
+        c = stats.contrast(groups, [coef for _, coef in sides]) if min(len(g) for g in groups) >= 2 else None
+        if c is None:
+            row.update(method="-", estimate=np.nan, ci_low=np.nan, ci_high=np.nan, df=np.nan, p=np.nan,
+                       p_support=np.nan, p_contra=np.nan)
         else:
-            stat = welch_contrast(groups, coefs)
-            row.update({k: stat[k] for k in ("estimate", "ci_low", "ci_high", "df", "p")})
-            row["verdict"] = decide(stat["ci_low"], stat["ci_high"], comp["expect"], margin)
-            row["note"] = "zero spread in every group" if stat["se"] == 0 else ""
+            low, high = c.interval()
+            p_support, p_contra = stats.one_sided_pvalues(c, comp["expect"], margin)
+            row.update(method=c.method, estimate=c.estimate, ci_low=low, ci_high=high, df=c.df, p=c.p_two_sided(),
+                       p_support=p_support, p_contra=p_contra)
+        row["_contrast"], row["_expect"] = c, comp["expect"]
         results.append(row)
     return results
+
+
+def decide_rows(rows: list[dict]) -> pd.DataFrame:
+    """Verdicts of all of a study's comparison rows: Holm-Bonferroni over the rows, support and contradiction."""
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    verdicts, ps, pc = stats.decide_family(frame["p_support"], frame["p_contra"])
+    frame["p_support_holm"], frame["p_contra_holm"], frame["verdict"] = ps, pc, verdicts
+    frame["note"] = [stats.why(c, e, m, v) for c, e, m, v in
+                     zip(frame["_contrast"], frame["_expect"], frame["margin"], frame["verdict"])]
+    return frame.drop(columns=["_contrast", "_expect"])
+
+
+# ------------------------------------------------------------------------------------------- selection
+
+
+def select_per_arm(frame: pd.DataFrame, grid: list[str], select: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(the runs at each arm's selected setting, the selection table).
+
+    An arm is a combination of the grid columns outside `over`; its candidates are its settings of `over`.
+    The chosen one has the most runs that trained, then the best mean of `by` (max, or min with
+    `mode: min`) over those runs; ties go to the first candidate in sorted order.
+    """
+    by, over, mode = select["by"], list(select["over"]), select.get("mode", "max")
+    unknown = [k for k in over if k not in frame]
+    if unknown:
+        raise ReportError(f"`select.over` names {unknown}, which are not config keys of the runs.")
+    if not _has(frame, by):
+        raise ReportError(f"`select.by: {by}`: no run has this metric, so no setting can be chosen. Runs must "
+                          f"log it (validation metrics need a validation split), or drop `select`.")
+    arms = [c for c in grid if c not in over]
+    f = frame.assign(_v=_numeric(frame, by).where(frame["status"].eq("done")),
+                     _trained=frame["status"].eq("done").astype(float), _arm=0)
+    g = f.groupby([*(arms or ["_arm"]), *over], dropna=False, sort=True)
+    table = g.agg(runs=("status", "size"), trained=("_trained", "sum"), n=("_v", "count"), mean=("_v", "mean"))
+    table = table.reset_index()
+    sign = 1.0 if mode == "max" else -1.0
+    table["_score"] = (sign * table["mean"]).fillna(-np.inf)
+    best = table.sort_values(["trained", "_score"], ascending=False, kind="stable").groupby(arms or ["_arm"])
+    table["selected"] = table.index.isin(best.head(1).index)
+    chosen = table.loc[table["selected"], [*(arms or ["_arm"]), *over]]
+    selected = f.merge(chosen, on=[*(arms or ["_arm"]), *over]).drop(columns=["_v", "_trained", "_arm"])
+    table = table.drop(columns=["_score", "_arm"], errors="ignore").rename(columns={"mean": f"mean {by}"})
+    return selected, table
 
 
 # --------------------------------------------------------------------------------------------- analysis
@@ -476,6 +594,7 @@ class Analysis:
     missing: list[str]
     skipped: list[tuple[str, str]]
     frames: dict[str, tuple[pd.DataFrame, list[str]]]  # metric -> (frame it lives in, its grid columns)
+    selection: pd.DataFrame | None = None  # per arm and candidate setting: mean validation score, n, chosen
 
 
 def spec_metrics(spec: dict) -> list[str]:
@@ -483,6 +602,7 @@ def spec_metrics(spec: dict) -> list[str]:
     names += [c["metric"] for c in spec.get("compare") or []]
     names += [f["y"] for f in spec.get("figures") or [] if "y" in f]
     names += [d["of"] for d in (spec.get("derived") or {}).values()]
+    names += [spec["select"]["by"]] if spec.get("select") else []
     return list(dict.fromkeys(names))
 
 
@@ -509,7 +629,7 @@ def analyse(study: str, runs: Runs, dataset: str | None = None, experiments_dir:
             warnings.warn(f"ignoring {int(other.sum())} run(s) of other studies", ReportWarning)
             frame = frame[~other]
     frame, dataset = select_dataset(frame.reset_index(drop=True), dataset)
-    frame = frame.copy()
+    frame = mark_not_trained(frame, runs, dataset, spec)
     finished = frame[frame["status"].isin(FINISHED)].copy()
     if finished.empty:
         raise ReportError(f"none of the {len(frame)} run(s) of study {study!r} has finished (all running or failed).")
@@ -519,10 +639,18 @@ def analyse(study: str, runs: Runs, dataset: str | None = None, experiments_dir:
     missing = add_run_metrics(finished, runs, run_names, dataset, spec)
     frames = {m: (finished, grid) for m in run_names}
     tables = [aggregate(finished, m, grid).assign(table="runs") for m in run_names]
+    compared = dict(frames)  # metric -> (frame, grid) that its comparisons use
+    selection = None
+    if spec.get("select"):
+        chosen, selection = select_per_arm(finished, grid, spec["select"])
+        sgrid = [c for c in grid if c not in spec["select"]["over"]]
+        compared = {m: (chosen, sgrid) for m in run_names}
+        over = ", ".join(spec["select"]["over"])
+        tables += [aggregate(chosen, m, sgrid).assign(table=f"at each arm's selected {over}") for m in run_names]
     for name, d in derived.items():
         dframe = derive_across(finished, name, d, grid, dataset)
         dgrid = [c for c in grid if c != d["over"]]
-        frames[name] = (dframe, dgrid)
+        frames[name] = compared[name] = (dframe, dgrid)
         tables.append(aggregate(dframe, name, dgrid).assign(table=f"per seed, over {d['over']}"))
         if dframe[name].isna().all():
             missing.append(name)
@@ -531,8 +659,9 @@ def analyse(study: str, runs: Runs, dataset: str | None = None, experiments_dir:
     summary = pd.concat(tables, ignore_index=True)
     results = []
     for comp in spec.get("compare") or []:
-        cframe, cgrid = frames[comp["metric"]]
+        cframe, cgrid = compared[comp["metric"]]
         results += compare(cframe, cgrid, comp, dataset)
-    comparisons = pd.DataFrame(results)
-    verdict = overall(list(comparisons["verdict"])) if len(comparisons) else "inconclusive"
-    return Analysis(study, spec, dataset, frame, grid, summary, comparisons, verdict, missing, runs.skipped, frames)
+    comparisons = decide_rows(results)
+    verdict = stats.overall(list(comparisons["verdict"])) if len(comparisons) else "inconclusive"
+    return Analysis(study, spec, dataset, frame, grid, summary, comparisons, verdict, missing, runs.skipped, frames,
+                    selection)

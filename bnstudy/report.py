@@ -27,10 +27,9 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.transforms import offset_copy
-from scipy import stats
 
+from bnstudy import stats
 from bnstudy.analysis import (
-    CONFIDENCE,
     FINISHED,
     Analysis,
     ReportError,
@@ -57,10 +56,10 @@ LABELS = {
     "test/acc": "test accuracy",
     "test/loss": "test loss",
     "train/loss": "train loss",
-    "diverged": "fraction of runs diverged",
+    "diverged": "fraction of runs diverged or not trained",
     "step_time": "step time (s)",
     "examples_per_s": "examples / s",
-    "gen_gap": "train acc - test acc",
+    "gen_gap": "train-subset acc - test acc",
     "step": "training step",
     "epoch": "epoch",
 }
@@ -93,9 +92,9 @@ def wide_tables(a: Analysis) -> dict[str, pd.DataFrame]:
         by = [c for c in a.grid if c in part and part[c].notna().any()] or ["group"]
         part = part.assign(cell=part.apply(cell_text, axis=1), group="all runs")
         wide = part.pivot_table(index=by, columns="metric", values="cell", aggfunc="first", sort=False)
-        if kind == "runs":
-            counts = part.groupby(by, sort=False)[["runs", "diverged"]].first()
-            counts.columns = ["finished runs", "of which diverged"]
+        if "per seed" not in kind:
+            counts = part.groupby(by, sort=False)[["runs", "diverged", "not_trained"]].first()
+            counts.columns = ["finished runs", "of which diverged", "of which not trained"]
         else:
             counts = part.groupby(by, sort=False)[["runs"]].first().set_axis(["seeds"], axis=1)
         table = counts.join(wide[list(part["metric"].unique())]).reset_index()
@@ -118,11 +117,40 @@ def comparison_table(a: Analysis) -> pd.DataFrame:
         "effect [95% CI]": [
             f"{fmt(e)} [{fmt(lo)}, {fmt(hi)}]" for e, lo, hi in zip(c["estimate"], c["ci_low"], c["ci_high"])
         ],
-        "Welch df": c["df"].map(fmt),
-        "p": c["p"].map(fmt),
+        "interval": c["method"],
+        "df": c["df"].map(fmt),
+        "p support (Holm)": c["p_support_holm"].map(fmt),
+        "p contradiction (Holm)": c["p_contra_holm"].map(fmt),
         "used / runs per group": c["n"],
         "verdict": c["verdict"] + c["note"].map(lambda s: f" ({s})" if s else ""),
     })
+
+
+def selection_table(a: Analysis) -> pd.DataFrame | None:
+    """Per arm and candidate setting: runs, trained, n and mean validation score; the chosen one marked."""
+    if a.selection is None:
+        return None
+    t = a.selection.copy()
+    score = next(c for c in t if c.startswith("mean "))
+    t[score] = t[score].map(fmt)
+    t["trained"] = t["trained"].astype(int)
+    t["selected"] = t["selected"].map({True: "**selected**", False: ""})
+    return t
+
+
+def margins_text(a: Analysis) -> list[str]:
+    """One line per declared comparison: its margin and why."""
+    lines = []
+    for comp in a.spec.get("compare") or []:
+        margin = for_dataset(comp.get("margin", 0.0), a.dataset) or 0.0
+        reason = comp.get("margin_reason") or "none declared: any difference counts"
+        what = f"`{comp['metric']}`: ({_filters_text(comp['a'])}) vs ({_filters_text(comp['b'])}), expect {comp['expect']}"
+        lines.append(f"- {what}; margin {margin:g} ({reason})")
+    return lines
+
+
+def _filters_text(filters: dict) -> str:
+    return ", ".join(f"{k.split('.')[-1]}={v}" for k, v in filters.items())
 
 
 def to_latex(df: pd.DataFrame, caption: str) -> str:
@@ -181,40 +209,90 @@ def _line_label(keys: list[str], values) -> str:
     return ", ".join(parts) or "all runs"
 
 
+def _is_loss(metric: str) -> bool:
+    return re.search(r"(^|/)loss(_\w+)?$", metric) is not None
+
+
+def _log_y(f: dict, metric: str) -> bool:
+    """Losses on a log axis (one run's first loss would otherwise flatten every curve), or when asked."""
+    return bool(f.get("logy", _is_loss(metric)))
+
+
+def _readable_ylim(ax, values, metric: str, log: bool) -> None:
+    """Y range from the plotted values (means and single runs), not from the intervals: at n = 2 a t-interval
+    is 12.7 standard errors wide and would flatten everything; intervals past the frame are cut there.
+    Bounded metrics never leave their range."""
+    v = pd.to_numeric(pd.Series(values), errors="coerce")
+    v = v[np.isfinite(v) & ((v > 0) if log else True)]
+    if v.empty:
+        return
+    lo, hi = float(v.min()), float(v.max())
+    if log:
+        lo, hi = lo / 1.5, hi * 1.5
+    else:
+        pad = 0.25 * (hi - lo) or 0.05 * max(abs(hi), 1e-12)
+        lo, hi = lo - pad, hi + pad
+    bounds = stats.metric_bounds(metric)
+    if bounds:
+        lo, hi = max(lo, bounds[0] - 0.02 * (bounds[1] - bounds[0])), min(hi, bounds[1] + 0.02 * (bounds[1] - bounds[0]))
+    ax.set_ylim(lo, hi)
+
+
 def figure_xy(a: Analysis, f: dict, out: Path) -> list[str]:
-    """Final metric vs a grid column, mean with 95% t-interval error bars, one line per group (dodged by 4 pt)."""
+    """Final metric vs a grid column: mean with its 95% interval (t, clipped to the metric's range; exact binomial
+    for rates) and every run's value as a faint dot; one line per group, dodged by 4 pt."""
     frame, by = a.frames[f["y"]]
     x = f["x"]
     agg = aggregate(frame, f["y"], by)
     if agg["mean"].notna().sum() == 0:
         return []
+    log = _log_y(f, f["y"])
     categorical = x in agg and not pd.api.types.is_numeric_dtype(agg[x])
     if categorical:
         agg = agg.assign(_pos=agg[x].map(partial(_rank, x)))
+    used = frame[frame["status"].eq("done") | (f["y"] == "diverged")]
     panels = _panels(agg, f.get("col"))
     fig, axes = _new_figure(len(panels))
     for ax, (title, part) in zip(axes, panels):
         keys = _line_keys(by, f)
         lines = _ordered_lines(part, keys)
+        shown = [part["mean"]]
         for i, (value, line) in enumerate(lines):
             line = line.sort_values("_pos" if categorical else x) if x in line else line
             xs = line[x].astype(str) if categorical else (line[x] if x in line else np.zeros(len(line)))
-            err = [(line["mean"] - line["ci_low"]).fillna(0), (line["ci_high"] - line["mean"]).fillna(0)]
+            low = line["ci_low"].clip(lower=line["mean"] * 1e-3) if log else line["ci_low"]
+            err = [(line["mean"] - low).fillna(0), (line["ci_high"] - line["mean"]).fillna(0)]
             dodge = offset_copy(ax.transData, fig=fig, x=4.0 * (i - (len(lines) - 1) / 2), units="points")
             bars = ax.errorbar(xs, line["mean"], yerr=err, marker="o", capsize=3,
                                linestyle="none" if categorical else "-", label=_line_label(keys, value))
             for artist in (bars.lines[0], *bars.lines[1], *bars.lines[2]):  # shift after autoscaling saw the data
                 artist.set_transform(dodge)
+            if f["y"] != "diverged":
+                on = [k for k in by if k in line]
+                pts = used.merge(line[on], on=on) if on else used
+                px = pts[x].astype(str) if categorical else (pts[x] if x in pts else np.zeros(len(pts)))
+                ax.scatter(px, pts[f["y"]], s=9, alpha=0.35, color=bars.lines[0].get_color(), transform=dodge,
+                           zorder=1)
+                shown.append(pts[f["y"]])
         if f.get("logx") and not categorical:
             ax.set_xscale("log")
-        interval = "95% exact binomial interval" if f["y"] == "diverged" else "mean, 95% t-interval over seeds"
+        if log:
+            ax.set_yscale("log")
+        _readable_ylim(ax, pd.concat(shown, ignore_index=True), f["y"], log)
+        interval = _interval_words(f["y"])
         _finish_axes(ax, f, LABELS.get(x, x), f"{LABELS.get(f['y'], f['y'])}\n({interval})", title, bool(keys))
     return _save(fig, out, f["name"])
 
 
+def _interval_words(metric: str) -> str:
+    if metric == "diverged":
+        return "95% exact binomial interval"
+    if stats.metric_bounds(metric):
+        return "mean, 95% t-interval over seeds, clipped to [0, 1]; dots: runs"
+    return "mean, 95% t-interval over seeds; dots: runs"
+
+
 def _finish_axes(ax, f: dict, xlabel: str, ylabel: str, title: str, legend: bool) -> None:
-    if f.get("logy"):
-        ax.set_yscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
@@ -230,12 +308,15 @@ def figure_curve(a: Analysis, runs: Runs, f: dict, out: Path) -> list[str]:
     if hist.empty:
         return []
     x = f.get("x", "step")
+    log = _log_y(f, f["curve"])
     keys = _line_keys(a.grid, f)
     cols = list(dict.fromkeys([*keys, *([f["col"]] if f.get("col") in a.grid else [])]))
     hist = hist.merge(done[["run_id", *cols]], on="run_id")
     g = hist.groupby([*cols, x], sort=True)["value"].agg(["mean", "std", "count"]).reset_index()
-    half = stats.t.ppf(0.5 + CONFIDENCE / 2, g["count"] - 1) * g["std"] / np.sqrt(g["count"])
-    g["lo"], g["hi"] = g["mean"] - half, g["mean"] + half
+    half = stats.t_half_width(g["std"], g["count"])
+    g["lo"], g["hi"] = stats.clip_to_bounds(g["mean"] - half, g["mean"] + half, f["curve"])
+    if log:
+        g["lo"] = g["lo"].clip(lower=g["mean"] * 1e-3)
     panels = _panels(g, f.get("col") if f.get("col") in a.grid else None)
     fig, axes = _new_figure(len(panels))
     for ax, (title, part) in zip(axes, panels):
@@ -243,7 +324,11 @@ def figure_curve(a: Analysis, runs: Runs, f: dict, out: Path) -> list[str]:
             marker = "." if len(line) < 30 else None
             (handle,) = ax.plot(line[x], line["mean"], marker=marker, label=_line_label(keys, value))
             ax.fill_between(line[x], line["lo"], line["hi"], alpha=0.2, color=handle.get_color())
-        ylabel = f"{LABELS.get(f['curve'], f['curve'])}\n(mean, 95% t-band over seeds)"
+        if log:
+            ax.set_yscale("log")
+        _readable_ylim(ax, part["mean"], f["curve"], log)
+        band = "clipped to [0, 1]" if stats.metric_bounds(f["curve"]) else "cut at the frame"
+        ylabel = f"{LABELS.get(f['curve'], f['curve'])}\n(mean, 95% t-band over seeds, {band})"
         _finish_axes(ax, f, LABELS.get(x, x), ylabel, title, bool(keys))
     return _save(fig, out, f["name"])
 
@@ -251,13 +336,13 @@ def figure_curve(a: Analysis, runs: Runs, f: dict, out: Path) -> list[str]:
 def caption(a: Analysis, f: dict) -> str:
     what = f.get("curve") or f["y"]
     if "curve" in f:
-        how = "over training; mean and 95% t-band over seeds; diverged runs excluded"
+        how = "over training; mean and 95% t-band over seeds; diverged and not-trained runs excluded"
     elif what == "diverged":
-        how = "fraction of finished runs that diverged, with exact binomial 95% intervals"
+        how = "fraction of finished runs that diverged or did not train, with exact binomial 95% intervals"
     elif what in (a.spec.get("derived") or {}):
         how = "one value per seed (rule below the verdict); mean and 95% t-interval over seeds"
     else:
-        how = "final values; mean and 95% t-interval over seeds; diverged runs excluded"
+        how = "final values; mean and 95% t-interval over seeds (dots: single runs); diverged and not-trained runs excluded"
     return f"{LABELS.get(what, what)}: {how}."
 
 
@@ -335,6 +420,36 @@ def train_command(a: Analysis) -> str:
     return shlex.join(parts)
 
 
+def verdict_rules(a: Analysis) -> list[str]:
+    """The statistics behind the verdict, in words (the rules are those of bnstudy.stats)."""
+    k = len(a.comparisons)
+    trained = ("Runs that diverged or did not train are excluded from means and counted; a finite run is "
+               f"*not trained* when its final train loss is >= {stats.LOSS_RATIO:g} x its first logged train loss "
+               f"or its test accuracy is <= chance + {stats.CHANCE_MARGIN:g}."
+               if a.spec.get("require_trained", True) else
+               "Diverged runs are excluded from means and counted; this study does not require runs to learn "
+               "(`require_trained: false`).")
+    return [
+        "Each comparison is a contrast of group means over seeds (mean A - mean B; with `relative_to`, that "
+        "difference minus the same difference in the reference groups) with a 95% t-interval: **paired** (on "
+        "per-seed differences) when every group holds the same seeds, since a seed fixes the initialization and "
+        "the data order in every arm; **Welch** (unequal variances) otherwise. The `interval` column says which.",
+        "",
+        f"Verdicts use one-sided t-tests against each comparison's margin, Holm-Bonferroni adjusted over this "
+        f"study's {k} comparison(s), at a family-wise level of {stats.FAMILY_ALPHA:g}: "
+        f"{stats.DIRECTION_ALPHA:g} for support and {stats.DIRECTION_ALPHA:g} for contradiction. A comparison "
+        "that expects *greater* (or *less*) is supported when its difference is shown above (below) the margin, "
+        "contradicted when it is shown below (above) it: a difference shown equivalent to zero within a "
+        "margin > 0 contradicts a directional claim, since it is smaller than the smallest difference that "
+        "matters. *equivalent* is decided by two one-sided tests (TOST) within +-margin. A comparison with no "
+        "variation across seeds (a zero-width interval) or fewer than 2 runs in a group is inconclusive. The "
+        "claim is **supported** when every comparison supports it, **contradicted** when any contradicts it, "
+        "otherwise **inconclusive**.",
+        "",
+        trained,
+    ]
+
+
 def readme(a: Analysis, tables: dict, comp: pd.DataFrame, figures, notes, command: str, data_note: str | None) -> str:
     s = a.spec
     counts = a.runs["status"].value_counts()
@@ -356,26 +471,27 @@ def readme(a: Analysis, tables: dict, comp: pd.DataFrame, figures, notes, comman
         f"Source: {s.get('source', 'not given')}",
         "",
     ]
-    variant = s.get("variant") or f"default (configs/experiment/{a.study}.yaml)"
+    variant = s.get("variant") or f"default (experiments/{a.study}.yaml)"
     lines += [f"Grid variant: **{variant}**.", ""]
     data = [line[2:] for line in facts(a)[:2] if line.startswith("- ")]
     lines += [f"Data: {data[0]}", ""] + ([f"Data note: {data_note}", ""] if data_note else [])
     lines += [f"{data[1]}", ""] if len(data) > 1 and data[1].startswith("**not") else []
-    lines += [
-        f"## Verdict: **{a.verdict}**",
-        "",
-        "Each comparison is a contrast of group means over seeds with a Welch 95% t-interval (unequal variances, "
-        "Welch-Satterthwaite degrees of freedom; p is two-sided against 0). A comparison supports the claim when its "
-        "interval lies entirely on the claimed side of the margin, contradicts it when it lies entirely on the other "
-        "side, and is inconclusive otherwise or with fewer than 2 finished runs in a group. The claim is **supported** "
-        "when every comparison supports it (intersection-union test at the 5% level), **contradicted** when any "
-        "comparison contradicts it, otherwise **inconclusive**. The effect is mean A - mean B in the metric's units "
-        "(for `relative_to`, that difference minus the same difference in the reference groups); the margin is the "
-        "smallest effect that matters (0 unless the study sets one). Diverged runs are excluded from means and "
-        "counted.",
-        "",
-    ]
+    lines += [f"## Verdict: **{a.verdict}**", "", *verdict_rules(a), ""]
     lines += [comp.to_markdown(index=False) if not comp.empty else "No comparison is declared for this study.", ""]
+    if s.get("compare"):
+        lines += ["Margins (the smallest difference that matters) and why:", "", *margins_text(a), ""]
+    select = selection_table(a)
+    if select is not None:
+        by, over = s["select"]["by"], ", ".join(s["select"]["over"])
+        lines += [
+            f"### Per-arm selection of {over} (on `{by}`, never on the test split)",
+            "",
+            f"Each arm is compared at its own setting of {over}: the one where most runs trained, then the best "
+            f"mean `{by}` over seeds ({s['select'].get('mode', 'max')}imum).",
+            "",
+            select.to_markdown(index=False),
+            "",
+        ]
     derived = a.spec.get("derived") or {}
     for name, d in derived.items():
         rule = (f"largest `{d['over']}` whose run finished without diverging with `{d['of']}` >= "
@@ -391,10 +507,12 @@ def readme(a: Analysis, tables: dict, comp: pd.DataFrame, figures, notes, comman
     if any(m.startswith("mean(") for m in spec_metrics(s)):
         lines.append("- `mean(key)`: the mean of a logged key over all its records in metrics.jsonl (over training).")
     if "gen_gap" in spec_metrics(s):
-        lines.append("- `gen_gap`: mean train accuracy of the last epoch (dropout on) minus final test accuracy.")
+        lines.append("- `gen_gap`: accuracy on the training subset in inference mode minus test accuracy (same "
+                     "weights, same BN mode); missing for runs that do not log `train_subset/acc`.")
     if any(m.startswith("bn/*/") for m in spec_metrics(s)):
         lines.append("- `bn/*/key`: the mean of `bn/<layer>/key` over the BN layers that log it.")
-    lines += ["", "## Results", "", "Each cell: mean [95% t-interval] (n runs used) over seeds.", ""]
+    lines += ["", "## Results", "", "Each cell: mean [95% t-interval] (n runs used) over seeds; accuracies and rates "
+              "with the interval clipped to [0, 1] (the divergence rate: exact Clopper-Pearson interval).", ""]
     for kind, t in tables.items():
         lines += [f"### {kind}", "", t.to_markdown(index=False), ""]
     lines += ["## Figures", ""]
@@ -433,7 +551,7 @@ def write_report(a: Analysis, runs: Runs, out: Path, command: str, data_note: st
     (out / "table.md").write_text("\n".join(md))
     tex = [to_latex(t, f"{a.study}: {kind}; mean [95\\% t-interval] (n) over seeds") for kind, t in tables.items()]
     if not comp.empty:
-        tex.append(to_latex(comp, f"{a.study}: comparisons, Welch 95\\% intervals; verdict {a.verdict}"))
+        tex.append(to_latex(comp, f"{a.study}: comparisons, 95\\% intervals (paired or Welch), Holm-adjusted p; verdict {a.verdict}"))
     (out / "table.tex").write_text("\n".join(tex))
     figures, notes = write_figures(a, runs, out)
     (out / "README.md").write_text(readme(a, tables, comp, figures, notes, command, data_note))
@@ -448,7 +566,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="bnstudy-report",
         description="Turn a study's runs into a report: tables with 95% intervals, figures and a verdict on its claim.",
     )
-    p.add_argument("study", help="study name, e.g. placement (configs/experiment/<study>.yaml)")
+    p.add_argument("study", help="study name, e.g. placement (experiments/<study>.yaml)")
     p.add_argument("--runs", type=Path, help="folder of run folders (default: <out-dir>/<study>)")
     p.add_argument("--out-dir", type=Path, default=Path("outputs"), help="training out_dir root (default: outputs)")
     p.add_argument("--out", type=Path, help="report folder (default: results/<study>)")

@@ -81,8 +81,11 @@ def test_report_block_is_complete_and_names_real_axes(study):
 
 
 def test_quick_placement_runs_end_to_end_through_train_and_report(mock_tfds, run_app, tmp_path):
+    # Two steps on mock data teach nothing, so the report is told not to require learning (the trained rule
+    # is tested in test_stats.py); the pipeline from train to report is what this test checks.
     out = run_app("-m", "experiment=placement", "+preset=quick", "train.max_steps_per_epoch=2",
-                  "discrepancy.enabled=false", "train.pack_size=2")  # one compiled program per placement
+                  "discrepancy.enabled=false", "train.pack_size=2",  # one compiled program per placement
+                  "+report.require_trained=false")
     runs_dir = out / "placement"
     assert len(list(runs_dir.glob("*/summary.json"))) == 6  # 3 placements x 2 seeds
     results = tmp_path / "results"

@@ -1,5 +1,6 @@
 """bnstudy.report on synthetic run folders with known values: aggregates, intervals and verdicts are the
-hand-computed ones; diverged, running, failed and corrupt runs are counted, listed or skipped."""
+hand-computed ones; diverged, running, failed and corrupt runs are counted, listed or skipped. Groups that hold
+the same seeds are compared paired (t on per-seed differences); bnstudy.stats' own rules are in test_stats.py."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import yaml
 from scipy import stats
 
 from bnstudy import analysis, report
+from bnstudy import stats as bstats
 
 # Synthetic runs log only what each test needs; the report's "no run has metric" warnings are expected here.
 pytestmark = pytest.mark.filterwarnings("ignore:study .*no run has metric:bnstudy.analysis.ReportWarning")
@@ -50,7 +52,7 @@ def write_run(root: Path, *, study="placement", norm="before_relu", seed=0, lr=0
 
 PLACEMENT = {
     "before_relu": [0.97, 0.98, 0.99],
-    "after_relu": [0.94, 0.95, 0.96],
+    "after_relu": [0.945, 0.95, 0.96],
     "none": [0.80, 0.82, 0.84],
 }
 
@@ -75,6 +77,13 @@ def welch_by_hand(a, b):
     return d, d - half, d + half, df
 
 
+def paired_by_hand(a, b):
+    """Mean of the per-seed differences with its t-interval (n - 1 degrees of freedom), written out."""
+    d = np.asarray(a) - np.asarray(b)
+    half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
+    return d.mean(), d.mean() - half, d.mean() + half, len(d) - 1
+
+
 def analyse_dir(study, root, **kw):
     return analysis.analyse(study, analysis.load_local(root), **kw)
 
@@ -89,26 +98,27 @@ def test_group_mean_std_and_t_interval_equal_hand_computed(tmp_path):
     assert row["mean"] == pytest.approx(0.98)
     assert row["std"] == pytest.approx(0.01)
     half = T975_DF2 * 0.01 / math.sqrt(3)
-    assert (row["ci_low"], row["ci_high"]) == pytest.approx((0.98 - half, 0.98 + half))
+    # an accuracy's interval is shown clipped to [0, 1]: 0.98 + 0.0248 would exceed 1
+    assert (row["ci_low"], row["ci_high"]) == pytest.approx((0.98 - half, 1.0))
 
 
 def test_welch_contrast_matches_formula_and_scipy():
     a, b = [0.97, 0.98, 0.99], [0.80, 0.82, 0.84]
-    got = analysis.welch_contrast([np.array(a), np.array(b)], [1, -1])
+    got = bstats.welch_contrast([np.array(a), np.array(b)], [1, -1])
     d, lo, hi, df = welch_by_hand(a, b)
-    assert (got["estimate"], got["ci_low"], got["ci_high"], got["df"]) == pytest.approx((d, lo, hi, df))
+    assert (got.estimate, *got.interval(), got.df) == pytest.approx((d, lo, hi, df))
     ref = stats.ttest_ind(a, b, equal_var=False)
-    assert got["p"] == pytest.approx(ref.pvalue)
+    assert got.p_two_sided() == pytest.approx(ref.pvalue)
     # equal n and equal spread: Welch df is 2(n-1) = 4 exactly
-    eq = analysis.welch_contrast([np.array([0.97, 0.98, 0.99]), np.array([0.94, 0.95, 0.96])], [1, -1])
+    eq = bstats.welch_contrast([np.array([0.97, 0.98, 0.99]), np.array([0.94, 0.95, 0.96])], [1, -1])
     half = T975_DF4 * math.sqrt(2 * 0.01**2 / 3)
-    assert eq["df"] == pytest.approx(4.0)
-    assert (eq["ci_low"], eq["ci_high"]) == pytest.approx((0.03 - half, 0.03 + half))
+    assert eq.df == pytest.approx(4.0)
+    assert eq.interval() == pytest.approx((0.03 - half, 0.03 + half))
 
 
 def test_interaction_contrast_of_four_groups_equals_hand_computed():
     groups = [np.array(g) for g in ([0.90, 0.92, 0.91], [0.97, 0.98, 0.99], [0.95, 0.96, 0.94], [0.96, 0.95, 0.97])]
-    got = analysis.welch_contrast(groups, [1, -1, -1, 1])
+    got = bstats.welch_contrast(groups, [1, -1, -1, 1])
     means = [g.mean() for g in groups]
     terms = [g.var(ddof=1) / len(g) for g in groups]
     se = math.sqrt(sum(terms))
@@ -116,30 +126,7 @@ def test_interaction_contrast_of_four_groups_equals_hand_computed():
     est = means[0] - means[1] - means[2] + means[3]
     half = stats.t.ppf(0.975, df) * se
     expected = (est, est - half, est + half, df)
-    assert (got["estimate"], got["ci_low"], got["ci_high"], got["df"]) == pytest.approx(expected)
-
-
-@pytest.mark.parametrize(
-    "lo, hi, expect, margin, verdict",
-    [
-        (0.01, 0.05, "greater", 0.0, "supported"),
-        (-0.05, -0.01, "greater", 0.0, "contradicted"),
-        (-0.01, 0.05, "greater", 0.0, "inconclusive"),
-        (-0.05, -0.01, "less", 0.0, "supported"),
-        (0.001, 0.004, "less", 0.005, "supported"),  # a gain below the margin: "adds little"
-        (0.006, 0.02, "less", 0.005, "contradicted"),
-        (0.003, 0.02, "less", 0.005, "inconclusive"),
-    ],
-)
-def test_decision_rule(lo, hi, expect, margin, verdict):
-    assert analysis.decide(lo, hi, expect, margin) == verdict
-
-
-def test_overall_verdict_is_an_intersection_of_the_comparisons():
-    assert analysis.overall(["supported", "supported"]) == "supported"
-    assert analysis.overall(["supported", "inconclusive"]) == "inconclusive"
-    assert analysis.overall(["supported", "contradicted", "inconclusive"]) == "contradicted"
-    assert analysis.overall([]) == "inconclusive"
+    assert (got.estimate, *got.interval(), got.df) == pytest.approx(expected)
 
 
 # ---------------------------------------------------------------------------------------------- verdicts
@@ -151,9 +138,14 @@ def test_placement_verdict_supported_with_hand_computed_effects(tmp_path):
     c = a.comparisons.set_index("comparison")
     for (x, y) in [("before_relu", "after_relu"), ("before_relu", "none"), ("after_relu", "none")]:
         row = c.loc[f"(norm={x}) - (norm={y})"]
-        d, lo, hi, df = welch_by_hand(PLACEMENT[x], PLACEMENT[y])
+        d, lo, hi, df = paired_by_hand(PLACEMENT[x], PLACEMENT[y])  # same seeds 0, 1, 2 in every arm
         assert (row["estimate"], row["ci_low"], row["ci_high"], row["df"]) == pytest.approx((d, lo, hi, df))
-        assert row["verdict"] == "supported"
+        assert row["method"] == "paired (3 seeds)" and row["verdict"] == "supported"
+        # Holm over the 3 comparisons: the adjusted p-values are the sorted raw ones times 3, 2, 1 (monotone)
+    raw = a.comparisons["p_support"].to_numpy()
+    order = np.argsort(raw)
+    by_hand = np.maximum.accumulate(raw[order] * np.array([3, 2, 1]))
+    assert a.comparisons["p_support_holm"].to_numpy()[order] == pytest.approx(np.minimum(by_hand, 1))
 
 
 def test_placement_verdict_contradicted_and_inconclusive(tmp_path):
@@ -227,8 +219,9 @@ def test_learning_rate_max_stable_lr_per_seed(tmp_path):
     got = dframe.set_index(["model.norm", "seed"])["log10_max_stable_lr"].to_dict()
     assert got == pytest.approx({k: math.log10(v) for k, v in largest.items()})
     (row,) = a.comparisons.query("comparison == '(norm=before_relu) - (norm=none)'").to_dict("records")
-    d, lo, hi, _ = welch_by_hand([0, 0, -1], [-1, -2, -2])
+    d, lo, hi, _ = paired_by_hand([0, 0, -1], [-1, -2, -2])
     assert (row["estimate"], row["ci_low"], row["ci_high"]) == pytest.approx((d, lo, hi))
+    assert row["method"] == "paired (3 seeds)"
     div = a.summary.query("metric == 'diverged' and `model.norm` == 'none' and `optimizer.lr` == 1.0").iloc[0]
     assert (div["mean"], div["n"]) == (1.0, 3)  # divergence rate counts the diverged runs by definition
     assert (div["ci_low"], div["ci_high"]) == pytest.approx((0.025 ** (1 / 3), 1.0))  # Clopper-Pearson, k = n
@@ -253,7 +246,7 @@ def test_dropout_interaction_and_margin(tmp_path):
     root = tmp_path / "runs"
     acc = {  # (norm, placement, rate) -> per-seed accuracies
         ("before_relu", "before_classifier", 0.0): [0.980, 0.982, 0.981],
-        ("before_relu", "before_classifier", 0.5): [0.981, 0.983, 0.982],
+        ("before_relu", "before_classifier", 0.5): [0.981, 0.9835, 0.9815],
         ("before_relu", "after_block", 0.5): [0.950, 0.955, 0.945],
         ("before_relu", "after_block", 0.0): [0.980, 0.982, 0.981],
         ("none", "before_classifier", 0.5): [0.975, 0.977, 0.976],
@@ -264,23 +257,26 @@ def test_dropout_interaction_and_margin(tmp_path):
     for (norm, placement, rate), values in acc.items():
         for seed, v in enumerate(values):
             write_run(root, study="dropout", norm=norm, seed=seed, placement=placement, rate=rate,
-                      summary={"test/acc": v, "train/epoch_acc": v + 0.01, "bn/conv2/dropout_var_shift": 0.8,
+                      summary={"test/acc": v, "train_subset/acc": v + 0.01, "train/epoch_acc": v - 0.05,
+                               "bn/conv2/dropout_var_shift": 0.8,
                                "bn/dense1/dropout_var_shift": 0.6})
     a = analyse_dir("dropout", root)
     gain, inter = a.comparisons.to_dict("records")
     with_bn = ("before_relu", "before_classifier")
-    d, lo, hi, _ = welch_by_hand(acc[(*with_bn, 0.5)], acc[(*with_bn, 0.0)])
+    d, lo, hi, _ = paired_by_hand(acc[(*with_bn, 0.5)], acc[(*with_bn, 0.0)])
     assert (gain["estimate"], gain["ci_low"], gain["ci_high"]) == pytest.approx((d, lo, hi))
-    assert gain["verdict"] == "supported"  # the gain's interval lies below the 0.005 margin
+    assert gain["verdict"] == "supported"  # the gain is shown below the 0.005 margin
+    assert gain["margin_reason"].startswith("the claim's own bound")
     groups = [np.array(acc[k]) for k in [("before_relu", "after_block", 0.5), ("before_relu", "before_classifier", 0.5),
                                          ("none", "after_block", 0.5), ("none", "before_classifier", 0.5)]]
-    ref = analysis.welch_contrast(groups, [1, -1, -1, 1])
-    means = [np.mean(g) for g in groups]
-    assert inter["estimate"] == pytest.approx(means[0] - means[1] - means[2] + means[3])
-    assert (inter["ci_low"], inter["ci_high"]) == pytest.approx((ref["ci_low"], ref["ci_high"]))
+    per_seed = groups[0] - groups[1] - groups[2] + groups[3]  # the interaction contrast of each seed
+    half = T975_DF2 * per_seed.std(ddof=1) / math.sqrt(3)
+    assert inter["estimate"] == pytest.approx(per_seed.mean())
+    assert (inter["ci_low"], inter["ci_high"]) == pytest.approx((per_seed.mean() - half, per_seed.mean() + half))
     assert inter["verdict"] == "supported" and a.verdict == "supported"
     shift = a.summary.query("metric == 'bn/*/dropout_var_shift'")["mean"]
     assert shift.tolist() == pytest.approx([0.7] * len(shift))  # mean over the BN layers
+    # gen_gap = train_subset/acc - test/acc (inference mode), not the epoch's training accuracy (-0.05 here)
     gap = a.summary.query("metric == 'gen_gap'")["mean"]
     assert gap.tolist() == pytest.approx([0.01] * len(gap))
 
@@ -290,8 +286,9 @@ def test_smoothness_mean_over_training_is_compared_per_learning_rate(tmp_path):
     for lr in (0.01, 0.1):
         for seed in range(3):
             for norm, level in [("before_relu", 1.0), ("none", 5.0)]:
-                recs = [{"step": s, "epoch": s / 30, "smooth/beta_eff": level * lr * 10 + seed / 100 + s / 10,
-                         "smooth/loss_range": level, "smooth/grad_pred": level} for s in (10, 20, 30)]
+                jitter = seed / 100 * (1 if norm == "none" else 3)  # per-seed differences vary across seeds
+                recs = [{"step": s, "epoch": s / 30, "smooth/beta_eff": level * lr * 10 + jitter + s / 10,
+                         "smooth/loss_range": level, "smooth/grad_pred": level + jitter} for s in (10, 20, 30)]
                 write_run(root, study="smoothness", norm=norm, seed=seed, lr=lr, summary={"test/acc": 0.9},
                           records=recs)
     a = analyse_dir("smoothness", root)
@@ -301,11 +298,13 @@ def test_smoothness_mean_over_training_is_compared_per_learning_rate(tmp_path):
     one = frame[(frame["model.norm"] == "none") & (frame["optimizer.lr"] == 0.1) & (frame["seed"] == 2)]
     assert one["mean(smooth/beta_eff)"].item() == pytest.approx(np.mean([5 + 2 / 100 + s / 10 for s in (10, 20, 30)]))
     row = beta[beta["context"] == "lr=0.1"].iloc[0]
-    assert row["estimate"] == pytest.approx(1.0 - 5.0)
-    # zero spread in loss_range: the interval collapses to the difference, stated in the note
-    lr_row = a.comparisons[a.comparisons["metric"] == "mean(smooth/loss_range)"].iloc[0]
-    assert lr_row["ci_low"] == lr_row["ci_high"] == pytest.approx(-4.0) and lr_row["note"]
-    assert a.verdict == "supported"
+    assert row["estimate"] == pytest.approx(1.0 - 5.0 + 0.02) and row["verdict"] == "supported"
+    # zero spread in loss_range: a zero-width interval is no evidence, so inconclusive (changed rule: it used
+    # to count as supported), and the claim cannot be supported as a whole
+    lr_rows = a.comparisons[a.comparisons["metric"] == "mean(smooth/loss_range)"]
+    assert (lr_rows["ci_low"] == lr_rows["ci_high"]).all() and lr_rows["ci_low"].tolist() == pytest.approx([-4.0] * 2)
+    assert set(lr_rows["verdict"]) == {"inconclusive"} and lr_rows["note"].str.contains("no variation").all()
+    assert a.verdict == "inconclusive"
 
 
 def test_epochs_to_target_reads_the_learning_curves(tmp_path):

@@ -1,0 +1,251 @@
+"""The statistics and verdict rules of a report, stated and computed in one place (numpy, scipy, pandas only).
+
+Rules (the report's README repeats them):
+- Interval of a group mean: mean +- t(0.975, n-1) * sd / sqrt(n). Bounded metrics (accuracies, rates) are
+  shown with that interval clipped to their range ([0, 1]); a proportion (the divergence rate) gets the exact
+  Clopper-Pearson interval instead.
+- A comparison is a contrast of group means, theta = sum_i c_i * mean_i (A - B, or (A - B) - (A' - B')).
+  When every group holds the same seeds (same seed = same initialization and data order in every arm) it is
+  *paired*: the t-interval of the per-seed contrasts. Otherwise *Welch*: unequal variances,
+  Welch-Satterthwaite degrees of freedom.
+- Verdicts use one-sided t-tests against the declared margin m, adjusted by Holm-Bonferroni over the
+  comparisons of a study, at family-wise level FAMILY_ALPHA = 0.05 split evenly between the two errors a
+  report can make: 0.025 for "supported" and 0.025 for "contradicted". With one comparison this is exactly
+  "the 95% interval lies entirely on one side of the margin".
+  - `expect: greater` (claim theta > m): supported when H0 theta <= m is rejected, contradicted when
+    H0 theta >= m is rejected. With m > 0 this contradicts a difference shown equivalent to zero within
+    +-m: a difference smaller than the smallest one that matters is no support for "greater".
+    `expect: less` mirrors it.
+  - `expect: equivalent` (claim |theta| < m, m > 0): two one-sided tests (TOST), p = max of the two;
+    contradicted when |theta| > m is shown (the smaller one-sided p, doubled for the two sides).
+  - No variation (standard error 0, e.g. a value bounded by a grid's spacing that is the same for every
+    seed): no p-value, inconclusive. A zero-width interval is no evidence by itself.
+- A run that stays finite but does not learn is not `trained` (see `is_trained`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+CONFIDENCE = 0.95
+FAMILY_ALPHA = 0.05  # family-wise error level of a study's verdict, half for support and half for contradiction
+DIRECTION_ALPHA = FAMILY_ALPHA / 2
+EXPECTATIONS = ("greater", "less", "equivalent")
+
+# The `trained` rule: a finite run learned when its last train loss fell below LOSS_RATIO x its first logged
+# train loss AND its test accuracy is above chance + CHANCE_MARGIN.
+LOSS_RATIO = 0.9
+CHANCE_MARGIN = 0.05
+
+
+# ------------------------------------------------------------------------------------------- intervals
+
+
+def t_interval(values, confidence: float = CONFIDENCE) -> tuple[float, float, float]:
+    """(mean, low, high) of the t-interval of a mean; NaN bounds with fewer than 2 values."""
+    x = np.asarray(values, float)
+    x = x[np.isfinite(x)]
+    if len(x) == 0:
+        return (np.nan, np.nan, np.nan)
+    mean = float(x.mean())
+    if len(x) < 2:
+        return (mean, np.nan, np.nan)
+    half = stats.t.ppf(0.5 + confidence / 2, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x))
+    return (mean, mean - half, mean + half)
+
+
+def t_half_width(std, n, confidence: float = CONFIDENCE):
+    """Half-width of the t-interval of a mean from (arrays of) sd and n; NaN where n < 2."""
+    n = np.asarray(n, float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return stats.t.ppf(0.5 + confidence / 2, n - 1) * np.asarray(std, float) / np.sqrt(n)
+
+
+def proportion_interval(k: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Exact (Clopper-Pearson) binomial interval of k successes in n trials."""
+    if n == 0:
+        return (np.nan, np.nan)
+    ci = stats.binomtest(int(k), int(n)).proportion_ci(confidence_level=confidence, method="exact")
+    return (float(ci.low), float(ci.high))
+
+
+_UNIT_INTERVAL = re.compile(r"(^|/)(acc(_running|_batch|_population)?|epoch_acc|acc_spread|diverged|dead_frac)$")
+
+
+def metric_bounds(metric: str) -> tuple[float, float] | None:
+    """The range a metric cannot leave ([0, 1] for accuracies and rates), or None when unbounded."""
+    return (0.0, 1.0) if _UNIT_INTERVAL.search(metric) else None
+
+
+def clip_to_bounds(low, high, metric: str):
+    """The displayed interval of a bounded metric: the t-interval clipped to the metric's range."""
+    bounds = metric_bounds(metric)
+    if bounds is None:
+        return low, high
+    return np.clip(low, *bounds), np.clip(high, *bounds)
+
+
+# ------------------------------------------------------------------------------------------- contrasts
+
+
+@dataclass(frozen=True)
+class Contrast:
+    """An estimate of sum_i c_i * mean_i with its t-distribution (standard error, degrees of freedom)."""
+
+    estimate: float
+    se: float
+    df: float
+    method: str  # "paired (n seeds)" or "Welch"
+
+    def interval(self, confidence: float = CONFIDENCE) -> tuple[float, float]:
+        if self.se == 0 or not np.isfinite(self.se):
+            return (self.estimate, self.estimate)
+        half = stats.t.ppf(0.5 + confidence / 2, self.df) * self.se
+        return (self.estimate - half, self.estimate + half)
+
+    def p_above(self, threshold: float) -> float:
+        """One-sided p-value of H0 theta <= threshold (small: theta > threshold is shown)."""
+        if not self.se > 0:
+            return np.nan
+        return float(stats.t.sf((self.estimate - threshold) / self.se, self.df))
+
+    def p_below(self, threshold: float) -> float:
+        """One-sided p-value of H0 theta >= threshold (small: theta < threshold is shown)."""
+        if not self.se > 0:
+            return np.nan
+        return float(stats.t.cdf((self.estimate - threshold) / self.se, self.df))
+
+    def p_two_sided(self) -> float:
+        """Two-sided p-value against theta = 0 (for reference; verdicts use the one-sided tests)."""
+        return min(1.0, 2 * min(self.p_above(0.0), self.p_below(0.0))) if self.se > 0 else np.nan
+
+
+def welch_contrast(groups: list, coefs: list[float]) -> Contrast:
+    """Contrast of independent group means, Welch-Satterthwaite degrees of freedom."""
+    n = np.array([len(g) for g in groups], float)
+    means = np.array([np.mean(g) for g in groups])
+    var = np.array([np.var(g, ddof=1) for g in groups])
+    c = np.asarray(coefs, float)
+    terms = c**2 * var / n
+    se = float(math.sqrt(terms.sum()))
+    df = se**4 / float((terms**2 / (n - 1)).sum()) if se > 0 else np.inf
+    return Contrast(float(c @ means), se, df, "Welch")
+
+
+def paired_contrast(groups: list[pd.Series], coefs: list[float]) -> Contrast:
+    """Contrast of per-seed values (each group a Series indexed by seed, same seeds): t on the differences."""
+    seeds = groups[0].index
+    d = sum(c * g.reindex(seeds).to_numpy(float) for g, c in zip(groups, coefs))
+    se = float(np.std(d, ddof=1) / math.sqrt(len(d)))
+    return Contrast(float(np.mean(d)), se, len(d) - 1.0, f"paired ({len(d)} seeds)")
+
+
+def same_seeds(groups: list[pd.Series]) -> bool:
+    """Every group holds each of the same seeds exactly once (and at least 2 of them)."""
+    first = groups[0].index
+    return (len(first) >= 2 and first.is_unique
+            and all(g.index.is_unique and set(g.index) == set(first) for g in groups))
+
+
+def contrast(groups: list[pd.Series], coefs: list[float]) -> Contrast:
+    """Paired when every group holds the same seeds, Welch otherwise. Groups: values indexed by seed."""
+    if same_seeds(groups):
+        return paired_contrast(groups, coefs)
+    return welch_contrast([g.to_numpy(float) for g in groups], coefs)
+
+
+# -------------------------------------------------------------------------------------- tests, verdicts
+
+
+def one_sided_pvalues(c: Contrast, expect: str, margin: float) -> tuple[float, float]:
+    """(p of support, p of contradiction) of one comparison, before any multiplicity adjustment."""
+    if expect == "greater":
+        return c.p_above(margin), c.p_below(margin)
+    if expect == "less":
+        return c.p_below(margin), c.p_above(margin)
+    if expect == "equivalent":
+        return tost_pvalue(c, margin), min(1.0, 2 * min(c.p_above(margin), c.p_below(-margin)))
+    raise ValueError(f"expect must be one of {EXPECTATIONS}, got {expect!r}")
+
+
+def tost_pvalue(c: Contrast, margin: float) -> float:
+    """Two one-sided tests of |theta| < margin: the larger of the two one-sided p-values."""
+    return max(c.p_above(-margin), c.p_below(margin))
+
+
+def holm(pvalues) -> np.ndarray:
+    """Holm-Bonferroni adjusted p-values (NaN stays NaN and does not count in the family)."""
+    p = np.asarray(pvalues, float)
+    out = np.full(p.shape, np.nan)
+    ok = np.flatnonzero(np.isfinite(p))
+    order = ok[np.argsort(p[ok], kind="stable")]
+    k = len(order)
+    adjusted = np.maximum.accumulate((k - np.arange(k)) * p[order]) if k else []
+    out[order] = np.minimum(adjusted, 1.0)
+    return out
+
+
+def decide(p_support_adj: float, p_contra_adj: float, alpha: float = DIRECTION_ALPHA) -> str:
+    """supported / contradicted / inconclusive from the Holm-adjusted one-sided p-values."""
+    if p_support_adj <= alpha:
+        return "supported"
+    if p_contra_adj <= alpha:
+        return "contradicted"
+    return "inconclusive"
+
+
+def decide_family(p_support, p_contra, alpha: float = DIRECTION_ALPHA) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Per comparison: verdict and the Holm-adjusted p-values of support and contradiction."""
+    ps, pc = holm(p_support), holm(p_contra)
+    return [decide(s, c, alpha) for s, c in zip(ps, pc)], ps, pc
+
+
+def overall(verdicts: list[str]) -> str:
+    """The claim: contradicted if any comparison is, supported if all are, otherwise inconclusive."""
+    if not verdicts:
+        return "inconclusive"
+    if "contradicted" in verdicts:
+        return "contradicted"
+    return "supported" if all(v == "supported" for v in verdicts) else "inconclusive"
+
+
+def why(c: Contrast | None, expect: str, margin: float, verdict: str) -> str:
+    """A short reason for a comparison's verdict (empty when the interval says it plainly)."""
+    if c is None:
+        return "fewer than 2 finished runs with this metric in a group"
+    if not c.se > 0:
+        return "no variation across seeds: a zero-width interval is no evidence (bounded by the grid spacing)"
+    low, high = c.interval()
+    if verdict == "contradicted" and expect in ("greater", "less") and margin > 0 and -margin < low and high < margin:
+        return f"equivalent to zero within +-{margin:g}: smaller than the smallest difference that matters"
+    if verdict == "contradicted" and expect == "equivalent":
+        return f"the difference is shown to exceed the margin +-{margin:g}"
+    return ""
+
+
+# ------------------------------------------------------------------------------------------- run rules
+
+
+def is_trained(first_train_loss: float | None, final_train_loss: float | None, test_acc: float | None,
+               num_classes: int = 10, loss_ratio: float = LOSS_RATIO, chance_margin: float = CHANCE_MARGIN) -> bool:
+    """Whether a finite run learned: its final train loss < loss_ratio x its first logged one, and its test
+    accuracy > 1/num_classes + chance_margin. A missing number is not held against the run (the other
+    decides); with neither, the run counts as trained."""
+    if first_train_loss is not None and final_train_loss is not None:
+        first, final = float(first_train_loss), float(final_train_loss)
+        if np.isfinite(first) and np.isfinite(final) and final >= loss_ratio * first:
+            return False
+    if test_acc is not None and np.isfinite(float(test_acc)):
+        return float(test_acc) > 1.0 / num_classes + chance_margin
+    return True
+
+
+def gen_gap(train_subset_acc, test_acc):
+    """Generalization gap: training-subset accuracy in inference mode minus test accuracy (same weights)."""
+    return np.asarray(train_subset_acc, float) - np.asarray(test_acc, float)
