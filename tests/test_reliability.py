@@ -280,11 +280,14 @@ def test_wandb_outage_costs_one_bounded_wait_and_keeps_the_history_offline(tmp_p
         ("experiment=placment", "experiment"),
         ("optimizer=rmsprop", "optimizer"),
         ("model.dropout.rate=0.5", "model.dropout.rate"),
-        ("out_dir=/etc/hostname/runs", "out_dir"),
+        ("out_dir={a_file}/runs", "out_dir"),  # under a file: no folder can be made there
     ],
 )
-def test_bad_input_exits_2_naming_the_key_and_creates_nothing(tmp_path, override, key):
+def test_bad_input_exits_2_naming_the_key_and_creates_nothing(tmp_path_factory, tmp_path, override, key):
     out = tmp_path / "out"
+    a_file = tmp_path_factory.mktemp("elsewhere") / "a_file"
+    a_file.write_text("")
+    override = override.format(a_file=a_file)
     cmd = [sys.executable, "-m", "bnstudy.train", f"out_dir={out}", "logger.wandb.mode=disabled", override]
     result = subprocess.run(cmd, env=env(TFDS_DATA_DIR=str(tmp_path / "tfds")), capture_output=True, text=True,
                             timeout=120, cwd=tmp_path)
