@@ -1,6 +1,6 @@
 """Read a study's runs into one pandas DataFrame and decide its claim: aggregates over seeds, comparisons, verdict.
 
-Runs come from run folders (`config.yaml`, `metrics.jsonl`, `summary.json`, see bnstudy/sinks.py) or from the
+Runs come from run folders (`config.yaml`, `metrics.jsonl`, `summary.json`, written and read by bnstudy/runs.py) or from the
 wandb API. The study's `report:` block (experiments/<study>.yaml, also stored in every run's
 config.yaml) names the claim, the metrics, an optional per-arm selection and the comparisons that decide it.
 Nothing here writes files or draws; bnstudy.report does. The statistics and verdict rules live in
@@ -34,11 +34,12 @@ import pandas as pd
 import yaml
 
 from bnstudy import config_tree, stats
+from bnstudy import runs as runs_lib
 from bnstudy.stats import CONFIDENCE  # noqa: F401  (re-exported: bnstudy.report reads it from here)
 
 REPO = Path(__file__).resolve().parent.parent
 EXPERIMENTS_DIR = config_tree.experiments_dir()
-FINISHED = ("done", "diverged", "not_trained")
+FINISHED = (*runs_lib.FINISHED, "not_trained")
 FAILED = ("diverged", "not_trained")  # counted as failures by the stability metrics
 
 # Config keys that do not define what was trained (prefixes): never grouping columns.
@@ -94,51 +95,29 @@ def config_row(config: dict) -> dict:
 
 def read_jsonl(path: Path) -> list[dict]:
     """The records of a metrics.jsonl; a line that does not parse (a run killed mid-write) is skipped."""
-    records, bad = [], 0
-    if not path.exists():
-        return records
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            bad += 1
+    records, bad = runs_lib.read_metrics(path)
     if bad:
         warnings.warn(f"{path}: skipped {bad} line(s) that are not JSON", ReportWarning, stacklevel=2)
     return records
 
 
-def read_run_folder(path: Path) -> tuple[dict, dict]:
-    """(config, summary) of one run folder; raises ValueError saying what is wrong with it."""
-    for name in ("config.yaml", "summary.json"):
-        if not (path / name).is_file():
-            raise ValueError(f"no {name}")
-    try:
-        config = yaml.safe_load((path / "config.yaml").read_text())
-    except yaml.YAMLError as e:
-        raise ValueError(f"config.yaml is not YAML ({str(e).splitlines()[0]})") from None
-    try:
-        summary = json.loads((path / "summary.json").read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"summary.json is not JSON ({e})") from None
-    if not isinstance(config, dict) or not isinstance(summary, dict):
-        raise ValueError("config.yaml or summary.json is not a mapping")
-    return config, summary
+read_run_folder = runs_lib.read_run_folder
 
 
 def load_local(runs_dir: Path) -> Runs:
-    """Every run folder directly under `runs_dir`; corrupt ones are skipped with a warning."""
+    """Every run folder directly under `runs_dir`; corrupt ones are skipped with a warning. A `running`
+    folder whose writer is gone reads as `stale`."""
     if not runs_dir.is_dir():
         raise ReportError(f"no runs directory {runs_dir}: expected one run folder per trained model there.")
     rows, history, skipped, specs, config_cols = [], {}, [], [], {}
-    for path in sorted(p for p in runs_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    for path in runs_lib.run_folders(runs_dir):
         try:
             config, summary = read_run_folder(path)
         except (OSError, ValueError) as e:
             skipped.append((str(path), str(e)))
             warnings.warn(f"skipping corrupt run folder {path}: {e}", ReportWarning, stacklevel=2)
             continue
+        summary = {**summary, "status": runs_lib.effective_status(summary)}
         row = run_row(config, summary, str(path))
         rows.append(row)
         config_cols.update(dict.fromkeys(config_row(config)))

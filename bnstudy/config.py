@@ -9,9 +9,7 @@ the Cartesian product of those lists.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
-import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +19,7 @@ from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBas
 
 from bnstudy.models import DROPOUT_PLACEMENTS, MODELS, NORMS
 
-DATASETS = ("mnist", "cifar10")
+DATASETS = ("mnist_t10k", "mnist", "cifar10")
 OPTIMIZERS = ("sgd", "adam")
 WANDB_MODES = ("offline", "online", "disabled")
 LOOPS = ("auto", "python", "scan")
@@ -58,7 +56,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class DatasetConfig:
-    name: str = MISSING  # required: dataset=mnist or dataset=cifar10
+    name: str = MISSING  # chosen by the defaults list: dataset=mnist_t10k (embedded), mnist or cifar10
     data_dir: str | None = None  # TFDS data_dir; None = TFDS's default (~/tensorflow_datasets)
     download: bool = False
     train_subset: int | None = None  # use only the first N training examples (quick runs, tests)
@@ -100,6 +98,7 @@ class TrainConfig:
     max_steps_per_epoch: int | None = None
     pack_size: Any = "auto"  # models per compiled program: an int, or "auto"
     loop: str = "auto"
+    rerun: bool = False  # retrain runs whose folder already holds a finished result of the same config
 
 
 @dataclass
@@ -122,6 +121,7 @@ class WandbConfig:
     entity: str | None = None
     group: str | None = None  # default: the study name
     tags: list[str] = field(default_factory=list)
+    init_timeout: float = 15.0  # seconds an online wandb.init may take before the run falls back to offline
 
 
 @dataclass
@@ -214,6 +214,7 @@ _SCALAR_RULES = {
     ),
     "discrepancy.population_batches": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
     "discrepancy.train_subset": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0 (0 = no training subset)"),
+    "logger.wandb.init_timeout": (lambda v: _number(v) and v > 0, "a positive number of seconds"),
 }
 
 
@@ -233,7 +234,7 @@ def _check_packable(cfg: Config, key: str) -> None:
 def validate(cfg: Config) -> Config:
     """Check every value of a schema-typed config; raises ConfigError naming the first bad key."""
     if cfg.dataset is None:
-        _fail("dataset", "a dataset (dataset=mnist or dataset=cifar10)", None)
+        _fail("dataset", "a dataset (dataset=mnist_t10k, dataset=mnist or dataset=cifar10)", None)
     _check_choice(cfg, "dataset.name", DATASETS)
     _check_choice(cfg, "model.name", MODELS)
     _check_choice(cfg, "model.norm", NORMS)
@@ -246,7 +247,20 @@ def validate(cfg: Config) -> Config:
             _fail(key, expected, _get(cfg, key))
     for key in PACKABLE:
         _check_packable(cfg, key)
+    _check_dropout_has_a_placement(cfg)
     return cfg
+
+
+def _check_dropout_has_a_placement(cfg: Config) -> None:
+    """A dropout rate without a placement would train the same model under a different run id: refuse it."""
+    rate = cfg.model.dropout.rate
+    rates = list(rate) if isinstance(rate, (list, tuple)) else [rate]
+    if cfg.model.dropout.placement == "none" and any(r > 0 for r in rates):
+        _fail(
+            "model.dropout.rate", "0 while `model.dropout.placement` is 'none' (no dropout layer to apply it to)",
+            rate, f"Choose a placement with `model.dropout.placement=` one of "
+            f"{[p for p in DROPOUT_PLACEMENTS if p != 'none']}, or leave the rate at 0.",
+        )
 
 
 def parse(raw: DictConfig | dict) -> Config:
@@ -274,7 +288,7 @@ def parse(raw: DictConfig | dict) -> Config:
     except MissingMandatoryValue as e:
         raise ConfigError(
             f"Invalid config: `{e.full_key}` is required and was not given. For the dataset choose one with "
-            f"`dataset=mnist` or `dataset=cifar10`."
+            f"`dataset=mnist_t10k`, `dataset=mnist` or `dataset=cifar10`."
         ) from None
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", "?")
@@ -314,41 +328,3 @@ def from_dict(d: dict) -> Config:
 def hparams_row(run: Config) -> dict:
     """The HParams fields of a resolved (scalar) run config."""
     return {field_name: _get(run, key) for key, field_name in PACKABLE.items()}
-
-
-# Keys that do not change what is trained, so they do not change a run's identity.
-# The probes and the discrepancy evaluation only look: they leave training bit-identical.
-_IDENTITY_EXCLUDED = ("logger", "out_dir", "compile_cache_dir", "report", "probe", "discrepancy")
-
-
-def identity(run: Config) -> dict:
-    d = to_dict(run)
-    for key in _IDENTITY_EXCLUDED:
-        d.pop(key, None)
-    d["train"].pop("pack_size", None)
-    d["train"].pop("loop", None)
-    return d
-
-
-def config_hash(run: Config) -> str:
-    blob = json.dumps(identity(run), sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:8]
-
-
-def run_id(run: Config) -> str:
-    """Readable name plus a short hash of everything that defines the run, e.g. `cnn-before_relu-lr0.1-s0-1a2b3c4d`."""
-    return f"{run_name(run)}-{config_hash(run)}"
-
-
-def run_name(run: Config) -> str:
-    m, o = run.model, run.optimizer
-    parts = [run.dataset.name, m.name, m.norm, f"lr{o.lr:g}"]
-    if m.init_scale != 1.0:
-        parts.append(f"init{m.init_scale:g}")
-    if m.dropout.placement != "none":
-        parts.append(f"drop-{m.dropout.placement}{m.dropout.rate:g}")
-    if o.weight_decay:
-        parts.append(f"wd{o.weight_decay:g}")
-    parts.append(f"bs{run.train.batch_size}")
-    parts.append(f"s{run.seed}")
-    return "-".join(parts)

@@ -14,11 +14,22 @@ from bnstudy.engine import ArrayData
 
 # Per-channel mean/std of the training images in [0, 1]; normalization itself happens on device.
 STATS = {
+    "mnist_t10k": ((0.1307,), (0.3081,)),  # MNIST's constants: the two sets differ in the third decimal
     "mnist": ((0.1307,), (0.3081,)),
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
 }
-AUGMENT = {"mnist": False, "cifar10": True}
-NUM_CLASSES = {"mnist": 10, "cifar10": 10}
+AUGMENT = {"mnist_t10k": False, "mnist": False, "cifar10": True}
+NUM_CLASSES = {"mnist_t10k": 10, "mnist": 10, "cifar10": 10}
+EMBEDDED = ("mnist_t10k",)  # prepared from package data on first use, no network
+
+
+def data_note(name: str) -> str | None:
+    """What a reader must know about a dataset's split (None for the official splits)."""
+    if name == "mnist_t10k":
+        from bnstudy.datasets.mnist_t10k.builder import NOTE
+
+        return NOTE
+    return None
 
 
 class DataUnavailableError(RuntimeError):
@@ -43,15 +54,29 @@ class Dataset:
         return int(self.arrays.test_images.shape[0])
 
 
-def _unavailable_message(name: str, data_dir: str | None, cause: Exception) -> str:
+def _unavailable_message(name: str, data_dir: str | None, download: bool, cause: Exception) -> str:
+    """What failed and only the advice that applies to what the user already set."""
     where = data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
-    return (
-        f"Could not load TFDS dataset '{name}' from {where!s} ({type(cause).__name__}: {cause}). "
-        f"Without internet access TFDS cannot download it: prepare it once on a connected machine "
-        f"(`python -c \"import tensorflow_datasets as tfds; tfds.builder('{name}').download_and_prepare()\"`) "
-        f"and copy the directory here, then point bnstudy at it with `dataset.data_dir=/path/to/tensorflow_datasets` "
-        f"(the folder that contains '{name}/'). To let bnstudy download it itself, set `dataset.download=true`."
-    )
+    what = f"Could not load TFDS dataset '{name}' from {where!s} ({type(cause).__name__}: {cause})."
+    if isinstance(cause, ImportError):
+        missing = getattr(cause, "name", None) or "the missing module"
+        return f"{what} A Python package is missing: install it with `pip install {missing}`."
+    if name in EMBEDDED:
+        return f"{what} '{name}' is prepared from files inside the bnstudy package; reinstall bnstudy."
+    advice = []
+    if not data_dir:
+        advice.append(
+            f"point bnstudy at a prepared TFDS folder with `dataset.data_dir=/path/to/tensorflow_datasets` "
+            f"(the folder that contains '{name}/'; prepare it once on a connected machine)"
+        )
+    else:
+        advice.append(f"check that {data_dir} holds a prepared '{name}/' folder")
+    if not download:
+        advice.append("set `dataset.download=true` to let TFDS download it (needs internet)")
+    else:
+        advice.append("check the internet connection (TFDS download was on)")
+    hint = " `dataset=mnist_t10k` trains offline on real digits shipped with bnstudy." if name == "mnist" else ""
+    return f"{what} To fix: " + "; or ".join(advice) + "." + hint
 
 
 def _quiet_tensorflow() -> None:
@@ -65,12 +90,17 @@ def load_split_numpy(name: str, split: str, data_dir: str | None, download: bool
     _quiet_tensorflow()
     import tensorflow_datasets as tfds  # app-layer only: the core never needs TFDS
 
+    if name in EMBEDDED:
+        import bnstudy.datasets.mnist_t10k  # noqa: F401  registers the builder; preparing it needs no network
+
+        download = True
+        tfds.disable_progress_bar()  # the first-use preparation takes seconds; its bars would flood the log
     try:
         ds = tfds.load(name, split=split, data_dir=data_dir, download=download, as_supervised=True)
         # Large batches, not batch_size=-1: that path aborts the process on generator-backed datasets.
         chunks = list(tfds.as_numpy(ds.batch(8192)))
     except Exception as e:  # TFDS raises many kinds (AssertionError, DatasetNotFoundError, OSError...)
-        raise DataUnavailableError(_unavailable_message(name, data_dir, e)) from e
+        raise DataUnavailableError(_unavailable_message(name, data_dir, download, e)) from e
     images = np.concatenate([c[0] for c in chunks]).astype(np.uint8, copy=False)
     labels = np.concatenate([c[1] for c in chunks]).astype(np.int32, copy=False)
     return images, labels

@@ -45,6 +45,7 @@ from bnstudy.analysis import (
 )
 
 OFFICIAL_SPLITS = {"mnist": (60000, 10000), "cifar10": (50000, 10000)}  # train / test sizes
+DEFAULT_DATASET = "mnist_t10k"  # what `bnstudy-train` trains on when no dataset= is given
 
 LABELS = {
     "model.norm": "normalization",
@@ -376,6 +377,9 @@ def facts(a: Analysis) -> list[str]:
         f"- dataset `{a.dataset}`; examples used per run (train / test): "
         f"{values('num_train', done)} / {values('num_test', done)}",
     ]
+    notes = done["data.note"].dropna().unique() if "data.note" in done else []
+    if len(notes):  # a dataset that says what it is not (the embedded mnist_t10k)
+        lines.append("- **" + "; ".join(notes) + "**")
     official = OFFICIAL_SPLITS.get(a.dataset)
     sizes = done.reindex(columns=["num_train", "num_test"]).dropna().astype(int)
     if official and len(sizes):
@@ -407,7 +411,7 @@ def facts(a: Analysis) -> list[str]:
 def train_command(a: Analysis) -> str:
     """The training command of this grid, rebuilt from what the runs recorded."""
     parts = ["python", "-m", "bnstudy.train", "-m", f"experiment={a.study}"]
-    if a.dataset != "mnist":
+    if a.dataset != DEFAULT_DATASET:
         parts.append(f"dataset={a.dataset}")
     if "quick" in str(a.spec.get("variant", "")):
         parts.append("+preset=quick")

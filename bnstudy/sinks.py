@@ -1,100 +1,83 @@
-"""Where one trained model's numbers go: its run folder (always) and its wandb run (if enabled).
+"""Where one trained model's numbers go: its run folder (always, see bnstudy.runs) and its wandb run.
 
-Run folder layout (docs/design.md §6.1): `config.yaml` (resolved config of this model),
-`metrics.jsonl` (one JSON object per logged step), `summary.json` (status, final metrics, timings,
-provenance; rewritten atomically). A wandb failure is reported once and never stops training.
+Run folder layout: docs/design.md §6.1 and bnstudy/runs.py. A wandb failure never stops training: an online init that fails (no server, no login, timeout) falls back
+to offline mode so the history is kept for `wandb sync`; a job warns once, and after the first failure its
+other models go offline at once instead of waiting again.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
-import yaml
+from bnstudy.runs import FINISHED, RunFolder, clean
 
-log = logging.getLogger(__name__)
-
-
-def _clean(value: Any) -> Any:
-    """JSON-safe: numpy scalars to Python, non-finite floats to null (JSON has no NaN)."""
-    if hasattr(value, "item"):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    return value
+log = logging.getLogger("bnstudy")
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write to a temp file in the same folder and rename, so readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(_clean(obj), f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+class WandbJob:
+    """wandb state shared by the models of one job: the mode they get and whether the job has warned."""
 
+    def __init__(self, settings, sync_hint: str):
+        self.settings, self.sync_hint = settings, sync_hint
+        self.mode = settings.mode
+        self.warned = False
 
-class RunFolder:
-    """`out_dir/<group>/<run_id>/`: config.yaml, metrics.jsonl, summary.json."""
+    def init(self, **kwargs):
+        """wandb.init in the job's mode; online falls back to offline once, with one warning per job."""
+        import wandb
 
-    def __init__(self, path: Path, config: dict, summary: dict):
-        self.path = Path(path)
-        if self.path.exists():
-            log.info("replacing existing run folder %s", self.path)
-            shutil.rmtree(self.path)
-        self.path.mkdir(parents=True)
-        (self.path / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-        self._metrics = open(self.path / "metrics.jsonl", "a", buffering=1)
-        self.summary = dict(summary, status="running")
-        write_json_atomic(self.path / "summary.json", self.summary)
+        try:
+            return self._init(wandb, self.mode, **kwargs)
+        except Exception as e:
+            if self.mode != "online":
+                raise
+            self._warn_offline(e)
+            self.mode = "offline"
+            for attempt in Path(kwargs["dir"]).glob("wandb/run-*"):  # the failed online run's empty folder
+                shutil.rmtree(attempt, ignore_errors=True)
+            return self._init(wandb, "offline", **kwargs)
 
-    def log(self, step: int, metrics: dict[str, Any]) -> None:
-        self._metrics.write(json.dumps(_clean({"step": step, **metrics})) + "\n")
+    def _init(self, wandb, mode: str, **kwargs):
+        settings = wandb.Settings(console="off", silent=True, init_timeout=self.settings.init_timeout)
+        return wandb.init(mode=mode, reinit="create_new", settings=settings, **kwargs)
 
-    def finish(self, summary: dict) -> None:
-        self.summary.update(summary)
-        write_json_atomic(self.path / "summary.json", self.summary)
-        self._metrics.close()
+    def _warn_offline(self, error: Exception) -> None:
+        if self.warned:
+            return
+        self.warned = True
+        server = os.environ.get("WANDB_BASE_URL", "the wandb server")
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        log.warning(
+            "wandb online init failed (%s: %s; server %s, logger.wandb.init_timeout=%g s). This job's wandb runs "
+            "are kept offline in their run folders; upload them later with `%s`.",
+            type(error).__name__, first, server, self.settings.init_timeout, self.sync_hint,
+        )
 
 
 class WandbRun:
     """One wandb run per trained model; every call is guarded so wandb can never stop training."""
 
-    def __init__(self, settings, run_dir: Path, name: str, group: str, config: dict):
+    def __init__(self, job: WandbJob, run_dir: Path, name: str, group: str, config: dict, notes: str | None = None):
         self.run = None
-        if settings.mode == "disabled":
+        if job.mode == "disabled":
             return
+        s = job.settings
         try:
-            import wandb
-
-            self.run = wandb.init(
-                project=settings.project,
-                entity=settings.entity,
-                group=group,
-                name=name,
-                tags=list(settings.tags),
-                config=config,
-                mode=settings.mode,
-                dir=str(run_dir),
-                reinit="create_new",  # a pack holds several runs open at once
-                settings=wandb.Settings(console="off", silent=True),
+            self.run = job.init(
+                project=s.project, entity=s.entity, group=group, name=name, tags=list(s.tags),
+                config=config, notes=notes, dir=str(run_dir),
             )
         except Exception as e:  # wandb is optional to the science
             self._give_up("init", e)
+
+    @property
+    def id(self) -> str | None:
+        return None if self.run is None else self.run.id
 
     def _give_up(self, what: str, error: Exception) -> None:
         warnings.warn(f"wandb {what} failed, continuing without wandb for this run: {error}", stacklevel=3)
@@ -104,7 +87,7 @@ class WandbRun:
         if self.run is None:
             return
         try:
-            self.run.log({k: v for k, v in _clean(metrics).items() if v is not None}, step=step)
+            self.run.log({k: v for k, v in clean(metrics).items() if v is not None}, step=step)
         except Exception as e:
             self._give_up("log", e)
 
@@ -112,8 +95,8 @@ class WandbRun:
         if self.run is None:
             return
         try:
-            self.run.summary.update(_clean(summary))
-            self.run.finish(exit_code=0 if summary.get("status") in ("done", "diverged") else 1)
+            self.run.summary.update(clean(summary))
+            self.run.finish(exit_code=0 if summary.get("status") in FINISHED else 1)
         except Exception as e:
             self._give_up("finish", e)
 
@@ -129,5 +112,8 @@ class RunSinks:
         self.wandb.log(step, metrics)
 
     def finish(self, summary: dict) -> None:
+        """Final summary to both sinks; then a finished staging folder replaces the old result (after wandb
+        has closed its files inside it)."""
         self.folder.finish(summary)
         self.wandb.finish(self.folder.summary)
+        self.folder.commit_if_finished()

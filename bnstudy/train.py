@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
@@ -19,12 +21,13 @@ from omegaconf import DictConfig
 from bnstudy import config as config_lib
 from bnstudy import config_tree
 from bnstudy import data as data_lib
+from bnstudy import runs as runs_lib
 from bnstudy.config import Config, ConfigError
 from bnstudy.engine import HParams, Program
 from bnstudy.models import build_model
 from bnstudy.pack_size import resolve_pack_size
 from bnstudy.provenance import provenance
-from bnstudy.sinks import RunFolder, RunSinks, WandbRun
+from bnstudy.sinks import RunSinks, WandbJob, WandbRun
 from bnstudy.trainer import PackTrainer, Schedule, summarize_final
 
 log = logging.getLogger("bnstudy")
@@ -104,22 +107,26 @@ def progress_factory(cfg: Config):
     return lambda total, desc: tqdm(total=total, desc=desc, disable=None, leave=False, dynamic_ncols=True)
 
 
-def open_sinks(run: Config, pack_info: dict, prov: dict) -> RunSinks:
-    rid = config_lib.run_id(run)
-    folder_path = Path(run.out_dir) / (run.study or "default") / rid
+def open_sinks(claim: runs_lib.Claim, pack_info: dict, prov: dict, wandb_job: WandbJob) -> RunSinks:
+    run = claim.run
     resolved = config_lib.to_dict(run)
+    note = data_lib.data_note(run.dataset.name)
     summary = {
-        "run_id": rid,
-        "name": config_lib.run_name(run),
-        "config_hash": config_lib.config_hash(run),
+        "run_id": runs_lib.run_id(run),
+        "name": runs_lib.run_name(run),
+        "config_hash": runs_lib.config_hash(run),
         "study": run.study,
+        "data": {"dataset": run.dataset.name, **({"note": note} if note else {})},
         "pack": pack_info,
-        "path": str(folder_path),
+        "path": str(claim.final),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **prov,
     }
-    folder = RunFolder(folder_path, resolved, summary)
-    wandb_run = WandbRun(run.logger.wandb, folder.path, config_lib.run_name(run), group_name(run), resolved)
+    folder = runs_lib.RunFolder(claim.work_dir, resolved, summary, final=claim.final)
+    notes = f"dataset {run.dataset.name}: {note}" if note else f"dataset {run.dataset.name}"
+    wandb_run = WandbRun(wandb_job, folder.path, runs_lib.run_name(run), group_name(run), resolved, notes=notes)
+    if wandb_run.id:
+        folder.update({"wandb_id": wandb_run.id})  # a resumed run reopens this wandb run
     return RunSinks(folder, wandb_run)
 
 
@@ -140,17 +147,25 @@ class PackLogger:
                 self.stopped[k] = True
 
 
-def train_pack(trainer: PackTrainer, runs: list[Config], pack_size: int, pack_index: int, cfg: Config) -> list[dict]:
+def train_pack(trainer: PackTrainer, claims: list[runs_lib.Claim], pack_size: int, pack_index: int, cfg: Config,
+               wandb_job: WandbJob) -> list[dict]:
     """Train one chunk of runs as one vmapped program (padded to `pack_size` to reuse the compilation)."""
+    runs = [c.run for c in claims]
     padded = runs + [runs[-1]] * (pack_size - len(runs))
     prov = provenance()
-    sinks = [open_sinks(r, {"size": len(runs), "index": pack_index, "position": k}, prov) for k, r in enumerate(runs)]
+    sinks = [open_sinks(c, {"size": len(runs), "index": pack_index, "position": k}, prov, wandb_job)
+             for k, c in enumerate(claims)]
     hp = HParams.stack([config_lib.hparams_row(r) for r in padded])
     try:
         result = trainer.train(hp, PackLogger(sinks), progress_factory(cfg))
+    except RunInterrupted as e:
+        for s in sinks:
+            s.finish({"status": runs_lib.INTERRUPTED, "error": f"interrupted by {e.name}"})
+            e.folders.append(str(s.folder.path))
+        raise
     except BaseException as e:
         for s in sinks:
-            s.finish({"status": "failed", "error": f"{type(e).__name__}: {e}"})
+            s.finish({"status": runs_lib.FAILED, "error": f"{type(e).__name__}: {e}"})
         raise
     summaries = []
     for sink, final in zip(sinks, summarize_final(result)):
@@ -171,29 +186,94 @@ def train_pack(trainer: PackTrainer, runs: list[Config], pack_size: int, pack_in
     return summaries
 
 
+# ------------------------------------------------------------------------------------ which runs to train
+
+
+def unfinished_runs(runs: list[Config], rerun: bool) -> tuple[list[Config], list[dict]]:
+    """Runs still to train, and a line for each run whose folder already holds its finished result."""
+    todo, skipped = [], []
+    for run in runs:
+        status = None if rerun else runs_lib.finished_status(runs_lib.run_dir(run), runs_lib.config_hash(run))
+        if status:
+            skipped.append(skipped_row(run, status))
+        else:
+            todo.append(run)
+    return todo, skipped
+
+
+def skipped_row(run: Config, why: str) -> dict:
+    folder = runs_lib.run_dir(run)
+    try:
+        summary = runs_lib.read_run_folder(folder)[1]
+    except (OSError, ValueError):
+        summary = {}
+    line = {"name": runs_lib.run_name(run), "path": str(folder), "test/acc": summary.get("test/acc")}
+    if why == "locked":
+        line["status"] = "skipped: another process is training it"
+    else:
+        line["status"] = f"skipped: already {why} (train.rerun=true retrains)"
+    log.info("%s: %s", line["name"], line["status"])
+    return line
+
+
+def claim_chunk(pending: list[Config], size: int, rerun: bool, skipped: list[dict]) -> list[runs_lib.Claim]:
+    """Lock up to `size` runs from the front of `pending` (removing them); locked or meanwhile finished
+    runs are skipped with a line."""
+    claims = []
+    while pending and len(claims) < size:
+        c = runs_lib.claim(pending.pop(0), rerun=rerun)
+        if c.skip:
+            skipped.append(skipped_row(c.run, c.skip))
+        else:
+            claims.append(c)
+    return claims
+
+
+def sync_hint(cfg: Config) -> str:
+    return f"wandb sync {Path(cfg.out_dir) / (cfg.study or 'default')}/*/wandb/offline-run-*"
+
+
 def train_and_evaluate(cfg: Config) -> list[dict]:
-    """Train every run of a validated config; returns each run's summary."""
+    """Train every unfinished run of a validated config; returns the summaries of the runs it trained."""
     runs = config_lib.expand_pack(cfg)
     quiet_jax()
-    enable_compile_cache(cfg.compile_cache_dir)
-    d = cfg.dataset
-    dataset = data_lib.load(d.name, d.data_dir, d.download, d.train_subset, d.test_subset)
-    check_against_data(cfg, dataset)
-    trainer = PackTrainer(build_program(cfg, dataset), dataset.arrays, schedule_from(cfg))
-    pack_size = resolve_pack_size(cfg.train.pack_size, len(runs), trainer)
-    chunks = [runs[i : i + pack_size] for i in range(0, len(runs), pack_size)]
-    log.info(
-        "%d run(s) of %s/%s norm=%s in %d pack(s) of <=%d on %s",
-        len(runs), d.name, cfg.model.name, cfg.model.norm, len(chunks), pack_size, jax.default_backend(),
-    )
+    pending, skipped = unfinished_runs(runs, cfg.train.rerun)
     summaries = []
-    for i, chunk in enumerate(chunks):
-        summaries += train_pack(trainer, chunk, pack_size, i, cfg)
+    if pending:
+        summaries = train_pending(cfg, pending, skipped)
     for s in summaries:
         log.info(
             "%s: %s test/acc=%s examples/s=%.0f -> %s",
             s["name"], s["status"], _fmt(s.get("test/acc")), s["examples_per_s"], s["path"],
         )
+    for s in skipped:
+        log.info("%s: %s test/acc=%s -> %s", s["name"], s["status"], _fmt(s.get("test/acc")), s["path"])
+    return summaries
+
+
+def train_pending(cfg: Config, pending: list[Config], skipped: list[dict]) -> list[dict]:
+    enable_compile_cache(cfg.compile_cache_dir)
+    d = cfg.dataset
+    dataset = data_lib.load(d.name, d.data_dir, d.download, d.train_subset, d.test_subset)
+    check_against_data(cfg, dataset)
+    trainer = PackTrainer(build_program(cfg, dataset), dataset.arrays, schedule_from(cfg))
+    pack_size = resolve_pack_size(cfg.train.pack_size, len(pending), trainer)
+    log.info(
+        "%d run(s) to train of %s/%s norm=%s in packs of <=%d on %s",
+        len(pending), d.name, cfg.model.name, cfg.model.norm, pack_size, jax.default_backend(),
+    )
+    wandb_job = WandbJob(cfg.logger.wandb, sync_hint(cfg))
+    summaries, index = [], 0
+    while pending:
+        claims = claim_chunk(pending, pack_size, cfg.train.rerun, skipped)
+        if not claims:
+            continue
+        try:
+            summaries += train_pack(trainer, claims, pack_size, index, cfg, wandb_job)
+        finally:
+            for c in claims:
+                c.release()
+        index += 1
     return summaries
 
 
@@ -201,14 +281,102 @@ def _fmt(x):
     return "n/a" if x is None else f"{x:.4f}"
 
 
+def check_out_dir(out_dir: str) -> None:
+    """`out_dir` must be (or be creatable in) a writable folder; checked without creating anything."""
+    path = Path(out_dir).expanduser().absolute()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(
+            f"Invalid config: `out_dir` must be a folder bnstudy can write run folders in; got {out_dir!r}, "
+            f"but {existing} is a file, not a folder."
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"Invalid config: `out_dir` must be a folder bnstudy can write run folders in; got {out_dir!r}, "
+            f"but {existing} is not writable by this user. Choose another `out_dir=`."
+        )
+
+
 def run_from_hydra(raw: DictConfig) -> list[dict]:
     """Parse and train; bad input exits non-zero with a one-paragraph message and writes nothing."""
     try:
         cfg = config_lib.parse(raw)
+        check_out_dir(cfg.out_dir)
         return train_and_evaluate(cfg)
     except (ConfigError, data_lib.DataUnavailableError) as e:
         print(f"bnstudy: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+# ---------------------------------------------------------------------------------------- command line
+
+
+class RunInterrupted(BaseException):
+    """SIGTERM or SIGINT arrived: the runs in progress are marked `interrupted`, the process exits 128+signal.
+    A BaseException, so that no library's `except Exception` swallows it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum, self.name = signum, signal.Signals(signum).name
+        self.folders: list[str] = []
+
+
+@contextmanager
+def interrupts_as_exceptions():
+    """SIGTERM (what SLURM sends on timeout or preemption) and SIGINT (Ctrl-C) raise RunInterrupted once;
+    a second signal while the runs are being marked gets the default action (end now)."""
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def handler(signum, frame):
+        for sig in previous:
+            signal.signal(sig, signal.SIG_DFL)
+        raise RunInterrupted(signum)
+
+    for sig in previous:
+        signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+
+
+def check_group_choices(overrides: list[str], config_dir: Path) -> None:
+    """`group=option` overrides (optimizer=rmsprop, experiment=placment) name an existing option; checked
+    before Hydra composes, whose own error would exit 1, or for the optional experiment not at all."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    groups = sorted(p.name for p in config_dir.iterdir() if p.is_dir() and p.name != "hydra")
+    groups.append(config_tree.EXPERIMENT_GROUP)
+    try:
+        parsed = OverridesParser.create().parse_overrides([o for o in overrides if not o.startswith("-")])
+    except HydraException:
+        return  # bad syntax: Hydra's own message says where
+    for o in parsed:
+        if o.key_or_group not in groups or o.is_delete() or o.package is not None:
+            continue
+        values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.value()]
+        known = group_options(o.key_or_group, config_dir)
+        for value in values:
+            if str(value) not in known:
+                what = "study" if o.key_or_group == "experiment" else "option"
+                raise ConfigError(
+                    f"Invalid config: `{o.key_or_group}` must be one of the known {what}s {known}; got {value!r}."
+                )
+
+
+def group_options(group: str, config_dir: Path) -> list[str]:
+    if group == "experiment":
+        return known_studies()
+    return sorted(p.stem for p in (config_dir / group).glob("*.yaml"))
+
+
+def known_studies() -> list[str]:
+    """The study names `experiment=` accepts (bnstudy.config_tree knows where the study files live)."""
+    return sorted(config_tree.study_files())
 
 
 # An absolute path: works for `python -m bnstudy.train`, the console script and in-process calls alike,
@@ -218,8 +386,24 @@ config_tree.register()
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
-def main(raw: DictConfig) -> None:
+def hydra_main(raw: DictConfig) -> None:
     run_from_hydra(raw)
+
+
+def main() -> None:
+    """`bnstudy-train`: group options checked first (exit 2), then Hydra; a signal ends it with one line."""
+    try:
+        check_group_choices(sys.argv[1:], Path(CONFIG_DIR))
+    except ConfigError as e:
+        print(f"bnstudy: {e}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        with interrupts_as_exceptions():
+            hydra_main()
+    except RunInterrupted as e:
+        marked = f"; marked interrupted: {', '.join(e.folders)}" if e.folders else ""
+        print(f"bnstudy: stopped by {e.name}{marked}", file=sys.stderr)
+        sys.exit(128 + e.signum)
 
 
 if __name__ == "__main__":

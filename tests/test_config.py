@@ -6,6 +6,7 @@ from hydra import compose, initialize_config_dir
 
 from bnstudy import config as config_lib
 from bnstudy import config_tree
+from bnstudy import runs as runs_lib
 from bnstudy.config import ConfigError
 
 CONFIGS = str(config_tree.config_dir())
@@ -21,9 +22,9 @@ def parse(*overrides):
     return config_lib.parse(composed(*overrides))
 
 
-def test_defaults_are_mnist_cnn_bn_before_relu_offline():
+def test_defaults_are_embedded_mnist_cnn_bn_before_relu_offline():
     cfg = parse()
-    assert (cfg.dataset.name, cfg.model.name, cfg.model.norm) == ("mnist", "cnn", "before_relu")
+    assert (cfg.dataset.name, cfg.model.name, cfg.model.norm) == ("mnist_t10k", "cnn", "before_relu")
     assert cfg.model.bn_momentum == 0.9 and cfg.model.bn_epsilon == 1e-5
     assert cfg.logger.wandb.mode == "offline"
 
@@ -84,7 +85,7 @@ def test_pack_is_the_cartesian_product_in_a_stable_order():
         (lr, s, seed) for lr in (0.01, 0.1, 1.0) for s in (0.5, 1.0, 2.0) for seed in (0, 1, 2)
     }
     assert [r.seed for r in runs[:3]] == [0, 1, 2]  # seed varies fastest
-    assert len({config_lib.run_id(r) for r in runs}) == 27
+    assert len({runs_lib.run_id(r) for r in runs}) == 27
     assert all(isinstance(r.seed, int) and isinstance(r.optimizer.lr, float) for r in runs)
 
 
@@ -92,9 +93,9 @@ def test_run_id_is_readable_and_stable_and_ignores_logging():
     a = config_lib.expand_pack(parse("optimizer.lr=0.05", "seed=3"))[0]
     b = config_lib.expand_pack(parse("optimizer.lr=0.05", "seed=3", "logger.wandb.mode=disabled", "out_dir=x"))[0]
     c = config_lib.expand_pack(parse("optimizer.lr=0.05", "seed=3", "model.bn_momentum=0.99"))[0]
-    assert config_lib.run_id(a) == config_lib.run_id(b)
-    assert config_lib.run_id(a) != config_lib.run_id(c)
-    assert config_lib.run_id(a).startswith("mnist-cnn-before_relu-lr0.05-bs128-s3-")
+    assert runs_lib.run_id(a) == runs_lib.run_id(b)
+    assert runs_lib.run_id(a) != runs_lib.run_id(c)
+    assert runs_lib.run_id(a).startswith("mnist_t10k-cnn-before_relu-lr0.05-bs128-s3-")
 
 
 def test_repeated_pack_values_are_refused():

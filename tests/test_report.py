@@ -4,7 +4,6 @@ the same seeds are compared paired (t on per-seed differences); bnstudy.stats' o
 
 from __future__ import annotations
 
-import json
 import math
 import subprocess
 import sys
@@ -13,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 from scipy import stats
 
 from bnstudy import analysis, report
 from bnstudy import stats as bstats
+from bnstudy import runs as runs_lib
 
 # Synthetic runs log only what each test needs; the report's "no run has metric" warnings are expected here.
 pytestmark = pytest.mark.filterwarnings("ignore:study .*no run has metric:bnstudy.analysis.ReportWarning")
@@ -28,7 +27,8 @@ T975_DF4 = 2.7764451051977987  # ... with 4 degrees of freedom
 
 def write_run(root: Path, *, study="placement", norm="before_relu", seed=0, lr=0.1, init_scale=1.0,
               placement="none", rate=0.0, batch_size=128, status="done", summary=None, records=(), spec=None):
-    """One run folder laid out as bnstudy.sinks writes it."""
+    """One run folder written by bnstudy's own run-folder writer; status `running` leaves it open (this
+    process is its live writer)."""
     config = {
         "dataset": {"name": "mnist", "data_dir": "/data", "download": False, "train_subset": None, "test_subset": None},
         "model": {"name": "cnn", "norm": norm, "bn_momentum": 0.9, "init_scale": init_scale,
@@ -38,16 +38,15 @@ def write_run(root: Path, *, study="placement", norm="before_relu", seed=0, lr=0
         "logger": {"wandb": {"mode": "disabled", "tags": []}, "progress": False},
         "seed": seed, "out_dir": str(root.parent), "study": study, "report": spec,
     }
-    run_id = f"{norm}-lr{lr}-init{init_scale}-{placement}{rate}-bs{batch_size}-s{seed}"
-    folder = root / run_id
-    folder.mkdir(parents=True)
-    (folder / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    full = {"run_id": run_id, "status": status, "study": study, "git_sha": "abc1234", "num_train": 8000,
-            "num_test": 2000, "packages": {"jax": "0.10.2"}, "device": {"backend": "cpu", "device_kind": "cpu"},
-            "wall_time": 10.0, **(summary or {})}
-    (folder / "summary.json").write_text(json.dumps(full))
-    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    return folder
+    run_id = runs_lib.run_id(config)
+    start = {"run_id": run_id, "config_hash": runs_lib.config_hash(config), "study": study, "git_sha": "abc1234",
+             "packages": {"jax": "0.10.2"}, "device": {"backend": "cpu", "device_kind": "cpu"}}
+    folder = runs_lib.RunFolder(root / run_id, config, start)
+    for r in records:
+        folder.log(r["step"], {k: v for k, v in r.items() if k != "step"})
+    if status != "running":
+        folder.finish({"status": status, "num_train": 8000, "num_test": 2000, "wall_time": 10.0, **(summary or {})})
+    return folder.path
 
 
 PLACEMENT = {
@@ -196,7 +195,7 @@ def test_running_and_failed_runs_are_listed_not_used(tmp_path):
     assert a.summary.query("metric == 'test/acc'")["runs"].sum() == 9
     out = report.write_report(a, analysis.load_local(root), tmp_path / "out", "python -m bnstudy.report placement")
     text = (out / "README.md").read_text()
-    assert "running: `" in text and "none-lr0.1-init1.0-none0.0-bs128-s5" in text
+    assert "running: `" in text and "mnist-cnn-none-lr0.1-bs128-s5-" in text
     assert "failed: `" in text and "out of memory" in text
 
 

@@ -97,13 +97,18 @@ def test_bad_input_exits_nonzero_with_a_clear_message_and_no_folder(mock_tfds, r
     assert not (tmp_path / "out").exists()
 
 
-def test_missing_dataset_says_how_to_use_data_dir(run_app, tmp_path, capsys):
+@pytest.mark.parametrize("set_data_dir", [True, False])
+def test_missing_dataset_advises_only_options_not_already_set(run_app, tmp_path, capsys, monkeypatch, set_data_dir):
     from bnstudy import data
 
     data._load_numpy_cached.cache_clear()
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "empty"))
+    extra = [f"dataset.data_dir={tmp_path / 'empty'}"] if set_data_dir else []
     with pytest.raises(SystemExit) as info:
-        run_app(f"dataset.data_dir={tmp_path / 'empty'}")
+        run_app("dataset=mnist", *extra)
     assert info.value.code == 2
     err = capsys.readouterr().err
-    assert "dataset.data_dir" in err and "mnist" in err
+    assert "'mnist'" in err and "`dataset.download=true`" in err
+    assert ("`dataset.data_dir=" in err) is not set_data_dir  # never suggests what the user already set
+    assert "mnist_t10k" in err  # the offline alternative
     assert not (tmp_path / "out").exists()

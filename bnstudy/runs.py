@@ -1,0 +1,373 @@
+"""Run identity and the run folder: the one place that names a run, writes its folder and reads it back.
+
+A run is one trained model. Its identity is a hash over what defines the trained model (not where the data
+sits, how it is logged, packed or compiled), its id is a readable name plus that hash, and its folder is
+`out_dir/<study or "default">/<run id>/` holding:
+
+- `config.yaml`: the resolved config of this model;
+- `metrics.jsonl`: one JSON object per logged step (`step` first), appended as training goes;
+- `summary.json`: status, final metrics, timings, provenance, and while running the writer's pid, host and a
+  heartbeat; always replaced atomically, so a reader never sees half of it.
+
+Status values: `running`, `done`, `diverged` (finished: weights frozen before the divergence),
+`interrupted` (SIGTERM/SIGINT), `failed` (an exception). A reader reports a `running` folder whose writer is
+gone (its pid is dead on this host, or its heartbeat is older than STALE_AFTER_S) as `stale`.
+
+One writer per folder: `claim()` takes a file lock next to the folder (`.<run id>.lock`). A re-run over a
+finished result trains into a hidden staging folder (`.<run id>.staging`) and swaps it in when it finishes,
+so a finished result is never deleted before its replacement exists (see `RunFolder.commit`).
+
+A later checkpoint lives in `<run folder>/checkpoint/`; a resumed run keeps its folder, cuts metrics.jsonl
+back to the checkpoint's step (`truncate_metrics`) and resumes its wandb run under `summary["wandb_id"]`.
+
+Every file is created with the process umask (0644 by default). Only the standard library, yaml and
+filelock are imported, so the report can read folders without the training stack.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import platform
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import filelock
+import yaml
+
+RUNNING, DONE, DIVERGED, INTERRUPTED, FAILED, STALE = "running", "done", "diverged", "interrupted", "failed", "stale"
+FINISHED = (DONE, DIVERGED)
+HEARTBEAT_EVERY_S = 30.0  # at most one summary rewrite per this many seconds from log points
+STALE_AFTER_S = 600.0  # a heartbeat this old means the writer is gone (other hosts, where pids say nothing)
+CHECKPOINT_DIR = "checkpoint"
+
+# Keys that do not change the trained model, so they do not change a run's identity: where the data sits,
+# logging, output and cache paths, the report text, packing and loop choice, and the probes and
+# discrepancy evaluation (they only look: training is bit-identical with or without them).
+IDENTITY_EXCLUDED = (
+    "dataset.data_dir",
+    "dataset.download",
+    "logger",
+    "out_dir",
+    "compile_cache_dir",
+    "report",
+    "probe",
+    "discrepancy",
+    "train.pack_size",
+    "train.loop",
+    "train.rerun",
+)
+
+
+# --------------------------------------------------------------------------------------------- identity
+
+
+def _as_dict(run: Any) -> dict:
+    return dataclasses.asdict(run) if dataclasses.is_dataclass(run) else dict(run)
+
+
+def identity(run: Any) -> dict:
+    """The part of a resolved run config (schema object or dict) that defines the trained model."""
+    d = json.loads(json.dumps(_as_dict(run), default=str))  # a deep copy
+    for key in IDENTITY_EXCLUDED:
+        *parents, last = key.split(".")
+        node = d
+        for part in parents:
+            node = node.get(part) or {}
+        node.pop(last, None)
+    return d
+
+
+def config_hash(run: Any) -> str:
+    blob = json.dumps(identity(run), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:8]
+
+
+def run_name(run: Any) -> str:
+    """Readable name of a resolved run, e.g. `mnist_t10k-cnn-before_relu-lr0.1-bs128-s0`."""
+    d = _as_dict(run)
+    m, o = d["model"], d["optimizer"]
+    parts = [d["dataset"]["name"], m["name"], m["norm"], f"lr{o['lr']:g}"]
+    if m["init_scale"] != 1.0:
+        parts.append(f"init{m['init_scale']:g}")
+    if m["dropout"]["placement"] != "none":
+        parts.append(f"drop-{m['dropout']['placement']}{m['dropout']['rate']:g}")
+    if o["weight_decay"]:
+        parts.append(f"wd{o['weight_decay']:g}")
+    parts.append(f"bs{d['train']['batch_size']}")
+    parts.append(f"s{d['seed']}")
+    return "-".join(parts)
+
+
+def run_id(run: Any) -> str:
+    """Readable name plus the identity hash, e.g. `mnist_t10k-cnn-before_relu-lr0.1-bs128-s0-1a2b3c4d`."""
+    return f"{run_name(run)}-{config_hash(run)}"
+
+
+def run_dir(run: Any) -> Path:
+    d = _as_dict(run)
+    return Path(d["out_dir"]) / (d.get("study") or "default") / run_id(run)
+
+
+def staging_dir(folder: Path) -> Path:
+    return folder.parent / f".{folder.name}.staging"
+
+
+def lock_path(folder: Path) -> Path:
+    return folder.parent / f".{folder.name}.lock"
+
+
+def checkpoint_dir(folder: Path) -> Path:
+    return folder / CHECKPOINT_DIR
+
+
+# ------------------------------------------------------------------------------------------------ files
+
+
+def clean(value: Any) -> Any:
+    """JSON-safe: numpy scalars to Python, non-finite floats to null (JSON has no NaN)."""
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [clean(v) for v in value]
+    return value
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a sibling temp file and rename it over `path`: readers see the old or the new file, never half.
+    A plain `open` (not mkstemp, which forces 0600) so the file gets the umask's mode like every other file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "x") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(clean(obj), indent=2, sort_keys=True) + "\n")
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def writer_fields() -> dict:
+    """Who writes a running folder, so a reader can tell a live run from a dead one."""
+    return {"pid": os.getpid(), "host": platform.node(), "heartbeat_at": now_iso()}
+
+
+class RunFolder:
+    """The writer of one run folder. `path` is where files go now (the folder itself, or its staging folder
+    for a re-run over a finished result); `final` is where the result ends up after `commit()`."""
+
+    def __init__(self, path: Path, config: dict, summary: dict, final: Path | None = None):
+        self.path, self.final = Path(path), Path(final or path)
+        if self.path.exists():  # an unfinished attempt (interrupted, failed, stale): never a finished result
+            shutil.rmtree(self.path)
+        self.path.mkdir(parents=True)
+        write_text_atomic(self.path / "config.yaml", yaml.safe_dump(clean(config), sort_keys=False))
+        self._metrics = open(self.path / "metrics.jsonl", "a", buffering=1)
+        self.summary = dict(summary, status=RUNNING, **writer_fields())
+        self._beat = time.monotonic()
+        write_json_atomic(self.path / "summary.json", self.summary)
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        self._metrics.write(json.dumps(clean({"step": step, **metrics})) + "\n")
+        self.heartbeat()
+
+    def heartbeat(self, every_s: float = HEARTBEAT_EVERY_S) -> None:
+        if time.monotonic() - self._beat >= every_s:
+            self._beat = time.monotonic()
+            self.summary["heartbeat_at"] = now_iso()
+            write_json_atomic(self.path / "summary.json", self.summary)
+
+    def update(self, fields: dict) -> None:
+        self.summary.update(fields)
+        write_json_atomic(self.path / "summary.json", self.summary)
+
+    def finish(self, summary: dict) -> None:
+        """Write the final summary, whatever the status."""
+        self._metrics.close()
+        self.update({**summary, "heartbeat_at": now_iso()})
+
+    def commit_if_finished(self) -> None:
+        if self.summary.get("status") in FINISHED and self.path != self.final:
+            self.commit()
+
+    def commit(self) -> None:
+        """Swap the staging folder in: old result -> `.<id>.old`, staging -> final, then delete the old one.
+        Each step is a rename, so at any moment a complete result exists under one of two names;
+        `recover()` undoes a swap cut between the two renames."""
+        old = self.final.parent / f".{self.final.name}.old"
+        if old.exists():
+            shutil.rmtree(old)
+        if self.final.exists():
+            os.rename(self.final, old)
+        os.rename(self.path, self.final)
+        self.path = self.final
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def recover(folder: Path) -> None:
+    """Finish or undo a swap that a crash cut short (call under the folder's lock)."""
+    old = folder.parent / f".{folder.name}.old"
+    if old.exists():
+        if folder.exists():
+            shutil.rmtree(old)
+        else:
+            os.rename(old, folder)
+
+
+def truncate_metrics(folder: Path, last_step: int) -> int:
+    """Drop metrics.jsonl records after `last_step` (a resumed run re-logs them); returns the records kept."""
+    path = folder / "metrics.jsonl"
+    kept = [r for r in read_jsonl(path) if r.get("step", -1) <= last_step]
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+    return len(kept)
+
+
+# ------------------------------------------------------------------------------------------------ claim
+
+
+@dataclass
+class Claim:
+    """The outcome of asking for a run folder: `folder` to train into (lock held), or a reason to skip."""
+
+    run: Any
+    final: Path
+    folder: RunFolder | None = None
+    lock: filelock.BaseFileLock | None = None
+    skip: str | None = None  # "done", "diverged", "locked"
+    rerun: bool = False  # a finished result exists and is being replaced
+
+    @property
+    def work_dir(self) -> Path:
+        return staging_dir(self.final) if self.rerun else self.final
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+
+def finished_status(folder: Path, expected_hash: str) -> str | None:
+    """`done`/`diverged` when the folder holds a finished result of this config hash, else None."""
+    try:
+        _, summary = read_run_folder(folder)
+    except (OSError, ValueError):
+        return None
+    if summary.get("config_hash") == expected_hash and summary.get("status") in FINISHED:
+        return summary["status"]
+    return None
+
+
+def claim(run: Any, rerun: bool = False) -> Claim:
+    """Lock the run's folder and decide: skip a finished result (unless `rerun`), skip a locked one,
+    else train (into the folder, or into its staging folder when a finished result is being replaced)."""
+    final = run_dir(run)
+    c = Claim(run, final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    lock = filelock.FileLock(lock_path(final), timeout=0)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        c.skip = "locked"
+        return c
+    recover(final)
+    status = finished_status(final, config_hash(run))
+    if status and not rerun:
+        lock.release()
+        c.skip = status
+        return c
+    c.lock, c.rerun = lock, status is not None
+    return c
+
+
+# ------------------------------------------------------------------------------------------------- read
+
+
+def read_metrics(path: Path) -> tuple[list[dict], int]:
+    """The records of a metrics.jsonl and the number of lines that did not parse (a run killed mid-write)."""
+    records, bad = [], 0
+    if not path.exists():
+        return records, bad
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            bad += 1
+    return records, bad
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return read_metrics(path)[0]
+
+
+def read_run_folder(path: Path) -> tuple[dict, dict]:
+    """(config, summary) of one run folder; raises ValueError saying what is wrong with it."""
+    for name in ("config.yaml", "summary.json"):
+        if not (path / name).is_file():
+            raise ValueError(f"no {name}")
+    try:
+        config = yaml.safe_load((path / "config.yaml").read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"config.yaml is not YAML ({str(e).splitlines()[0]})") from None
+    try:
+        summary = json.loads((path / "summary.json").read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"summary.json is not JSON ({e})") from None
+    if not isinstance(config, dict) or not isinstance(summary, dict):
+        raise ValueError("config.yaml or summary.json is not a mapping")
+    return config, summary
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _age_s(iso: str | None) -> float:
+    try:
+        return time.time() - datetime.fromisoformat(iso).timestamp()
+    except (TypeError, ValueError):
+        return math.inf
+
+
+def effective_status(summary: dict, stale_after_s: float = STALE_AFTER_S) -> str:
+    """The recorded status, except that a `running` folder whose writer is gone reads as `stale`."""
+    status = summary.get("status") or "unknown"
+    if status != RUNNING:
+        return status
+    same_host = summary.get("host") == platform.node() and isinstance(summary.get("pid"), int)
+    if same_host and not _pid_alive(summary["pid"]):
+        return STALE
+    if _age_s(summary.get("heartbeat_at")) > stale_after_s:
+        return STALE
+    return RUNNING
+
+
+def run_folders(runs_dir: Path) -> list[Path]:
+    """The run folders directly under a study folder (hidden staging and lock entries excluded)."""
+    return sorted(p for p in runs_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
