@@ -134,12 +134,16 @@ def bn_layers(batch_stats) -> dict[str, dict]:
 
 
 def batch_statistics(program: Program, params, batch_stats, x, dropout_rate=0.0, dropout_key=None):
-    """Each BN layer's mean and (biased, as flax's) variance of its input over the batch `x`, train mode.
+    """Each BN layer's mean and biased variance (what BN normalizes by) of its input over the batch `x`, train mode.
 
-    Runs a copy of the model with BN momentum 0 on zeroed running stats, so the "updated running
-    averages" are exactly this batch's statistics: 0 * 0 + 1 * batch, no rounding.
+    Runs a copy of the model with BN momentum 0 and the biased running variance on zeroed running
+    stats, so the "updated running averages" are exactly this batch's statistics: 0 * 0 + 1 * batch,
+    no rounding. Biased, so that `pool` gives the exact variance over all the pooled examples.
     """
-    stats_program = dataclasses.replace(program, model=program.model.clone(bn_momentum=0.0))
+    # A model on flax's own nn.BatchNorm has no such field: its running variance is the biased one already.
+    biased = {"bn_running_var": "biased"} if hasattr(program.model, "bn_running_var") else {}
+    model = program.model.clone(bn_momentum=0.0, **biased)
+    stats_program = dataclasses.replace(program, model=model)
     zeros = jax.tree.map(jnp.zeros_like, batch_stats)
     no_labels = jnp.zeros(x.shape[0], jnp.int32)  # forward_train wants labels; its loss is not used
     _, (_, stats) = engine.forward_train(stats_program, params, zeros, x, no_labels, dropout_rate, dropout_key)
