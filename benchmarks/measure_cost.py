@@ -138,7 +138,7 @@ def main(argv=None):
     if args.out:
         args.out.write_text(json.dumps({
             "backend": jax.default_backend(), "cpu_count": os.cpu_count(), "load": load, "args": vars(args) | {
-                "out": str(args.out)}, "median_s": median, "ratio": ratio, "first_call_s": compile_s,
+                "out": args.out.name}, "median_s": median, "ratio": ratio, "first_call_s": compile_s,
             "times_s": times}, indent=1))
 
 
