@@ -101,7 +101,7 @@ def make_data(num_train: int, seed: int = 0) -> ArrayData:
 def make_program() -> Program:
     model = build_model(
         "cnn", norm="before_relu", num_classes=NUM_CLASSES, dropout_placement="none", bn_momentum=0.9, bn_epsilon=1e-5,
-        width=1.0,
+        width=1.0, norm_kind="batch", norm_groups=8, bn_running_var="unbiased",
     )
     return Program(model=model, optimizer="sgd", momentum=0.9, batch_size=BATCH, input_mean=MNIST_MEAN, input_std=MNIST_STD)
 

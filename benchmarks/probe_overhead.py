@@ -123,7 +123,8 @@ def main() -> None:
 
     data, source = load_data(args)
     model = build_model(
-        "cnn", norm="before_relu", num_classes=10, dropout_placement="none", bn_momentum=0.9, bn_epsilon=1e-5, width=1.0
+        "cnn", norm="before_relu", num_classes=10, dropout_placement="none", bn_momentum=0.9, bn_epsilon=1e-5, width=1.0,
+        norm_kind="batch", norm_groups=8, bn_running_var="unbiased",
     )
     program = Program(model=model, optimizer="sgd", momentum=0.9, batch_size=128, input_mean=MNIST_MEAN,
                       input_std=MNIST_STD)

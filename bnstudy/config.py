@@ -17,7 +17,7 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
 
-from bnstudy.models import DROPOUT_PLACEMENTS, MODELS, NORMS
+from bnstudy.models import BN_RUNNING_VARS, DROPOUT_PLACEMENTS, MODELS, NORM_KINDS, NORMS, norm_groups_problem
 
 DATASETS = ("mnist_t10k", "mnist", "cifar10")
 OPTIMIZERS = ("sgd", "adam")
@@ -37,6 +37,9 @@ STRUCTURAL = (
     "dataset.name",
     "model.name",
     "model.norm",
+    "model.norm_kind",
+    "model.norm_groups",
+    "model.bn_running_var",
     "model.width",
     "model.bn_momentum",
     "model.dropout.placement",
@@ -44,6 +47,7 @@ STRUCTURAL = (
     "optimizer.momentum",
     "train.batch_size",
     "probe.every",
+    "ics.every",
     "discrepancy.enabled",
     "discrepancy.population_batches",
     "discrepancy.train_subset",
@@ -72,9 +76,14 @@ class DropoutConfig:
 @dataclass
 class ModelConfig:
     name: str = "cnn"
-    norm: str = "before_relu"
+    norm: str = "before_relu"  # placement: none | before_relu | after_relu
+    norm_kind: str = "batch"  # batch | layer | group; layer and group norm keep no running statistics
+    norm_groups: int = 8  # group norm's groups; must divide every block's channels (dense: features)
     bn_momentum: float = 0.9  # running = momentum * running + (1 - momentum) * batch (PyTorch's 0.1)
-    bn_epsilon: float = 1e-5
+    bn_epsilon: float = 1e-5  # also layer and group norm's epsilon
+    # What BN's running variance averages: unbiased = batch variance x n/(n-1) (PyTorch's BatchNorm),
+    # biased = the batch variance (flax.linen.BatchNorm); n = values per channel in the batch.
+    bn_running_var: str = "unbiased"
     init_scale: Any = 1.0  # packable
     width: float = 1.0  # vgg channel multiplier
     dropout: DropoutConfig = field(default_factory=DropoutConfig)
@@ -93,6 +102,7 @@ class TrainConfig:
     batch_size: int = 128
     epochs: int = 3
     eval_every: int = 1  # epochs; 0 = only at the end
+    eval_every_steps: int = 0  # steps between evaluations (convergence speed); 0 = use eval_every (epochs)
     log_every: int = 50  # steps
     eval_batch_size: int = 1000
     max_steps_per_epoch: int | None = None
@@ -105,6 +115,11 @@ class TrainConfig:
 class ProbeConfig:
     every: int = 0  # steps between loss-smoothness probes (docs/design.md §4.1); 0 = off
     step_multipliers: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0])  # x lr
+
+
+@dataclass
+class IcsConfig:
+    every: int = 0  # steps between internal-covariate-shift probes (Santurkar et al. 2018 sec. 2.2); 0 = off
 
 
 @dataclass
@@ -138,6 +153,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    ics: IcsConfig = field(default_factory=IcsConfig)
     discrepancy: DiscrepancyConfig = field(default_factory=DiscrepancyConfig)
     seed: Any = 0  # packable
     out_dir: str = "outputs"
@@ -197,10 +213,12 @@ _SCALAR_RULES = {
     "model.bn_momentum": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "model.bn_epsilon": (lambda v: _number(v) and v > 0, "a positive number"),
     "model.width": (lambda v: _number(v) and v > 0, "a positive number"),
+    "model.norm_groups": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
     "optimizer.momentum": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "train.batch_size": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
     "train.epochs": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
     "train.eval_every": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0 (0 = only at the end)"),
+    "train.eval_every_steps": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0 (0 = use train.eval_every)"),
     "train.log_every": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
     "train.eval_batch_size": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
     "train.max_steps_per_epoch": (lambda v: v is None or (isinstance(v, int) and v >= 1), "null or an integer >= 1"),
@@ -208,6 +226,7 @@ _SCALAR_RULES = {
     "dataset.train_subset": (lambda v: v is None or (isinstance(v, int) and v >= 1), "null or an integer >= 1"),
     "dataset.test_subset": (lambda v: v is None or (isinstance(v, int) and v >= 1), "null or an integer >= 1"),
     "probe.every": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0 (steps between probes; 0 = off)"),
+    "ics.every": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0 (steps between ICS probes; 0 = off)"),
     "probe.step_multipliers": (
         lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(_number(m) and m > 0 for m in v),
         "a non-empty list of positive numbers (multiples of the learning rate)",
@@ -238,6 +257,8 @@ def validate(cfg: Config) -> Config:
     _check_choice(cfg, "dataset.name", DATASETS)
     _check_choice(cfg, "model.name", MODELS)
     _check_choice(cfg, "model.norm", NORMS)
+    _check_choice(cfg, "model.norm_kind", NORM_KINDS)
+    _check_choice(cfg, "model.bn_running_var", BN_RUNNING_VARS)
     _check_choice(cfg, "model.dropout.placement", DROPOUT_PLACEMENTS)
     _check_choice(cfg, "optimizer.name", OPTIMIZERS)
     _check_choice(cfg, "logger.wandb.mode", WANDB_MODES)
@@ -248,6 +269,7 @@ def validate(cfg: Config) -> Config:
     for key in PACKABLE:
         _check_packable(cfg, key)
     _check_dropout_has_a_placement(cfg)
+    _check_norm(cfg)
     return cfg
 
 
@@ -260,6 +282,23 @@ def _check_dropout_has_a_placement(cfg: Config) -> None:
             "model.dropout.rate", "0 while `model.dropout.placement` is 'none' (no dropout layer to apply it to)",
             rate, f"Choose a placement with `model.dropout.placement=` one of "
             f"{[p for p in DROPOUT_PLACEMENTS if p != 'none']}, or leave the rate at 0.",
+        )
+
+
+def _check_norm(cfg: Config) -> None:
+    """What the norm kind needs of the model and the batch, checked before anything is built."""
+    m = cfg.model
+    if m.norm == "none":
+        return
+    if m.norm_kind == "group" and (problem := norm_groups_problem(m.name, m.width, m.norm_groups)):
+        _fail("model.norm_groups", f"a number of groups that fits model {m.name!r}", m.norm_groups, problem + ".")
+    if m.norm_kind == "batch" and m.bn_running_var == "unbiased" and cfg.train.batch_size < 2:
+        _fail(
+            "train.batch_size",
+            "at least 2 with batch norm and model.bn_running_var=unbiased",
+            cfg.train.batch_size,
+            "A dense block's BN then sees one value per channel, whose unbiased variance is undefined "
+            "(PyTorch refuses it too); use a larger batch, model.bn_running_var=biased, or another norm kind.",
         )
 
 

@@ -1,9 +1,10 @@
-"""What BN does, measured for one model: loss-smoothness probes and train/inference discrepancy.
+"""What BN does, measured for one model: loss smoothness, train/inference discrepancy, internal
+covariate shift and dead units.
 
 Like `engine`, every function here is written for ONE model and vmapped over a pack by the trainer,
 and none of them returns a new TrainState: a measurement never changes what is trained.
-Definitions are those of docs/design.md §4.1 (Santurkar et al. 2018) and §4.2 (Ioffe 2017;
-Wu & Johnson 2021; Li et al. 2019).
+Definitions are those of docs/design.md §4.1 (Santurkar et al. 2018), §4.2 (Ioffe 2017;
+Wu & Johnson 2021; Li et al. 2019), §4.4 (Santurkar et al. 2018 sec. 2.2) and §4.5.
 
 BN layers are found by their variables (`<block>_norm/bn/{mean,var}`) and reported under the block
 name, e.g. `bn/conv1/mean_shift`.
@@ -25,6 +26,10 @@ Keys (each a scalar per model):
                                 input, dropout off / on, only for layers downstream of a dropout
 Population statistics are collected as precise BN does: the network in train mode (every BN layer on
 its batch's statistics, dropout off) over whole training batches, pooled exactly across batches.
+  ics/<layer>/l2, ics/<layer>/cos   ||G - G'|| and cos(G, G') for every layer with weights (conv*,
+                                    dense*, classifier); see `internal_covariate_shift`
+  relu/<layer>/dead_frac            fraction of a hidden block's ReLU units (a conv's channels, a dense
+                                    layer's features) never positive over the evaluated examples
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from bnstudy import engine
+from bnstudy import engine, models
 from bnstudy.engine import ArrayData, HParams, Program, TrainState
 
 SMOOTH_KEYS = (
@@ -134,12 +139,16 @@ def bn_layers(batch_stats) -> dict[str, dict]:
 
 
 def batch_statistics(program: Program, params, batch_stats, x, dropout_rate=0.0, dropout_key=None):
-    """Each BN layer's mean and (biased, as flax's) variance of its input over the batch `x`, train mode.
+    """Each BN layer's mean and biased variance (what BN normalizes by) of its input over the batch `x`, train mode.
 
-    Runs a copy of the model with BN momentum 0 on zeroed running stats, so the "updated running
-    averages" are exactly this batch's statistics: 0 * 0 + 1 * batch, no rounding.
+    Runs a copy of the model with BN momentum 0 and the biased running variance on zeroed running
+    stats, so the "updated running averages" are exactly this batch's statistics: 0 * 0 + 1 * batch,
+    no rounding. Biased, so that `pool` gives the exact variance over all the pooled examples.
     """
-    stats_program = dataclasses.replace(program, model=program.model.clone(bn_momentum=0.0))
+    # A model on flax's own nn.BatchNorm has no such field: its running variance is the biased one already.
+    biased = {"bn_running_var": "biased"} if hasattr(program.model, "bn_running_var") else {}
+    model = program.model.clone(bn_momentum=0.0, **biased)
+    stats_program = dataclasses.replace(program, model=model)
     zeros = jax.tree.map(jnp.zeros_like, batch_stats)
     no_labels = jnp.zeros(x.shape[0], jnp.int32)  # forward_train wants labels; its loss is not used
     _, (_, stats) = engine.forward_train(stats_program, params, zeros, x, no_labels, dropout_rate, dropout_key)
@@ -243,3 +252,96 @@ def split_metrics(split: str, logits: dict[str, jax.Array], labels) -> dict[str,
         "disc/kl": kl.mean(),
     }
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# 4.4 Internal covariate shift
+# ---------------------------------------------------------------------------------------------
+
+
+def internal_covariate_shift(
+    loss_fn: Callable, params: dict, update: dict, order: Sequence[str], layers: Sequence[str], grads=None
+) -> dict[str, jax.Array]:
+    """Santurkar et al.'s ICS of each layer in `layers` for one step with parameter update `update`.
+
+    G = grad of loss_fn w.r.t. params[layer]; G' = the same gradient once every parameter group that
+    comes before `layer` in `order` (top-level keys of `params`, input to output) has taken its
+    update (params + update, as optax.apply_updates does), the layer itself and all later groups
+    unchanged. Returns ics/<layer>/l2 = ||G - G'||_2 and ics/<layer>/cos = cos(G, G'), each over the
+    layer's whole subtree (kernel and bias). The first group has nothing before it: G' = G exactly.
+    `grads` = grad loss_fn(params) when the caller already has it.
+    """
+    g = jax.grad(loss_fn)(params) if grads is None else grads
+    present = [k for k in order if k in params]
+    out = {}
+    for layer in layers:
+        before = set(present[: present.index(layer)])
+        if before:
+            moved = {k: optax.apply_updates(v, update[k]) if k in before else v for k, v in params.items()}
+            g_new = jax.grad(lambda w, moved=moved, layer=layer: loss_fn({**moved, layer: w}))(params[layer])
+        else:
+            g_new = g[layer]
+        g_old = g[layer]
+        dot = sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(g_old), jax.tree.leaves(g_new), strict=True))
+        out[f"ics/{layer}/l2"] = optax.global_norm(jax.tree.map(jnp.subtract, g_new, g_old))
+        out[f"ics/{layer}/cos"] = dot / (optax.global_norm(g_old) * optax.global_norm(g_new))
+    return out
+
+
+def optimizer_update(program: Program, state: TrainState, hp: HParams, grads):
+    """The parameter update the train step takes from `state` with gradient `grads`: its optimizer,
+    learning rate, weight decay and momentum buffers (engine.train_step's `updates`)."""
+    tx = engine.make_optimizer(program, hp.lr, hp.weight_decay)
+    return tx.update(grads, state.opt_state, state.params)[0]
+
+
+def ics_probe(program: Program, state: TrainState, hp: HParams, data: ArrayData, perm, index) -> dict[str, jax.Array]:
+    """ICS at the step `state` is about to take: its batch, its dropout mask, BN on batch statistics
+    (running statistics not updated), and that step's own optimizer update. Call it with the state
+    *before* the step, on the same (perm, index) as the step."""
+    x, labels, dropout_key = engine.step_inputs(program, state, hp, data, perm, index)
+
+    def loss_fn(params):
+        return engine.forward_train(program, params, state.batch_stats, x, labels, hp.dropout_rate, dropout_key)[0]
+
+    grads = jax.grad(loss_fn)(state.params)
+    update = optimizer_update(program, state, hp, grads)
+    model = program.model
+    out = internal_covariate_shift(loss_fn, state.params, update, model.param_order(), model.weight_layers(), grads)
+    return {k: jnp.where(state.diverged, jnp.nan, v) for k, v in out.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# 4.5 Dead units
+# ---------------------------------------------------------------------------------------------
+
+
+def _relu_maxima(sown) -> dict[str, jax.Array]:
+    """{block: [N, units]} from the `relu` collection the model sows (`conv1_norm/max` -> `conv1`)."""
+    return {name.removesuffix("_norm"): tree["max"][0] for name, tree in sown.items()}
+
+
+def relu_positive_counts_from(sown, mask) -> dict[str, jax.Array]:
+    """Per block and unit: on how many of the masked examples the ReLU output was positive somewhere."""
+    return {name: jnp.sum((m > 0) * mask[:, None], axis=0) for name, m in _relu_maxima(sown).items()}
+
+
+def eval_batch_with_units(program: Program, params, batch_stats, images, labels, mask) -> dict:
+    """engine.eval_batch's sums plus, from the same inference pass, `relu_positive`: per hidden block
+    and ReLU unit, the number of masked examples on which it fired. Counts add up over batches
+    like the sums do; `dead_unit_fractions` turns the totals into relu/<layer>/dead_frac."""
+    variables = {"params": params, "batch_stats": batch_stats}
+    x = engine.normalize(program, images)
+    logits, sown = program.model.apply(variables, x, train=False, mutable=[models.RELU_COLLECTION])
+    loss = engine.cross_entropy(logits, labels)
+    correct = jnp.argmax(logits, -1) == labels
+    return {
+        "loss_sum": jnp.sum(loss * mask),
+        "correct_sum": jnp.sum(correct * mask),
+        "relu_positive": relu_positive_counts_from(sown[models.RELU_COLLECTION], mask),
+    }
+
+
+def dead_unit_fractions(relu_positive: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """relu/<layer>/dead_frac: the fraction of the layer's units that never fired (count 0)."""
+    return {f"relu/{name}/dead_frac": jnp.mean(counts == 0) for name, counts in relu_positive.items()}

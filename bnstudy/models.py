@@ -1,9 +1,15 @@
 """Flax CNNs whose normalization placement, dropout and init scale are the things under study.
 
-Every hidden layer is a *block*: layer -> {BN -> ReLU | ReLU -> BN | ReLU}, chosen by `norm`.
-BatchNorm layers live at `<block>_norm/bn` (e.g. `conv1_norm/bn`) so that metrics can report them
-by their block name. The dropout rate is a call argument (a traced value), not a module field, so
-runs with different rates share one compiled program.
+Every hidden layer is a *block*: layer -> {norm -> ReLU | ReLU -> norm | ReLU}, placement chosen by
+`norm`, the norm's kind by `norm_kind`: batch (BN, `<block>_norm/bn`), layer (`<block>_norm/ln`) or
+group (`<block>_norm/gn`). Only BN keeps running statistics (`batch_stats`: `<block>_norm/bn/{mean,var}`),
+so metrics find BN layers, and only BN layers, there, reported by their block name.
+The dropout rate is a call argument (a traced value), not a module field, so runs with different
+rates share one compiled program.
+
+Each block sows, into the `relu` collection and only when a caller makes it mutable, the per-example
+maximum of its ReLU output over the spatial positions ([N, channels]): what the dead-unit measurement
+reads, at no cost to ordinary training or evaluation.
 """
 
 from __future__ import annotations
@@ -15,6 +21,9 @@ import jax
 import jax.numpy as jnp
 
 NORMS = ("none", "before_relu", "after_relu")
+NORM_KINDS = ("batch", "layer", "group")
+BN_RUNNING_VARS = ("unbiased", "biased")
+RELU_COLLECTION = "relu"
 DROPOUT_PLACEMENTS = ("none", "after_block", "before_classifier")
 MODELS = ("cnn", "vgg")
 
@@ -34,26 +43,110 @@ def dropout(x: jax.Array, rate: jax.Array, rng: jax.Array | None) -> jax.Array:
     return jnp.where(mask, x / keep, 0.0)
 
 
+class BatchNorm(nn.Module):
+    """Batch normalization over every axis but the last, as torch.nn.BatchNorm1d/2d computes it.
+
+    Train mode normalizes with the batch mean and the *biased* batch variance (both libraries do).
+    The running averages move as running = momentum * running + (1 - momentum) * batch, so
+    bnstudy's momentum 0.9 is PyTorch's momentum=0.1. What is averaged into the running variance is
+    `running_var`:
+      unbiased  the batch variance x n / (n - 1), n = values per channel (batch x positions): PyTorch's
+                choice (torch.nn.BatchNorm2d docs: "the running sum of the variance is calculated via
+                the unbiased estimator"), so the population variance is not underestimated at small n;
+      biased    the batch variance itself: flax.linen.BatchNorm's choice (7/8 of PyTorch's at n = 8).
+    Variables keep flax's names (params scale, bias; batch_stats mean, var; init 1, 0, 0, 1) so a
+    checkpoint or metric that reads nn.BatchNorm reads this too. Variances are two-pass (mean of
+    squared deviations), not E[x^2] - E[x]^2, to agree with PyTorch to float32 rounding.
+    """
+
+    use_running_average: bool
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+    running_var: str = "unbiased"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        features = x.shape[-1]
+        axes = tuple(range(x.ndim - 1))
+        scale = self.param("scale", nn.initializers.ones, (features,))
+        bias = self.param("bias", nn.initializers.zeros, (features,))
+        running_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,))
+        running_var = self.variable("batch_stats", "var", jnp.ones, (features,))
+        if self.use_running_average:
+            mean, var = running_mean.value, running_var.value
+        else:
+            mean = x.mean(axes)
+            var = jnp.square(x - mean).mean(axes)
+            if not self.is_initializing():
+                n = x.size // features
+                if self.running_var == "unbiased":
+                    if n < 2:
+                        raise ValueError(
+                            f"BatchNorm with running_var='unbiased' needs at least 2 values per channel to "
+                            f"estimate a variance; its input {x.shape} has {n}. Use a batch size >= 2 or "
+                            f"running_var='biased' (PyTorch refuses this case too)."
+                        )
+                    averaged = var * (n / (n - 1))
+                elif self.running_var == "biased":
+                    averaged = var
+                else:
+                    raise ValueError(f"unknown running_var {self.running_var!r}; expected one of {BN_RUNNING_VARS}")
+                m = self.momentum
+                running_mean.value = m * running_mean.value + (1.0 - m) * mean
+                running_var.value = m * running_var.value + (1.0 - m) * averaged
+        return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+
+
+def make_norm(
+    kind: str, ndim: int, train: bool, momentum: float, epsilon: float, groups: int, running_var: str
+) -> nn.Module:
+    """The normalization layer of a block whose output has `ndim` axes, named by kind (`bn`, `ln`, `gn`).
+
+    Layer and group norm normalize each example on its own, so train and inference mode are the same
+    computation and there are no running statistics. Layer norm (Ba et al. 2016) pools every
+    non-batch axis: channels and positions of a conv output, the features of a dense one; that is
+    group norm with one group. Group norm (Wu & He 2018) splits the channels into `groups`
+    contiguous groups and pools each over its channels and all positions; on a dense block's
+    [N, features] output a group is `features / groups` contiguous features of one example. Both
+    keep a learned scale and bias per channel and share BN's epsilon.
+    """
+    if kind == "batch":
+        return BatchNorm(not train, momentum, epsilon, running_var, name="bn")
+    if kind == "layer":
+        # flax's LayerNorm pools only the last axis by default; here every axis but the batch.
+        axes = tuple(range(1, ndim))
+        return nn.LayerNorm(epsilon, reduction_axes=axes, use_fast_variance=False, name="ln")
+    if kind == "group":
+        return nn.GroupNorm(num_groups=groups, epsilon=epsilon, use_fast_variance=False, name="gn")
+    raise ValueError(f"unknown norm kind {kind!r}; expected one of {NORM_KINDS}")
+
+
 class Block(nn.Module):
-    """Wraps a layer's output in the norm/activation order given by `norm`."""
+    """Wraps a layer's output in the norm/activation order given by `norm`, the norm's kind by `norm_kind`."""
 
     norm: str
     bn_momentum: float
     bn_epsilon: float
+    norm_kind: str = "batch"
+    norm_groups: int = 8
+    bn_running_var: str = "unbiased"
+
+    def _relu(self, h: jax.Array) -> jax.Array:
+        out = nn.relu(h)
+        # Per example and channel, the largest activation over positions: > 0 iff that unit fired there.
+        self.sow(RELU_COLLECTION, "max", out.max(axis=tuple(range(1, out.ndim - 1))) if out.ndim > 2 else out)
+        return out
 
     @nn.compact
     def __call__(self, h: jax.Array, train: bool) -> jax.Array:
         if self.norm == "none":
-            return nn.relu(h)
-        bn = nn.BatchNorm(
-            use_running_average=not train,
-            momentum=self.bn_momentum,
-            epsilon=self.bn_epsilon,
-            name="bn",
+            return self._relu(h)
+        norm = make_norm(
+            self.norm_kind, h.ndim, train, self.bn_momentum, self.bn_epsilon, self.norm_groups, self.bn_running_var
         )
         if self.norm == "before_relu":
-            return nn.relu(bn(h))
-        return bn(nn.relu(h))
+            return self._relu(norm(h))
+        return norm(self._relu(h))
 
 
 class _Net(nn.Module):
@@ -66,18 +159,42 @@ class _Net(nn.Module):
     dropout_placement: str
     bn_momentum: float
     bn_epsilon: float
+    norm_kind: str = "batch"
+    norm_groups: int = 8
+    bn_running_var: str = "unbiased"
 
     def _block(self, h, name, train):
-        return Block(self.norm, self.bn_momentum, self.bn_epsilon, name=f"{name}_norm")(h, train)
+        block = Block(
+            self.norm,
+            self.bn_momentum,
+            self.bn_epsilon,
+            self.norm_kind,
+            self.norm_groups,
+            self.bn_running_var,
+            name=f"{name}_norm",
+        )
+        return block(h, train)
 
     def block_names(self) -> tuple[str, ...]:
         return tuple(f"conv{i + 1}" for i in range(len(self.conv_blocks))) + tuple(
             f"dense{j + 1}" for j in range(len(self.dense_widths))
         )
 
+    def weight_layers(self) -> tuple[str, ...]:
+        """The layers with weights (kernel and bias), input to output: every block's layer, then the classifier."""
+        return (*self.block_names(), "classifier")
+
+    def param_order(self) -> tuple[str, ...]:
+        """Top-level parameter groups in the order the input meets them: each layer, then its block's norm.
+
+        (A params dict that went through jax.tree.map has its keys sorted, so the order lives here.)
+        Groups a model does not have, e.g. `conv1_norm` with norm none, are simply absent from its params.
+        """
+        return (*(g for b in self.block_names() for g in (b, f"{b}_norm")), "classifier")
+
     def dropout_fed_blocks(self) -> tuple[str, ...]:
         """Blocks whose BN input lies downstream of a dropout: where Li et al.'s variance shift applies."""
-        if self.norm == "none" or self.dropout_placement != "after_block":
+        if self.norm == "none" or self.norm_kind != "batch" or self.dropout_placement != "after_block":
             return ()  # before_classifier dropout feeds only the classifier, which has no BN
         return self.block_names()[1:]
 
@@ -115,6 +232,36 @@ def conv_blocks_from_layout(layout: Sequence[int | str]) -> tuple[tuple[int, boo
     return tuple(blocks)
 
 
+def _layout(name: str, width: float) -> tuple[tuple[int | str, ...], tuple[int, ...]]:
+    """(conv layout, dense widths) of model `name`."""
+    if name == "cnn":
+        return (32, "M", 64, "M"), (128,)
+    layout = tuple(c if c == "M" else max(1, round(c * width)) for c in VGG11_LAYOUT)
+    return layout, (max(1, round(512 * width)),)
+
+
+def block_channels(name: str, width: float = 1.0) -> dict[str, int]:
+    """{block: channels (conv) or features (dense)} of model `name`, input to output."""
+    layout, dense_widths = _layout(name, width)
+    convs = [c for c, _ in conv_blocks_from_layout(layout)]
+    return {f"conv{i + 1}": c for i, c in enumerate(convs)} | {f"dense{j + 1}": w for j, w in enumerate(dense_widths)}
+
+
+def norm_groups_problem(name: str, width: float, groups: int) -> str | None:
+    """Why group norm with `groups` groups cannot be built for this model, or None if it can."""
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        return f"the number of groups must be an integer >= 1, got {groups!r}"
+    channels = block_channels(name, width)
+    bad = {block: c for block, c in channels.items() if c % groups}
+    if bad:
+        divisors = sorted(d for d in range(1, min(channels.values()) + 1) if all(c % d == 0 for c in channels.values()))
+        return (
+            f"{groups} groups do not divide the channels of block(s) {bad} (all channels: {channels}); "
+            f"every block must split into equal groups, so choose one of {divisors}"
+        )
+    return None
+
+
 def build_model(
     name: str,
     *,
@@ -124,22 +271,28 @@ def build_model(
     bn_momentum: float,
     bn_epsilon: float,
     width: float,
+    norm_kind: str,
+    norm_groups: int,
+    bn_running_var: str,
 ) -> nn.Module:
-    """The model named `name` ("cnn" for MNIST, "vgg" for CIFAR-10) with the given BN placement.
+    """The model named `name` ("cnn" for MNIST, "vgg" for CIFAR-10) with the given norm placement and kind.
 
     No defaults: the app passes the config's values, whose defaults live in the schema (bnstudy/config.py).
+    norm_groups is used by norm_kind "group" only.
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; expected one of {MODELS}")
     if norm not in NORMS:
         raise ValueError(f"unknown norm {norm!r}; expected one of {NORMS}")
+    if norm_kind not in NORM_KINDS:
+        raise ValueError(f"unknown norm kind {norm_kind!r}; expected one of {NORM_KINDS}")
+    if bn_running_var not in BN_RUNNING_VARS:
+        raise ValueError(f"unknown BN running variance {bn_running_var!r}; expected one of {BN_RUNNING_VARS}")
     if dropout_placement not in DROPOUT_PLACEMENTS:
         raise ValueError(f"unknown dropout placement {dropout_placement!r}; expected one of {DROPOUT_PLACEMENTS}")
-    if name == "cnn":
-        layout, dense_widths = (32, "M", 64, "M"), (128,)
-    else:
-        layout = tuple(c if c == "M" else max(1, round(c * width)) for c in VGG11_LAYOUT)
-        dense_widths = (max(1, round(512 * width)),)
+    if norm_kind == "group" and (problem := norm_groups_problem(name, width, norm_groups)):
+        raise ValueError(f"group norm for model {name!r}: {problem}")
+    layout, dense_widths = _layout(name, width)
     return _Net(
         conv_blocks=conv_blocks_from_layout(layout),
         dense_widths=dense_widths,
@@ -148,5 +301,8 @@ def build_model(
         dropout_placement=dropout_placement,
         bn_momentum=bn_momentum,
         bn_epsilon=bn_epsilon,
+        norm_kind=norm_kind,
+        norm_groups=norm_groups,
+        bn_running_var=bn_running_var,
     )
 

@@ -60,6 +60,7 @@ IDENTITY_EXCLUDED = (
     "compile_cache_dir",
     "report",
     "probe",
+    "ics",
     "discrepancy",
     "train.pack_size",
     "train.loop",
@@ -95,7 +96,9 @@ def run_name(run: Any) -> str:
     """Readable name of a resolved run, e.g. `mnist_t10k-cnn-before_relu-lr0.1-bs128-s0`."""
     d = _as_dict(run)
     m, o = d["model"], d["optimizer"]
-    parts = [d["dataset"]["name"], m["name"], m["norm"], f"lr{o['lr']:g}"]
+    kind = m.get("norm_kind", "batch")
+    norm = m["norm"] if kind == "batch" or m["norm"] == "none" else f"{m['norm']}-{kind}"
+    parts = [d["dataset"]["name"], m["name"], norm, f"lr{o['lr']:g}"]
     if m["init_scale"] != 1.0:
         parts.append(f"init{m['init_scale']:g}")
     if m["dropout"]["placement"] != "none":

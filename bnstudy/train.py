@@ -57,6 +57,9 @@ def build_program(cfg: Config, dataset: data_lib.Dataset) -> Program:
         bn_momentum=m.bn_momentum,
         bn_epsilon=m.bn_epsilon,
         width=m.width,
+        norm_kind=m.norm_kind,
+        norm_groups=m.norm_groups,
+        bn_running_var=m.bn_running_var,
     )
     return Program(
         model=model,

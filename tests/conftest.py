@@ -45,7 +45,8 @@ def make_arrays(n_train=256, n_test=64, shape=(28, 28, 1), seed=0) -> engine.Arr
 
 
 # The model settings the tests use (bnstudy's own defaults live in the config schema alone).
-MODEL_KW = dict(norm="before_relu", num_classes=10, dropout_placement="none", bn_momentum=0.9, bn_epsilon=1e-5, width=1.0)
+MODEL_KW = dict(norm="before_relu", num_classes=10, dropout_placement="none", bn_momentum=0.9, bn_epsilon=1e-5, width=1.0,
+                norm_kind="batch", norm_groups=8, bn_running_var="unbiased")
 
 # A short schedule for core tests; each test overrides what it is about with `schedule(...)`.
 SCHEDULE_KW = dict(

@@ -1,0 +1,149 @@
+"""What one call of each new measurement costs, as a ratio to one train step of the same model.
+
+Times single jitted calls of the core (no trainer), one model, the MNIST CNN at batch 128 on random
+MNIST-shaped data, round-robin over the repeats (repeat r of every call, then repeat r+1) so that a
+change in machine load hits them all alike:
+
+    step           engine.train_step (the reference: ratio 1)
+    ics            metrics.ics_probe: the step's gradient, its optimizer update, one more gradient per
+                   layer after the first (3 for the CNN)
+    smooth         metrics.smoothness_probe with the default 4 step sizes, unrolled (for comparison)
+    eval           engine.eval_batch on --eval-batch test images (inference mode)
+    eval+units     metrics.eval_batch_with_units on the same images: the same pass, also counting
+                   which ReLU units fired (dead units); its ratio to `eval` is the dead-unit overhead
+and the train step of the other norm kinds and of flax's own nn.BatchNorm, as ratios to `step`
+(bnstudy's BatchNorm, unbiased running variance).
+
+    python benchmarks/measure_cost.py --repeats 7 --out cost.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(ROOT))
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bnstudy import engine, metrics, models
+from bnstudy.engine import ArrayData, HParams, Program
+
+
+class _FlaxBatchNormBlock(models.Block):
+    """BN before ReLU with flax's own nn.BatchNorm (biased running variance, E[x^2] - E[x]^2 variance)."""
+
+    @nn.compact
+    def __call__(self, h, train):
+        bn = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum, epsilon=self.bn_epsilon, name="bn")
+        return nn.relu(bn(h))
+
+
+class _FlaxBatchNormNet(models._Net):
+    """The CNN with `_FlaxBatchNormBlock`s: what bnstudy's BN was before its own BatchNorm."""
+
+    def _block(self, h, name, train):
+        return _FlaxBatchNormBlock(self.norm, self.bn_momentum, self.bn_epsilon, name=f"{name}_norm")(h, train)
+
+
+def program_for(norm_kind: str, batch_size: int) -> Program:
+    model = models.build_model(
+        "cnn", norm="before_relu", num_classes=10, dropout_placement="none", bn_momentum=0.9, bn_epsilon=1e-5,
+        width=1.0, norm_kind=norm_kind, norm_groups=8, bn_running_var="unbiased",
+    )
+    return Program(model=model, batch_size=batch_size, input_mean=(0.1307,), input_std=(0.3081,))
+
+
+def calls(args, data: ArrayData) -> dict:
+    """name -> a no-argument function running one call (compiled on first use)."""
+    hp = HParams(lr=jnp.float32(0.05), weight_decay=jnp.float32(0.0), init_scale=jnp.float32(1.0),
+                 dropout_rate=jnp.float32(0.0), seed=jnp.int32(0))
+    perm = engine.epoch_permutation(hp.seed, 0, data.train_images.shape[0])
+    images, labels = data.test_images[: args.eval_batch], data.test_labels[: args.eval_batch]
+    mask = jnp.ones(args.eval_batch)
+    out = {}
+
+    def stepper(program):
+        state = jax.jit(partial(engine.init_state, program, (28, 28, 1)))(hp)
+        step = jax.jit(partial(engine.train_step, program))
+        return state, lambda: step(state, hp, data, perm, jnp.int32(0))
+
+    program = program_for("batch", args.batch_size)
+    state, out["step"] = stepper(program)
+    ics = jax.jit(partial(metrics.ics_probe, program))
+    out["ics"] = lambda: ics(state, hp, data, perm, jnp.int32(0))
+    smooth = jax.jit(partial(metrics.smoothness_probe, program, (0.5, 1.0, 2.0, 4.0), False))
+    out["smooth"] = lambda: smooth(state, hp, data, perm, jnp.int32(0))
+    ev = jax.jit(partial(engine.eval_batch, program))
+    out["eval"] = lambda: ev(state.params, state.batch_stats, images, labels, mask)
+    units = jax.jit(partial(metrics.eval_batch_with_units, program))
+    out["eval+units"] = lambda: units(state.params, state.batch_stats, images, labels, mask)
+    for kind in ("layer", "group"):
+        out[f"step[{kind}]"] = stepper(program_for(kind, args.batch_size))[1]
+    m = program.model
+    flax_net = _FlaxBatchNormNet(conv_blocks=m.conv_blocks, dense_widths=m.dense_widths, num_classes=m.num_classes,
+                                 norm=m.norm, dropout_placement=m.dropout_placement, bn_momentum=m.bn_momentum,
+                                 bn_epsilon=m.bn_epsilon)
+    out["step[flax BatchNorm]"] = stepper(dataclasses.replace(program, model=flax_net))[1]
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--eval-batch", type=int, default=1000)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+
+    rng = np.random.default_rng(0)
+    images = lambda n: jnp.asarray(rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8))
+    labels = lambda n: jnp.asarray(rng.integers(0, 10, n, dtype=np.int32))
+    n_train = 4 * args.batch_size
+    data = ArrayData(images(n_train), labels(n_train), images(args.eval_batch), labels(args.eval_batch))
+
+    fns = calls(args, data)
+    compile_s = {}
+    for name, fn in fns.items():
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        compile_s[name] = time.perf_counter() - t0
+    times = {name: [] for name in fns}
+    for _ in range(args.repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[name].append(time.perf_counter() - t0)
+    median = {name: statistics.median(t) for name, t in times.items()}
+    ratio = {name: median[name] / median["step"] for name in fns}
+    ratio["eval+units"] = median["eval+units"] / median["eval"]  # dead-unit counting vs the plain evaluation
+
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"# {jax.default_backend()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"load {load:.1f}; batch {args.batch_size}, eval batch {args.eval_batch}, {args.repeats} repeats")
+    print(f"{'call':22s} {'median ms':>10s} {'ratio':>7s}  (to step; eval+units: to eval)")
+    for name in fns:
+        print(f"{name:22s} {1e3 * median[name]:10.1f} {ratio[name]:7.2f}")
+    if args.out:
+        args.out.write_text(json.dumps({
+            "backend": jax.default_backend(), "cpu_count": os.cpu_count(), "load": load, "args": vars(args) | {
+                "out": args.out.name}, "median_s": median, "ratio": ratio, "first_call_s": compile_s,
+            "times_s": times}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""Normalization layers against hand computations: BN's forward and running statistics (and PyTorch's, when
+installed), layer and group norm, the norm kinds as model arms, and the group-count validation."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bnstudy import models
+from conftest import build_model
+
+EPS = 1e-5
+
+
+def numpy_bn(x, scale, bias, eps=EPS):
+    """Train-mode BN in float64: normalize each channel (last axis) by the batch mean and biased variance."""
+    axes = tuple(range(x.ndim - 1))
+    mean, var = x.mean(axes), x.var(axes)
+    return (x - mean) / np.sqrt(var + eps) * scale + bias, mean, var
+
+
+def run_bn(bn, batches, scale, bias):
+    """Train-mode outputs over a sequence of batches, running stats carried; then the eval-mode output."""
+    variables = bn.init(jax.random.key(0), jnp.asarray(batches[0]))
+    variables = {"params": {"scale": jnp.asarray(scale), "bias": jnp.asarray(bias)}, "batch_stats": variables["batch_stats"]}
+    outs = []
+    for x in batches:
+        y, updates = bn.apply(variables, jnp.asarray(x), mutable=["batch_stats"])
+        variables = {**variables, "batch_stats": updates["batch_stats"]}
+        outs.append(np.asarray(y))
+    return outs, variables
+
+
+def batches_of(shape, n=3, seed=0):
+    rng = np.random.default_rng(seed)
+    return [(rng.normal(size=shape) * (1.0 + 2.0 * i) + 0.5 * i).astype(np.float32) for i in range(n)]
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 3, 2), (5, 3)], ids=["conv", "dense"])
+@pytest.mark.parametrize("running_var", ["unbiased", "biased"])
+def test_batchnorm_forward_and_running_stats_match_hand_computation(shape, running_var):
+    batches = batches_of(shape)
+    c = shape[-1]
+    scale, bias = np.linspace(0.5, 2.0, c).astype(np.float32), np.linspace(-1.0, 1.0, c).astype(np.float32)
+    train_bn = models.BatchNorm(use_running_average=False, momentum=0.9, epsilon=EPS, running_var=running_var)
+    outs, variables = run_bn(train_bn, batches, scale, bias)
+
+    n = int(np.prod(shape[:-1]))  # values per channel
+    run_mean, run_var = np.zeros(c), np.ones(c)
+    for x, y in zip(batches, outs):
+        expected, mean, var = numpy_bn(x.astype(np.float64), scale, bias)
+        np.testing.assert_allclose(y, expected, atol=1e-5)
+        averaged = var * n / (n - 1) if running_var == "unbiased" else var
+        run_mean, run_var = 0.9 * run_mean + 0.1 * mean, 0.9 * run_var + 0.1 * averaged
+    np.testing.assert_allclose(variables["batch_stats"]["mean"], run_mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(variables["batch_stats"]["var"], run_var, rtol=1e-5)
+
+    # Inference mode normalizes with the running averages.
+    eval_bn = models.BatchNorm(use_running_average=True, momentum=0.9, epsilon=EPS, running_var=running_var)
+    x = batches[0]
+    y = eval_bn.apply(variables, jnp.asarray(x))
+    np.testing.assert_allclose(y, (x - run_mean) / np.sqrt(run_var + EPS) * scale + bias, atol=1e-5)
+
+
+def test_biased_running_var_is_flax_batchnorm_and_unbiased_is_n_over_n_minus_1_above_it():
+    batches = batches_of((8, 4), n=1)  # the dense layer at batch 8: 8 values per channel
+    ours = {
+        kind: run_bn(models.BatchNorm(False, 0.0, EPS, kind), batches, np.ones(4, np.float32), np.zeros(4, np.float32))
+        for kind in ("unbiased", "biased")
+    }
+    flax_bn = nn.BatchNorm(use_running_average=False, momentum=0.0, epsilon=EPS, use_fast_variance=False)
+    flax_out, flax_vars = run_bn(flax_bn, batches, np.ones(4, np.float32), np.zeros(4, np.float32))
+    np.testing.assert_allclose(ours["biased"][1]["batch_stats"]["var"], flax_vars["batch_stats"]["var"], rtol=1e-6)
+    np.testing.assert_allclose(ours["biased"][0][0], flax_out[0], atol=1e-6)
+    ratio = ours["biased"][1]["batch_stats"]["var"] / ours["unbiased"][1]["batch_stats"]["var"]
+    np.testing.assert_allclose(ratio, 7 / 8, rtol=1e-6)
+
+
+def test_unbiased_batchnorm_refuses_one_value_per_channel():
+    bn = models.BatchNorm(False, 0.9, EPS, "unbiased")
+    x = jnp.ones((1, 3))
+    variables = bn.init(jax.random.key(0), x)  # init itself takes no statistics
+    with pytest.raises(ValueError, match="at least 2 values per channel"):
+        bn.apply(variables, x, mutable=["batch_stats"])
+
+
+@pytest.mark.parametrize("shape", [(6, 5, 5, 3), (7, 4)], ids=["BatchNorm2d", "BatchNorm1d"])
+def test_batchnorm_matches_torch(shape):
+    torch = pytest.importorskip("torch")
+    batches = batches_of(shape, n=4, seed=1)
+    c = shape[-1]
+    scale, bias = np.linspace(0.5, 2.0, c).astype(np.float32), np.linspace(-1.0, 1.0, c).astype(np.float32)
+    ours, variables = run_bn(models.BatchNorm(False, 0.9, EPS, "unbiased"), batches, scale, bias)
+
+    conv = len(shape) == 4
+    tbn = (torch.nn.BatchNorm2d if conv else torch.nn.BatchNorm1d)(c, eps=EPS, momentum=0.1)  # == bnstudy's 0.9
+    with torch.no_grad():
+        tbn.weight.copy_(torch.from_numpy(scale))
+        tbn.bias.copy_(torch.from_numpy(bias))
+    to_torch = lambda x: torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2) if conv else x))
+    from_torch = lambda t: t.detach().numpy().transpose(0, 2, 3, 1) if conv else t.detach().numpy()
+    tbn.train()
+    for x, y in zip(batches, ours):
+        np.testing.assert_allclose(y, from_torch(tbn(to_torch(x))), atol=1e-5)
+    np.testing.assert_allclose(variables["batch_stats"]["mean"], tbn.running_mean.numpy(), atol=1e-5)
+    np.testing.assert_allclose(variables["batch_stats"]["var"], tbn.running_var.numpy(), atol=1e-5)
+    tbn.eval()
+    y_eval = models.BatchNorm(True, 0.9, EPS, "unbiased").apply(variables, jnp.asarray(batches[0]))
+    np.testing.assert_allclose(y_eval, from_torch(tbn(to_torch(batches[0]))), atol=1e-5)
+
+
+# --------------------------------------------------------------------------- layer and group norm
+
+
+def numpy_group_norm(x, groups, scale, bias, eps=EPS):
+    """Wu & He's group norm in float64 on [N, ..., C]: per example, each of `groups` contiguous channel groups."""
+    n, c = x.shape[0], x.shape[-1]
+    g = x.reshape(n, -1, groups, c // groups)  # positions x groups x channels-in-group
+    mean = g.mean(axis=(1, 3), keepdims=True)
+    var = g.var(axis=(1, 3), keepdims=True)
+    return ((g - mean) / np.sqrt(var + eps)).reshape(x.shape) * scale + bias
+
+
+def apply_norm(kind, x, groups=2, train=True):
+    norm = models.make_norm(kind, x.ndim, train, 0.9, EPS, groups, "unbiased")
+    variables = norm.init(jax.random.key(0), jnp.asarray(x))
+    c = x.shape[-1]
+    scale, bias = np.linspace(0.5, 2.0, c).astype(np.float32), np.linspace(-1.0, 1.0, c).astype(np.float32)
+    variables = {**variables, "params": {"scale": jnp.asarray(scale), "bias": jnp.asarray(bias)}}
+    return variables, np.asarray(norm.apply(variables, jnp.asarray(x))), scale, bias
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 4, 6), (5, 6)], ids=["conv", "dense"])
+def test_layer_norm_pools_every_non_batch_axis_per_example(shape):
+    x = batches_of(shape, n=1)[0] * 3.0 + 2.0
+    variables, y, scale, bias = apply_norm("layer", x)
+    assert set(variables) == {"params"}  # no running statistics
+    np.testing.assert_allclose(y, numpy_group_norm(x.astype(np.float64), 1, scale, bias), atol=1e-5)
+    # Per example, independent of the rest of the batch: the first example alone gives the same output.
+    _, alone, _, _ = apply_norm("layer", x[:1])
+    np.testing.assert_allclose(alone, y[:1], atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 4, 6), (5, 6)], ids=["conv", "dense"])
+@pytest.mark.parametrize("groups", [2, 3])
+def test_group_norm_normalizes_contiguous_channel_groups(shape, groups):
+    x = batches_of(shape, n=1)[0] * 3.0 + 2.0
+    variables, y, scale, bias = apply_norm("group", x, groups=groups)
+    assert set(variables) == {"params"}
+    np.testing.assert_allclose(y, numpy_group_norm(x.astype(np.float64), groups, scale, bias), atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["layer", "group"])
+@pytest.mark.parametrize("norm", ["before_relu", "after_relu"])
+def test_layer_and_group_norm_arms_have_no_running_stats_and_are_the_same_in_train_and_eval(kind, norm):
+    net = build_model("cnn", norm=norm, norm_kind=kind, norm_groups=4)
+    x = jax.random.normal(jax.random.key(0), (4, 28, 28, 1))
+    variables = net.init(jax.random.key(1), x, train=False)
+    assert "batch_stats" not in variables
+    tag = {"layer": "ln", "group": "gn"}[kind]
+    assert set(variables["params"]["conv1_norm"]) == {tag}
+    assert variables["params"]["dense1_norm"][tag]["scale"].shape == (128,)
+    np.testing.assert_allclose(net.apply(variables, x, train=True), net.apply(variables, x, train=False), atol=1e-5)
+    assert net.dropout_fed_blocks() == ()
+
+
+@pytest.mark.parametrize("groups", [5, 0])
+def test_group_count_that_does_not_divide_every_block_is_refused_with_the_channels(groups):
+    with pytest.raises(ValueError, match="groups") as err:
+        build_model("cnn", norm_kind="group", norm_groups=groups)
+    if groups == 5:
+        assert "conv1" in str(err.value) and "[1, 2, 4, 8, 16, 32]" in str(err.value)
+    assert models.norm_groups_problem("cnn", 1.0, 32) is None
+    build_model("cnn", norm_kind="batch", norm_groups=groups)  # unused by BN: not an error
+
+
+def test_bn_model_keeps_its_variable_names():
+    net = build_model("cnn", bn_running_var="biased")
+    variables = net.init(jax.random.key(0), jnp.zeros((2, 28, 28, 1)), train=False)
+    assert set(variables["batch_stats"]["conv1_norm"]["bn"]) == {"mean", "var"}
+    assert set(variables["params"]["conv1_norm"]["bn"]) == {"scale", "bias"}
+    with pytest.raises(ValueError, match="running variance"):
+        build_model("cnn", bn_running_var="sample")
+
+
+# --------------------------------------------------------------------------- config keys
+
+
+def parse(**model):
+    from bnstudy import config as config_lib
+
+    return config_lib.parse({"dataset": {"name": "mnist"}, "model": model})
+
+
+def test_norm_kind_keys_default_to_pytorch_batch_norm_and_are_validated_before_anything_is_built():
+    from bnstudy.config import ConfigError
+
+    cfg = parse()
+    assert (cfg.model.norm_kind, cfg.model.bn_running_var, cfg.model.norm_groups) == ("batch", "unbiased", 8)
+    assert parse(norm_kind="group", norm_groups=16).model.norm_groups == 16
+    with pytest.raises(ConfigError, match=r"`model.norm_groups`.*conv1"):
+        parse(norm_kind="group", norm_groups=3)
+    with pytest.raises(ConfigError, match=r"`model.norm_kind` must be one of \['batch', 'layer', 'group'\]"):
+        parse(norm_kind="instance")
+    with pytest.raises(ConfigError, match=r"`model.bn_running_var`"):
+        parse(bn_running_var="torch")
+    with pytest.raises(ConfigError, match=r"`model.norm_kind`.*multirun"):
+        parse(norm_kind=["batch", "layer"])
+    from bnstudy import config as config_lib
+
+    with pytest.raises(ConfigError, match=r"`train.batch_size` must be at least 2"):
+        config_lib.parse({"dataset": {"name": "mnist"}, "train": {"batch_size": 1}})
+    config_lib.parse({"dataset": {"name": "mnist"}, "train": {"batch_size": 1}, "model": {"bn_running_var": "biased"}})
