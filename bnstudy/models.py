@@ -25,6 +25,21 @@ HE_NORMAL = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 VGG11_LAYOUT = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
 
 
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+    """2x2 max-pool with stride 2 over an NHWC batch: `nn.max_pool(x, (2, 2), strides=(2, 2))`, faster.
+
+    A reshape and a max, whose backward XLA fuses into elementwise code, where `nn.max_pool`'s backward
+    (select_and_scatter) was about a third of a CPU train step. Values equal `nn.max_pool`'s exactly; an
+    odd height or width drops its last row or column, as `nn.max_pool`'s VALID padding does. Gradients
+    equal `nn.max_pool`'s except on ties: where several inputs of a window share its maximum, each
+    receives an equal share of the window's gradient (JAX's rule for `max`), where `nn.max_pool` gives
+    all of it to the first in row-major order. Both are subgradients of the same function.
+    """
+    b, h, w, c = x.shape
+    x = x[:, : h - h % 2, : w - w % 2]
+    return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
 def dropout(x: jax.Array, rate: jax.Array, rng: jax.Array | None) -> jax.Array:
     """Inverted dropout with a traced rate; identity when rng is None (eval) or rate == 0."""
     if rng is None:
@@ -91,7 +106,7 @@ class _Net(nn.Module):
             name = f"conv{i + 1}"
             h = self._block(nn.Conv(channels, (3, 3), kernel_init=HE_NORMAL, name=name)(h), name, train)
             if pool:
-                h = nn.max_pool(h, (2, 2), strides=(2, 2))
+                h = max_pool_2x2(h)
             if after_block:
                 h = dropout(h, dropout_rate, rngs[i])
         h = h.reshape(h.shape[0], -1)

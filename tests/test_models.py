@@ -1,5 +1,6 @@
 """The models are what they claim: BN placement, momentum, init scale, dropout placement, VGG layout."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -115,3 +116,23 @@ def test_unknown_choices_are_rejected():
         models.build_model("cnn", norm="middle")
     with pytest.raises(ValueError, match="model"):
         models.build_model("resnet")
+
+
+def nn_max_pool(x):
+    return nn.max_pool(x, (2, 2), strides=(2, 2))
+
+
+@pytest.mark.parametrize("shape", [(3, 8, 6, 5), (2, 7, 9, 3)])  # even, and odd sizes (last row/column dropped)
+def test_max_pool_2x2_equals_nn_max_pool_in_value_and_gradient_without_ties(shape):
+    x = jax.random.normal(jax.random.key(0), shape)  # continuous values: no ties
+    cotangent = jax.random.normal(jax.random.key(1), nn_max_pool(x).shape)
+    ours, ours_vjp = jax.vjp(models.max_pool_2x2, x)
+    ref, ref_vjp = jax.vjp(nn_max_pool, x)
+    np.testing.assert_array_equal(ours, ref)
+    np.testing.assert_array_equal(ours_vjp(cotangent)[0], ref_vjp(cotangent)[0])
+
+
+def test_max_pool_2x2_shares_the_gradient_among_tied_maxima():
+    x = jnp.asarray([[1.0, 3.0], [3.0, 0.0]]).reshape(1, 2, 2, 1)
+    grad = jax.grad(lambda v: models.max_pool_2x2(v).sum())(x).ravel()
+    np.testing.assert_array_equal(grad, [0.0, 0.5, 0.5, 0.0])
