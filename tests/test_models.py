@@ -5,9 +5,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import hparams
 
 from bnstudy import engine, models
-from conftest import hparams
 
 X = jax.random.normal(jax.random.key(0), (64, 8, 8, 4)) * 3.0 + 1.5
 
