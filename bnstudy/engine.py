@@ -198,6 +198,19 @@ def train_step(program: Program, state: TrainState, hp: HParams, data: ArrayData
     return new_state, metrics
 
 
+def train_steps(program: Program, k: int, state: TrainState, hp: HParams, data: ArrayData, perm: jax.Array, index):
+    """`k` consecutive `train_step`s on batches `index`, ..., `index + k - 1`; metrics stacked to [k, ...].
+
+    Unrolled in Python, so one jitted call runs a chunk of k steps as straight-line code: on XLA:CPU
+    that beats one call per step, while a rolled `lax.scan` over the same steps is several times slower.
+    """
+    history = []
+    for i in range(k):
+        state, metrics = train_step(program, state, hp, data, perm, index + i)
+        history.append(metrics)
+    return state, jax.tree.map(lambda *per_step: jnp.stack(per_step), *history)
+
+
 def epoch_permutation(seed: jax.Array, epoch: jax.Array, num_examples: int) -> jax.Array:
     """This run's order of the training set in `epoch`, from its own seed."""
     return jax.random.permutation(jax.random.fold_in(run_key(seed, STREAM_DATA), epoch), num_examples)

@@ -1,0 +1,50 @@
+"""The app's XLA flags are appended to the user's, never override them, and reach the compiler."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bnstudy import xla_flags
+
+FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
+
+
+def test_flags_are_appended_after_the_users_own():
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    assert xla_flags.add_xla_flags([FLAG], env) == f"--xla_force_host_platform_device_count=2 {FLAG}"
+    assert xla_flags.add_xla_flags([FLAG], env) == f"--xla_force_host_platform_device_count=2 {FLAG}"  # once
+
+
+def test_a_flag_the_user_set_wins():
+    env = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type="}
+    assert xla_flags.add_xla_flags([FLAG], env) == "--xla_cpu_experimental_ynn_fusion_type="
+    assert xla_flags.add_xla_flags([FLAG], {}) == FLAG
+
+
+def test_no_flags_on_a_jaxlib_they_were_not_measured_on(monkeypatch):
+    monkeypatch.setattr(xla_flags, "jaxlib_minor", lambda: (0, 4))
+    env = {}
+    assert xla_flags.add_xla_flags(environ=env) == "" and env == {}
+
+
+CONV_HLO = """
+from bnstudy import xla_flags
+xla_flags.add_xla_flags()
+import jax, jax.numpy as jnp
+conv = jax.jit(lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))
+print(conv.lower(jnp.ones((8, 14, 14, 32)), jnp.ones((3, 3, 32, 64))).compile().as_text())
+"""
+
+
+@pytest.mark.skipif(not xla_flags.speed_flags(), reason="no speed flags for this jaxlib")
+def test_convolutions_leave_ynnpack_once_the_flags_are_set():
+    env = {**os.environ, "XLA_FLAGS": ""}
+    hlo = subprocess.run([sys.executable, "-c", CONV_HLO], env=env, capture_output=True, text=True, check=True).stdout
+    assert "convolution(" in hlo and "__ynn_fusion" not in hlo
+    default = subprocess.run(
+        [sys.executable, "-c", CONV_HLO.replace("xla_flags.add_xla_flags()", "")],
+        env=env, capture_output=True, text=True, check=True,
+    ).stdout
+    assert "__ynn_fusion" in default  # the flag is what moved the convolution
