@@ -15,7 +15,8 @@ from bnstudy import config as config_lib
 
 CONFIGS = config_tree.config_dir()
 config_tree.register()
-STUDIES = ("placement", "learning_rate", "init_scale", "dropout", "batch_size", "smoothness", "cost")
+STUDIES = ("placement", "learning_rate", "init_scale", "dropout", "batch_size", "small_batch_norms", "smoothness",
+           "ics", "dead_units", "convergence", "regularization", "cost")
 
 
 def compose_study(study: str, *overrides: str, hydra_config: bool = False):
@@ -72,8 +73,11 @@ def test_report_block_is_complete_and_names_real_axes(study):
     packed = {key for key, values in config_lib.pack_axes(job).items() if len(values) > 1}
     axes = set(params) | packed
     for comp in spec["compare"]:
-        for filters in (comp["a"], comp["b"], comp.get("where") or {}, comp.get("relative_to") or {}):
+        for filters in (comp.get("a") or {}, comp.get("b") or {}, comp.get("where") or {}, comp.get("relative_to") or {}):
             assert set(filters) <= axes, f"{study}: comparison filters {set(filters) - axes} are not grid axes"
+        assert comp.get("trend", "seed") in axes | {"seed"}, f"{study}: trend axis {comp['trend']} is not a grid axis"
+    if spec.get("select"):
+        assert set(spec["select"]["over"]) <= packed, f"{study}: selection must run over a packed axis"
     for name, d in (spec.get("derived") or {}).items():
         assert d["over"] in packed, f"{study}: derived {name} runs over {d['over']}, which is not packed"
     for fig in spec.get("figures") or []:
