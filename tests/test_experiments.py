@@ -99,3 +99,16 @@ def test_quick_placement_runs_end_to_end_through_train_and_report(mock_tfds, run
     assert (results / "test_acc_by_norm.svg").is_file() and (results / "learning_curves_train_loss.png").is_file()
     comparisons = (results / "comparisons.csv").read_text()
     assert comparisons.count("2 of 2 / 2 of 2") == 3
+
+
+def test_batch_size_study_scales_the_lr_and_pools_a_fixed_number_of_examples():
+    from bnstudy.train import population_batches
+
+    for bs in (2, 8, 32, 128, 512):
+        cfg = config_lib.parse(compose_study("batch_size", f"train.batch_size={bs}"))
+        assert cfg.optimizer.lr == pytest.approx(0.05 * bs / 128)  # Goyal et al.'s linear rule, reference 128
+        assert population_batches(cfg) * bs == 4096  # the same examples for every batch size
+    cfg = config_lib.parse(compose_study("small_batch_norms", "train.batch_size=8"))
+    assert cfg.optimizer.lr == pytest.approx([0.025 / 16, 0.05 / 16, 0.1 / 16])
+    with pytest.raises(config_lib.ConfigError, match="discrepancy.population_examples"):
+        config_lib.parse(compose_study("batch_size", "discrepancy.population_examples=-1"))
