@@ -32,8 +32,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import yaml
+from scipy import stats as scipy_stats
 
-from bnstudy import config_tree, stats
+from bnstudy import config_tree, convergence, stats
 from bnstudy import runs as runs_lib
 from bnstudy.stats import CONFIDENCE  # noqa: F401  (re-exported: bnstudy.report reads it from here)
 
@@ -201,9 +202,12 @@ def validate_comparison(comp: Any, where: str) -> None:
     """A `compare:` entry: metric, a, b, expect; a declared margin needs `margin_reason`, `equivalent` a margin."""
     if not isinstance(comp, dict):
         raise ReportError(f"{where}: expected a mapping with metric, a, b, expect; got {comp!r}.")
-    missing = [k for k in ("metric", "a", "b", "expect") if k not in comp]
-    if missing:
-        raise ReportError(f"{where} lacks {missing} (needs metric, a, b, expect).")
+    if "trend" in comp:
+        validate_trend(comp, where)
+    else:
+        missing = [k for k in ("metric", "a", "b", "expect") if k not in comp]
+        if missing:
+            raise ReportError(f"{where} lacks {missing} (needs metric, a, b, expect; or metric, trend, expect).")
     if comp["expect"] not in stats.EXPECTATIONS:
         raise ReportError(f"{where}: `expect` must be one of {', '.join(stats.EXPECTATIONS)}, got {comp['expect']!r}.")
     if "margin" in comp and not _is_margin(comp["margin"]):
@@ -214,6 +218,48 @@ def validate_comparison(comp: Any, where: str) -> None:
     if "margin" in comp and not (isinstance(comp.get("margin_reason"), str) and comp["margin_reason"].strip()):
         raise ReportError(f"{where}: a declared `margin` needs a `margin_reason` (one sentence: why this size), "
                           f"got {comp.get('margin_reason')!r}.")
+
+
+def validate_trend(comp: dict, where: str) -> None:
+    """A trend comparison: `{metric, trend: AXIS, expect, [logx], [logy], [a, b]}`: the slope of the metric
+    along a grid axis, alone or as the difference of two arms' slopes (a and b given together)."""
+    missing = [k for k in ("metric", "expect") if k not in comp]
+    if missing:
+        raise ReportError(f"{where}: a trend comparison lacks {missing} (needs metric, trend, expect).")
+    if not isinstance(comp["trend"], str) or not comp["trend"]:
+        raise ReportError(f"{where}: `trend` must name the grid axis the slope runs along (e.g. train.batch_size), "
+                          f"got {comp['trend']!r}.")
+    if ("a" in comp) != ("b" in comp):
+        raise ReportError(f"{where}: a trend comparison takes both `a` and `b` (difference of two arms' slopes) or "
+                          f"neither (one slope), got only {'a' if 'a' in comp else 'b'}.")
+    for key in ("logx", "logy"):
+        if not isinstance(comp.get(key, key == "logx"), bool):
+            raise ReportError(f"{where}: `{key}` must be true or false, got {comp[key]!r}.")
+    if "relative_to" in comp:
+        raise ReportError(f"{where}: `relative_to` is not supported in a trend comparison; use a and b.")
+
+
+RUN_FUNCTIONS = ("mean", "median", "step0", "log10")  # `fn(key)` run metrics, see add_run_metrics
+_FUNCTION_NAME = re.compile(r"^(\w+)\((.+)\)$")
+
+
+def validate_metric_name(name: Any, study: str) -> None:
+    if not isinstance(name, str) or not name:
+        raise ReportError(f"study {study!r}: a metric name must be a non-empty string, got {name!r}.")
+    m = _FUNCTION_NAME.match(name)
+    if m and m.group(1) not in RUN_FUNCTIONS:
+        raise ReportError(f"study {study!r}: metric {name!r} uses unknown function {m.group(1)!r}; known: "
+                          f"{', '.join(f'{f}(KEY)' for f in RUN_FUNCTIONS)}.")
+    if m:
+        validate_metric_name(m.group(2), study)
+
+
+def validate_convergence(conv: Any, study: str) -> None:
+    """`convergence: {key: val/acc, tolerance: 0.005}`: the stated criterion behind the `converged` metric."""
+    if not (isinstance(conv, dict) and isinstance(conv.get("key"), str) and _is_margin(conv.get("tolerance", -1))
+            and not isinstance(conv.get("tolerance"), dict)):
+        raise ReportError(f"study {study!r}: `convergence` must be {{key: LOGGED_KEY, tolerance: NUMBER >= 0}} "
+                          f"(e.g. {{key: val/acc, tolerance: 0.005}}), got {conv!r}.")
 
 
 def validate_select(select: Any, study: str) -> None:
@@ -240,14 +286,33 @@ def validate_spec(spec: dict, study: str) -> dict:
             raise ReportError(f"study {study!r}: derived metric {name!r} needs over, of and reduce: max_stable|range.")
     if "select" in spec:
         validate_select(spec["select"], study)
+    for name in spec_metrics(spec):
+        validate_metric_name(name, study)
+    if "convergence" in spec:
+        validate_convergence(spec["convergence"], study)
+    elif "converged" in spec_metrics(spec):
+        raise ReportError(f"study {study!r}: metric `converged` needs a `convergence: {{key, tolerance}}` block "
+                          f"(the stated criterion).")
+    if "steps_to_target" in spec_metrics(spec) and not _is_margin(spec.get("target_acc", -1)):
+        raise ReportError(f"study {study!r}: metric `steps_to_target` needs `target_acc` (a number, or one per "
+                          f"dataset), got {spec.get('target_acc')!r}.")
+    heavy = spec.get("heavy_tailed", [])
+    if not (isinstance(heavy, list) and all(isinstance(h, str) for h in heavy)):
+        raise ReportError(f"study {study!r}: `heavy_tailed` must be a list of metric names, got {heavy!r}.")
     if not isinstance(spec.get("require_trained", True), bool):
         raise ReportError(f"study {study!r}: `require_trained` must be true or false, got {spec['require_trained']!r}.")
     return spec
 
 
+# A per-dataset spec value given for the family holds for its members: the embedded digits are MNIST digits.
+DATASET_FAMILY = {"mnist_t10k": "mnist"}
+
+
 def for_dataset(value: Any, dataset: str) -> Any:
-    """A spec value given once or per dataset ({mnist: ..., cifar10: ...})."""
-    return value.get(dataset) if isinstance(value, dict) else value
+    """A spec value given once or per dataset ({mnist: ..., cifar10: ...}; `mnist` also covers mnist_t10k)."""
+    if not isinstance(value, dict):
+        return value
+    return value[dataset] if dataset in value else value.get(DATASET_FAMILY.get(dataset, dataset))
 
 
 # ----------------------------------------------------------------------------------------------- metrics
@@ -259,13 +324,29 @@ def grid_columns(frame: pd.DataFrame, config_cols: list[str]) -> list[str]:
     return [c for c in cols if frame[c].astype(str).nunique(dropna=False) > 1]
 
 
+def wildcard(key: str) -> re.Pattern | None:
+    """`prefix/*/suffix` -> a pattern matching every layer's key (`bn/*/kl`, `ics/*/l2`); None without `*`."""
+    if "*" not in key:
+        return None
+    return re.compile("[^/]+".join(re.escape(part) for part in key.split("*")))
+
+
+def record_value(rec: dict, key: str, pattern: re.Pattern | None):
+    """A record's value of `key`; for a wildcard key the mean over the record's matching keys (None if none)."""
+    if pattern is None:
+        return rec.get(key)
+    values = [v for k, v in rec.items() if v is not None and pattern.fullmatch(k)]
+    return float(np.mean(values)) if values else None
+
+
 def history_frame(runs: Runs, run_ids, key: str) -> pd.DataFrame:
-    """Long frame (run_id, step, epoch, value) of one logged key."""
+    """Long frame (run_id, step, epoch, value) of one logged key (`a/*/b`: per record, the mean over layers)."""
+    pattern = wildcard(key)
     rows = [
-        {"run_id": rid, "step": rec.get("step"), "epoch": rec.get("epoch"), "value": rec[key]}
+        {"run_id": rid, "step": rec.get("step"), "epoch": rec.get("epoch"), "value": value}
         for rid in run_ids
         for rec in runs.history[rid]()
-        if rec.get(key) is not None
+        if (value := record_value(rec, key, pattern)) is not None
     ]
     return pd.DataFrame(rows, columns=["run_id", "step", "epoch", "value"])
 
@@ -286,7 +367,8 @@ def _has(frame: pd.DataFrame, name: str) -> bool:
 
 
 def _layer_columns(frame: pd.DataFrame, name: str) -> list[str]:
-    return [c for c in frame if re.fullmatch(rf"bn/[^/]+/{re.escape(name[5:])}", c)]
+    pattern = wildcard(name)
+    return [c for c in frame if pattern.fullmatch(c)] if pattern else []
 
 
 GEN_GAP_INPUTS = ("train_subset/acc", "test/acc")
@@ -297,39 +379,99 @@ def add_run_metrics(frame: pd.DataFrame, runs: Runs, names: list[str], dataset: 
 
     A final metric missing from summary.json is taken as its last value in metrics.jsonl. Derived ones:
     `diverged` (1 if the run diverged or did not train, else 0), `gen_gap` (bnstudy.stats.gen_gap:
-    train_subset/acc - test/acc; missing for a run that lacks train_subset/acc), `bn/*/key` (mean over BN
-    layers), `mean(key)` (mean over the logged records), `epochs_to_target` (first epoch with
-    test/acc >= target_acc).
+    train_subset/acc - test/acc; missing for a run that lacks train_subset/acc), `a/*/b` (mean over the
+    layers that have it, e.g. `bn/*/kl`, `relu/*/dead_frac`), `epochs_to_target` (first epoch with
+    test/acc >= target_acc), `steps_to_target` and `reached_target` (see `steps_to_target_columns`),
+    `converged` (see `converged_flags`), and the functions of a key (`*` allowed in the key):
+    `mean(key)` (mean over all its logged records), `median(key)` (median over its records with step > 0),
+    `step0(key)` (its value at step 0), `log10(metric)` (log10 of another run metric; values <= 0 give none).
     """
-    computed = ("diverged", "gen_gap", "epochs_to_target")
-    wanted = [n for n in names if n not in computed and not n.startswith("mean(")]
-    wanted += list(GEN_GAP_INPUTS) if "gen_gap" in names else []
-    if any(not (_layer_columns(frame, n) if n.startswith("bn/*/") else _has(frame, n)) for n in wanted):
+    computed = ("diverged", "gen_gap", "epochs_to_target", "steps_to_target", "reached_target", "converged")
+    plain = [n for n in names if not _FUNCTION_NAME.match(n)]
+    plain += [m.group(2) for n in names if (m := _FUNCTION_NAME.match(n)) and m.group(1) == "log10"]
+    wanted = [n for n in plain if n not in computed]
+    wanted += list(GEN_GAP_INPUTS) if "gen_gap" in plain else []
+    if any(not (_layer_columns(frame, n) if "*" in n else _has(frame, n)) for n in wanted):
         last = last_logged(runs, frame["run_id"])
         for col in last:
             if not _has(frame, col):
                 frame[col] = frame["run_id"].map(last[col])
     missing = []
-    for name in dict.fromkeys(names):
-        if name == "diverged":
+    for name in names:
+        m = _FUNCTION_NAME.match(name)
+        if m:
+            frame[name] = run_function(frame, runs, m.group(1), m.group(2), dataset, spec)
+        elif name == "diverged":
             frame[name] = frame["status"].isin(FAILED).astype(float)
         elif name == "gen_gap":
             frame[name] = _gen_gap(frame)
-        elif name.startswith("bn/*/"):
+        elif "*" in name:
             cols = _layer_columns(frame, name)
             frame[name] = frame[cols].astype(float).mean(axis=1) if cols else np.nan
-        elif name.startswith("mean(") and name.endswith(")"):
-            hist = history_frame(runs, frame["run_id"], name[5:-1])
-            frame[name] = frame["run_id"].map(hist.groupby("run_id")["value"].mean())
         elif name == "epochs_to_target":
             target = for_dataset(spec.get("target_acc"), dataset)
             hist = history_frame(runs, frame["run_id"], "test/acc")
             reached = hist[hist["value"] >= target] if target is not None else hist.iloc[:0]
             frame[name] = frame["run_id"].map(reached.groupby("run_id")["epoch"].min())
+        elif name in ("steps_to_target", "reached_target"):
+            steps, reached = steps_to_target_columns(frame, runs, spec, dataset)
+            frame[name] = steps if name == "steps_to_target" else reached
+        elif name == "converged":
+            frame[name] = converged_flags(frame, runs, spec["convergence"])
         frame[name] = pd.to_numeric(frame.get(name, np.nan), errors="coerce")
         if not frame[name].notna().any():
             missing.append(name)
     return missing
+
+
+def run_function(frame: pd.DataFrame, runs: Runs, fn: str, arg: str, dataset: str, spec: dict) -> pd.Series:
+    """One value per run of `fn(arg)` (see add_run_metrics)."""
+    if fn == "log10":
+        if arg not in frame:
+            add_run_metrics(frame, runs, [arg], dataset, spec)
+        values = _numeric(frame, arg)
+        return np.log10(values.where(values > 0))
+    hist = history_frame(runs, frame["run_id"], arg)
+    hist["value"] = pd.to_numeric(hist["value"], errors="coerce")
+    if fn == "mean":
+        per_run = hist.groupby("run_id")["value"].mean()
+    elif fn == "median":  # step 0 apart: a probe of the untrained net dominates any average that includes it
+        per_run = hist[hist["step"] > 0].groupby("run_id")["value"].median()
+    else:  # step0
+        per_run = hist[hist["step"] == 0].groupby("run_id")["value"].first()
+    return frame["run_id"].map(per_run)
+
+
+def steps_to_target_columns(frame: pd.DataFrame, runs: Runs, spec: dict, dataset: str) -> tuple[pd.Series, pd.Series]:
+    """(steps_to_target, reached_target) per run: the first logged step whose `target_key` (default val/acc)
+    is >= `target_acc` (bnstudy.convergence.steps_to_target). A run that never reaches it is censored at
+    its last logged step (a lower bound of its true value) and has reached_target 0."""
+    target = float(for_dataset(spec["target_acc"], dataset))
+    key = spec.get("target_key", "val/acc")
+    steps, reached = {}, {}
+    for rid in frame["run_id"]:
+        history = runs.history[rid]()
+        first = convergence.steps_to_target(history, target, key)
+        logged = [int(r["step"]) for r in history if r.get(key) is not None and "step" in r]
+        reached[rid] = float(first is not None) if logged else np.nan
+        steps[rid] = first if first is not None else (max(logged) if logged else np.nan)
+    return frame["run_id"].map(steps), frame["run_id"].map(reached)
+
+
+def converged_flags(frame: pd.DataFrame, runs: Runs, conv: dict) -> pd.Series:
+    """1 when the run's last two logged values of `conv['key']` differ by at most `conv['tolerance']` (the
+    training had stopped changing that metric), 0 when they differ more, none with fewer than two."""
+    hist = history_frame(runs, frame["run_id"], conv["key"]).sort_values("step", kind="stable")
+    hist["value"] = pd.to_numeric(hist["value"], errors="coerce")
+
+    def flag(values: pd.Series) -> float:
+        v = values.to_numpy(float)
+        if len(v) < 2:
+            return np.nan
+        return float(np.isfinite(v[-2:]).all() and abs(v[-1] - v[-2]) <= conv["tolerance"])
+
+    per_run = hist.groupby("run_id")["value"].apply(flag) if len(hist) else pd.Series(dtype=float)
+    return frame["run_id"].map(per_run)
 
 
 def _numeric(frame: pd.DataFrame, col: str) -> pd.Series:
@@ -397,9 +539,10 @@ def derive_across(finished: pd.DataFrame, name: str, d: dict, grid: list[str], d
         if g[d["over"]].nunique() == n_axis:  # only seeds whose whole axis finished
             if d["reduce"] == "max_stable":
                 ok = (g["status"] == "done") & (g["_v"] >= (threshold if threshold is not None else -np.inf))
-                value = g.loc[ok, d["over"]].max() if ok.any() else np.nan
-                if d.get("log10") and not np.isnan(value):
-                    value = math.log10(value)
+                passed = g.loc[ok, d["over"]].max() if ok.any() else np.nan
+                value = math.log10(passed) if d.get("log10") and not np.isnan(passed) else passed
+                if d.get("interpolate") and not np.isnan(passed) and threshold is not None:
+                    value = interpolated_crossing(g, d, float(passed), threshold)
             else:  # range
                 v = g["_v"].where(g["status"] == "done", d.get("diverged_value", np.nan))
                 value = v.max() - v.min()
@@ -407,8 +550,24 @@ def derive_across(finished: pd.DataFrame, name: str, d: dict, grid: list[str], d
     return pd.DataFrame(rows)
 
 
+def interpolated_crossing(g: pd.DataFrame, d: dict, passed: float, threshold: float) -> float:
+    """Where `of` falls through the threshold between the largest setting that passed and the next one of the grid, by linear interpolation (in log10 of the setting when `log10`);
+    a failed run counts as `diverged_value`. A grid step is coarse: a continuous value per seed lets seeds
+    that pass at the same setting still differ, so that their spread is measured rather than zero."""
+    xs = np.sort(g[d["over"]].astype(float).unique())
+    scale = math.log10 if d.get("log10") else float
+    above = xs[xs > passed]
+    if not len(above):
+        return scale(passed)  # passed at the largest setting of the grid: no crossing inside it
+    v = g["_v"].where(g["status"] == "done", d.get("diverged_value", np.nan))
+    at = dict(zip(g[d["over"]].astype(float), v))
+    y0, y1 = at[passed], at[above[0]]
+    fraction = float(np.clip((y0 - threshold) / (y0 - y1), 0.0, 1.0)) if np.isfinite(y1) and y0 > y1 else 1.0
+    return float(scale(passed) + fraction * (scale(above[0]) - scale(passed)))
+
+
 def aggregate(frame: pd.DataFrame, metric: str, by: list[str]) -> pd.DataFrame:
-    """Per group: runs, diverged, not trained, n used, mean, std and the 95% interval of one metric.
+    """Per group: runs, diverged, not trained, n used, mean, std, the 95% interval and the median of one metric.
 
     The interval is the t-interval of the mean (clipped to the metric's range when it has one, e.g. [0, 1] for
     accuracies); for `diverged`, a proportion, the exact Clopper-Pearson interval.
@@ -417,7 +576,7 @@ def aggregate(frame: pd.DataFrame, metric: str, by: list[str]) -> pd.DataFrame:
     use = f["status"].eq("done") | (metric == "diverged")
     f["_v"] = f["_v"].where(use)
     g = f.groupby(by or ["_all"], dropna=False, sort=True)
-    out = g["_v"].agg(["count", "mean", "std"]).rename(columns={"count": "n"})
+    out = g["_v"].agg(["count", "mean", "std", "median"]).rename(columns={"count": "n"})
     out["runs"] = g.size()
     out["diverged"] = g["status"].agg(lambda s: int((s == "diverged").sum()))
     out["not_trained"] = g["status"].agg(lambda s: int((s == "not_trained").sum()))
@@ -428,7 +587,7 @@ def aggregate(frame: pd.DataFrame, metric: str, by: list[str]) -> pd.DataFrame:
         out["ci_low"], out["ci_high"] = [c[0] for c in cis], [c[1] for c in cis]
     out = out.reset_index().drop(columns=["_all"], errors="ignore")
     out.insert(len(by), "metric", metric)
-    return out[[*by, "metric", "runs", "diverged", "not_trained", "n", "mean", "std", "ci_low", "ci_high"]]
+    return out[[*by, "metric", "runs", "diverged", "not_trained", "n", "mean", "std", "ci_low", "ci_high", "median"]]
 
 
 # ------------------------------------------------------------------------------------------- comparisons
@@ -471,6 +630,8 @@ def compare(frame: pd.DataFrame, grid: list[str], comp: dict, dataset: str) -> l
     """One row per context (every combination of the grid columns the comparison does not fix): the contrast,
     its 95% interval, which interval (paired or Welch) and the unadjusted one-sided p-values of support and
     contradiction. The verdicts come later, over all of a study's rows at once (`decide_rows`)."""
+    if "trend" in comp:
+        return compare_trend(frame, grid, comp, dataset)
     where, ref = comp.get("where") or {}, comp.get("relative_to")
     fixed = {*comp["a"], *comp["b"], *where, *(ref or {})}
     context_cols = [c for c in grid if c not in fixed]
@@ -498,17 +659,85 @@ def compare(frame: pd.DataFrame, grid: list[str], comp: dict, dataset: str) -> l
             "mean_b": float(groups[1].mean()) if len(groups[1]) else np.nan,
             "n": " / ".join(notes),
         }
-        c = stats.contrast(groups, [coef for _, coef in sides]) if min(len(g) for g in groups) >= 2 else None
-        if c is None:
-            row.update(method="-", estimate=np.nan, ci_low=np.nan, ci_high=np.nan, df=np.nan, p=np.nan,
-                       p_support=np.nan, p_contra=np.nan)
-        else:
-            low, high = c.interval()
-            p_support, p_contra = stats.one_sided_pvalues(c, comp["expect"], margin)
-            row.update(method=c.method, estimate=c.estimate, ci_low=low, ci_high=high, df=c.df, p=c.p_two_sided(),
-                       p_support=p_support, p_contra=p_contra)
-        row["_contrast"], row["_expect"] = c, comp["expect"]
-        results.append(row)
+        results.append(with_contrast(row, groups, [coef for _, coef in sides], comp["expect"], margin))
+    return results
+
+
+def with_contrast(row: dict, groups: list[pd.Series], coefs: list[float], expect: str, margin: float) -> dict:
+    """The row with its contrast, 95% interval and one-sided p-values (none when a group has < 2 values)."""
+    c = stats.contrast(groups, coefs) if min(len(g) for g in groups) >= 2 else None
+    if c is None:
+        row.update(method="-", estimate=np.nan, ci_low=np.nan, ci_high=np.nan, df=np.nan, p=np.nan,
+                   p_support=np.nan, p_contra=np.nan)
+    else:
+        low, high = c.interval()
+        p_support, p_contra = stats.one_sided_pvalues(c, expect, margin)
+        row.update(method=c.method, estimate=c.estimate, ci_low=low, ci_high=high, df=c.df, p=c.p_two_sided(),
+                   p_support=p_support, p_contra=p_contra)
+    row["_contrast"], row["_expect"] = c, expect
+    return row
+
+
+def seed_slopes(sel: pd.DataFrame, metric: str, axis: str, logx: bool, logy: bool, n_axis: int) -> pd.Series:
+    """Per seed (index): the least-squares slope of the metric (log10 if `logy`) against the axis (log10 if
+    `logx`) over that seed's runs (scipy.stats.linregress). A seed counts only when every one of the
+    context's `n_axis` axis values has a finished, trained run with a usable value (> 0 on a log scale):
+    a slope over part of the axis would not estimate the same thing."""
+    done = sel[sel["status"].eq("done")]
+    x = pd.to_numeric(done[axis], errors="coerce")
+    y = pd.to_numeric(done[metric], errors="coerce") if metric in done else pd.Series(np.nan, index=done.index)
+    ok = np.isfinite(x) & np.isfinite(y) & ((x > 0) if logx else True) & ((y > 0) if logy else True)
+    part = pd.DataFrame({"seed": done["seed"], "x": x, "y": y})[ok]
+    slopes = {}
+    for seed, g in part.groupby("seed", sort=True):
+        if g["x"].nunique() == n_axis >= 3 and len(g) == n_axis:
+            gx, gy = np.log10(g["x"]) if logx else g["x"], np.log10(g["y"]) if logy else g["y"]
+            slopes[seed] = scipy_stats.linregress(gx.to_numpy(float), gy.to_numpy(float)).slope
+    return pd.Series(slopes, dtype=float).rename_axis("seed")
+
+
+def tied_to(frame: pd.DataFrame, col: str, axis: str) -> bool:
+    """Whether a grid column takes one value per value of the axis (e.g. an lr scaled with the batch size):
+    it moves along the axis, so it is part of the trend, not a context to split it by."""
+    return bool(frame.groupby(axis)[col].nunique(dropna=False).max() <= 1)
+
+
+def compare_trend(frame: pd.DataFrame, grid: list[str], comp: dict, dataset: str) -> list[dict]:
+    """A trend over the whole axis: per context, each seed's slope of the metric against `trend` (both on log10
+    scales by default for x, `logy` for y); the estimate is the mean slope over seeds with its t-interval, or
+    with `a` and `b` the mean per-seed difference of the two arms' slopes (paired by seed when they hold the
+    same seeds, Welch otherwise). The slope is in units of y (or log10 y) per unit (per decade) of x."""
+    axis, where = comp["trend"], comp.get("where") or {}
+    logx, logy = comp.get("logx", True), comp.get("logy", False)
+    if axis not in frame:
+        raise ReportError(f"trend comparison on {comp['metric']!r}: `trend: {axis}` is not a config key of the runs.")
+    arms = [(comp["a"], 1.0), (comp["b"], -1.0)] if "a" in comp else [({}, 1.0)]
+    fixed = {axis, *where, *(k for arm, _ in arms for k in arm)}
+    context_cols = [c for c in grid if c not in fixed and not tied_to(frame, c, axis)]
+    contexts = frame[context_cols].drop_duplicates().to_dict("records") if context_cols else [{}]
+    margin = float(for_dataset(comp.get("margin", 0.0), dataset) or 0.0)
+    y_name = f"log10 {comp['metric']}" if logy else comp["metric"]
+    x_name = f"log10 {axis}" if logx else axis
+    results = []
+    for ctx in sorted(contexts, key=lambda d: [str(v) for v in d.values()]):
+        groups, notes = [], []
+        for filters, _ in arms:
+            sel = frame[_matches(frame, {**where, **ctx, **filters})]
+            n_axis = int(pd.to_numeric(sel[axis], errors="coerce").nunique())
+            groups.append(seed_slopes(sel, comp["metric"], axis, logx, logy, n_axis))
+            notes.append(f"{len(groups[-1])} of {sel['seed'].nunique() if 'seed' in sel else 0} seeds")
+        label = f"slope of {y_name} vs {x_name}"
+        if len(arms) == 2:
+            label = f"({_label(comp['a'])}) - ({_label(comp['b'])}): {label}"
+        row = {
+            "metric": comp["metric"], "comparison": label, "context": _label({**where, **ctx}) or "all runs",
+            "expect": _expect_text(comp["expect"], margin), "margin": margin,
+            "margin_reason": comp.get("margin_reason", ""),
+            "mean_a": float(groups[0].mean()) if len(groups[0]) else np.nan,
+            "mean_b": float(groups[1].mean()) if len(groups) > 1 and len(groups[1]) else np.nan,
+            "n": " / ".join(notes),
+        }
+        results.append(with_contrast(row, groups, [coef for _, coef in arms], comp["expect"], margin))
     return results
 
 
@@ -627,10 +856,15 @@ def analyse(study: str, runs: Runs, dataset: str | None = None, experiments_dir:
         over = ", ".join(spec["select"]["over"])
         tables += [aggregate(chosen, m, sgrid).assign(table=f"at each arm's selected {over}") for m in run_names]
     for name, d in derived.items():
-        dframe = derive_across(finished, name, d, grid, dataset)
-        dgrid = [c for c in grid if c != d["over"]]
+        # With a per-arm selection, an axis other than the selected one is derived from the selected runs
+        # (e.g. the spread over init scales of each (norm, scale)'s accuracy at its own selected lr).
+        at_selected = selection is not None and d["over"] not in spec["select"]["over"]
+        base, bgrid = (compared[d["of"]]) if at_selected else (finished, grid)
+        dframe = derive_across(base, name, d, bgrid, dataset)
+        dgrid = [c for c in bgrid if c != d["over"]]
         frames[name] = compared[name] = (dframe, dgrid)
-        tables.append(aggregate(dframe, name, dgrid).assign(table=f"per seed, over {d['over']}"))
+        where = f", at each arm's selected {', '.join(spec['select']['over'])}" if at_selected else ""
+        tables.append(aggregate(dframe, name, dgrid).assign(table=f"per seed, over {d['over']}{where}"))
         if dframe[name].isna().all():
             missing.append(name)
     for m in missing:

@@ -50,6 +50,7 @@ STRUCTURAL = (
     "ics.every",
     "discrepancy.enabled",
     "discrepancy.population_batches",
+    "discrepancy.population_examples",
     "discrepancy.train_subset",
 )
 
@@ -126,6 +127,9 @@ class IcsConfig:
 class DiscrepancyConfig:
     enabled: bool = True  # train/inference discrepancy at each evaluation (docs/design.md §4.2); BN models only
     population_batches: int = 20  # training batches for the population statistics (capped at one epoch)
+    # When > 0: pool the population statistics over this many training examples instead, i.e.
+    # ceil(population_examples / batch size) batches (capped at one epoch), the same for every batch size.
+    population_examples: int = 0
     train_subset: int = 2000  # first N training examples, also evaluated in the three modes; 0 = none
 
 
@@ -232,6 +236,10 @@ _SCALAR_RULES = {
         "a non-empty list of positive numbers (multiples of the learning rate)",
     ),
     "discrepancy.population_batches": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+    "discrepancy.population_examples": (
+        lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+        "an integer >= 0 (training examples for the population statistics; 0 = use population_batches)",
+    ),
     "discrepancy.train_subset": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0 (0 = no training subset)"),
     "logger.wandb.init_timeout": (lambda v: _number(v) and v > 0, "a positive number of seconds"),
 }

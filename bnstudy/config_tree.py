@@ -49,11 +49,23 @@ def schema_defaults() -> dict:
     return OmegaConf.to_container(OmegaConf.structured(Config))
 
 
+def linear_lr(base, reference_batch, batch_size):
+    """The linear scaling rule (Goyal et al. 2017): `base` (a learning rate or a list of them, packable) is
+    the rate at batch `reference_batch`; at `batch_size` it is multiplied by batch_size / reference_batch.
+    Used in study files as `${linear_lr:0.05,128,${train.batch_size}}`."""
+    scale = float(batch_size) / float(reference_batch)
+    if isinstance(base, (list, tuple)) or hasattr(base, "__iter__"):
+        return [float(b) * scale for b in base]
+    return float(base) * scale
+
+
 def register() -> None:
-    """Store the schema's defaults and every study in Hydra's ConfigStore (idempotent)."""
+    """Store the schema's defaults and every study in Hydra's ConfigStore, and the `linear_lr` resolver that
+    study files use (idempotent)."""
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
+    OmegaConf.register_new_resolver("linear_lr", linear_lr, replace=True)
     store = ConfigStore.instance()
     store.store(name=SCHEMA_NAME, node=schema_defaults())
     for study, path in study_files().items():

@@ -2,9 +2,10 @@
 
     python -m bnstudy.report STUDY [--runs DIR] [--out DIR] [--dataset NAME]
     python -m bnstudy.report STUDY --source wandb [--entity E] [--project P] [--group G]
+    python -m bnstudy.report --index results/     # the verdict table atop results/README.md
 
 Writes `results/<study>/` (or --out): summary.csv, runs.csv, comparisons.csv, table.md, table.tex, figures
-(PNG and SVG) and README.md with the claim, the verdict, the effect sizes with their 95% intervals, the
+(PNG and SVG), verdict.json (the verdict in brief, for --index) and README.md with the claim, the verdict, the effect sizes with their 95% intervals, the
 tables, the figures, the command that regenerates it and the data/version facts of the runs. Reports are
 regenerated, never edited. Needs only pandas, scipy, matplotlib, numpy and yaml: no training stack, no GPU.
 """
@@ -12,6 +13,7 @@ regenerated, never edited. Needs only pandas, scipy, matplotlib, numpy and yaml:
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import re
 import shlex
@@ -31,6 +33,7 @@ from matplotlib.transforms import offset_copy
 from bnstudy import stats
 from bnstudy.analysis import (
     FINISHED,
+    REPO,
     Analysis,
     ReportError,
     Runs,
@@ -80,10 +83,12 @@ def fmt(x: Any) -> str:
     return f"{x:.4g}" if isinstance(x, (float, np.floating)) else str(x)
 
 
-def cell_text(r: pd.Series) -> str:
+def cell_text(r: pd.Series, heavy_tailed: tuple = ()) -> str:
+    """'mean [95% CI] (n)'; a heavy-tailed metric leads with its median, which one extreme seed cannot move."""
     if r["n"] == 0:
         return "- (n=0)"
-    return f"{fmt(r['mean'])} [{fmt(r['ci_low'])}, {fmt(r['ci_high'])}] (n={r['n']})"
+    text = f"{fmt(r['mean'])} [{fmt(r['ci_low'])}, {fmt(r['ci_high'])}] (n={r['n']})"
+    return f"median {fmt(r['median'])}; mean {text}" if r["metric"] in heavy_tailed else text
 
 
 def wide_tables(a: Analysis) -> dict[str, pd.DataFrame]:
@@ -91,7 +96,8 @@ def wide_tables(a: Analysis) -> dict[str, pd.DataFrame]:
     out = {}
     for kind, part in a.summary.groupby("table", sort=False):
         by = [c for c in a.grid if c in part and part[c].notna().any()] or ["group"]
-        part = part.assign(cell=part.apply(cell_text, axis=1), group="all runs")
+        heavy = tuple(a.spec.get("heavy_tailed") or ())
+        part = part.assign(cell=part.apply(cell_text, axis=1, heavy_tailed=heavy), group="all runs")
         wide = part.pivot_table(index=by, columns="metric", values="cell", aggfunc="first", sort=False)
         if "per seed" not in kind:
             counts = part.groupby(by, sort=False)[["runs", "diverged", "not_trained"]].first()
@@ -454,6 +460,40 @@ def verdict_rules(a: Analysis) -> list[str]:
     ]
 
 
+def metric_notes(a: Analysis) -> list[str]:
+    """One line per kind of computed metric the study uses: how it is computed from the runs."""
+    s, names = a.spec, spec_metrics(a.spec)
+    lines = []
+    if any(m.startswith("mean(") for m in names):
+        lines.append("- `mean(key)`: the mean of a logged key over all its records in metrics.jsonl (over training).")
+    if any(m.startswith("median(") for m in names):
+        lines.append("- `median(key)`: per run, the median of a logged key over its records after step 0; the "
+                     "step-0 value (the untrained net) is reported apart as `step0(key)`.")
+    if any(m.startswith("log10(") for m in names):
+        lines.append("- `log10(metric)`: per run, log10 of the metric (values <= 0 give none); its mean over "
+                     "seeds is a log-mean, so one extreme seed moves it by its order of magnitude only.")
+    if any("*" in m for m in names):
+        lines.append("- `a/*/b`: the mean of `a/<layer>/b` over the layers that log it (per record for logged keys).")
+    if "steps_to_target" in names:
+        target = for_dataset(s.get("target_acc"), a.dataset)
+        lines.append(f"- `steps_to_target`: first logged step with `{s.get('target_key', 'val/acc')}` >= {target}; "
+                     "a run that never reaches it counts at its last logged step (a lower bound) and has "
+                     "`reached_target` 0.")
+    if "converged" in names:
+        c = s["convergence"]
+        lines.append(f"- `converged`: 1 when the last two logged values of `{c['key']}` differ by at most "
+                     f"{c['tolerance']:g} (the stated convergence criterion), else 0.")
+    if any("trend" in c for c in s.get("compare") or []):
+        lines.append("- trend comparisons: per seed, the least-squares slope (scipy.stats.linregress) of the metric "
+                     "(log10 where stated) against the axis (log10: per decade) over the whole axis, counted only for "
+                     "seeds with a usable run at every axis value; the effect is the mean slope over seeds (or the "
+                     "per-seed difference of two arms' slopes) with its 95% t-interval.")
+    if s.get("heavy_tailed"):
+        lines.append(f"- heavy-tailed metrics ({', '.join(f'`{m}`' for m in s['heavy_tailed'])}): the tables give "
+                     "the median over seeds before the mean.")
+    return lines
+
+
 def readme(a: Analysis, tables: dict, comp: pd.DataFrame, figures, notes, command: str, data_note: str | None) -> str:
     s = a.spec
     counts = a.runs["status"].value_counts()
@@ -508,8 +548,7 @@ def readme(a: Analysis, tables: dict, comp: pd.DataFrame, figures, notes, comman
         target = for_dataset(s.get("target_acc"), a.dataset)
         lines.append(f"- `epochs_to_target`: first evaluated epoch with test accuracy >= {target}; runs that never "
                      "reach it are not averaged in (n counts those that did).")
-    if any(m.startswith("mean(") for m in spec_metrics(s)):
-        lines.append("- `mean(key)`: the mean of a logged key over all its records in metrics.jsonl (over training).")
+    lines += metric_notes(a)
     if "gen_gap" in spec_metrics(s):
         lines.append("- `gen_gap`: accuracy on the training subset in inference mode minus test accuracy (same "
                      "weights, same BN mode); missing for runs that do not log `train_subset/acc`.")
@@ -559,7 +598,79 @@ def write_report(a: Analysis, runs: Runs, out: Path, command: str, data_note: st
     (out / "table.tex").write_text("\n".join(tex))
     figures, notes = write_figures(a, runs, out)
     (out / "README.md").write_text(readme(a, tables, comp, figures, notes, command, data_note))
+    (out / VERDICT_FILE).write_text(json.dumps(verdict_record(a), indent=1, default=_json_default) + "\n")
     return out
+
+
+VERDICT_FILE = "verdict.json"  # one study's verdict in brief, read by `--index`
+
+
+def _json_default(x):
+    return x.item() if isinstance(x, np.generic) else str(x)
+
+
+def deciding_row(c: pd.DataFrame, verdict: str) -> pd.Series | None:
+    """The comparison that decides the study's verdict: the weakest of the supporting ones (largest Holm p of
+    support) when supported, the strongest contradiction when contradicted, and when inconclusive the
+    inconclusive comparison furthest from support."""
+    if c.empty:
+        return None
+    rows = c[c["verdict"] == verdict]
+    rows = rows if len(rows) else c
+    key, largest = ("p_contra_holm", False) if verdict == "contradicted" else ("p_support_holm", True)
+    order = rows[key].fillna(np.inf if largest else -np.inf).sort_values(ascending=not largest, kind="stable")
+    return rows.loc[order.index[0]]
+
+
+def verdict_record(a: Analysis) -> dict:
+    """What the index of all reports shows for this study: claim, verdict, the deciding effect and its n."""
+    row = deciding_row(a.comparisons, a.verdict)
+    record = {"study": a.study, "title": a.spec.get("title", a.study), "claim": a.spec["claim"],
+              "verdict": a.verdict, "dataset": a.dataset, "variant": a.spec.get("variant", "default"),
+              "runs": int(len(a.runs)), "deciding": None}
+    if row is not None:
+        record["deciding"] = {k: (None if isinstance(row[k], float) and not math.isfinite(row[k]) else row[k])
+                              for k in ("metric", "comparison", "context", "expect", "estimate", "ci_low",
+                                        "ci_high", "method", "n", "verdict")}
+    return record
+
+
+# --------------------------------------------------------------------------------------------------- index
+
+INDEX_START, INDEX_END = "<!-- bnstudy-report --index: start -->", "<!-- bnstudy-report --index: end -->"
+
+
+def index_table(results: Path) -> str:
+    """One row per report under `results` (each `<folder>/verdict.json`): claim, verdict, deciding effect with
+    its 95% interval, n and a link to the report."""
+    records = sorted((json.loads(p.read_text()), p.parent.name) for p in results.glob(f"*/{VERDICT_FILE}"))
+    if not records:
+        raise ReportError(f"no reports under {results}: expected <study>/{VERDICT_FILE} written by bnstudy-report.")
+    lines = ["| study | claim | verdict | deciding effect [95% CI] | n | report |", "|---|---|---|---|---|---|"]
+    for r, folder in records:
+        d = r.get("deciding") or {}
+        effect = (f"{d['comparison']} on `{d['metric']}` ({d['context']}): {fmt(d['estimate'])} "
+                  f"[{fmt(d['ci_low'])}, {fmt(d['ci_high'])}], expected {d['expect']}" if d else "no comparison")
+        n = f"{d.get('n', '-')} ({d.get('method', '-')})" if d else "-"
+        variant = "" if r.get("variant", "default") == "default" else f" (variant: {r['variant']})"
+        cells = [r["study"] + variant, r["claim"], f"**{r['verdict']}**", effect, n, f"[{folder}]({folder}/README.md)"]
+        lines.append("| " + " | ".join(c.replace("|", "/").replace("\n", " ") for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def write_index(results: Path) -> Path:
+    """Put the index table at the top of `results/README.md`, between markers; the rest of the file (notes
+    written by hand) is kept. A README without the markers gets the table above its text."""
+    table = f"{INDEX_START}\n{index_table(results)}\n{INDEX_END}"
+    readme_path = results / "README.md"
+    text = readme_path.read_text() if readme_path.is_file() else ""
+    if INDEX_START in text and INDEX_END in text:
+        head, rest = text.split(INDEX_START, 1)
+        text = head + table + rest.split(INDEX_END, 1)[1]
+    else:
+        text = f"# results\n\n{table}\n\n{text}"
+    readme_path.write_text(text)
+    return readme_path
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
@@ -570,10 +681,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="bnstudy-report",
         description="Turn a study's runs into a report: tables with 95% intervals, figures and a verdict on its claim.",
     )
-    p.add_argument("study", help="study name, e.g. placement (experiments/<study>.yaml)")
+    p.add_argument("study", nargs="?", help="study name, e.g. placement (experiments/<study>.yaml)")
+    p.add_argument("--index", type=Path, metavar="RESULTS",
+                   help="instead of a study: write the table of every report under RESULTS (their verdict.json) "
+                        "at the top of RESULTS/README.md")
     p.add_argument("--runs", type=Path, help="folder of run folders (default: <out-dir>/<study>)")
     p.add_argument("--out-dir", type=Path, default=Path("outputs"), help="training out_dir root (default: outputs)")
-    p.add_argument("--out", type=Path, help="report folder (default: results/<study>)")
+    p.add_argument("--out", type=Path, help="report folder (default: results/<study>; for a quick variant "
+                                            "<out-dir>/reports/<study>, never under results/)")
     p.add_argument("--dataset", help="report the runs of this dataset only (needed when runs mix datasets)")
     p.add_argument("--data-note", help="a sentence about the data, printed at the top of the report")
     p.add_argument("--source", choices=("local", "wandb"), default="local")
@@ -606,8 +721,26 @@ def main(argv: list[str] | None = None) -> None:
         run(args)
 
 
+def report_folder(args: argparse.Namespace, analysis: Analysis) -> Path:
+    """Where the report goes; a quick variant's report never lands in results/, which holds full grids only."""
+    quick = "quick" in str(analysis.spec.get("variant", ""))
+    if args.out is None:
+        return (args.out_dir / "reports" / args.study) if quick else Path("results") / args.study
+    if quick and any(args.out.resolve().is_relative_to(r.resolve()) for r in (REPO / "results", Path("results"))):
+        raise ReportError(f"--out {args.out}: these are runs of the quick variant ({analysis.spec['variant']}); "
+                          f"results/ holds reports of full grids only. Write it elsewhere (default: "
+                          f"{args.out_dir / 'reports' / args.study}).")
+    return args.out
+
+
 def run(args: argparse.Namespace) -> None:
     try:
+        if args.index is not None:
+            path = write_index(args.index)
+            print(f"index -> {path}")
+            return
+        if not args.study:
+            raise ReportError("give a study name (e.g. `bnstudy-report placement`) or `--index RESULTS_DIR`.")
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", args.study):
             raise ReportError(f"study name {args.study!r} must be a plain name like `placement`.")
         if args.source == "wandb":
@@ -627,7 +760,7 @@ def run(args: argparse.Namespace) -> None:
                 )
             runs = load_local(runs_dir)
         analysis = analyse(args.study, runs, args.dataset)
-        out = write_report(analysis, runs, args.out or Path("results") / args.study, command_line(args), args.data_note)
+        out = write_report(analysis, runs, report_folder(args, analysis), command_line(args), args.data_note)
     except ReportError as e:
         print(f"bnstudy-report: {e}", file=sys.stderr)
         sys.exit(2)

@@ -75,7 +75,7 @@ def proportion_interval(k: int, n: int, confidence: float = CONFIDENCE) -> tuple
     return (float(ci.low), float(ci.high))
 
 
-_UNIT_INTERVAL = re.compile(r"(^|/)(acc(_running|_batch|_population)?|epoch_acc|acc_spread|diverged|dead_frac)$")
+_UNIT_INTERVAL = re.compile(r"(^|/)(acc(_running|_batch|_population)?|epoch_acc|acc_spread|diverged|dead_frac|converged|reached_target)$")
 
 
 def metric_bounds(metric: str) -> tuple[float, float] | None:

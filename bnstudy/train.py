@@ -84,9 +84,16 @@ def schedule_from(cfg: Config) -> Schedule:
         probe_every=cfg.probe.every,
         probe_multipliers=tuple(cfg.probe.step_multipliers),
         discrepancy=cfg.discrepancy.enabled,
-        population_batches=cfg.discrepancy.population_batches,
+        population_batches=population_batches(cfg),
         discrepancy_train_subset=cfg.discrepancy.train_subset,
     )
+
+
+def population_batches(cfg: Config) -> int:
+    """Batches for the population statistics: enough for `discrepancy.population_examples` examples when set,
+    so that every batch size pools over the same number of examples; else `discrepancy.population_batches`."""
+    d = cfg.discrepancy
+    return -(-d.population_examples // cfg.train.batch_size) if d.population_examples else d.population_batches
 
 
 def check_against_data(cfg: Config, dataset: data_lib.Dataset) -> None:

@@ -15,7 +15,8 @@ from bnstudy import config as config_lib
 
 CONFIGS = config_tree.config_dir()
 config_tree.register()
-STUDIES = ("placement", "learning_rate", "init_scale", "dropout", "batch_size", "smoothness", "cost")
+STUDIES = ("placement", "learning_rate", "init_scale", "dropout", "batch_size", "small_batch_norms", "smoothness",
+           "ics", "dead_units", "convergence", "regularization", "cost")
 
 
 def compose_study(study: str, *overrides: str, hydra_config: bool = False):
@@ -72,8 +73,11 @@ def test_report_block_is_complete_and_names_real_axes(study):
     packed = {key for key, values in config_lib.pack_axes(job).items() if len(values) > 1}
     axes = set(params) | packed
     for comp in spec["compare"]:
-        for filters in (comp["a"], comp["b"], comp.get("where") or {}, comp.get("relative_to") or {}):
+        for filters in (comp.get("a") or {}, comp.get("b") or {}, comp.get("where") or {}, comp.get("relative_to") or {}):
             assert set(filters) <= axes, f"{study}: comparison filters {set(filters) - axes} are not grid axes"
+        assert comp.get("trend", "seed") in axes | {"seed"}, f"{study}: trend axis {comp['trend']} is not a grid axis"
+    if spec.get("select"):
+        assert set(spec["select"]["over"]) <= packed, f"{study}: selection must run over a packed axis"
     for name, d in (spec.get("derived") or {}).items():
         assert d["over"] in packed, f"{study}: derived {name} runs over {d['over']}, which is not packed"
     for fig in spec.get("figures") or []:
@@ -95,3 +99,16 @@ def test_quick_placement_runs_end_to_end_through_train_and_report(mock_tfds, run
     assert (results / "test_acc_by_norm.svg").is_file() and (results / "learning_curves_train_loss.png").is_file()
     comparisons = (results / "comparisons.csv").read_text()
     assert comparisons.count("2 of 2 / 2 of 2") == 3
+
+
+def test_batch_size_study_scales_the_lr_and_pools_a_fixed_number_of_examples():
+    from bnstudy.train import population_batches
+
+    for bs in (2, 8, 32, 128, 512):
+        cfg = config_lib.parse(compose_study("batch_size", f"train.batch_size={bs}"))
+        assert cfg.optimizer.lr == pytest.approx(0.05 * bs / 128)  # Goyal et al.'s linear rule, reference 128
+        assert population_batches(cfg) * bs == 4096  # the same examples for every batch size
+    cfg = config_lib.parse(compose_study("small_batch_norms", "train.batch_size=8"))
+    assert cfg.optimizer.lr == pytest.approx([0.025 / 16, 0.05 / 16, 0.1 / 16])
+    with pytest.raises(config_lib.ConfigError, match="discrepancy.population_examples"):
+        config_lib.parse(compose_study("batch_size", "discrepancy.population_examples=-1"))

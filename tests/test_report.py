@@ -4,7 +4,9 @@ the same seeds are compared paired (t on per-seed differences); bnstudy.stats' o
 
 from __future__ import annotations
 
+import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +17,8 @@ import pytest
 from scipy import stats
 
 from bnstudy import analysis, report
-from bnstudy import stats as bstats
 from bnstudy import runs as runs_lib
+from bnstudy import stats as bstats
 
 # Synthetic runs log only what each test needs; the report's "no run has metric" warnings are expected here.
 pytestmark = pytest.mark.filterwarnings("ignore:study .*no run has metric:bnstudy.analysis.ReportWarning")
@@ -53,6 +55,48 @@ PLACEMENT = {
     "before_relu": [0.97, 0.98, 0.99],
     "after_relu": [0.945, 0.95, 0.96],
     "none": [0.80, 0.82, 0.84],
+}
+
+
+# Report blocks of the mechanics tests below, fixed here so that a change of a study's design (experiments/)
+# does not change what these tests check.
+LR_SPEC = {
+    "claim": "BN allows larger learning rates.", "metrics": ["test/acc", "diverged", "log10_max_stable_lr"],
+    "derived": {"log10_max_stable_lr": {"over": "optimizer.lr", "of": "test/acc", "reduce": "max_stable",
+                                        "threshold": {"mnist": 0.5}, "log10": True}},
+    "compare": [{"metric": "log10_max_stable_lr", "a": {"model.norm": "before_relu"}, "b": {"model.norm": "none"},
+                 "expect": "greater"}],
+}
+INIT_SPEC = {
+    "claim": "BN makes accuracy insensitive to the init scale.", "metrics": ["test/acc", "acc_spread"],
+    "derived": {"acc_spread": {"over": "model.init_scale", "of": "test/acc", "reduce": "range", "diverged_value": 0.1}},
+    "compare": [{"metric": "acc_spread", "a": {"model.norm": "before_relu"}, "b": {"model.norm": "none"},
+                 "expect": "less"}],
+}
+DROPOUT_SPEC = {
+    "claim": "With BN, dropout adds little, and dropout before BN hurts more than without BN.",
+    "metrics": ["test/acc", "gen_gap", "bn/*/dropout_var_shift"],
+    "compare": [
+        {"metric": "test/acc", "a": {"model.dropout.rate": 0.5}, "b": {"model.dropout.rate": 0.0},
+         "where": {"model.norm": "before_relu", "model.dropout.placement": "before_classifier"}, "expect": "less",
+         "margin": {"mnist": 0.005, "cifar10": 0.01},
+         "margin_reason": "the claim's own bound: at most 0.5 accuracy points on MNIST, 1 point on CIFAR-10"},
+        {"metric": "test/acc", "a": {"model.dropout.placement": "after_block"},
+         "b": {"model.dropout.placement": "before_classifier"},
+         "where": {"model.norm": "before_relu", "model.dropout.rate": 0.5}, "relative_to": {"model.norm": "none"},
+         "expect": "less"},
+    ],
+}
+SMOOTH_SPEC = {
+    "claim": "BN smooths the loss landscape.",
+    "metrics": ["mean(smooth/loss_range)", "mean(smooth/grad_pred)", "mean(smooth/beta_eff)", "test/acc"],
+    "compare": [{"metric": f"mean(smooth/{k})", "a": {"model.norm": "before_relu"}, "b": {"model.norm": "none"},
+                 "expect": "less"} for k in ("loss_range", "grad_pred", "beta_eff")],
+}
+BATCH_SPEC = {
+    "claim": "Small batches make BN's modes diverge.", "metrics": ["test/acc", "disc/kl", "disc/acc_gap"],
+    "compare": [{"metric": "disc/kl", "a": {"train.batch_size": 8}, "b": {"train.batch_size": 128},
+                 "expect": "greater"}],
 }
 
 
@@ -211,7 +255,7 @@ def test_learning_rate_max_stable_lr_per_seed(tmp_path):
         for lr in (0.01, 0.1, 1.0):
             ok = lr <= top
             write_run(root, study="learning_rate", norm=norm, seed=seed, lr=lr, status="done" if ok else "diverged",
-                      summary={"test/acc": 0.9 if ok else None})
+                      summary={"test/acc": 0.9 if ok else None}, spec=LR_SPEC)
     a = analyse_dir("learning_rate", root)
     dframe, dgrid = a.frames["log10_max_stable_lr"]
     assert dgrid == ["model.norm"]
@@ -231,10 +275,10 @@ def test_init_scale_spread_counts_diverged_runs_as_chance(tmp_path):
     for seed in range(3):
         for scale, acc in [(0.1, 0.95), (1.0, 0.97), (10.0, 0.96 - 0.01 * seed)]:
             write_run(root, study="init_scale", norm="before_relu", seed=seed, init_scale=scale,
-                      summary={"test/acc": acc})
+                      summary={"test/acc": acc}, spec=INIT_SPEC)
         for scale, acc in [(0.1, 0.90), (1.0, 0.97), (10.0, None)]:
             write_run(root, study="init_scale", norm="none", seed=seed, init_scale=scale,
-                      status="done" if acc else "diverged", summary={"test/acc": acc})
+                      status="done" if acc else "diverged", summary={"test/acc": acc}, spec=INIT_SPEC)
     a = analyse_dir("init_scale", root)
     spread = a.frames["acc_spread"][0].set_index(["model.norm", "seed"])["acc_spread"]
     assert spread["none"].tolist() == pytest.approx([0.87, 0.87, 0.87])  # 0.97 - 0.1 (diverged = chance)
@@ -258,7 +302,7 @@ def test_dropout_interaction_and_margin(tmp_path):
             write_run(root, study="dropout", norm=norm, seed=seed, placement=placement, rate=rate,
                       summary={"test/acc": v, "train_subset/acc": v + 0.01, "train/epoch_acc": v - 0.05,
                                "bn/conv2/dropout_var_shift": 0.8,
-                               "bn/dense1/dropout_var_shift": 0.6})
+                               "bn/dense1/dropout_var_shift": 0.6}, spec=DROPOUT_SPEC)
     a = analyse_dir("dropout", root)
     gain, inter = a.comparisons.to_dict("records")
     with_bn = ("before_relu", "before_classifier")
@@ -289,7 +333,7 @@ def test_smoothness_mean_over_training_is_compared_per_learning_rate(tmp_path):
                 recs = [{"step": s, "epoch": s / 30, "smooth/beta_eff": level * lr * 10 + jitter + s / 10,
                          "smooth/loss_range": level, "smooth/grad_pred": level + jitter} for s in (10, 20, 30)]
                 write_run(root, study="smoothness", norm=norm, seed=seed, lr=lr, summary={"test/acc": 0.9},
-                          records=recs)
+                          records=recs, spec=SMOOTH_SPEC)
     a = analyse_dir("smoothness", root)
     beta = a.comparisons[a.comparisons["metric"] == "mean(smooth/beta_eff)"]
     assert sorted(beta["context"]) == ["lr=0.01", "lr=0.1"]
@@ -389,9 +433,177 @@ def test_final_metric_missing_from_the_summary_is_read_from_the_last_logged_reco
         for seed, v in enumerate(kl):
             recs = [{"step": 5, "epoch": 0.5, "disc/kl": 9.0},
                     {"step": 10, "epoch": 1.0, "disc/kl": v, "test/acc": 0.9}]
-            write_run(root, study="batch_size", batch_size=bs, seed=seed, summary={"test/acc": 0.9}, records=recs)
+            write_run(root, study="batch_size", batch_size=bs, seed=seed, summary={"test/acc": 0.9}, records=recs,
+                      spec=BATCH_SPEC)
     a = analyse_dir("batch_size", root)
     kl = a.summary.query("metric == 'disc/kl'").set_index("train.batch_size")["mean"]
     assert kl.to_dict() == pytest.approx({8: 0.31, 128: 0.011})
     assert list(a.comparisons["verdict"]) == ["supported"]
     assert "disc/acc_gap" in a.missing  # named by the study, logged by no run
+
+
+# ------------------------------------------------------------------------------- study design features
+
+
+def test_median_after_step0_and_step0_apart_and_log10_of_it(tmp_path):
+    root = tmp_path / "runs"
+    spec = {"claim": "x.", "metrics": ["median(smooth/loss_range)", "step0(smooth/loss_range)",
+                                       "mean(smooth/loss_range)", "log10(median(smooth/loss_range))"],
+            "compare": [{"metric": "log10(median(smooth/loss_range))", "a": {"model.norm": "before_relu"},
+                         "b": {"model.norm": "none"}, "expect": "less"}]}
+    medians = {}
+    for norm, level in [("before_relu", 0.1), ("none", 1.0)]:
+        for seed in range(3):
+            later = [level * (1 + seed / 10), level * 3, level * 2]  # median: level * 2
+            recs = [{"step": 0, "smooth/loss_range": 72.0}] + [
+                {"step": s, "smooth/loss_range": v} for s, v in zip((10, 20, 30), later)]
+            medians[norm, seed] = np.median(later)
+            write_run(root, study="smoothness", norm=norm, seed=seed, summary={"test/acc": 0.9}, records=recs,
+                      spec=spec)
+    a = analyse_dir("smoothness", root)
+    frame = a.frames["median(smooth/loss_range)"][0].set_index(["model.norm", "seed"])
+    assert frame["median(smooth/loss_range)"].to_dict() == pytest.approx(medians)
+    assert (frame["step0(smooth/loss_range)"] == 72.0).all()
+    none0 = frame.loc[("none", 0)]
+    assert none0["mean(smooth/loss_range)"] == pytest.approx(np.mean([72.0, 1.0, 3.0, 2.0]))  # step 0 dominates
+    row = a.comparisons.iloc[0]
+    d = np.log10([medians["before_relu", s] for s in range(3)]) - np.log10([medians["none", s] for s in range(3)])
+    assert row["estimate"] == pytest.approx(d.mean()) and row["estimate"] == pytest.approx(-1.0)
+
+
+def trend_runs(root: Path, spec: dict, slope_of_seed, norms=("before_relu",)) -> dict:
+    """KL = 2 * b ** slope per (norm, seed), with a small wiggle so the per-seed fit is not exact."""
+    truth = {}
+    for norm in norms:
+        for seed in range(4):
+            slope = slope_of_seed(norm, seed)
+            for i, bs in enumerate((2, 8, 32, 128)):
+                kl = 2.0 * bs**slope * (1.0 + 0.05 * (-1) ** (i + seed))
+                write_run(root, study="batch_size", norm=norm, seed=seed, batch_size=bs, lr=0.05 * bs / 128,
+                          summary={"test/acc": 0.9, "disc/kl": kl}, spec=spec)
+                truth.setdefault((norm, seed), []).append((bs, kl))
+    return truth
+
+
+def fitted_slope(points) -> float:
+    x, y = np.log10([p[0] for p in points]), np.log10([p[1] for p in points])
+    return float(np.polyfit(x, y, 1)[0])
+
+
+def test_trend_is_the_mean_per_seed_slope_over_the_whole_axis_with_a_t_interval(tmp_path):
+    spec = {"claim": "x.", "metrics": ["disc/kl"], "heavy_tailed": ["disc/kl"],
+            "compare": [{"metric": "disc/kl", "trend": "train.batch_size", "logy": True, "expect": "less"}]}
+    truth = trend_runs(tmp_path / "runs", spec, lambda norm, seed: -0.5 - 0.05 * seed)
+    a = analyse_dir("batch_size", tmp_path / "runs")
+    (row,) = a.comparisons.to_dict("records")  # the lr moves with the batch size: not a context
+    slopes = np.array([fitted_slope(truth["before_relu", s]) for s in range(4)])
+    half = stats.t.ppf(0.975, 3) * slopes.std(ddof=1) / 2
+    assert row["estimate"] == pytest.approx(slopes.mean())
+    assert (row["ci_low"], row["ci_high"]) == pytest.approx((slopes.mean() - half, slopes.mean() + half))
+    assert row["context"] == "all runs" and row["n"] == "4 of 4 seeds" and row["verdict"] == "supported"
+    assert "slope of log10 disc/kl vs log10 train.batch_size" in row["comparison"]
+    table = report.wide_tables(a)["runs"]
+    assert table["disc/kl"].str.startswith("median ").all()  # heavy-tailed: the median leads
+
+
+def test_trend_difference_of_two_arms_is_paired_and_a_seed_missing_a_point_is_dropped(tmp_path):
+    spec = {"claim": "x.", "metrics": ["disc/kl"],
+            "compare": [{"metric": "disc/kl", "trend": "train.batch_size", "logy": True, "expect": "less",
+                         "a": {"model.norm": "before_relu"}, "b": {"model.norm": "after_relu"}}]}
+    root = tmp_path / "runs"
+    truth = trend_runs(root, spec, lambda norm, seed: (-1.0 if norm == "before_relu" else -0.3) + 0.02 * seed,
+                       norms=("before_relu", "after_relu"))
+    write_run(root, study="batch_size", norm="after_relu", seed=9, batch_size=2, lr=0.05 * 2 / 128,
+              summary={"test/acc": 0.9, "disc/kl": 1.0}, spec=spec)  # a seed with one point: no slope
+    a = analyse_dir("batch_size", root)
+    (row,) = a.comparisons.to_dict("records")
+    d = [fitted_slope(truth["before_relu", s]) - fitted_slope(truth["after_relu", s]) for s in range(4)]
+    assert row["estimate"] == pytest.approx(np.mean(d)) and row["method"] == "paired (4 seeds)"
+    assert row["n"] == "4 of 4 seeds / 4 of 5 seeds"
+
+
+def test_steps_to_target_is_censored_and_converged_follows_the_stated_criterion(tmp_path):
+    spec = {"claim": "x.", "metrics": ["steps_to_target", "reached_target", "converged"], "target_acc": {"mnist": 0.97},
+            "convergence": {"key": "val/acc", "tolerance": 0.005}, "compare": []}
+    root = tmp_path / "runs"
+    curves = {"before_relu": [0.90, 0.975, 0.978], "none": [0.80, 0.90, 0.95]}
+    for norm, accs in curves.items():
+        recs = [{"step": 20 * (i + 1), "val/acc": v} for i, v in enumerate(accs)] + [{"step": 70, "train/loss": 0.1}]
+        write_run(root, norm=norm, summary={"test/acc": accs[-1]}, records=recs, spec=spec)
+    a = analyse_dir("placement", root)
+    f = a.frames["steps_to_target"][0].set_index("model.norm")
+    assert f.loc["before_relu", ["steps_to_target", "reached_target", "converged"]].tolist() == [40, 1, 1]
+    assert f.loc["none", ["steps_to_target", "reached_target", "converged"]].tolist() == [60, 0, 0]  # censored
+
+
+def test_spec_errors_name_the_field(tmp_path):
+    base = {"claim": "x."}
+    cases = [
+        ({"metrics": ["mode(test/acc)"]}, "unknown function 'mode'"),
+        ({"compare": [{"metric": "disc/kl", "trend": "train.batch_size", "a": {"model.norm": "none"},
+                       "expect": "less"}]}, "both `a` and `b`"),
+        ({"compare": [{"metric": "disc/kl", "trend": "train.batch_size", "logy": "yes", "expect": "less"}]}, "`logy`"),
+        ({"metrics": ["converged"]}, "needs a `convergence"),
+        ({"convergence": {"key": "val/acc"}}, "`convergence` must be"),
+        ({"metrics": ["steps_to_target"]}, "needs `target_acc`"),
+        ({"heavy_tailed": "disc/kl"}, "`heavy_tailed` must be a list"),
+    ]
+    for extra, words in cases:
+        with pytest.raises(analysis.ReportError, match=re.escape(words)):
+            analysis.validate_spec({**base, **extra}, "s")
+
+
+def test_mnist_margins_hold_for_the_embedded_digits():
+    assert analysis.for_dataset({"mnist": 0.005, "cifar10": 0.01}, "mnist_t10k") == 0.005
+    assert analysis.for_dataset({"mnist": 0.005, "mnist_t10k": 0.002}, "mnist_t10k") == 0.002
+    assert analysis.for_dataset({"cifar10": 0.01}, "mnist_t10k") is None
+
+
+def test_interpolated_max_stable_lr_is_continuous_per_seed(tmp_path):
+    spec = {**LR_SPEC, "derived": {"log10_max_stable_lr": {**LR_SPEC["derived"]["log10_max_stable_lr"],
+                                                            "interpolate": True, "diverged_value": 0.1}},
+            "compare": []}
+    root = tmp_path / "runs"
+    for seed, acc_at_1 in enumerate([0.3, 0.4]):  # both pass at 0.1, fall below 0.5 at 1.0
+        for lr, acc in [(0.01, 0.9), (0.1, 0.9), (1.0, acc_at_1)]:
+            write_run(root, study="learning_rate", seed=seed, lr=lr, summary={"test/acc": acc}, spec=spec)
+    a = analyse_dir("learning_rate", root)
+    got = a.frames["log10_max_stable_lr"][0].sort_values("seed")["log10_max_stable_lr"].tolist()
+    # linear in log10 lr between (-1, 0.9) and (0, acc): where the accuracy crosses 0.5
+    assert got == pytest.approx([-1 + (0.9 - 0.5) / (0.9 - 0.3), -1 + (0.9 - 0.5) / (0.9 - 0.4)])
+
+
+def test_index_table_atop_results_readme_keeps_the_notes(tmp_path, capsys):
+    results = tmp_path / "results"
+    report.main(["placement", "--runs", str(placement_runs(tmp_path / "runs")), "--out", str(results / "placement")])
+    record = json.loads((results / "placement" / "verdict.json").read_text())
+    assert record["verdict"] == "supported" and record["deciding"]["verdict"] == "supported"
+    (results / "README.md").write_text("Notes on how these were made.\n")
+    report.main(["--index", str(results)])
+    text = (results / "README.md").read_text()
+    assert text.index(report.INDEX_START) < text.index("Notes on how these were made.")
+    assert "| placement |" in text and "**supported**" in text and "[placement](placement/README.md)" in text
+    deciding = record["deciding"]
+    assert f"[{report.fmt(deciding['ci_low'])}, {report.fmt(deciding['ci_high'])}]" in text
+    report.main(["--index", str(results)])  # regenerating replaces the table, never duplicates it
+    again = (results / "README.md").read_text()
+    assert again == text and again.count(report.INDEX_START) == 1
+
+
+def test_quick_variant_report_stays_out_of_results(tmp_path, capsys):
+    spec = {**experiment_placement_spec(), "variant": "quick (2 seeds)"}
+    runs = tmp_path / "out" / "quick" / "placement"
+    for norm, accs in PLACEMENT.items():
+        for seed, acc in enumerate(accs):
+            write_run(runs, norm=norm, seed=seed, summary={"test/acc": acc}, spec=spec)
+    with pytest.raises(SystemExit) as e:
+        report.main(["placement", "--runs", str(runs), "--out", "results/placement"])
+    assert e.value.code == 2 and "results/ holds reports of full grids only" in capsys.readouterr().err
+    report.main(["placement", "--out-dir", str(tmp_path / "out" / "quick")])
+    assert (tmp_path / "out" / "quick" / "reports" / "placement" / "README.md").is_file()
+
+
+def experiment_placement_spec() -> dict:
+    return {"claim": "BN before the ReLU trains better than after it.", "metrics": ["test/acc"],
+            "compare": [{"metric": "test/acc", "a": {"model.norm": "before_relu"}, "b": {"model.norm": "none"},
+                         "expect": "greater"}]}
