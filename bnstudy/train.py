@@ -434,8 +434,9 @@ def signals_deferred():
         yield
     finally:
         _deferred["active"] = False
-    if _deferred["signum"] is not None:
-        raise RunInterrupted(_deferred["signum"])
+    signum, _deferred["signum"] = _deferred["signum"], None
+    if signum is not None:
+        raise RunInterrupted(signum)
 
 
 @contextmanager

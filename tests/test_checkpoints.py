@@ -47,3 +47,33 @@ def test_a_restored_model_slice_equals_the_saved_one_and_only_the_last_is_kept(t
     assert modes == {0o666 & ~mask}
     checkpoints.remove(tmp_path)
     assert checkpoints.latest(tmp_path) is None
+
+
+def test_a_reopened_run_folder_keeps_the_records_before_the_checkpoint_and_its_wandb_id(tmp_path):
+    from bnstudy import runs
+
+    folder = runs.RunFolder(tmp_path / "run", {"seed": 0}, {"config_hash": "h", "started_at": "t0"})
+    for step in (4, 8, 8, 8, 12):  # train window, evaluation and the next epoch's first probe share step 8
+        folder.log(step, {"x": step})
+    folder.finish({"status": "interrupted", "error": "interrupted by SIGTERM", "wandb_id": "abc"})
+
+    again = runs.RunFolder(tmp_path / "run", {"seed": 0}, {"config_hash": "h", "resumed_at": "t1"}, resume=(8, 3))
+    assert again.records == 3 and [r["step"] for r in runs.read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [4, 8, 8]
+    assert again.summary["wandb_id"] == "abc" and again.summary["started_at"] == "t0"
+    assert again.summary["status"] == "running" and "error" not in again.summary
+    again.log(8, {"x": 8})
+    assert again.records == 4
+
+
+def test_a_signal_during_a_checkpoint_waits_for_it_then_interrupts():
+    import signal
+
+    from bnstudy.train import RunInterrupted, interrupts_as_exceptions, signals_deferred
+
+    finished = []
+    with pytest.raises(RunInterrupted) as stopped, interrupts_as_exceptions():
+        with signals_deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            finished.append("checkpoint written")  # runs although the signal has arrived
+        finished.append("not reached")
+    assert finished == ["checkpoint written"] and stopped.value.signum == signal.SIGTERM
