@@ -110,6 +110,7 @@ class TrainConfig:
     pack_size: Any = "auto"  # models per compiled program: an int, or "auto"
     loop: str = "auto"
     rerun: bool = False  # retrain runs whose folder already holds a finished result of the same config
+    checkpoint_every: int = 1  # epochs between checkpoints (the last one kept; a re-run resumes from it); 0 = off
 
 
 @dataclass
@@ -226,6 +227,8 @@ _SCALAR_RULES = {
     "train.log_every": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
     "train.eval_batch_size": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
     "train.max_steps_per_epoch": (lambda v: v is None or (isinstance(v, int) and v >= 1), "null or an integer >= 1"),
+    "train.checkpoint_every": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+                               "an integer >= 0 (epochs between checkpoints; 0 = off)"),
     "train.pack_size": (lambda v: v == "auto" or (isinstance(v, int) and v >= 1), "'auto' or an integer >= 1"),
     "dataset.train_subset": (lambda v: v is None or (isinstance(v, int) and v >= 1), "null or an integer >= 1"),
     "dataset.test_subset": (lambda v: v is None or (isinstance(v, int) and v >= 1), "null or an integer >= 1"),

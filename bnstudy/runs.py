@@ -17,8 +17,10 @@ One writer per folder: `claim()` takes a file lock next to the folder (`.<run id
 finished result trains into a hidden staging folder (`.<run id>.staging`) and swaps it in when it finishes,
 so a finished result is never deleted before its replacement exists (see `RunFolder.commit`).
 
-A later checkpoint lives in `<run folder>/checkpoint/`; a resumed run keeps its folder, cuts metrics.jsonl
-back to the checkpoint's step (`truncate_metrics`) and resumes its wandb run under `summary["wandb_id"]`.
+An unfinished run (`interrupted`, or `running` whose writer is gone) with a checkpoint in
+`<run folder>/checkpoint/` (bnstudy.checkpoints) is resumed: `claim()` says so, `RunFolder(..., resume=...)`
+reopens the folder instead of recreating it, cuts metrics.jsonl back to the checkpoint (`truncate_metrics`) and
+keeps the summary's `wandb_id`, under which the wandb run continues.
 
 Every file is created with the process umask (0644 by default). Only the standard library, yaml and
 filelock are imported, so the report can read folders without the training stack.
@@ -65,7 +67,9 @@ IDENTITY_EXCLUDED = (
     "train.pack_size",
     "train.loop",
     "train.rerun",
+    "train.checkpoint_every",
 )
+RESUMABLE = (INTERRUPTED, RUNNING)  # RUNNING under our lock: its writer is gone (stale)
 
 
 # --------------------------------------------------------------------------------------------- identity
@@ -176,13 +180,23 @@ def writer_fields() -> dict:
 
 class RunFolder:
     """The writer of one run folder. `path` is where files go now (the folder itself, or its staging folder
-    for a re-run over a finished result); `final` is where the result ends up after `commit()`."""
+    for a re-run over a finished result); `final` is where the result ends up after `commit()`.
 
-    def __init__(self, path: Path, config: dict, summary: dict, final: Path | None = None):
+    `resume=(last_step, records)` reopens an unfinished folder at a checkpoint instead of recreating it: its
+    metrics.jsonl keeps the records up to that point, its summary keeps the earlier fields (`wandb_id`)."""
+
+    def __init__(self, path: Path, config: dict, summary: dict, final: Path | None = None,
+                 resume: tuple[int, int] | None = None):
         self.path, self.final = Path(path), Path(final or path)
-        if self.path.exists():  # an unfinished attempt (interrupted, failed, stale): never a finished result
-            shutil.rmtree(self.path)
-        self.path.mkdir(parents=True)
+        if resume is not None:
+            earlier = read_run_folder(self.path)[1]
+            self.records = truncate_metrics(self.path, *resume)
+            summary = {**{k: v for k, v in earlier.items() if k != "error"}, **summary}
+        else:
+            if self.path.exists():  # an unfinished attempt (interrupted, failed, stale): never a finished result
+                shutil.rmtree(self.path)
+            self.path.mkdir(parents=True)
+            self.records = 0
         write_text_atomic(self.path / "config.yaml", yaml.safe_dump(clean(config), sort_keys=False))
         self._metrics = open(self.path / "metrics.jsonl", "a", buffering=1)
         self.summary = dict(summary, status=RUNNING, **writer_fields())
@@ -191,6 +205,7 @@ class RunFolder:
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         self._metrics.write(json.dumps(clean({"step": step, **metrics})) + "\n")
+        self.records += 1
         self.heartbeat()
 
     def heartbeat(self, every_s: float = HEARTBEAT_EVERY_S) -> None:
@@ -236,10 +251,12 @@ def recover(folder: Path) -> None:
             os.rename(old, folder)
 
 
-def truncate_metrics(folder: Path, last_step: int) -> int:
-    """Drop metrics.jsonl records after `last_step` (a resumed run re-logs them); returns the records kept."""
+def truncate_metrics(folder: Path, last_step: int, records: int | None = None) -> int:
+    """Drop metrics.jsonl records after `last_step`, and keep at most the first `records` (a record logged at
+    `last_step` after the checkpoint, e.g. the next epoch's first probe, would otherwise appear twice once the
+    resumed run logs it again); returns the records kept."""
     path = folder / "metrics.jsonl"
-    kept = [r for r in read_jsonl(path) if r.get("step", -1) <= last_step]
+    kept = [r for r in read_jsonl(path) if r.get("step", -1) <= last_step][:records]
     write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
     return len(kept)
 
@@ -257,6 +274,7 @@ class Claim:
     lock: filelock.BaseFileLock | None = None
     skip: str | None = None  # "done", "diverged", "locked"
     rerun: bool = False  # a finished result exists and is being replaced
+    resume: bool = False  # an unfinished attempt with a checkpoint: continue it in place
 
     @property
     def work_dir(self) -> Path:
@@ -279,9 +297,24 @@ def finished_status(folder: Path, expected_hash: str) -> str | None:
     return None
 
 
+def resumable(folder: Path, expected_hash: str) -> bool:
+    """The folder holds an unfinished attempt of this config hash (interrupted, or left running) with a
+    checkpoint folder. Read under the folder's lock, where a `running` status means its writer is gone."""
+    try:
+        _, summary = read_run_folder(folder)
+    except (OSError, ValueError):
+        return False
+    return (
+        summary.get("config_hash") == expected_hash
+        and summary.get("status") in RESUMABLE + (STALE,)
+        and checkpoint_dir(folder).is_dir()
+    )
+
+
 def claim(run: Any, rerun: bool = False) -> Claim:
-    """Lock the run's folder and decide: skip a finished result (unless `rerun`), skip a locked one,
-    else train (into the folder, or into its staging folder when a finished result is being replaced)."""
+    """Lock the run's folder and decide: skip a finished result (unless `rerun`), skip a locked one, resume an
+    unfinished attempt that has a checkpoint (unless `rerun`: retrain from scratch), else train (into the
+    folder, or into its staging folder when a finished result is being replaced)."""
     final = run_dir(run)
     c = Claim(run, final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -298,6 +331,7 @@ def claim(run: Any, rerun: bool = False) -> Claim:
         c.skip = status
         return c
     c.lock, c.rerun = lock, status is not None
+    c.resume = not rerun and resumable(final, config_hash(run))
     return c
 
 

@@ -18,8 +18,8 @@ import hydra
 import jax
 from omegaconf import DictConfig
 
+from bnstudy import checkpoints, config_tree
 from bnstudy import config as config_lib
-from bnstudy import config_tree
 from bnstudy import data as data_lib
 from bnstudy import runs as runs_lib
 from bnstudy.config import Config, ConfigError
@@ -117,7 +117,10 @@ def progress_factory(cfg: Config):
     return lambda total, desc: tqdm(total=total, desc=desc, disable=None, leave=False, dynamic_ncols=True)
 
 
-def open_sinks(claim: runs_lib.Claim, pack_info: dict, prov: dict, wandb_job: WandbJob) -> RunSinks:
+def open_sinks(claim: runs_lib.Claim, pack_info: dict, prov: dict, wandb_job: WandbJob,
+               progress: checkpoints.Progress | None = None) -> RunSinks:
+    """The run folder and wandb run of one claimed run: new ones, or the interrupted ones reopened at
+    `progress` (metrics.jsonl cut back to the checkpoint, the same wandb id)."""
     run = claim.run
     resolved = config_lib.to_dict(run)
     note = data_lib.data_note(run.dataset.name)
@@ -132,9 +135,16 @@ def open_sinks(claim: runs_lib.Claim, pack_info: dict, prov: dict, wandb_job: Wa
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **prov,
     }
-    folder = runs_lib.RunFolder(claim.work_dir, resolved, summary, final=claim.final)
+    resume = None
+    if progress is not None:
+        summary["resumed_at"] = summary.pop("started_at")  # the first attempt's started_at stays
+        summary["resumed_from_epoch"] = progress.epoch
+        resume = (progress.step, progress.metrics_records)
+    folder = runs_lib.RunFolder(claim.work_dir, resolved, summary, final=claim.final, resume=resume)
     notes = f"dataset {run.dataset.name}: {note}" if note else f"dataset {run.dataset.name}"
-    wandb_run = WandbRun(wandb_job, folder.path, runs_lib.run_name(run), group_name(run), resolved, notes=notes)
+    resume_id = folder.summary.get("wandb_id") if progress is not None else None
+    wandb_run = WandbRun(wandb_job, folder.path, runs_lib.run_name(run), group_name(run), resolved, notes=notes,
+                         resume_id=resume_id)
     if wandb_run.id:
         folder.update({"wandb_id": wandb_run.id})  # a resumed run reopens this wandb run
     return RunSinks(folder, wandb_run)
@@ -143,9 +153,9 @@ def open_sinks(claim: runs_lib.Claim, pack_info: dict, prov: dict, wandb_job: Wa
 class PackLogger:
     """Splits the trainer's [K]-array logs into per-model records, silencing a model once it diverged."""
 
-    def __init__(self, sinks: list[RunSinks]):
+    def __init__(self, sinks: list[RunSinks], stopped: list[bool] | None = None):
         self.sinks = sinks
-        self.stopped = [False] * len(sinks)
+        self.stopped = list(stopped) if stopped is not None else [False] * len(sinks)
 
     def __call__(self, step: int, epoch: float, metrics: dict) -> None:
         diverged = metrics.pop("train/diverged", None)
@@ -157,17 +167,64 @@ class PackLogger:
                 self.stopped[k] = True
 
 
+def checkpoint_due(cfg: Config, epoch: int) -> bool:
+    """After epoch index `epoch`? Never after the last one: the finished result follows at once."""
+    every = cfg.train.checkpoint_every
+    return bool(every) and (epoch + 1) % every == 0 and epoch + 1 < cfg.train.epochs
+
+
+class PackCheckpointer:
+    """`on_epoch_end` hook of a pack: each model's slice of the state into its own run folder's checkpoint."""
+
+    def __init__(self, cfg: Config, sinks: list[RunSinks], steps_per_epoch: int):
+        self.cfg, self.sinks, self.steps_per_epoch = cfg, sinks, steps_per_epoch
+        self.writers: list[checkpoints.Writer] = []
+        self.seconds = 0.0
+
+    def __call__(self, state, epoch: int) -> None:
+        if not checkpoint_due(self.cfg, epoch):
+            return
+        t0 = time.perf_counter()
+        host = jax.device_get(state)  # a copy: the next epoch donates the state's buffers
+        with signals_deferred():  # a signal now waits for the checkpoint to be complete (milliseconds)
+            self.writers = self.writers or [checkpoints.Writer(s.folder.path) for s in self.sinks]
+            for k, (sink, writer) in enumerate(zip(self.sinks, self.writers)):
+                done = epoch + 1
+                writer.save(checkpoints.model_slice(host, k),
+                            checkpoints.Progress(done, done * self.steps_per_epoch, sink.folder.records))
+        self.seconds += time.perf_counter() - t0
+
+    def close(self) -> None:
+        for writer in self.writers:
+            writer.close()
+
+
+def restored_pack(trainer: PackTrainer, hp: HParams, claims: list[runs_lib.Claim], pack_size: int):
+    """The pack's state stacked from each claimed run's checkpoint (padding repeats the last run, as `hp` does)."""
+    target = checkpoints.model_shape(jax.eval_shape(trainer.programs.init, hp))
+    states = [checkpoints.restore(c.work_dir, target)[0] for c in claims]
+    return checkpoints.stack(states + [states[-1]] * (pack_size - len(states)))
+
+
 def train_pack(trainer: PackTrainer, claims: list[runs_lib.Claim], pack_size: int, pack_index: int, cfg: Config,
-               wandb_job: WandbJob) -> list[dict]:
-    """Train one chunk of runs as one vmapped program (padded to `pack_size` to reuse the compilation)."""
+               wandb_job: WandbJob, progress: list[checkpoints.Progress | None] | None = None) -> list[dict]:
+    """Train one chunk of runs as one vmapped program (padded to `pack_size` to reuse the compilation);
+    with `progress` (every run's checkpoint, all of one epoch), continue them from their checkpoints."""
     runs = [c.run for c in claims]
+    progress = progress or [None] * len(claims)
+    start_epoch = progress[0].epoch if progress[0] else 0
     padded = runs + [runs[-1]] * (pack_size - len(runs))
     prov = provenance()
-    sinks = [open_sinks(c, {"size": len(runs), "index": pack_index, "position": k}, prov, wandb_job)
+    sinks = [open_sinks(c, {"size": len(runs), "index": pack_index, "position": k}, prov, wandb_job, progress[k])
              for k, c in enumerate(claims)]
     hp = HParams.stack([config_lib.hparams_row(r) for r in padded])
+    saver = PackCheckpointer(cfg, sinks, trainer.steps_per_epoch)
     try:
-        result = trainer.train(hp, PackLogger(sinks), progress_factory(cfg))
+        state = restored_pack(trainer, hp, claims, pack_size) if start_epoch else None
+        # A model that diverged before the checkpoint logged its last record then: it stays silent.
+        stopped = None if state is None else [bool(d) for d in jax.device_get(state.diverged)[: len(claims)]]
+        result = trainer.train(hp, PackLogger(sinks, stopped), progress_factory(cfg), state=state,
+                               start_epoch=start_epoch, on_epoch_end=saver)
     except RunInterrupted as e:
         for s in sinks:
             s.finish({"status": runs_lib.INTERRUPTED, "error": f"interrupted by {e.name}"})
@@ -177,6 +234,8 @@ def train_pack(trainer: PackTrainer, claims: list[runs_lib.Claim], pack_size: in
         for s in sinks:
             s.finish({"status": runs_lib.FAILED, "error": f"{type(e).__name__}: {e}"})
         raise
+    finally:
+        saver.close()
     summaries = []
     for sink, final in zip(sinks, summarize_final(result)):
         if final["status"] == "diverged":
@@ -190,7 +249,9 @@ def train_pack(trainer: PackTrainer, claims: list[runs_lib.Claim], pack_size: in
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             **result.timings,
             "pack_examples_per_s": result.timings["examples_per_s"] * len(padded),
+            "checkpoint_time": saver.seconds,
         }
+        checkpoints.remove(sink.folder.path)  # finished: nothing will resume from it
         sink.finish(summary)
         summaries.append(sink.folder.summary)
     return summaries
@@ -224,6 +285,23 @@ def skipped_row(run: Config, why: str) -> dict:
         line["status"] = f"skipped: already {why} (train.rerun=true retrains)"
     log.info("%s: %s", line["name"], line["status"])
     return line
+
+
+def resume_progress(run: Config, rerun: bool) -> checkpoints.Progress | None:
+    """The checkpoint an unfinished run would resume from (None: it trains from the start). Under the run's
+    lock this decides; before it, a hint for grouping runs into packs."""
+    folder = runs_lib.run_dir(run)
+    if rerun or not runs_lib.resumable(folder, runs_lib.config_hash(run)):
+        return None
+    try:
+        return checkpoints.latest(folder)
+    except Exception as e:  # an unreadable checkpoint: train from the start rather than stop the sweep
+        log.warning("%s: checkpoint unreadable (%s: %s); training from the start", folder, type(e).__name__, e)
+        return None
+
+
+def start_epoch(progress: checkpoints.Progress | None) -> int:
+    return progress.epoch if progress else 0
 
 
 def claim_chunk(pending: list[Config], size: int, rerun: bool, skipped: list[dict]) -> list[runs_lib.Claim]:
@@ -273,13 +351,31 @@ def train_pending(cfg: Config, pending: list[Config], skipped: list[dict]) -> li
         len(pending), d.name, cfg.model.name, cfg.model.norm, pack_size, jax.default_backend(),
     )
     wandb_job = WandbJob(cfg.logger.wandb, sync_hint(cfg))
+    rerun = cfg.train.rerun
+    # A pack shares one start epoch: runs are grouped by the epoch of their checkpoint (0: none).
+    groups: dict[int, list[Config]] = {}
+    for run in pending:
+        groups.setdefault(start_epoch(resume_progress(run, rerun)), []).append(run)
     summaries, index = [], 0
-    while pending:
-        claims = claim_chunk(pending, pack_size, cfg.train.rerun, skipped)
+    while groups:
+        epoch = next(iter(groups))
+        claims = claim_chunk(groups[epoch], pack_size, rerun, skipped)
+        if not groups[epoch]:
+            del groups[epoch]
+        progress = [resume_progress(c.run, rerun) if c.resume else None for c in claims]
+        for c, p in zip(list(claims), progress):  # another process moved it on since: to its own group
+            if start_epoch(p) != epoch:
+                c.release()
+                claims.remove(c)
+                groups.setdefault(start_epoch(p), []).append(c.run)
+        progress = [p for p in progress if start_epoch(p) == epoch]
         if not claims:
             continue
+        for c, p in zip(claims, progress):
+            if p:
+                log.info("%s: resuming from its checkpoint after epoch %d", runs_lib.run_name(c.run), p.epoch)
         try:
-            summaries += train_pack(trainer, claims, pack_size, index, cfg, wandb_job)
+            summaries += train_pack(trainer, claims, pack_size, index, cfg, wandb_job, progress)
         finally:
             for c in claims:
                 c.release()
@@ -333,15 +429,35 @@ class RunInterrupted(BaseException):
         self.folders: list[str] = []
 
 
+_deferred = {"active": False, "signum": None}  # see signals_deferred
+
+
+@contextmanager
+def signals_deferred():
+    """A signal arriving inside this block raises RunInterrupted only when the block is done (a checkpoint
+    being written is completed first; it takes milliseconds)."""
+    _deferred["active"] = True
+    try:
+        yield
+    finally:
+        _deferred["active"] = False
+    signum, _deferred["signum"] = _deferred["signum"], None
+    if signum is not None:
+        raise RunInterrupted(signum)
+
+
 @contextmanager
 def interrupts_as_exceptions():
-    """SIGTERM (what SLURM sends on timeout or preemption) and SIGINT (Ctrl-C) raise RunInterrupted once;
-    a second signal while the runs are being marked gets the default action (end now)."""
+    """SIGTERM (what SLURM sends on timeout or preemption) and SIGINT (Ctrl-C) raise RunInterrupted once
+    (deferred while a checkpoint is written); a second signal gets the default action (end now)."""
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def handler(signum, frame):
         for sig in previous:
             signal.signal(sig, signal.SIG_DFL)
+        if _deferred["active"]:
+            _deferred["signum"] = signum
+            return
         raise RunInterrupted(signum)
 
     for sig in previous:

@@ -1,12 +1,14 @@
 """A sweep never loses a result, through the real `python -m bnstudy.train` in subprocesses: finished runs are
-skipped, a re-run over a finished result swaps in only when it finishes, one writer per run folder, signals end
-with one line and an `interrupted` status, a dead writer's folder reads as `stale`, a wandb outage costs one bounded
-wait, bad input exits 2 before anything is created. Data: the embedded mnist_t10k, prepared once per session."""
+skipped, a killed or interrupted run resumes from its checkpoint and ends with the numbers of an uninterrupted run, a
+re-run over a finished result swaps in only when it finishes, one writer per run folder, signals end with one line
+and an `interrupted` status, a dead writer's folder reads as `stale`, a wandb outage costs one bounded wait, bad
+input exits 2 before anything is created. Data: the embedded mnist_t10k, prepared once per session."""
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from bnstudy import checkpoints
 from bnstudy import runs as runs_lib
 
 REPO = Path(__file__).resolve().parents[1]
@@ -315,3 +318,115 @@ def test_one_epoch_of_the_default_model_on_the_embedded_data_reaches_95_percent(
     assert s["data"]["dataset"] == "mnist_t10k" and "not the official MNIST split" in s["data"]["note"]
     assert s["num_train"] == 8000 and s["num_test"] == 2000
     assert s["test/acc"] >= 0.95
+
+
+# ------------------------------------------------------------------------------------------ checkpoints and resume
+
+# Three runs trained one after the other (packs of 1), 3 epochs of 8 steps (~0.5 s per epoch here): checkpoints
+# after epochs 1 and 2. Records reach metrics.jsonl in one burst per epoch, so a kill point is an epoch's end
+# plus a delay into the next one.
+SWEEP = ("seed=[0,1,2]", "train.pack_size=1", "train.epochs=3", "train.max_steps_per_epoch=8")
+RECORDS_PER_EPOCH = 9  # 8 train records (log_every=1) and one evaluation record
+RESULT_KEYS = ("status", "diverged_step", "test/", "train/")  # a summary's numbers (not its timings or paths)
+
+
+def results(folder: Path) -> tuple[str, dict]:
+    """What a run ended with: its whole metrics.jsonl (bytes) and the numbers of its summary."""
+    s = summary(folder)
+    return (folder / "metrics.jsonl").read_text(), {k: v for k, v in s.items() if k.startswith(RESULT_KEYS)}
+
+
+def by_seed(out: Path) -> dict[int, Path]:
+    return {int(f.name.split("-s")[-1].split("-")[0]): f for f in folders(out)}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tfds_dir) -> dict[int, tuple[str, dict]]:
+    """The sweep's results when nothing stops it."""
+    out = tmp_path_factory.mktemp("uninterrupted") / "out"
+    done = train(out, tfds_dir, *SWEEP)
+    assert done.returncode == 0, done.stderr[-2000:]
+    runs = by_seed(out)
+    assert sorted(runs) == [0, 1, 2] and not list(out.glob("*/*/checkpoint"))  # a finished run keeps none
+    return {seed: results(folder) for seed, folder in runs.items()}
+
+
+def wait_for_records(out: Path, seed: int, n: int, timeout: float = 240) -> Path:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        folder = by_seed(out).get(seed)
+        if folder and len((folder / "metrics.jsonl").read_text().splitlines()) >= n:
+            return folder
+        time.sleep(0.02)
+    raise AssertionError(f"run seed={seed} never logged {n} records")
+
+
+def chaos(tmp_path: Path, tfds_dir: Path, uninterrupted: dict, epochs_logged: int, delay_s: float) -> None:
+    """kill -9 the sweep `delay_s` after the second run logged `epochs_logged` epochs; the same command again must
+    skip the first run, resume the second from its checkpoint (or start it over before its first one), train the
+    third, and end with the uninterrupted sweep's numbers."""
+    out = tmp_path / "out"
+    proc = start(out, tfds_dir, *SWEEP)
+    second = wait_for_records(out, 1, epochs_logged * RECORDS_PER_EPOCH)
+    time.sleep(delay_s)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    first = by_seed(out)[0]
+    logged = len((second / "metrics.jsonl").read_text().splitlines())
+    assert summary(first)["status"] == "done" and summary(second)["status"] == "running"  # killed mid-run
+    assert 2 not in by_seed(out) or summary(by_seed(out)[2])["status"] != "done"
+    saved = checkpoints.latest(second)
+    print(f"killed {delay_s:.2f} s after epoch {epochs_logged} of the second run, {logged} records logged; "
+          f"checkpoint: {saved}")
+    before = snapshot(first)
+
+    again = train(out, tfds_dir, *SWEEP)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert snapshot(first) == before  # not retrained: bytes and mtimes unchanged
+    resumed = [line for line in again.stdout.splitlines() if "resuming from its checkpoint" in line]
+    if saved is None:  # killed before the first checkpoint: trained from the start
+        assert resumed == [] and "resumed_from_epoch" not in summary(second)
+    else:
+        assert len(resumed) == 1 and "-s1:" in resumed[0]
+        assert summary(second)["resumed_from_epoch"] == saved.epoch and saved.epoch >= 1
+    assert "2 run(s) to train" in again.stdout
+    assert {seed: results(f) for seed, f in by_seed(out).items()} == uninterrupted  # exact, metrics.jsonl too
+    assert not list(out.glob("*/*/checkpoint")) and not list(out.glob("*/.*.staging"))
+
+
+def test_a_sweep_killed_in_its_second_run_resumes_it_and_ends_as_if_never_stopped(tmp_path, tfds_dir, uninterrupted):
+    chaos(tmp_path, tfds_dir, uninterrupted, epochs_logged=1, delay_s=0.2)  # in epoch 2: resumes after epoch 1
+
+
+@pytest.mark.slow  # two subprocesses per kill point
+@pytest.mark.parametrize("epochs_logged", [0, 1, 2])  # in epoch 1 (no checkpoint yet), 2 or 3
+def test_chaos_kill_9_at_random_points_of_the_second_run(tmp_path, tfds_dir, uninterrupted, epochs_logged):
+    delay_s = random.Random(epochs_logged).uniform(0.0, 0.4)  # somewhere in the epoch's first ~0.4 s
+    chaos(tmp_path, tfds_dir, uninterrupted, epochs_logged=epochs_logged, delay_s=delay_s)
+
+
+@pytest.mark.slow  # two subprocesses that train
+def test_sigterm_after_a_checkpoint_exits_143_and_the_rerun_completes_with_the_same_numbers(
+    tmp_path, tfds_dir, uninterrupted
+):
+    out = tmp_path / "out"
+    proc = start(out, tfds_dir, *SWEEP)
+    folder = wait_for_records(out, 0, RECORDS_PER_EPOCH)
+    time.sleep(0.2)  # epoch 2 under way: the epoch-1 checkpoint exists
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    ours = [line for line in err.splitlines() if line.startswith("bnstudy")]
+    assert proc.returncode == 143 and "Traceback" not in err and len(ours) == 1 and "SIGTERM" in ours[0], err
+    assert summary(folder)["status"] == "interrupted"
+    saved = checkpoints.latest(folder)
+    assert saved is not None and saved.epoch >= 1
+
+    again = train(out, tfds_dir, *SWEEP)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert summary(folder)["resumed_from_epoch"] == saved.epoch
+    assert {seed: results(f) for seed, f in by_seed(out).items()} == uninterrupted
+
+
+def test_checkpoint_every_is_not_part_of_the_run_identity():
+    base = {"train": {"checkpoint_every": 1}, "seed": 0}
+    assert runs_lib.config_hash(base) == runs_lib.config_hash({**base, "train": {"checkpoint_every": 0}})
