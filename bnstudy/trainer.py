@@ -95,7 +95,7 @@ PROBE_PREFIXES = ("smooth/", "ics/")  # keys of the probes taken before a step
 
 def build_train_programs(
     program: Program, input_shape: tuple[int, ...], steps_per_epoch: int, probe_every: int, multipliers,
-    ics_every: int = 0,
+    ics_every: int,
 ) -> TrainPrograms:
     p = program
     init = jax.jit(jax.vmap(partial(engine.init_state, p, input_shape)))
