@@ -139,14 +139,20 @@ def job_cost(args) -> dict:
                 for name, kw in job_variants(args.ics_every).items()}
     hp = HParams.stack([{"lr": 0.01, "weight_decay": 0.0, "init_scale": 1.0, "dropout_rate": 0.0, "seed": 0}])
     seconds = {name: [] for name in trainers}
+    cpu_seconds = {name: [] for name in trainers}  # this process's CPU time: less hit by other jobs' load
     for t in trainers.values():  # compile (and warm up) every variant first
         t.train(hp, lambda *a: None)
     for _ in range(args.repeats):
         for name, t in trainers.items():
+            cpu0 = time.process_time()
             timings = t.train(hp, lambda *a: None).timings
+            cpu_seconds[name].append(time.process_time() - cpu0)
             seconds[name].append(timings["train_time"] + timings["eval_time"])
     median = {name: statistics.median(v) for name, v in seconds.items()}
-    return {"median_s": median, "ratio": {n: median[n] / median["plain"] for n in median}, "times_s": seconds}
+    # Ratios within each round (the variants of one round ran back to back), then their median.
+    ratio = {n: statistics.median(a / b for a, b in zip(v, seconds["plain"])) for n, v in seconds.items()}
+    cpu_ratio = {n: statistics.median(a / b for a, b in zip(v, cpu_seconds["plain"])) for n, v in cpu_seconds.items()}
+    return {"median_s": median, "ratio": ratio, "cpu_ratio": cpu_ratio, "times_s": seconds, "cpu_s": cpu_seconds}
 
 
 def main(argv=None):
@@ -202,9 +208,10 @@ def main_job(args) -> None:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"# {jax.default_backend()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"load {load:.1f}; default job, {args.epochs} epoch(s), {args.repeats} repeats")
-    print(f"{'variant':22s} {'median s':>9s} {'ratio':>7s}  (train + eval seconds, to plain)")
+    print(f"{'variant':22s} {'median s':>9s} {'ratio':>7s} {'cpu ratio':>9s}  (train + eval seconds; "
+          f"median of per-round ratios to plain)")
     for name, sec in result["median_s"].items():
-        print(f"{name:22s} {sec:9.2f} {result['ratio'][name]:7.3f}")
+        print(f"{name:22s} {sec:9.2f} {result['ratio'][name]:7.3f} {result['cpu_ratio'][name]:9.3f}")
     if args.out:
         args.out.write_text(json.dumps({"backend": jax.default_backend(), "cpu_count": os.cpu_count(), "load": load,
                                         "args": vars(args) | {"out": args.out.name}, **result}, indent=1))
