@@ -15,6 +15,13 @@ and the train step of the other norm kinds and of flax's own nn.BatchNorm, as ra
 (bnstudy's BatchNorm, unbiased running variance).
 
     python benchmarks/measure_cost.py --repeats 7 --out cost.json
+
+With --job, instead the whole default job (bnstudy.trainer.PackTrainer, the app's default schedule:
+the embedded mnist_t10k digits, batch 128, BN before ReLU, discrepancy on) for --epochs, with each
+measurement switched on alone, as a ratio of training + evaluation seconds (compilation excluded) to
+the same job without any of them ("plain"), variants interleaved over the repeats:
+
+    python benchmarks/measure_cost.py --job --ics-every 10 --repeats 3 --out job_cost.json
 """
 
 from __future__ import annotations
@@ -102,13 +109,64 @@ def calls(args, data: ArrayData) -> dict:
     return out
 
 
+def job_variants(ics_every: int) -> dict[str, dict]:
+    """name -> the Schedule fields that differ from the plain default job."""
+    return {
+        "plain": {},
+        "dead_units": {"dead_units": True},
+        f"ics.every={ics_every}": {"ics_every": ics_every},
+        "eval_every_steps=10": {"eval_every_steps": 10},  # ~6 evaluations per epoch instead of 1
+    }
+
+
+def job_cost(args) -> dict:
+    """Train the default job once per variant and repeat, round-robin; seconds are train + eval time."""
+    from bnstudy import data as data_lib
+    from bnstudy.trainer import PackTrainer, Schedule
+
+    dataset = data_lib.load("mnist_t10k")
+    model = models.build_model(
+        "cnn", norm="before_relu", num_classes=10, dropout_placement="none", bn_momentum=0.9, bn_epsilon=1e-5,
+        width=1.0, norm_kind="batch", norm_groups=8, bn_running_var="unbiased",
+    )
+    program = Program(model=model, batch_size=args.batch_size, input_mean=dataset.mean, input_std=dataset.std)
+    base = dict(  # the config schema's defaults, with the new measurements off
+        epochs=args.epochs, eval_every=1, log_every=50, eval_batch_size=1000, loop="auto", max_steps_per_epoch=None,
+        probe_every=0, probe_multipliers=(0.5, 1.0, 2.0, 4.0), discrepancy=True, population_batches=20,
+        discrepancy_train_subset=2000, ics_every=0, eval_every_steps=0, dead_units=False,
+    )
+    trainers = {name: PackTrainer(program, dataset.arrays, Schedule(**{**base, **kw}))
+                for name, kw in job_variants(args.ics_every).items()}
+    hp = HParams.stack([{"lr": 0.01, "weight_decay": 0.0, "init_scale": 1.0, "dropout_rate": 0.0, "seed": 0}])
+    seconds = {name: [] for name in trainers}
+    cpu_seconds = {name: [] for name in trainers}  # this process's CPU time: less hit by other jobs' load
+    for t in trainers.values():  # compile (and warm up) every variant first
+        t.train(hp, lambda *a: None)
+    for _ in range(args.repeats):
+        for name, t in trainers.items():
+            cpu0 = time.process_time()
+            timings = t.train(hp, lambda *a: None).timings
+            cpu_seconds[name].append(time.process_time() - cpu0)
+            seconds[name].append(timings["train_time"] + timings["eval_time"])
+    median = {name: statistics.median(v) for name, v in seconds.items()}
+    # Ratios within each round (the variants of one round ran back to back), then their median.
+    ratio = {n: statistics.median(a / b for a, b in zip(v, seconds["plain"])) for n, v in seconds.items()}
+    cpu_ratio = {n: statistics.median(a / b for a, b in zip(v, cpu_seconds["plain"])) for n, v in cpu_seconds.items()}
+    return {"median_s": median, "ratio": ratio, "cpu_ratio": cpu_ratio, "times_s": seconds, "cpu_s": cpu_seconds}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--eval-batch", type=int, default=1000)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--job", action="store_true", help="the default job's overhead per measurement instead")
+    parser.add_argument("--epochs", type=int, default=1, help="--job: epochs per training")
+    parser.add_argument("--ics-every", type=int, default=10, help="--job: steps between ICS probes")
     args = parser.parse_args(argv)
+    if args.job:
+        return main_job(args)
 
     rng = np.random.default_rng(0)
     images = lambda n: jnp.asarray(rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8))
@@ -143,6 +201,20 @@ def main(argv=None):
             "backend": jax.default_backend(), "cpu_count": os.cpu_count(), "load": load, "args": vars(args) | {
                 "out": args.out.name}, "median_s": median, "ratio": ratio, "first_call_s": compile_s,
             "times_s": times}, indent=1))
+
+
+def main_job(args) -> None:
+    result = job_cost(args)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"# {jax.default_backend()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"load {load:.1f}; default job, {args.epochs} epoch(s), {args.repeats} repeats")
+    print(f"{'variant':22s} {'median s':>9s} {'ratio':>7s} {'cpu ratio':>9s}  (train + eval seconds; "
+          f"median of per-round ratios to plain)")
+    for name, sec in result["median_s"].items():
+        print(f"{name:22s} {sec:9.2f} {result['ratio'][name]:7.3f} {result['cpu_ratio'][name]:9.3f}")
+    if args.out:
+        args.out.write_text(json.dumps({"backend": jax.default_backend(), "cpu_count": os.cpu_count(), "load": load,
+                                        "args": vars(args) | {"out": args.out.name}, **result}, indent=1))
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ STRUCTURAL = (
     "train.batch_size",
     "probe.every",
     "ics.every",
+    "dead_units.enabled",
     "discrepancy.enabled",
     "discrepancy.population_batches",
     "discrepancy.population_examples",
@@ -104,6 +105,9 @@ class TrainConfig:
     epochs: int = 3
     eval_every: int = 1  # epochs; 0 = only at the end
     eval_every_steps: int = 0  # steps between evaluations (convergence speed); 0 = use eval_every (epochs)
+    # steps_to_target in summary.json: the first evaluated step whose val/acc (test/acc without a
+    # validation split) reaches this accuracy; null = not computed
+    target_acc: float | None = None
     log_every: int = 50  # steps
     eval_batch_size: int = 1000
     max_steps_per_epoch: int | None = None
@@ -122,6 +126,11 @@ class ProbeConfig:
 @dataclass
 class IcsConfig:
     every: int = 0  # steps between internal-covariate-shift probes (Santurkar et al. 2018 sec. 2.2); 0 = off
+
+
+@dataclass
+class DeadUnitsConfig:
+    enabled: bool = True  # relu/<layer>/dead_frac at each evaluation (docs/design.md §4.5)
 
 
 @dataclass
@@ -159,6 +168,7 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     ics: IcsConfig = field(default_factory=IcsConfig)
+    dead_units: DeadUnitsConfig = field(default_factory=DeadUnitsConfig)
     discrepancy: DiscrepancyConfig = field(default_factory=DiscrepancyConfig)
     seed: Any = 0  # packable
     out_dir: str = "outputs"
@@ -233,6 +243,7 @@ _SCALAR_RULES = {
     "dataset.train_subset": (lambda v: v is None or (isinstance(v, int) and v >= 1), "null or an integer >= 1"),
     "dataset.test_subset": (lambda v: v is None or (isinstance(v, int) and v >= 1), "null or an integer >= 1"),
     "probe.every": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0 (steps between probes; 0 = off)"),
+    "train.target_acc": (lambda v: v is None or (_number(v) and 0 < v <= 1), "null or an accuracy in (0, 1]"),
     "ics.every": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0 (steps between ICS probes; 0 = off)"),
     "probe.step_multipliers": (
         lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(_number(m) and m > 0 for m in v),

@@ -6,6 +6,8 @@ averages, giving `<name>/loss` and `<name>/acc` ([K] arrays). For a model with B
 on population statistics recomputed over training batches (`bnstudy.metrics`), giving
 `<name>/{loss,acc}_{running,batch,population}`, `disc/*` (test split) and `bn/<layer>/*`; a split in
 both gets its running-mode numbers from that pass. Models without BN log no `disc/*` or `bn/*`.
+With `units_split` set, that split's running-mode pass also counts, per hidden block and ReLU unit, the
+examples it fired on, giving `relu/<layer>/dead_frac` (the fraction never positive; inference mode).
 Compiled programs are built once in `build_eval_programs`; `CompileCache` compiles them ahead of
 time per argument shape and counts the seconds spent, so evaluation time excludes compilation.
 """
@@ -65,14 +67,22 @@ class EvalPrograms:
     population: Callable | None = None  # pooled population statistics
     bn_metrics: Callable | None = None  # bn/<layer>/* from running vs population statistics
     split_metrics: dict[str, Callable] = dataclasses.field(default_factory=dict)  # per BN-mode split
+    units: Callable | None = None  # sums plus relu_positive counts (metrics.eval_batch_with_units)
+    dead_fractions: Callable | None = None  # relu_positive totals -> relu/<layer>/dead_frac
 
 
-def build_eval_programs(program: Program, bn_mode_splits: tuple[str, ...]) -> EvalPrograms:
+def build_eval_programs(program: Program, bn_mode_splits: tuple[str, ...], units: bool = False) -> EvalPrograms:
     p = program
     sums = jax.jit(jax.vmap(partial(engine.eval_batch, p), in_axes=(0, 0, None, None, None)))
     permutation = jax.jit(jax.vmap(engine.epoch_permutation, in_axes=(0, None, None)), static_argnums=2)
+    unit_programs = {}
+    if units:
+        unit_programs = dict(
+            units=jax.jit(jax.vmap(partial(metrics.eval_batch_with_units, p), in_axes=(0, 0, None, None, None))),
+            dead_fractions=jax.jit(jax.vmap(metrics.dead_unit_fractions)),
+        )
     if not bn_mode_splits:
-        return EvalPrograms(sums, permutation)
+        return EvalPrograms(sums, permutation, **unit_programs)
     dropout_layers = tuple(getattr(p.model, "dropout_fed_blocks", tuple)())
     population_batch = partial(metrics.population_batch, p, bool(dropout_layers))
     return EvalPrograms(
@@ -87,6 +97,7 @@ def build_eval_programs(program: Program, bn_mode_splits: tuple[str, ...]) -> Ev
         split_metrics={
             name: jax.jit(jax.vmap(partial(metrics.split_metrics, name), in_axes=(0, None))) for name in bn_mode_splits
         },
+        **unit_programs,
     )
 
 
@@ -134,7 +145,13 @@ class PackEvaluator:
         batch_size: int,
         population_batches: int,
         cache: CompileCache | None = None,
+        units_split: str | None = None,
     ):
+        """`units_split`: the split (a key of `splits`) whose inference pass also gives the dead-unit
+        fractions; None = no dead units."""
+        if units_split is not None and units_split not in splits:
+            raise ValueError(f"units_split {units_split!r} is not one of the evaluated splits {sorted(splits)}")
+        self.units_split = units_split
         self.program, self.data = program, data
         self.cache = cache or CompileCache()
         self.num_train = int(data.train_images.shape[0])
@@ -149,12 +166,13 @@ class PackEvaluator:
             name: (padded_batches(x, y, batch_size)[0], wrapped_batches(x, program.batch_size), y)
             for name, (x, y) in self.bn_mode_splits.items()
         }
-        self.programs = build_eval_programs(program, tuple(self.bn_mode_splits))
+        self.programs = build_eval_programs(program, tuple(self.bn_mode_splits), units=units_split is not None)
 
     def compile(self, state: TrainState) -> None:
         """Compile the running-mode program for these splits ahead of time (no-op once done)."""
-        for images, labels, mask in self.running_batches.values():
-            self.cache.compiled(self.programs.sums, state.params, state.batch_stats, images[0], labels[0], mask[0])
+        for name, (images, labels, mask) in self.running_batches.items():
+            fn = self.programs.units if name == self.units_split else self.programs.sums
+            self.cache.compiled(fn, state.params, state.batch_stats, images[0], labels[0], mask[0])
 
     def evaluate(self, state: TrainState, hp: HParams, epoch: int) -> dict[str, np.ndarray]:
         """Every key of the module docstring as [K] numpy arrays; population statistics come from
@@ -165,8 +183,13 @@ class PackEvaluator:
         for name in self.running_batches:
             if name in self.bn_mode_splits:
                 out[f"{name}/loss"], out[f"{name}/acc"] = out[f"{name}/loss_running"], out[f"{name}/acc_running"]
+            elif name == self.units_split:  # one pass gives the loss, the accuracy and the units
+                out |= self.running_with_units(state, name)
             else:
                 out |= self.running(state, name)
+        if self.units_split in self.bn_mode_splits:  # its running numbers came from the BN-mode pass
+            with_units = self.running_with_units(state, self.units_split)
+            out |= {k: v for k, v in with_units.items() if k.startswith("relu/")}
         return jax.device_get(out)
 
     def running(self, state: TrainState, name: str) -> dict[str, jax.Array]:
@@ -178,6 +201,17 @@ class PackEvaluator:
             totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
         n = float(self.sizes[name])
         return {f"{name}/loss": totals["loss_sum"] / n, f"{name}/acc": totals["correct_sum"] / n}
+
+    def running_with_units(self, state: TrainState, name: str) -> dict[str, jax.Array]:
+        """`running`'s keys and relu/<layer>/dead_frac over the whole split, from one inference pass."""
+        images, labels, mask = self.running_batches[name]
+        totals = None
+        for b in range(images.shape[0]):
+            sums = self.cache.call(self.programs.units, state.params, state.batch_stats, images[b], labels[b], mask[b])
+            totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+        n = float(self.sizes[name])
+        dead = self.cache.call(self.programs.dead_fractions, totals["relu_positive"])
+        return {f"{name}/loss": totals["loss_sum"] / n, f"{name}/acc": totals["correct_sum"] / n, **dead}
 
     def bn_modes(self, state: TrainState, hp: HParams, epoch: int) -> dict[str, jax.Array]:
         """The BN-mode splits with BN on running, batch and population statistics; disc/* and bn/*."""

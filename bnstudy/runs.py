@@ -63,6 +63,7 @@ IDENTITY_EXCLUDED = (
     "report",
     "probe",
     "ics",
+    "dead_units",
     "discrepancy",
     "train.pack_size",
     "train.loop",

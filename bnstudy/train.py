@@ -23,6 +23,7 @@ from bnstudy import config as config_lib
 from bnstudy import data as data_lib
 from bnstudy import runs as runs_lib
 from bnstudy.config import Config, ConfigError
+from bnstudy.convergence import steps_to_target
 from bnstudy.engine import HParams, Program
 from bnstudy.models import build_model
 from bnstudy.pack_size import resolve_pack_size
@@ -33,7 +34,19 @@ from bnstudy.trainer import PackTrainer, Schedule, summarize_final
 log = logging.getLogger("bnstudy")
 
 # Metric families that a diverged run has no final value for (its weights are frozen pre-divergence).
-RESULT_PREFIXES = ("train/", "test/", "train_subset/", "smooth/", "disc/", "bn/")
+RESULT_PREFIXES = ("train/", "test/", "train_subset/", "smooth/", "disc/", "bn/", "ics/", "relu/")
+
+
+# What steps_to_target reads: validation accuracy when the data has a validation split, else test accuracy.
+TARGET_KEYS = ("val/acc", "test/acc")
+
+
+def convergence(evaluations: list[dict], target: float | None) -> dict:
+    """`steps_to_target` (null if never reached) and the key it was read from, or {} without a target."""
+    if target is None:
+        return {}
+    key = next((k for k in TARGET_KEYS if any(k in r for r in evaluations)), TARGET_KEYS[0])
+    return {"steps_to_target": steps_to_target(evaluations, target, key), "steps_to_target_key": key}
 
 
 def quiet_jax() -> None:
@@ -86,6 +99,9 @@ def schedule_from(cfg: Config) -> Schedule:
         discrepancy=cfg.discrepancy.enabled,
         population_batches=population_batches(cfg),
         discrepancy_train_subset=cfg.discrepancy.train_subset,
+        ics_every=cfg.ics.every,
+        eval_every_steps=t.eval_every_steps,
+        dead_units=cfg.dead_units.enabled,
     )
 
 
@@ -151,11 +167,13 @@ def open_sinks(claim: runs_lib.Claim, pack_info: dict, prov: dict, wandb_job: Wa
 
 
 class PackLogger:
-    """Splits the trainer's [K]-array logs into per-model records, silencing a model once it diverged."""
+    """Splits the trainer's [K]-array logs into per-model records, silencing a model once it diverged;
+    keeps each model's accuracy history (`evaluations`) for `steps_to_target`."""
 
     def __init__(self, sinks: list[RunSinks], stopped: list[bool] | None = None):
         self.sinks = sinks
         self.stopped = list(stopped) if stopped is not None else [False] * len(sinks)
+        self.evaluations: list[list[dict]] = [[] for _ in sinks]
 
     def __call__(self, step: int, epoch: float, metrics: dict) -> None:
         diverged = metrics.pop("train/diverged", None)
@@ -163,6 +181,9 @@ class PackLogger:
             if self.stopped[k]:
                 continue
             sink.log(step, {"epoch": epoch, **{key: value[k] for key, value in metrics.items()}})
+            accuracies = {key: float(metrics[key][k]) for key in TARGET_KEYS if key in metrics}
+            if accuracies:
+                self.evaluations[k].append({"step": step, **accuracies})
             if diverged is not None and diverged[k] > 0:
                 self.stopped[k] = True
 
@@ -223,7 +244,8 @@ def train_pack(trainer: PackTrainer, claims: list[runs_lib.Claim], pack_size: in
         state = restored_pack(trainer, hp, claims, pack_size) if start_epoch else None
         # A model that diverged before the checkpoint logged its last record then: it stays silent.
         stopped = None if state is None else [bool(d) for d in jax.device_get(state.diverged)[: len(claims)]]
-        result = trainer.train(hp, PackLogger(sinks, stopped), progress_factory(cfg), state=state,
+        pack_logger = PackLogger(sinks, stopped)
+        result = trainer.train(hp, pack_logger, progress_factory(cfg), state=state,
                                start_epoch=start_epoch, on_epoch_end=saver)
     except RunInterrupted as e:
         for s in sinks:
@@ -237,11 +259,12 @@ def train_pack(trainer: PackTrainer, claims: list[runs_lib.Claim], pack_size: in
     finally:
         saver.close()
     summaries = []
-    for sink, final in zip(sinks, summarize_final(result)):
+    for sink, final, evaluations in zip(sinks, summarize_final(result), pack_logger.evaluations):
         if final["status"] == "diverged":
             final = {key: (None if key.startswith(RESULT_PREFIXES) else v) for key, v in final.items()}
         summary = {
             **final,
+            **convergence(evaluations, cfg.train.target_acc),
             "epochs": cfg.train.epochs,
             "steps": cfg.train.epochs * trainer.steps_per_epoch,
             "num_train": trainer.num_train,

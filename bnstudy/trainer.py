@@ -2,14 +2,19 @@
 
 It knows nothing of Hydra, wandb or files: it calls `on_log(step, epoch, metrics)` with [K]-shaped
 numpy arrays and returns a `PackResult`; the app layer turns those into run folders and wandb runs.
-The measurements of `bnstudy.metrics` ride along: smoothness probes every `probe_every` steps (logged
-at the number of steps done when probed) and the three-mode BN evaluation at each evaluation.
+The measurements of `bnstudy.metrics` ride along: smoothness probes every `probe_every` steps and
+internal-covariate-shift probes every `ics_every` steps (each logged at the number of steps done when
+probed, i.e. on the state before that step), and at each evaluation the three-mode BN evaluation and
+the dead-unit fractions. Evaluations happen every `eval_every_steps` steps when that is set, else at
+the end of every `eval_every`-th epoch, and always at the end of training (`evaluation_points`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
+import warnings
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -42,12 +47,15 @@ class Schedule:
     discrepancy: bool  # evaluate in the three BN modes (models with BN only)
     population_batches: int  # training batches for the population statistics (at most one epoch's)
     discrepancy_train_subset: int  # first N training examples, also evaluated in the three modes
+    ics_every: int  # steps between internal-covariate-shift probes; 0 = off
+    eval_every_steps: int  # steps between evaluations; 0 = every `eval_every` epochs instead
+    dead_units: bool  # relu/<layer>/dead_frac at each evaluation (on `units_split`)
 
 
 @dataclasses.dataclass
 class PackResult:
     state: engine.TrainState
-    final: dict[str, np.ndarray]  # key -> [K]: the last evaluation's metrics and the last probe's
+    final: dict[str, np.ndarray]  # key -> [K]: the last evaluation's metrics, the last probe's, ICS medians
     diverged_step: np.ndarray  # [K], -1 where the run did not diverge
     timings: dict[str, float]
 
@@ -78,10 +86,16 @@ class TrainPrograms:
     step: Callable  # (state, hp, data, perm, index) -> (state, metrics); donates the state
     probe: Callable  # (state, hp, data, perm, index) -> smooth/* metrics
     epoch: Callable  # (state, hp, data, perm) -> (state, metrics stacked over steps); donates the state
+    ics: Callable | None = None  # (state, hp, data, perm, index) -> ics/* metrics
+    segment: Callable | None = None  # (length) -> `epoch` over steps [start, start + length): (..., start)
+
+
+PROBE_PREFIXES = ("smooth/", "ics/")  # keys of the probes taken before a step
 
 
 def build_train_programs(
-    program: Program, input_shape: tuple[int, ...], steps_per_epoch: int, probe_every: int, multipliers
+    program: Program, input_shape: tuple[int, ...], steps_per_epoch: int, probe_every: int, multipliers,
+    ics_every: int,
 ) -> TrainPrograms:
     p = program
     init = jax.jit(jax.vmap(partial(engine.init_state, p, input_shape)))
@@ -92,19 +106,29 @@ def build_train_programs(
         partial(metrics.smoothness_probe, p, tuple(multipliers), vectorize), in_axes=(0, 0, None, 0, None)
     )
 
+    ics = jax.vmap(partial(metrics.ics_probe, p), in_axes=(0, 0, None, 0, None))
+    probes = [(every, fn) for every, fn in ((probe_every, probe), (ics_every, ics)) if every]
+
     def body(s, hp, data, perm, i):
-        if not probe_every:
-            return step(s, hp, data, perm, i)
-        # Every model of a pack is at the same step, so model 0's counter is an unbatched predicate
-        # and the cond stays a real branch: the probe's cost is paid only on probe steps.
-        shapes = jax.eval_shape(probe, s, hp, data, perm, i)
-        skipped = lambda: jax.tree.map(lambda a: jnp.full(a.shape, jnp.nan, a.dtype), shapes)
-        probed = jax.lax.cond(s.step[0] % probe_every == 0, lambda: probe(s, hp, data, perm, i), skipped)
+        probed = {}
+        for every, fn in probes:
+            # Every model of a pack is at the same step, so model 0's counter is an unbatched predicate
+            # and the cond stays a real branch: the probe's cost is paid only on probe steps.
+            shapes = jax.eval_shape(fn, s, hp, data, perm, i)
+            skipped = lambda shapes=shapes: jax.tree.map(lambda a: jnp.full(a.shape, jnp.nan, a.dtype), shapes)
+            probed |= jax.lax.cond(s.step[0] % every == 0, lambda fn=fn: fn(s, hp, data, perm, i), skipped)
         s, out = step(s, hp, data, perm, i)
         return s, {**out, **probed}
 
+    def steps(length, state, hp, data, perm, start):
+        return jax.lax.scan(lambda s, i: body(s, hp, data, perm, i), state, start + jnp.arange(length))
+
+    @functools.cache
+    def segment(length: int):
+        return jax.jit(partial(steps, length), donate_argnums=0)
+
     def epoch(state, hp, data, perm):
-        return jax.lax.scan(lambda s, i: body(s, hp, data, perm, i), state, jnp.arange(steps_per_epoch))
+        return steps(steps_per_epoch, state, hp, data, perm, 0)
 
     return TrainPrograms(
         init=init,
@@ -112,6 +136,8 @@ def build_train_programs(
         step=jax.jit(step, donate_argnums=0),
         probe=jax.jit(probe),
         epoch=jax.jit(epoch, donate_argnums=0),
+        ics=jax.jit(ics),
+        segment=segment,
     )
 
 
@@ -150,9 +176,11 @@ class PackTrainer:
             batch_size=schedule.eval_batch_size,
             population_batches=schedule.population_batches,
             cache=self.cache,
+            units_split=units_split(splits) if schedule.dead_units else None,
         )
         self.programs = build_train_programs(
-            program, self.input_shape, self.steps_per_epoch, schedule.probe_every, schedule.probe_multipliers
+            program, self.input_shape, self.steps_per_epoch, schedule.probe_every, schedule.probe_multipliers,
+            schedule.ics_every,
         )
 
     def permutation(self, hp: HParams, epoch: int) -> jax.Array:
@@ -171,6 +199,8 @@ class PackTrainer:
             self.compiled_step(state, hp, perm)
             if self.schedule.probe_every:
                 self.compiled_probe(state, hp, perm)
+            if self.schedule.ics_every:
+                self.compiled_ics(state, hp, perm)
         self.evaluator.compile(state)
         jax.block_until_ready(state)
         return state, time.perf_counter() - t0
@@ -186,6 +216,27 @@ class PackTrainer:
     def compiled_epoch(self, state: engine.TrainState, hp: HParams, perm: jax.Array):
         """The compiled `programs.epoch`: (state, hp, data, perm) -> (state, metrics stacked over steps)."""
         return self.cache.compiled(self.programs.epoch, state, hp, self.data, perm)
+
+    def compiled_ics(self, state: engine.TrainState, hp: HParams, perm: jax.Array):
+        """The compiled `programs.ics`: (state, hp, data, perm, index) -> ics/* metrics."""
+        return self.cache.compiled(self.programs.ics, state, hp, self.data, perm, jnp.int32(0))
+
+    def compiled_segment(self, state: engine.TrainState, hp: HParams, perm: jax.Array, length: int):
+        """The compiled `programs.segment(length)`: (state, hp, data, perm, start) -> (state, stacked metrics)."""
+        return self.cache.compiled(self.programs.segment(length), state, hp, self.data, perm, jnp.int32(0))
+
+    def evaluation_points(self, epoch: int) -> tuple[int, ...]:
+        """Steps into `epoch` (1..steps_per_epoch) after which the pack is evaluated: whenever the run's
+        step count is a multiple of `eval_every_steps` when that is set (then `eval_every` is not used),
+        else at the end of every `eval_every`-th epoch; always at the end of training."""
+        s, n = self.schedule, self.steps_per_epoch
+        if s.eval_every_steps:
+            points = {i for i in range(1, n + 1) if (epoch * n + i) % s.eval_every_steps == 0}
+        else:
+            points = {n} if s.eval_every and (epoch + 1) % s.eval_every == 0 else set()
+        if epoch + 1 == s.epochs:
+            points.add(n)
+        return tuple(sorted(points))
 
     def train(
         self,
@@ -208,26 +259,39 @@ class PackTrainer:
         compile0 = self.cache.compile_seconds
         fresh, _ = self.compile(hp)
         state = fresh if state is None else state
-        train_time = eval_time = 0.0
-        epoch_means: dict[str, np.ndarray] = {}
+        train_time = 0.0
+        clock = {"eval": 0.0, "eval_wall": 0.0}  # evaluation seconds without / with its compilation
         final: dict[str, np.ndarray] = {}
         last_probe: dict[str, np.ndarray] = {}
+        ics_probes: list[dict[str, np.ndarray]] = []  # every ICS probe after step 0, for the medians
+
+        def evaluate(st, epoch):
+            t0, compiled0 = time.perf_counter(), self.cache.compile_seconds
+            record = self.evaluator.evaluate(st, hp, epoch)
+            wall = time.perf_counter() - t0
+            clock["eval_wall"] += wall
+            clock["eval"] += wall - (self.cache.compile_seconds - compiled0)
+            return record
+
         for epoch in range(start_epoch, s.epochs):
             bar = progress_factory(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{s.epochs}")
-            t0 = time.perf_counter()
-            state, epoch_means, probe = self._train_epoch(state, hp, epoch, on_log, bar)
-            last_probe = probe or last_probe
-            train_time += time.perf_counter() - t0
+            t0, compiled0, before = time.perf_counter(), self.cache.compile_seconds, dict(clock)
+            state, probes, evaluations = self._train_epoch(state, hp, epoch, on_log, bar, evaluate)
+            eval_wall = clock["eval_wall"] - before["eval_wall"]
+            eval_compile = eval_wall - (clock["eval"] - before["eval"])
+            train_compile = self.cache.compile_seconds - compiled0 - eval_compile  # scan segments, first use
+            train_time += time.perf_counter() - t0 - eval_wall - train_compile
             bar.close()
-            last = epoch + 1 == s.epochs
-            if last or (s.eval_every and (epoch + 1) % s.eval_every == 0):
-                t0, compiled0 = time.perf_counter(), self.cache.compile_seconds
-                record = {**epoch_means, **self.evaluator.evaluate(state, hp, epoch)}
-                eval_time += time.perf_counter() - t0 - (self.cache.compile_seconds - compiled0)
-                on_log(int((epoch + 1) * self.steps_per_epoch), float(epoch + 1), dict(record))
-                final = {**last_probe, **record}
+            for i, probe in probes:
+                last_probe |= probe
+                if epoch * self.steps_per_epoch + i > 0:
+                    ics_probes.append({k: v for k, v in probe.items() if k.startswith("ics/")})
+            if evaluations:
+                final = {**last_probe, **evaluations[max(evaluations)]}
             if on_epoch_end is not None:
                 on_epoch_end(state, epoch)
+        final |= ics_medians(ics_probes)
+        eval_time = clock["eval"]
         steps = (s.epochs - start_epoch) * self.steps_per_epoch
         timings = {
             "compile_time": self.cache.compile_seconds - compile0,
@@ -239,54 +303,82 @@ class PackTrainer:
         }
         return PackResult(state, final, np.asarray(jax.device_get(state.diverged_step)), timings)
 
-    def _probe_due(self, step: int) -> bool:
-        return bool(self.schedule.probe_every) and step % self.schedule.probe_every == 0
+    def _probe_due(self, step: int, prefix: str = "smooth/") -> bool:
+        every = self.schedule.ics_every if prefix == "ics/" else self.schedule.probe_every
+        return bool(every) and step % every == 0
 
-    def _train_epoch(self, state, hp, epoch, on_log, bar):
-        """Run one epoch; returns the state, the epoch's mean train loss/acc per run and its last probe."""
+    def _train_epoch(self, state, hp, epoch, on_log, bar, evaluate):
+        """Run one epoch, evaluating at its `evaluation_points` with `evaluate(state, epoch)`; returns the
+        state, its probes [(index in the epoch, {key: [K]})] and its evaluations {steps into the epoch:
+        record}, the one at the epoch's end (if any) with the epoch's mean train loss/acc."""
         perm = self.permutation(hp, epoch)
-        base = epoch * self.steps_per_epoch
-        probes = []  # (index in the epoch, {key: [K]}), probed before that step
+        n, base = self.steps_per_epoch, epoch * self.steps_per_epoch
+        eval_at = self.evaluation_points(epoch)
+        probes, evaluations = [], {}  # probes: probed before step `index`, i.e. on the state of `index` steps
         if self.loop == "scan":
-            state, stacked = self.compiled_epoch(state, hp, perm)(state, hp, self.data, perm)
-            history = jax.device_get(stacked)  # key -> [steps, K]; probe keys NaN off probe steps
-            probe_rows = {k: history.pop(k) for k in metrics.SMOOTH_KEYS if k in history}
-            for i in range(self.steps_per_epoch):
-                if self._probe_due(base + i):
-                    probes.append((i, {k: v[i] for k, v in probe_rows.items()}))
-            bar.update(self.steps_per_epoch)
+            parts, bounds = [], (0, *(p for p in eval_at if p < n), n)
+            for start, end in zip(bounds[:-1], bounds[1:]):
+                if (start, end) == (0, n):
+                    state, stacked = self.compiled_epoch(state, hp, perm)(state, hp, self.data, perm)
+                else:  # an evaluation inside the epoch: scan up to it, evaluate, go on
+                    run = self.compiled_segment(state, hp, perm, end - start)
+                    state, stacked = run(state, hp, self.data, perm, jnp.int32(start))
+                parts.append(jax.device_get(stacked))  # key -> [steps, K]; probe keys NaN off probe steps
+                if end in eval_at:
+                    evaluations[end] = evaluate(state, epoch)
+                bar.update(end - start)
+            history = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+            probe_rows = {k: history.pop(k) for k in list(history) if k.startswith(PROBE_PREFIXES)}
+            for i in range(n):
+                row = {k: v[i] for k, v in probe_rows.items() if self._probe_due(base + i, k[: k.index("/") + 1])}
+                if row:
+                    probes.append((i, row))
         else:
             window, history_parts = [], []
             step = self.compiled_step(state, hp, perm)
             probe = self.compiled_probe(state, hp, perm) if self.schedule.probe_every else None
-            for i in range(self.steps_per_epoch):
-                if self._probe_due(base + i):  # before the step, which donates the state's buffers
-                    probes.append((i, probe(state, hp, self.data, perm, jnp.int32(i))))
+            ics = self.compiled_ics(state, hp, perm) if self.schedule.ics_every else None
+            for i in range(n):
+                row = {}  # probes before the step, which donates the state's buffers
+                if self._probe_due(base + i):
+                    row |= probe(state, hp, self.data, perm, jnp.int32(i))
+                if self._probe_due(base + i, "ics/"):
+                    row |= ics(state, hp, self.data, perm, jnp.int32(i))
+                if row:
+                    probes.append((i, row))
                 state, step_metrics = step(state, hp, self.data, perm, jnp.int32(i))
                 window.append(step_metrics)
-                if len(window) == self.schedule.log_every or i + 1 == self.steps_per_epoch:
+                if len(window) == self.schedule.log_every or i + 1 == n or i + 1 in eval_at:
                     part = jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs), *window))
                     history_parts.append(part)
                     bar.update(len(window))
                     bar.set_postfix_str(f"loss {np.nanmean(part['loss'][-1]):.4f}")
                     window = []
+                if i + 1 in eval_at:
+                    evaluations[i + 1] = evaluate(state, epoch)
             history = {k: np.concatenate([p[k] for p in history_parts]) for k in history_parts[0]}
             probes = jax.device_get(probes)
         jax.block_until_ready(state)
-        self._emit_train_logs(history, probes, base, epoch, on_log)
-        means = {"train/epoch_loss": history["loss"].mean(0), "train/epoch_acc": history["acc"].mean(0)}
-        return state, means, (probes[-1][1] if probes else {})
+        if n in evaluations:
+            means = {"train/epoch_loss": history["loss"].mean(0), "train/epoch_acc": history["acc"].mean(0)}
+            evaluations[n] = {**means, **evaluations[n]}
+        self._emit_train_logs(history, probes, base, epoch, on_log, evaluations)
+        return state, probes, evaluations
 
-    def _emit_train_logs(self, history, probes, base, epoch, on_log):
-        """One record per `log_every` steps (window means of the per-step metrics) and one per probe.
+    def _emit_train_logs(self, history, probes, base, epoch, on_log, evaluations=None):
+        """One record per `log_every` steps (window means of the per-step metrics), one per probe and
+        one per evaluation.
 
-        A probe before step i is logged at step base + i (the steps done when it looked); records
-        that share a step are merged, and all go out in step order, as wandb requires.
+        A probe before step i is logged at step base + i (the steps done when it looked), an evaluation
+        after i steps at base + i; records that share a step are merged, and all go out in step order,
+        as wandb requires.
         """
         n, every = self.steps_per_epoch, self.schedule.log_every
         records: dict[int, dict] = {}
         for i, probe in probes:
             records.setdefault(i, {}).update(probe)
+        for i, record in (evaluations or {}).items():
+            records.setdefault(i, {}).update(record)
         for start in range(0, n, every):
             end = min(start + every, n)
             window = {f"train/{k}": v[start:end].mean(0) for k, v in history.items() if k != "lr"}
@@ -294,6 +386,22 @@ class PackTrainer:
             records.setdefault(end, {}).update(window)
         for i in sorted(records):
             on_log(base + i, epoch + i / n, records[i])
+
+
+def units_split(splits: dict[str, Split]) -> str:
+    """The split whose inference pass counts dead units: the validation split when there is one (it is
+    evaluated in running mode only, so the counts ride on a pass made anyway), else the test split."""
+    return "val" if "val" in splits else "test"
+
+
+def ics_medians(probes: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """`<key>_median` for each ics/* key: the median over the given probes ([K]; NaN probes of a diverged
+    run skipped, NaN if none is left). The studies compare these rather than one noisy last probe."""
+    if not probes:
+        return {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slice: a run diverged before any probe
+        return {f"{k}_median": np.nanmedian(np.stack([p[k] for p in probes]), axis=0) for k in probes[0]}
 
 
 def summarize_final(result: PackResult) -> list[dict[str, Any]]:
