@@ -64,6 +64,7 @@ IDENTITY_EXCLUDED = (
     "discrepancy",
     "train.pack_size",
     "train.loop",
+    "train.steps_per_call",
     "train.rerun",
 )
 

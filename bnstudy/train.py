@@ -80,6 +80,7 @@ def schedule_from(cfg: Config) -> Schedule:
         log_every=t.log_every,
         eval_batch_size=t.eval_batch_size,
         loop=t.loop,
+        steps_per_call=t.steps_per_call,
         max_steps_per_epoch=t.max_steps_per_epoch,
         probe_every=cfg.probe.every,
         probe_multipliers=tuple(cfg.probe.step_multipliers),
