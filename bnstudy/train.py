@@ -6,29 +6,35 @@
 
 from __future__ import annotations
 
-import logging
-import os
-import signal
-import sys
-import time
-from contextlib import contextmanager
-from pathlib import Path
+from bnstudy import xla_flags
 
-import hydra
-import jax
-from omegaconf import DictConfig
+# XLA reads XLA_FLAGS once, when JAX starts its backend: set the speed flags before anything imports JAX.
+xla_flags.add_xla_flags()
 
-from bnstudy import config as config_lib
-from bnstudy import config_tree
-from bnstudy import data as data_lib
-from bnstudy import runs as runs_lib
-from bnstudy.config import Config, ConfigError
-from bnstudy.engine import HParams, Program
-from bnstudy.models import build_model
-from bnstudy.pack_size import resolve_pack_size
-from bnstudy.provenance import provenance
-from bnstudy.sinks import RunSinks, WandbJob, WandbRun
-from bnstudy.trainer import PackTrainer, Schedule, summarize_final
+import logging  # noqa: E402  (after the flags, on purpose)
+import os  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import hydra  # noqa: E402
+import jax  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from bnstudy import config as config_lib  # noqa: E402
+from bnstudy import config_tree  # noqa: E402
+from bnstudy import data as data_lib  # noqa: E402
+from bnstudy import runs as runs_lib  # noqa: E402
+from bnstudy.config import Config, ConfigError  # noqa: E402
+from bnstudy.engine import HParams, Program  # noqa: E402
+from bnstudy.models import build_model  # noqa: E402
+from bnstudy.pack_size import resolve_pack_size  # noqa: E402
+from bnstudy.provenance import provenance  # noqa: E402
+from bnstudy.sinks import RunSinks, WandbJob, WandbRun  # noqa: E402
+from bnstudy.timing import TimeBreakdown, breakdown_line  # noqa: E402
+from bnstudy.trainer import PackTrainer, Schedule, summarize_final  # noqa: E402
 
 log = logging.getLogger("bnstudy")
 
@@ -135,13 +141,19 @@ def open_sinks(claim: runs_lib.Claim, pack_info: dict, prov: dict, wandb_job: Wa
 
 
 class PackLogger:
-    """Splits the trainer's [K]-array logs into per-model records, silencing a model once it diverged."""
+    """Splits the trainer's [K]-array logs into per-model records, silencing a model once it diverged;
+    its time goes to the `logging` bucket of `times`."""
 
-    def __init__(self, sinks: list[RunSinks]):
+    def __init__(self, sinks: list[RunSinks], times: TimeBreakdown):
         self.sinks = sinks
         self.stopped = [False] * len(sinks)
+        self.times = times
 
     def __call__(self, step: int, epoch: float, metrics: dict) -> None:
+        with self.times.measure("logging"):
+            self._log(step, epoch, metrics)
+
+    def _log(self, step: int, epoch: float, metrics: dict) -> None:
         diverged = metrics.pop("train/diverged", None)
         for k, sink in enumerate(self.sinks):
             if self.stopped[k]:
@@ -152,16 +164,17 @@ class PackLogger:
 
 
 def train_pack(trainer: PackTrainer, claims: list[runs_lib.Claim], pack_size: int, pack_index: int, cfg: Config,
-               wandb_job: WandbJob) -> list[dict]:
+               wandb_job: WandbJob, times: TimeBreakdown) -> list[dict]:
     """Train one chunk of runs as one vmapped program (padded to `pack_size` to reuse the compilation)."""
     runs = [c.run for c in claims]
     padded = runs + [runs[-1]] * (pack_size - len(runs))
     prov = provenance()
-    sinks = [open_sinks(c, {"size": len(runs), "index": pack_index, "position": k}, prov, wandb_job)
-             for k, c in enumerate(claims)]
+    with times.measure("logging"):
+        sinks = [open_sinks(c, {"size": len(runs), "index": pack_index, "position": k}, prov, wandb_job)
+                 for k, c in enumerate(claims)]
     hp = HParams.stack([config_lib.hparams_row(r) for r in padded])
     try:
-        result = trainer.train(hp, PackLogger(sinks), progress_factory(cfg))
+        result = trainer.train(hp, PackLogger(sinks, times), progress_factory(cfg))
     except RunInterrupted as e:
         for s in sinks:
             s.finish({"status": runs_lib.INTERRUPTED, "error": f"interrupted by {e.name}"})
@@ -171,6 +184,9 @@ def train_pack(trainer: PackTrainer, claims: list[runs_lib.Claim], pack_size: in
         for s in sinks:
             s.finish({"status": runs_lib.FAILED, "error": f"{type(e).__name__}: {e}"})
         raise
+    for bucket, key in (("compile", "compile_time"), ("train_steps", "train_time"), ("evaluation", "eval_time")):
+        times.add(bucket, result.timings[key])
+    breakdown = times.snapshot()  # the process so far; the summaries' own writing is not in it
     summaries = []
     for sink, final in zip(sinks, summarize_final(result)):
         if final["status"] == "diverged":
@@ -184,9 +200,12 @@ def train_pack(trainer: PackTrainer, claims: list[runs_lib.Claim], pack_size: in
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             **result.timings,
             "pack_examples_per_s": result.timings["examples_per_s"] * len(padded),
+            "time_breakdown": breakdown,
         }
-        sink.finish(summary)
+        with times.measure("logging"):
+            sink.finish(summary)
         summaries.append(sink.folder.summary)
+    log.info("%s", breakdown_line(times.snapshot()))
     return summaries
 
 
@@ -256,9 +275,23 @@ def train_and_evaluate(cfg: Config) -> list[dict]:
 
 
 def train_pending(cfg: Config, pending: list[Config], skipped: list[dict]) -> list[dict]:
+    # A job's time starts at process creation, or where the previous job of this process (a -m sweep) ended.
+    times = TimeBreakdown(started_at=_job_ends[-1] if _job_ends else None)
+    times.mark_startup_done()
+    try:
+        return train_job(cfg, pending, skipped, times)
+    finally:
+        _job_ends.append(time.time())
+
+
+_job_ends: list[float] = []  # wall-clock end of each job this process ran
+
+
+def train_job(cfg: Config, pending: list[Config], skipped: list[dict], times: TimeBreakdown) -> list[dict]:
     enable_compile_cache(cfg.compile_cache_dir)
     d = cfg.dataset
-    dataset = data_lib.load(d.name, d.data_dir, d.download, d.train_subset, d.test_subset)
+    with times.measure("data"):
+        dataset = data_lib.load(d.name, d.data_dir, d.download, d.train_subset, d.test_subset)
     check_against_data(cfg, dataset)
     trainer = PackTrainer(build_program(cfg, dataset), dataset.arrays, schedule_from(cfg))
     pack_size = resolve_pack_size(cfg.train.pack_size, len(pending), trainer)
@@ -273,7 +306,7 @@ def train_pending(cfg: Config, pending: list[Config], skipped: list[dict]) -> li
         if not claims:
             continue
         try:
-            summaries += train_pack(trainer, claims, pack_size, index, cfg, wandb_job)
+            summaries += train_pack(trainer, claims, pack_size, index, cfg, wandb_job, times)
         finally:
             for c in claims:
                 c.release()

@@ -266,10 +266,12 @@ class PackTrainer:
         for epoch in range(start_epoch, s.epochs):
             bar = progress_factory(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{s.epochs}")
             t0 = time.perf_counter()
-            state, epoch_means, probe = self._train_epoch(state, hp, epoch, on_log, bar)
-            last_probe = probe or last_probe
-            train_time += time.perf_counter() - t0
+            state, history, probes = self._train_epoch(state, hp, epoch, bar)
+            train_time += time.perf_counter() - t0  # the steps and probes only: logging is the caller's time
             bar.close()
+            self._emit_train_logs(history, probes, epoch * self.steps_per_epoch, epoch, on_log)
+            epoch_means = {"train/epoch_loss": history["loss"].mean(0), "train/epoch_acc": history["acc"].mean(0)}
+            last_probe = probes[-1][1] if probes else last_probe
             last = epoch + 1 == s.epochs
             if last or (s.eval_every and (epoch + 1) % s.eval_every == 0):
                 t0, compiled0 = time.perf_counter(), self.cache.compile_seconds
@@ -297,8 +299,9 @@ class PackTrainer:
         """Whether a call of the python loop must start at `step`: a measurement looks before that step."""
         return self._probe_due(step)
 
-    def _train_epoch(self, state, hp, epoch, on_log, bar):
-        """Run one epoch; returns the state, the epoch's mean train loss/acc per run and its last probe."""
+    def _train_epoch(self, state, hp, epoch, bar):
+        """Run one epoch; returns the state, its per-step metrics (key -> [steps, K]) and its probes
+        ((index in the epoch, {key: [K]}), each taken before that step)."""
         perm = self.permutation(hp, epoch)
         base = epoch * self.steps_per_epoch
         probes = []  # (index in the epoch, {key: [K]}), probed before that step
@@ -332,9 +335,7 @@ class PackTrainer:
             history = {k: np.concatenate([p[k] for p in history_parts]) for k in history_parts[0]}
             probes = jax.device_get(probes)
         jax.block_until_ready(state)
-        self._emit_train_logs(history, probes, base, epoch, on_log)
-        means = {"train/epoch_loss": history["loss"].mean(0), "train/epoch_acc": history["acc"].mean(0)}
-        return state, means, (probes[-1][1] if probes else {})
+        return state, history, probes
 
     def _emit_train_logs(self, history, probes, base, epoch, on_log):
         """One record per `log_every` steps (window means of the per-step metrics) and one per probe.
