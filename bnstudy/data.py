@@ -6,7 +6,6 @@ import dataclasses
 import functools
 import logging
 import os
-from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -107,49 +106,9 @@ def load_split_numpy(name: str, split: str, data_dir: str | None, download: bool
     return images, labels
 
 
-ARRAYS_FILE = "bnstudy_arrays.npz"  # the splits as numpy arrays, beside TFDS's prepared files
-
-
-def tfds_root(data_dir: str | None) -> Path:
-    """Where TFDS keeps prepared datasets (its own default, without importing it)."""
-    return Path(data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")).expanduser()
-
-
-def cached_arrays_file(name: str, data_dir: str | None) -> Path | None:
-    """The arrays file of `name`'s one prepared version, or None (none written yet, or several versions
-    prepared, where only TFDS knows which it would load)."""
-    versions = [p.parent for p in (tfds_root(data_dir) / name).glob("**/dataset_info.json")]
-    if len(versions) != 1 or not (versions[0] / ARRAYS_FILE).is_file():
-        return None
-    return versions[0] / ARRAYS_FILE
-
-
-def write_arrays_file(name: str, data_dir: str | None, splits: tuple) -> None:
-    """Save both splits beside the prepared TFDS files (atomically; a read-only folder just skips it)."""
-    import tensorflow_datasets as tfds
-
-    folder = Path(tfds.builder(name, data_dir=data_dir).data_dir)
-    (train_x, train_y), (test_x, test_y) = splits
-    tmp = folder / f".{ARRAYS_FILE}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y)
-        os.replace(tmp, folder / ARRAYS_FILE)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-
-
 @functools.lru_cache(maxsize=4)
 def _load_numpy_cached(name, data_dir, download):
-    """Both splits as numpy. Read through TFDS once; later processes read the arrays file it leaves, which
-    skips importing TensorFlow (~3 s of every run's start on a 2-core CPU)."""
-    cached = cached_arrays_file(name, data_dir)
-    if cached is not None:
-        with np.load(cached) as f:
-            return (f["train_x"], f["train_y"]), (f["test_x"], f["test_y"])
-    splits = load_split_numpy(name, "train", data_dir, download), load_split_numpy(name, "test", data_dir, download)
-    write_arrays_file(name, data_dir, splits)
-    return splits
+    return load_split_numpy(name, "train", data_dir, download), load_split_numpy(name, "test", data_dir, download)
 
 
 def load(
