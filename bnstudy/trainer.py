@@ -324,10 +324,12 @@ class PackTrainer:
                 if self._probe_due(base + i):  # before the step, which donates the state's buffers
                     probes.append((i, probe(state, hp, self.data, perm, jnp.int32(i))))
                 state, call_metrics = calls[n](state, hp, self.data, perm, jnp.int32(i))
-                window.append(call_metrics if n > 1 else jax.tree.map(lambda a: a[None], call_metrics))
-                done = sum(w["loss"].shape[0] for w in window)
+                window.append((n, call_metrics))
+                done = sum(m for m, _ in window)
                 if done >= self.schedule.log_every or i + n == self.steps_per_epoch:
-                    part = jax.device_get(jax.tree.map(lambda *xs: jnp.concatenate(xs), *window))
+                    # Stacked on the host: eager device ops would each compile a program per window shape.
+                    fetched = [(m, jax.device_get(w)) for m, w in window]
+                    part = {k: np.concatenate([w[k] if m > 1 else w[k][None] for m, w in fetched]) for k in fetched[0][1]}
                     history_parts.append(part)
                     bar.update(done)
                     bar.set_postfix_str(f"loss {np.nanmean(part['loss'][-1]):.4f}")
