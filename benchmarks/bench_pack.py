@@ -119,7 +119,7 @@ def make_schedule(steps: int, loop: str) -> Schedule:
     return Schedule(
         epochs=1, eval_every=0, log_every=steps, eval_batch_size=TEST_EXAMPLES, loop=loop, max_steps_per_epoch=steps,
         probe_every=0, probe_multipliers=(), discrepancy=False, population_batches=1, discrepancy_train_subset=0,
-        ics_every=0, eval_every_steps=0, dead_units=False,
+        ics_every=0, eval_every_steps=0, dead_units=False, steps_per_call="auto",
     )
 
 

@@ -133,7 +133,7 @@ def job_cost(args) -> dict:
     base = dict(  # the config schema's defaults, with the new measurements off
         epochs=args.epochs, eval_every=1, log_every=50, eval_batch_size=1000, loop="auto", max_steps_per_epoch=None,
         probe_every=0, probe_multipliers=(0.5, 1.0, 2.0, 4.0), discrepancy=True, population_batches=20,
-        discrepancy_train_subset=2000, ics_every=0, eval_every_steps=0, dead_units=False,
+        discrepancy_train_subset=2000, ics_every=0, eval_every_steps=0, dead_units=False, steps_per_call="auto",
     )
     trainers = {name: PackTrainer(program, dataset.arrays, Schedule(**{**base, **kw}))
                 for name, kw in job_variants(args.ics_every).items()}

@@ -83,7 +83,7 @@ def schedule(**kw) -> Schedule:
     base = dict(
         epochs=1, eval_every=1, log_every=50, eval_batch_size=1000, loop="auto", max_steps_per_epoch=None,
         probe_every=0, probe_multipliers=(0.5, 1.0, 2.0, 4.0), discrepancy=False, population_batches=20,
-        discrepancy_train_subset=0, ics_every=0, eval_every_steps=0, dead_units=True,
+        discrepancy_train_subset=0, ics_every=0, eval_every_steps=0, dead_units=True, steps_per_call="auto",
     )
     return Schedule(**{**base, **kw})
 

@@ -113,6 +113,7 @@ class TrainConfig:
     max_steps_per_epoch: int | None = None
     pack_size: Any = "auto"  # models per compiled program: an int, or "auto"
     loop: str = "auto"
+    steps_per_call: Any = "auto"  # python loop: train steps unrolled into one compiled call (an int, or "auto": 4)
     rerun: bool = False  # retrain runs whose folder already holds a finished result of the same config
     checkpoint_every: int = 1  # epochs between checkpoints (the last one kept; a re-run resumes from it); 0 = off
 
@@ -240,6 +241,8 @@ _SCALAR_RULES = {
     "train.checkpoint_every": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
                                "an integer >= 0 (epochs between checkpoints; 0 = off)"),
     "train.pack_size": (lambda v: v == "auto" or (isinstance(v, int) and v >= 1), "'auto' or an integer >= 1"),
+    "train.steps_per_call": (lambda v: v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+                             "'auto' or an integer >= 1"),
     "dataset.train_subset": (lambda v: v is None or (isinstance(v, int) and v >= 1), "null or an integer >= 1"),
     "dataset.test_subset": (lambda v: v is None or (isinstance(v, int) and v >= 1), "null or an integer >= 1"),
     "probe.every": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0 (steps between probes; 0 = off)"),

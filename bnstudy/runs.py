@@ -67,6 +67,7 @@ IDENTITY_EXCLUDED = (
     "discrepancy",
     "train.pack_size",
     "train.loop",
+    "train.steps_per_call",
     "train.rerun",
     "train.checkpoint_every",
 )

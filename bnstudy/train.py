@@ -6,30 +6,36 @@
 
 from __future__ import annotations
 
-import logging
-import os
-import signal
-import sys
-import time
-from contextlib import contextmanager
-from pathlib import Path
+from bnstudy import xla_flags
 
-import hydra
-import jax
-from omegaconf import DictConfig
+# XLA reads XLA_FLAGS once, when JAX starts its backend: set the speed flags before anything imports JAX.
+xla_flags.add_xla_flags()
 
-from bnstudy import checkpoints, config_tree
-from bnstudy import config as config_lib
-from bnstudy import data as data_lib
-from bnstudy import runs as runs_lib
-from bnstudy.config import Config, ConfigError
-from bnstudy.convergence import steps_to_target
-from bnstudy.engine import HParams, Program
-from bnstudy.models import build_model
-from bnstudy.pack_size import resolve_pack_size
-from bnstudy.provenance import provenance
-from bnstudy.sinks import RunSinks, WandbJob, WandbRun
-from bnstudy.trainer import PackTrainer, Schedule, summarize_final
+import logging  # noqa: E402  (after the flags, on purpose)
+import os  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import hydra  # noqa: E402
+import jax  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from bnstudy import checkpoints, config_tree  # noqa: E402
+from bnstudy import config as config_lib  # noqa: E402
+from bnstudy import data as data_lib  # noqa: E402
+from bnstudy import runs as runs_lib  # noqa: E402
+from bnstudy.config import Config, ConfigError  # noqa: E402
+from bnstudy.convergence import steps_to_target  # noqa: E402
+from bnstudy.engine import HParams, Program  # noqa: E402
+from bnstudy.models import build_model  # noqa: E402
+from bnstudy.pack_size import resolve_pack_size  # noqa: E402
+from bnstudy.provenance import provenance  # noqa: E402
+from bnstudy.sinks import RunSinks, WandbJob, WandbRun  # noqa: E402
+from bnstudy.timing import TimeBreakdown, breakdown_line  # noqa: E402
+from bnstudy.trainer import PackTrainer, Schedule, summarize_final  # noqa: E402
 
 log = logging.getLogger("bnstudy")
 
@@ -57,7 +63,9 @@ def quiet_jax() -> None:
 def enable_compile_cache(cache_dir: str | None) -> None:
     if cache_dir:
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cache_dir))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+        # Every program, however quick to compile: a job compiles dozens of small ones (~0.1 s each on a
+        # 2-core CPU), which together cost seconds of every run's start.
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 
 def build_program(cfg: Config, dataset: data_lib.Dataset) -> Program:
@@ -93,6 +101,7 @@ def schedule_from(cfg: Config) -> Schedule:
         log_every=t.log_every,
         eval_batch_size=t.eval_batch_size,
         loop=t.loop,
+        steps_per_call=t.steps_per_call,
         max_steps_per_epoch=t.max_steps_per_epoch,
         probe_every=cfg.probe.every,
         probe_multipliers=tuple(cfg.probe.step_multipliers),
@@ -168,14 +177,20 @@ def open_sinks(claim: runs_lib.Claim, pack_info: dict, prov: dict, wandb_job: Wa
 
 class PackLogger:
     """Splits the trainer's [K]-array logs into per-model records, silencing a model once it diverged;
-    keeps each model's accuracy history (`evaluations`) for `steps_to_target`."""
+    keeps each model's accuracy history (`evaluations`) for `steps_to_target`; its time goes to the
+    `logging` bucket of `times`."""
 
-    def __init__(self, sinks: list[RunSinks], stopped: list[bool] | None = None):
+    def __init__(self, sinks: list[RunSinks], times: TimeBreakdown, stopped: list[bool] | None = None):
         self.sinks = sinks
         self.stopped = list(stopped) if stopped is not None else [False] * len(sinks)
         self.evaluations: list[list[dict]] = [[] for _ in sinks]
+        self.times = times
 
     def __call__(self, step: int, epoch: float, metrics: dict) -> None:
+        with self.times.measure("logging"):
+            self._log(step, epoch, metrics)
+
+    def _log(self, step: int, epoch: float, metrics: dict) -> None:
         diverged = metrics.pop("train/diverged", None)
         for k, sink in enumerate(self.sinks):
             if self.stopped[k]:
@@ -228,7 +243,8 @@ def restored_pack(trainer: PackTrainer, hp: HParams, claims: list[runs_lib.Claim
 
 
 def train_pack(trainer: PackTrainer, claims: list[runs_lib.Claim], pack_size: int, pack_index: int, cfg: Config,
-               wandb_job: WandbJob, progress: list[checkpoints.Progress | None] | None = None) -> list[dict]:
+               wandb_job: WandbJob, times: TimeBreakdown, progress: list[checkpoints.Progress | None] | None = None,
+) -> list[dict]:
     """Train one chunk of runs as one vmapped program (padded to `pack_size` to reuse the compilation);
     with `progress` (every run's checkpoint, all of one epoch), continue them from their checkpoints."""
     runs = [c.run for c in claims]
@@ -236,15 +252,16 @@ def train_pack(trainer: PackTrainer, claims: list[runs_lib.Claim], pack_size: in
     start_epoch = progress[0].epoch if progress[0] else 0
     padded = runs + [runs[-1]] * (pack_size - len(runs))
     prov = provenance()
-    sinks = [open_sinks(c, {"size": len(runs), "index": pack_index, "position": k}, prov, wandb_job, progress[k])
-             for k, c in enumerate(claims)]
+    with times.measure("logging"):
+        sinks = [open_sinks(c, {"size": len(runs), "index": pack_index, "position": k}, prov, wandb_job, progress[k])
+                 for k, c in enumerate(claims)]
     hp = HParams.stack([config_lib.hparams_row(r) for r in padded])
     saver = PackCheckpointer(cfg, sinks, trainer.steps_per_epoch)
     try:
         state = restored_pack(trainer, hp, claims, pack_size) if start_epoch else None
         # A model that diverged before the checkpoint logged its last record then: it stays silent.
         stopped = None if state is None else [bool(d) for d in jax.device_get(state.diverged)[: len(claims)]]
-        pack_logger = PackLogger(sinks, stopped)
+        pack_logger = PackLogger(sinks, times, stopped)
         result = trainer.train(hp, pack_logger, progress_factory(cfg), state=state,
                                start_epoch=start_epoch, on_epoch_end=saver)
     except RunInterrupted as e:
@@ -258,6 +275,10 @@ def train_pack(trainer: PackTrainer, claims: list[runs_lib.Claim], pack_size: in
         raise
     finally:
         saver.close()
+    for bucket, key in (("compile", "compile_time"), ("train_steps", "train_time"), ("evaluation", "eval_time")):
+        times.add(bucket, result.timings[key])
+    times.add("checkpoints", saver.seconds)
+    breakdown = times.snapshot()  # the process so far; the summaries' own writing is not in it
     summaries = []
     for sink, final, evaluations in zip(sinks, summarize_final(result), pack_logger.evaluations):
         if final["status"] == "diverged":
@@ -273,10 +294,13 @@ def train_pack(trainer: PackTrainer, claims: list[runs_lib.Claim], pack_size: in
             **result.timings,
             "pack_examples_per_s": result.timings["examples_per_s"] * len(padded),
             "checkpoint_time": saver.seconds,
+            "time_breakdown": breakdown,
         }
         checkpoints.remove(sink.folder.path)  # finished: nothing will resume from it
-        sink.finish(summary)
+        with times.measure("logging"):
+            sink.finish(summary)
         summaries.append(sink.folder.summary)
+    log.info("%s", breakdown_line(times.snapshot()))
     return summaries
 
 
@@ -363,9 +387,23 @@ def train_and_evaluate(cfg: Config) -> list[dict]:
 
 
 def train_pending(cfg: Config, pending: list[Config], skipped: list[dict]) -> list[dict]:
+    # A job's time starts at process creation, or where the previous job of this process (a -m sweep) ended.
+    times = TimeBreakdown(started_at=_job_ends[-1] if _job_ends else None)
+    times.mark_startup_done()
+    try:
+        return train_job(cfg, pending, skipped, times)
+    finally:
+        _job_ends.append(time.time())
+
+
+_job_ends: list[float] = []  # wall-clock end of each job this process ran
+
+
+def train_job(cfg: Config, pending: list[Config], skipped: list[dict], times: TimeBreakdown) -> list[dict]:
     enable_compile_cache(cfg.compile_cache_dir)
     d = cfg.dataset
-    dataset = data_lib.load(d.name, d.data_dir, d.download, d.train_subset, d.test_subset)
+    with times.measure("data"):
+        dataset = data_lib.load(d.name, d.data_dir, d.download, d.train_subset, d.test_subset)
     check_against_data(cfg, dataset)
     trainer = PackTrainer(build_program(cfg, dataset), dataset.arrays, schedule_from(cfg))
     pack_size = resolve_pack_size(cfg.train.pack_size, len(pending), trainer)
@@ -398,7 +436,7 @@ def train_pending(cfg: Config, pending: list[Config], skipped: list[dict]) -> li
             if p:
                 log.info("%s: resuming from its checkpoint after epoch %d", runs_lib.run_name(c.run), p.epoch)
         try:
-            summaries += train_pack(trainer, claims, pack_size, index, cfg, wandb_job, progress)
+            summaries += train_pack(trainer, claims, pack_size, index, cfg, wandb_job, times, progress)
         finally:
             for c in claims:
                 c.release()

@@ -5,9 +5,9 @@ from functools import partial
 import jax
 import numpy as np
 import pytest
-from conftest import cnn_program, hparams, make_arrays
 
-from bnstudy import engine
+from bnstudy import engine, trainer
+from conftest import build_model, cnn_program, hparams, make_arrays, schedule
 
 K = 2
 # The chunk is compiled as one program, so XLA may fuse and order the float32 arithmetic of k steps
@@ -61,3 +61,48 @@ def test_chunk_vmaps_over_a_pack(arrays):
         _, alone = single_steps(program, one[0], one[1], arrays, one[2])
         # vmap turns the convs into grouped convs: a pack agrees with solo training to float32 round-off.
         np.testing.assert_allclose(metrics["loss"][k], alone["loss"], rtol=2e-4)
+
+
+def test_chunk_plan_starts_a_call_at_every_probe_step_and_runs_the_tail_singly():
+    due = {4, 8}.__contains__
+    assert trainer.chunk_plan(0, 7, 3, due) == [(0, 3), (3, 1), (4, 3)]
+    assert trainer.chunk_plan(7, 14, 3, due) == [(7, 1), (8, 3), (11, 3)]
+    assert trainer.chunk_plan(0, 5, 1, due) == [(i, 1) for i in range(5)]
+    plan = trainer.chunk_plan(0, 62, 4, lambda j: False)
+    assert [n for _, n in plan] == [4] * 15 + [1, 1]
+    assert trainer.resolve_steps_per_call("auto", 62) == trainer.AUTO_STEPS_PER_CALL
+    assert trainer.resolve_steps_per_call(8, 5) == 5
+
+
+def test_python_loop_in_chunks_logs_and_trains_as_one_step_per_call():
+    """8 steps in chunks of 3 with a smoothness probe every 4 steps: calls (0, 3), (3, 1) before the probe
+    at 4, (4, 3) and the tail (7, 1). Logged metrics, probes and the final state agree with one step per
+    call to float32 round-off (rtol 1e-4 over 8 steps: the chunk is one XLA program, fused differently)."""
+    data = make_arrays(n_train=8 * 8, n_test=8, shape=(8, 8, 1))
+    model = build_model("cnn", width=0.25)  # the loop is under test: a small net compiles faster
+    program = engine.Program(model=model, batch_size=8, input_mean=(0.13,), input_std=(0.31,))
+    hp = hparams([{"lr": 0.05, "seed": 0}])
+
+    def run(k):
+        logs = []
+        sched = schedule(
+            epochs=1,
+            log_every=5,
+            eval_batch_size=8,
+            loop="python",
+            steps_per_call=k,
+            probe_every=4,
+            probe_multipliers=(1.0,),
+        )
+        result = trainer.PackTrainer(program, data, sched).train(hp, lambda s, e, m: logs.append((s, e, m)))
+        return logs, result.state
+
+    logs1, state1 = run(1)
+    logs3, state3 = run(3)
+    assert [(s, e, sorted(m)) for s, e, m in logs3] == [(s, e, sorted(m)) for s, e, m in logs1]
+    assert any(key.startswith("smooth/") for _, _, m in logs3 for key in m)
+    for (_, _, m3), (_, _, m1) in zip(logs3, logs1):
+        for key in m1:
+            np.testing.assert_allclose(m3[key], m1[key], rtol=1e-4, atol=1e-5, err_msg=key)
+    for a, b in zip(jax.tree.leaves(state3), jax.tree.leaves(state1), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
