@@ -153,15 +153,15 @@ def build_train_programs(
         s, out = step(s, hp, data, perm, i)
         return s, {**out, **probed}
 
-    def steps(length, state, hp, data, perm, start):
+    def scanned(length, state, hp, data, perm, start):
         return jax.lax.scan(lambda s, i: body(s, hp, data, perm, i), state, start + jnp.arange(length))
 
     @functools.cache
     def segment(length: int):
-        return jax.jit(partial(steps, length), donate_argnums=0)
+        return jax.jit(partial(scanned, length), donate_argnums=0)
 
     def epoch(state, hp, data, perm):
-        return steps(steps_per_epoch, state, hp, data, perm, 0)
+        return scanned(steps_per_epoch, state, hp, data, perm, 0)
 
     return TrainPrograms(
         init=init,
