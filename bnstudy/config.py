@@ -65,7 +65,10 @@ class DatasetConfig:
     name: str = MISSING  # chosen by the defaults list: dataset=mnist_t10k (embedded), mnist or cifar10
     data_dir: str | None = None  # TFDS data_dir; None = TFDS's default (~/tensorflow_datasets)
     download: bool = False
-    train_subset: int | None = None  # use only the first N training examples (quick runs, tests)
+    # Held out of the training split for choices (select on val/acc), the same examples in every arm and seed:
+    # a fraction in (0, 1) of the training split, or a count of examples; 0 = no validation split.
+    val_size: Any = 0.1
+    train_subset: int | None = None  # then use only the first N remaining training examples (quick runs, tests)
     test_subset: int | None = None
 
 
@@ -243,6 +246,10 @@ _SCALAR_RULES = {
     "train.pack_size": (lambda v: v == "auto" or (isinstance(v, int) and v >= 1), "'auto' or an integer >= 1"),
     "train.steps_per_call": (lambda v: v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1),
                              "'auto' or an integer >= 1"),
+    "dataset.val_size": (
+        lambda v: not isinstance(v, bool) and ((isinstance(v, int) and v >= 0) or (_number(v) and 0 < v < 1)),
+        "a fraction of the training split in (0, 1), or a number of examples >= 0 (0 = no validation split)",
+    ),
     "dataset.train_subset": (lambda v: v is None or (isinstance(v, int) and v >= 1), "null or an integer >= 1"),
     "dataset.test_subset": (lambda v: v is None or (isinstance(v, int) and v >= 1), "null or an integer >= 1"),
     "probe.every": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0 (steps between probes; 0 = off)"),

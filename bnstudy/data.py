@@ -1,4 +1,9 @@
-"""TFDS splits -> uint8 numpy -> device arrays, once per process, with the dataset's normalization constants."""
+"""TFDS splits -> uint8 numpy -> device arrays, once per process, with the dataset's normalization constants.
+
+The validation split is held out of the official training split first, by a permutation with a fixed
+seed (`VALIDATION_SEED`, independent of any run's seed), so every arm and seed of a study holds out the
+same examples; `dataset.train_subset` then takes the first N of the remaining training examples.
+"""
 
 from __future__ import annotations
 
@@ -36,6 +41,32 @@ class DataUnavailableError(RuntimeError):
     """The dataset is neither prepared in data_dir nor downloadable."""
 
 
+VALIDATION_SEED = 20240611  # fixed: the held-out examples never depend on a run's seed
+
+
+def validation_count(val_size: int | float, num_train: int) -> int:
+    """How many training examples `dataset.val_size` holds out: a fraction in (0, 1) of the training split
+    (rounded), or a count. Raises ConfigError when too few training examples would be left."""
+    n_val = round(val_size * num_train) if isinstance(val_size, float) else int(val_size)
+    if not 0 <= n_val < num_train:
+        from bnstudy.config import ConfigError
+
+        raise ConfigError(
+            f"Invalid config: `dataset.val_size` must be a fraction in (0, 1) or a count below the {num_train} "
+            f"examples of the training split (some must be left to train on); got {val_size!r}."
+        )
+    return n_val
+
+
+def validation_split(num_train: int, n_val: int) -> tuple[np.ndarray, np.ndarray]:
+    """(validation indices, training indices) into a training split of `num_train` examples: `n_val`
+    drawn by a permutation with `VALIDATION_SEED`, the rest kept in the split's order; both sorted, disjoint.
+    A smaller `n_val` holds out a subset of a larger one's examples (prefixes of one permutation)."""
+    held_out = np.zeros(num_train, bool)
+    held_out[np.random.default_rng(VALIDATION_SEED).permutation(num_train)[:n_val]] = True
+    return np.flatnonzero(held_out), np.flatnonzero(~held_out)
+
+
 @dataclasses.dataclass(frozen=True)
 class Dataset:
     name: str
@@ -52,6 +83,10 @@ class Dataset:
     @property
     def num_test(self) -> int:
         return int(self.arrays.test_images.shape[0])
+
+    @property
+    def num_val(self) -> int:
+        return 0 if self.arrays.val_labels is None else int(self.arrays.val_labels.shape[0])
 
 
 def _unavailable_message(name: str, data_dir: str | None, download: bool, cause: Exception) -> str:
@@ -117,13 +152,20 @@ def load(
     download: bool = False,
     train_subset: int | None = None,
     test_subset: int | None = None,
+    val_size: int | float = 0,
 ) -> Dataset:
-    """The dataset on device; the TFDS read happens once per process (every Hydra job in it reuses it)."""
+    """The dataset on device; the TFDS read happens once per process (every Hydra job in it reuses it).
+
+    `val_size` examples (a count, or a fraction of the training split) are held out of the training split
+    first (`validation_split`); `train_subset` then keeps the first N of the remaining ones."""
     (train_x, train_y), (test_x, test_y) = _load_numpy_cached(name, data_dir, download)
+    val_idx, train_idx = validation_split(len(train_y), validation_count(val_size, len(train_y)))
+    (val_x, val_y), (train_x, train_y) = (train_x[val_idx], train_y[val_idx]), (train_x[train_idx], train_y[train_idx])
     if train_subset:
         train_x, train_y = train_x[:train_subset], train_y[:train_subset]
     if test_subset:
         test_x, test_y = test_x[:test_subset], test_y[:test_subset]
     mean, std = STATS[name]
-    arrays = ArrayData(jnp.asarray(train_x), jnp.asarray(train_y), jnp.asarray(test_x), jnp.asarray(test_y))
+    val = (jnp.asarray(val_x), jnp.asarray(val_y)) if len(val_y) else (None, None)
+    arrays = ArrayData(jnp.asarray(train_x), jnp.asarray(train_y), jnp.asarray(test_x), jnp.asarray(test_y), *val)
     return Dataset(name, arrays, num_classes=NUM_CLASSES[name], mean=mean, std=std, augment=AUGMENT[name])

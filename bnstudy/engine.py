@@ -40,12 +40,15 @@ class HParams(NamedTuple):
 
 
 class ArrayData(NamedTuple):
-    """A dataset already on device: uint8 images [N, H, W, C] and int32 labels [N]."""
+    """A dataset already on device: uint8 images [N, H, W, C] and int32 labels [N]. The validation split,
+    when there is one, is held out of the training split (no training step ever sees it)."""
 
     train_images: jax.Array
     train_labels: jax.Array
     test_images: jax.Array
     test_labels: jax.Array
+    val_images: jax.Array | None = None
+    val_labels: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)

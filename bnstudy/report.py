@@ -381,7 +381,9 @@ def facts(a: Analysis) -> list[str]:
 
     lines = [
         f"- dataset `{a.dataset}`; examples used per run (train / test): "
-        f"{values('num_train', done)} / {values('num_test', done)}",
+        f"{values('num_train', done)} / {values('num_test', done)}"
+        + (f"; validation (held out of the training split, the same examples in every run): "
+           f"{values('num_val', done)}" if "num_val" in done else ""),
     ]
     notes = done["data.note"].dropna().unique() if "data.note" in done else []
     if len(notes):  # a dataset that says what it is not (the embedded mnist_t10k)

@@ -23,7 +23,7 @@ import hydra  # noqa: E402
 import jax  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from bnstudy import checkpoints, config_tree  # noqa: E402
+from bnstudy import checkpoints, config_tree, stats  # noqa: E402
 from bnstudy import config as config_lib  # noqa: E402
 from bnstudy import data as data_lib  # noqa: E402
 from bnstudy import runs as runs_lib  # noqa: E402
@@ -40,7 +40,7 @@ from bnstudy.trainer import PackTrainer, Schedule, summarize_final  # noqa: E402
 log = logging.getLogger("bnstudy")
 
 # Metric families that a diverged run has no final value for (its weights are frozen pre-divergence).
-RESULT_PREFIXES = ("train/", "test/", "train_subset/", "smooth/", "disc/", "bn/", "ics/", "relu/")
+RESULT_PREFIXES = ("train/", "test/", "val/", "train_subset/", "smooth/", "disc/", "bn/", "ics/", "relu/")
 
 
 # What steps_to_target reads: validation accuracy when the data has a validation split, else test accuracy.
@@ -203,6 +203,20 @@ class PackLogger:
                 self.stopped[k] = True
 
 
+def learned(final: dict, folder: Path, num_classes: int) -> dict:
+    """`trained` (bnstudy.stats.is_trained on the first and last logged train/loss and the final test/acc;
+    false for a diverged run) and `gen_gap` (train_subset/acc - test/acc, both in inference mode; None
+    without either). The losses are read back from the run's metrics.jsonl, which a resumed run continues."""
+    if final["status"] == "diverged":
+        return {"trained": False, "gen_gap": None}
+    losses = [r["train/loss"] for r in runs_lib.read_jsonl(folder / "metrics.jsonl") if r.get("train/loss") is not None]
+    first, last = (losses[0], losses[-1]) if losses else (None, None)
+    trained = stats.is_trained(first, last, final.get("test/acc"), num_classes)
+    train_acc, test_acc = final.get("train_subset/acc"), final.get("test/acc")
+    gap = None if train_acc is None or test_acc is None else float(stats.gen_gap(train_acc, test_acc))
+    return {"trained": bool(trained), "gen_gap": gap}
+
+
 def checkpoint_due(cfg: Config, epoch: int) -> bool:
     """After epoch index `epoch`? Never after the last one: the finished result follows at once."""
     every = cfg.train.checkpoint_every
@@ -283,12 +297,14 @@ def train_pack(trainer: PackTrainer, claims: list[runs_lib.Claim], pack_size: in
     for sink, final, evaluations in zip(sinks, summarize_final(result), pack_logger.evaluations):
         if final["status"] == "diverged":
             final = {key: (None if key.startswith(RESULT_PREFIXES) else v) for key, v in final.items()}
+        final |= learned(final, sink.folder.path, data_lib.NUM_CLASSES[cfg.dataset.name])
         summary = {
             **final,
             **convergence(evaluations, cfg.train.target_acc),
             "epochs": cfg.train.epochs,
             "steps": cfg.train.epochs * trainer.steps_per_epoch,
             "num_train": trainer.num_train,
+            "num_val": 0 if trainer.data.val_labels is None else int(trainer.data.val_labels.shape[0]),
             "num_test": int(trainer.data.test_images.shape[0]),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             **result.timings,
@@ -403,7 +419,7 @@ def train_job(cfg: Config, pending: list[Config], skipped: list[dict], times: Ti
     enable_compile_cache(cfg.compile_cache_dir)
     d = cfg.dataset
     with times.measure("data"):
-        dataset = data_lib.load(d.name, d.data_dir, d.download, d.train_subset, d.test_subset)
+        dataset = data_lib.load(d.name, d.data_dir, d.download, d.train_subset, d.test_subset, d.val_size)
     check_against_data(cfg, dataset)
     trainer = PackTrainer(build_program(cfg, dataset), dataset.arrays, schedule_from(cfg))
     pack_size = resolve_pack_size(cfg.train.pack_size, len(pending), trainer)

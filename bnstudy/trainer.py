@@ -176,15 +176,20 @@ def build_train_programs(
 
 
 def evaluation_splits(data: ArrayData, schedule: Schedule) -> tuple[dict[str, Split], dict[str, Split]]:
-    """(splits evaluated with BN on running averages, splits also evaluated in BN's three modes)."""
+    """(splits evaluated with BN on running averages, splits also evaluated in BN's three modes).
+
+    Every model gets `test`, `val` (when the data holds one out) and `train_subset` (the first
+    `discrepancy_train_subset` training examples, all of them trained on, for the generalization gap)
+    in inference mode; with `discrepancy`, `test` and `train_subset` also get BN's three modes."""
     test = (data.test_images, data.test_labels)
-    if not schedule.discrepancy:
-        return {"test": test}, {}
-    bn_mode = {"test": test}
+    splits = {"test": test}
+    if data.val_images is not None:
+        splits["val"] = (data.val_images, data.val_labels)
     n_subset = min(schedule.discrepancy_train_subset, int(data.train_images.shape[0]))
     if n_subset:
-        bn_mode["train_subset"] = (data.train_images[:n_subset], data.train_labels[:n_subset])
-    return {"test": test}, bn_mode
+        splits["train_subset"] = (data.train_images[:n_subset], data.train_labels[:n_subset])
+    bn_mode_names = ("test", "train_subset") if schedule.discrepancy else ()
+    return splits, {name: splits[name] for name in bn_mode_names if name in splits}
 
 
 class PackTrainer:

@@ -4,6 +4,7 @@ and every job of its sweep passes validation; one quick study runs end to end th
 from __future__ import annotations
 
 import itertools
+import json
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -88,17 +89,25 @@ def test_quick_placement_runs_end_to_end_through_train_and_report(mock_tfds, run
     # Two steps on mock data teach nothing, so the report is told not to require learning (the trained rule
     # is tested in test_stats.py); the pipeline from train to report is what this test checks.
     out = run_app("-m", "experiment=placement", "+preset=quick", "train.max_steps_per_epoch=2",
-                  "discrepancy.enabled=false", "train.pack_size=2",  # one compiled program per placement
+                  "discrepancy.enabled=false", "train.pack_size=8",  # one compiled program per placement
                   "+report.require_trained=false")
     runs_dir = out / "placement"
-    assert len(list(runs_dir.glob("*/summary.json"))) == 6  # 3 placements x 2 seeds
+    summaries = [json.loads(p.read_text()) for p in runs_dir.glob("*/summary.json")]
+    assert len(summaries) == 24  # 3 placements x 4 lrs x 2 seeds
+    for s in summaries:  # what the selection and the decision read, written by every run, BN or not
+        assert {"val/acc", "train_subset/acc", "test/acc", "trained", "gen_gap"} <= set(s)
+        assert s["num_val"] == round(0.1 * 256)
     results = tmp_path / "results"
     report.main(["placement", "--runs", str(runs_dir), "--out", str(results)])
     text = (results / "README.md").read_text()
-    assert "## Verdict: **" in text and "quick (2 seeds" in text and "Runs by status: done 6" in text
+    assert "## Verdict: **" in text and "quick (2 seeds" in text and "Runs by status: done 24" in text
+    assert "Per-arm selection of optimizer.lr (on `val/acc`" in text
+    assert text.count("**selected**") == 3  # one lr per placement
+    assert "margin_reason" not in text and "binomial standard error" in text  # margins are stated with reasons
     assert (results / "test_acc_by_norm.svg").is_file() and (results / "learning_curves_train_loss.png").is_file()
     comparisons = (results / "comparisons.csv").read_text()
-    assert comparisons.count("2 of 2 / 2 of 2") == 3
+    assert comparisons.count("2 of 2 / 2 of 2") == 3  # each arm at its selected lr: both seeds
+    assert comparisons.count("paired (2 seeds)") == 3 and "within +-0.005" in comparisons  # paired; equivalence
 
 
 def test_batch_size_study_scales_the_lr_and_pools_a_fixed_number_of_examples():

@@ -316,7 +316,7 @@ def test_one_epoch_of_the_default_model_on_the_embedded_data_reaches_95_percent(
     s = summary(folder)
     print(f"test/acc {s['test/acc']:.4f}")
     assert s["data"]["dataset"] == "mnist_t10k" and "not the official MNIST split" in s["data"]["note"]
-    assert s["num_train"] == 8000 and s["num_test"] == 2000
+    assert s["num_train"] + s["num_val"] == 8000 and s["num_val"] == 800 and s["num_test"] == 2000  # val: 10%
     assert s["test/acc"] >= 0.95
 
 

@@ -86,6 +86,8 @@ def test_rerun_of_the_same_config_finds_and_replaces_its_folder(mock_tfds, run_a
         ("model.dropout.rate=1.5", "model.dropout.rate"),
         ("train.epochs=abc", "train.epochs"),
         ("model.norm=[none,after_relu]", "model.norm"),
+        ("dataset.val_size=1.5", "dataset.val_size"),  # neither a fraction in (0, 1) nor a count
+        ("dataset.val_size=256", "dataset.val_size"),  # the whole training split
     ],
 )
 def test_bad_input_exits_nonzero_with_a_clear_message_and_no_folder(mock_tfds, run_app, tmp_path, capsys, override, key):
@@ -112,3 +114,33 @@ def test_missing_dataset_advises_only_options_not_already_set(run_app, tmp_path,
     assert ("`dataset.data_dir=" in err) is not set_data_dir  # never suggests what the user already set
     assert "mnist_t10k" in err  # the offline alternative
     assert not (tmp_path / "out").exists()
+
+
+def test_no_bn_run_logs_validation_and_training_subset_and_writes_trained_and_gen_gap(mock_tfds, run_app):
+    out = run_app("model.norm=none", "dataset.val_size=40", "discrepancy.train_subset=50")
+    (folder,) = run_folders(out)
+    summary = read_summary(folder)
+    last = read_metrics(folder)[-1]
+    for key in ("val/loss", "val/acc", "train_subset/loss", "train_subset/acc", "test/acc"):
+        assert key in last and key in summary, key
+    assert not any(k.startswith(("disc/", "bn/")) or k.endswith("_running") for k in summary)  # no BN: one mode
+    assert summary["num_val"] == 40 and summary["num_train"] == 256 - 40
+    assert summary["gen_gap"] == pytest.approx(summary["train_subset/acc"] - summary["test/acc"])
+    from bnstudy import stats
+
+    losses = [m["train/loss"] for m in read_metrics(folder) if "train/loss" in m]
+    assert summary["trained"] == stats.is_trained(losses[0], losses[-1], summary["test/acc"], 10)
+
+
+def test_bn_run_keeps_its_three_modes_beside_the_running_training_subset(mock_tfds, run_app):
+    out = run_app("model.norm=before_relu", "discrepancy.enabled=true", "discrepancy.train_subset=50")
+    summary = read_summary(run_folders(out)[0])
+    assert summary["train_subset/acc"] == summary["train_subset/acc_running"]
+    assert "train_subset/acc_population" in summary and "val/acc" in summary
+    assert summary["num_val"] == round(0.1 * 256)  # the default: 10% of the training split
+
+
+def test_diverged_run_is_not_trained_and_has_no_gen_gap(mock_tfds, run_app):
+    out = run_app("model.norm=none", "optimizer.lr=1e6", "train.max_steps_per_epoch=4")
+    summary = read_summary(run_folders(out)[0])
+    assert summary["status"] == "diverged" and summary["trained"] is False and summary["gen_gap"] is None
