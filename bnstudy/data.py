@@ -7,10 +7,12 @@ same examples; `dataset.train_subset` then takes the first N of the remaining tr
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
 import os
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -131,7 +133,8 @@ def load_split_numpy(name: str, split: str, data_dir: str | None, download: bool
         download = True
         tfds.disable_progress_bar()  # the first-use preparation takes seconds; its bars would flood the log
     try:
-        ds = tfds.load(name, split=split, data_dir=data_dir, download=download, as_supervised=True)
+        with preparation_lock(name, data_dir, download):
+            ds = tfds.load(name, split=split, data_dir=data_dir, download=download, as_supervised=True)
         # Large batches, not batch_size=-1: that path aborts the process on generator-backed datasets.
         chunks = list(tfds.as_numpy(ds.batch(8192)))
     except Exception as e:  # TFDS raises many kinds (AssertionError, DatasetNotFoundError, OSError...)
@@ -139,6 +142,18 @@ def load_split_numpy(name: str, split: str, data_dir: str | None, download: bool
     images = np.concatenate([c[0] for c in chunks]).astype(np.uint8, copy=False)
     labels = np.concatenate([c[1] for c in chunks]).astype(np.int32, copy=False)
     return images, labels
+
+
+def preparation_lock(name: str, data_dir: str | None, download: bool):
+    """One process at a time prepares a dataset in a data_dir: the jobs of a sweep start together, and two
+    TFDS preparations of the same folder collide on its final rename. Without download nothing is written."""
+    if not download:
+        return contextlib.nullcontext()
+    from filelock import FileLock
+
+    root = Path(os.path.expanduser(data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")))
+    root.mkdir(parents=True, exist_ok=True)
+    return FileLock(root / f".{name}.prepare.lock")
 
 
 @functools.lru_cache(maxsize=4)

@@ -1,0 +1,71 @@
+"""The cluster path: a Hydra sweep through submitit's local executor trains every job, and the SLURM launcher
+config becomes the sbatch script its comments promise."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from bnstudy import config_tree, runs
+from conftest import TINY
+
+REPO = Path(__file__).resolve().parents[1]
+config_tree.register()
+
+
+def env(**extra) -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO), "WANDB_SILENT": "true", "TF_CPP_MIN_LOG_LEVEL": "2", **extra}
+
+
+def test_a_two_job_sweep_runs_through_submitit_local_and_finishes_both(tmp_path):
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable, "-m", "bnstudy.train", "-m", "hydra/launcher=submitit_local", "model.norm=none,before_relu",
+        *TINY, "dataset.train_subset=256", "dataset.test_subset=64", f"dataset.data_dir={tmp_path / 'tfds'}",
+        f"out_dir={out}", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        f"hydra.launcher.submitit_folder={tmp_path / 'submitit' / '%j'}",
+    ]  # fmt: skip
+    result = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    folders = runs.run_folders(out / "default")
+    summaries = [json.loads((f / "summary.json").read_text()) for f in folders]
+    assert sorted(json.loads((f / "config.json").read_text())["model"]["norm"] for f in folders) == [
+        "before_relu", "none",
+    ]  # fmt: skip
+    assert [s["status"] for s in summaries] == ["done", "done"]
+    assert list((tmp_path / "submitit").glob("*/*_log.out")), "submitit wrote no job logs where it was told"
+
+
+def slurm_launcher(*overrides: str) -> dict:
+    with initialize_config_dir(config_dir=str(config_tree.config_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=["hydra/launcher=slurm", *overrides], return_hydra_config=True)
+    return OmegaConf.to_container(cfg.hydra.launcher, resolve=False)
+
+
+def test_the_slurm_launcher_config_becomes_a_requeueing_sbatch_script():
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    launcher = slurm_launcher("hydra.launcher.partition=gpu")
+    assert launcher["_target_"].endswith("SlurmLauncher")
+    assert launcher["max_num_timeout"] >= 1 and launcher["tasks_per_node"] == 1 and launcher["nodes"] == 1
+    # The keys as the plugin hands them to submitit's SLURM executor (hydra_submitit_launcher's launch()).
+    sbatch_keys = {"partition", "account", "qos", "gpus_per_node", "cpus_per_task", "setup", "signal_delay_s",
+                   "array_parallelism", "stderr_to_stdout", "additional_parameters"}  # fmt: skip
+    params = {k: v for k, v in launcher.items() if k in sbatch_keys}
+    script = _make_sbatch_string(
+        "python -m bnstudy.train", folder="/logs/%j", job_name="bnstudy", time=launcher["timeout_min"],
+        mem=f"{launcher['mem_gb']}GB", ntasks_per_node=launcher["tasks_per_node"], nodes=launcher["nodes"],
+        map_count=100, **params,
+    )  # fmt: skip
+    assert f"#SBATCH --time={launcher['timeout_min']}" in script
+    assert "#SBATCH --partition=gpu" in script and "#SBATCH --gpus-per-node=1" in script
+    assert f"#SBATCH --array=0-99%{launcher['array_parallelism']}" in script
+    assert f"@{launcher['signal_delay_s']}" in script  # the warning signal that triggers the requeue
+    assert "export XLA_PYTHON_CLIENT_PREALLOCATE=false" in script
+    assert "#SBATCH --output=/logs/" in script  # the task logs go to submitit_folder
