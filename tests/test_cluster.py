@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -35,7 +36,7 @@ def test_a_two_job_sweep_runs_through_submitit_local_and_finishes_both(tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     folders = runs.run_folders(out / "default")
     summaries = [json.loads((f / "summary.json").read_text()) for f in folders]
-    assert sorted(json.loads((f / "config.json").read_text())["model"]["norm"] for f in folders) == [
+    assert sorted(yaml.safe_load((f / "config.yaml").read_text())["model"]["norm"] for f in folders) == [
         "before_relu", "none",
     ]  # fmt: skip
     assert [s["status"] for s in summaries] == ["done", "done"]
