@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bnstudy import engine, metrics
+from bnstudy import engine, metrics, sharding
 from bnstudy.engine import ArrayData, HParams, Program
 from bnstudy.evaluate import CompileCache, PackEvaluator, Split
 
@@ -124,8 +124,9 @@ PROBE_PREFIXES = ("smooth/", "ics/")  # keys of the probes taken before a step
 
 def build_train_programs(
     program: Program, input_shape: tuple[int, ...], steps_per_epoch: int, probe_every: int, multipliers,
-    ics_every: int, steps_per_call: int = 1,
+    ics_every: int, steps_per_call: int = 1, mesh: jax.sharding.Mesh | None = None,
 ) -> TrainPrograms:
+    """With a `mesh`, step/probe/epoch run per device on its slice of the models (`sharding.per_device`)."""
     p = program
     init = jax.jit(jax.vmap(partial(engine.init_state, p, input_shape)))
     permutation = jax.jit(jax.vmap(engine.epoch_permutation, in_axes=(0, None, None)), static_argnums=2)
@@ -153,12 +154,16 @@ def build_train_programs(
         s, out = step(s, hp, data, perm, i)
         return s, {**out, **probed}
 
+    models, stacked = sharding.P(sharding.MODEL_AXIS), sharding.P(None, sharding.MODEL_AXIS)  # [K], [steps, K]
+    split = (True, True, False, True, False)  # (state, hp, data, perm, index)
+
     def scanned(length, state, hp, data, perm, start):
         return jax.lax.scan(lambda s, i: body(s, hp, data, perm, i), state, start + jnp.arange(length))
 
     @functools.cache
     def segment(length: int):
-        return jax.jit(partial(scanned, length), donate_argnums=0)
+        per_device = sharding.per_device(partial(scanned, length), mesh, split, (models, stacked))  # index: start
+        return jax.jit(per_device, donate_argnums=0)
 
     def epoch(state, hp, data, perm):
         return scanned(steps_per_epoch, state, hp, data, perm, 0)
@@ -166,11 +171,11 @@ def build_train_programs(
     return TrainPrograms(
         init=init,
         permutation=permutation,
-        step=jax.jit(step, donate_argnums=0),
-        steps=jax.jit(steps, donate_argnums=0),
-        probe=jax.jit(probe),
-        epoch=jax.jit(epoch, donate_argnums=0),
-        ics=jax.jit(ics),
+        step=jax.jit(sharding.per_device(step, mesh, split, (models, models)), donate_argnums=0),
+        steps=jax.jit(sharding.per_device(steps, mesh, split, (models, stacked)), donate_argnums=0),
+        probe=jax.jit(sharding.per_device(probe, mesh, split, models)),
+        epoch=jax.jit(sharding.per_device(epoch, mesh, split[:4], (models, stacked)), donate_argnums=0),
+        ics=jax.jit(sharding.per_device(ics, mesh, split, models)),
         segment=segment,
     )
 
@@ -193,10 +198,15 @@ def evaluation_splits(data: ArrayData, schedule: Schedule) -> tuple[dict[str, Sp
 
 
 class PackTrainer:
-    """Trains a pack of K runs of one `Program` on one dataset; `evaluator` evaluates it."""
+    """Trains a pack of K runs of one `Program` on one dataset; `evaluator` evaluates it.
 
-    def __init__(self, program: Program, data: ArrayData, schedule: Schedule):
-        self.program, self.data, self.schedule = program, data, schedule
+    With a `mesh` (`sharding.pack_mesh`), the pack's models are split over its devices (K a multiple of
+    their number) and the data replicated on each; the same compiled programs then run SPMD.
+    """
+
+    def __init__(self, program: Program, data: ArrayData, schedule: Schedule, mesh: jax.sharding.Mesh | None = None):
+        data = sharding.replicate(data, mesh)
+        self.program, self.data, self.schedule, self.mesh = program, data, schedule, mesh
         self.num_train = int(data.train_images.shape[0])
         if program.batch_size > self.num_train:
             raise ValueError(f"batch size {program.batch_size} exceeds the {self.num_train} training examples")
@@ -220,7 +230,7 @@ class PackTrainer:
         )
         self.programs = build_train_programs(
             program, self.input_shape, self.steps_per_epoch, schedule.probe_every, schedule.probe_multipliers,
-            schedule.ics_every, self.steps_per_call,
+            schedule.ics_every, self.steps_per_call, mesh,
         )
 
     def permutation(self, hp: HParams, epoch: int) -> jax.Array:
@@ -231,7 +241,8 @@ class PackTrainer:
         """Compile every program ahead of time (no-op for a pack shape seen before); returns the initial
         state and the compile seconds."""
         t0 = time.perf_counter()
-        state = self.cache.compiled(self.programs.init, hp)(hp)
+        hp = sharding.split_models(hp, self.mesh)
+        state = sharding.split_models(self.cache.compiled(self.programs.init, hp)(hp), self.mesh)
         perm = self.permutation(hp, 0)
         if self.loop == "scan":
             self.compiled_epoch(state, hp, perm)
@@ -303,8 +314,9 @@ class PackTrainer:
         progress_factory = progress_factory or (lambda **kw: NullProgress())
         t_start = time.perf_counter()
         compile0 = self.cache.compile_seconds
+        hp = sharding.split_models(hp, self.mesh)
         fresh, _ = self.compile(hp)
-        state = fresh if state is None else state
+        state = fresh if state is None else sharding.split_models(state, self.mesh)
         train_time = 0.0
         clock = {"eval": 0.0, "eval_wall": 0.0}  # evaluation seconds without / with its compilation
         final: dict[str, np.ndarray] = {}
