@@ -115,6 +115,7 @@ class TrainConfig:
     eval_batch_size: int = 1000
     max_steps_per_epoch: int | None = None
     pack_size: Any = "auto"  # models per compiled program: an int, or "auto"
+    devices: Any = "auto"  # local devices a pack is split over: an int, or "auto" (all on accelerators, 1 on CPU)
     loop: str = "auto"
     steps_per_call: Any = "auto"  # python loop: train steps unrolled into one compiled call (an int, or "auto": 4)
     rerun: bool = False  # retrain runs whose folder already holds a finished result of the same config
@@ -250,6 +251,8 @@ _SCALAR_RULES = {
         lambda v: not isinstance(v, bool) and ((isinstance(v, int) and v >= 0) or (_number(v) and 0 < v < 1)),
         "a fraction of the training split in (0, 1), or a number of examples >= 0 (0 = no validation split)",
     ),
+    "train.devices": (lambda v: v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+                      "'auto' or an integer >= 1 (local devices to split a pack over)"),
     "dataset.train_subset": (lambda v: v is None or (isinstance(v, int) and v >= 1), "null or an integer >= 1"),
     "dataset.test_subset": (lambda v: v is None or (isinstance(v, int) and v >= 1), "null or an integer >= 1"),
     "probe.every": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0 (steps between probes; 0 = off)"),

@@ -66,6 +66,7 @@ IDENTITY_EXCLUDED = (
     "dead_units",
     "discrepancy",
     "train.pack_size",
+    "train.devices",
     "train.loop",
     "train.steps_per_call",
     "train.rerun",

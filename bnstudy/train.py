@@ -23,7 +23,7 @@ import hydra  # noqa: E402
 import jax  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from bnstudy import checkpoints, config_tree, stats  # noqa: E402
+from bnstudy import checkpoints, config_tree, sharding, stats  # noqa: E402
 from bnstudy import config as config_lib  # noqa: E402
 from bnstudy import data as data_lib  # noqa: E402
 from bnstudy import runs as runs_lib  # noqa: E402
@@ -402,6 +402,13 @@ def train_and_evaluate(cfg: Config) -> list[dict]:
     return summaries
 
 
+def resolve_devices(cfg: Config) -> int:
+    try:
+        return sharding.resolve_devices(cfg.train.devices)
+    except ValueError as e:
+        raise ConfigError(f"Invalid config: `train.devices` must be 'auto' or at most the local devices; {e}.") from None
+
+
 def train_pending(cfg: Config, pending: list[Config], skipped: list[dict]) -> list[dict]:
     # A job's time starts at process creation, or where the previous job of this process (a -m sweep) ended.
     times = TimeBreakdown(started_at=_job_ends[-1] if _job_ends else None)
@@ -416,16 +423,22 @@ _job_ends: list[float] = []  # wall-clock end of each job this process ran
 
 
 def train_job(cfg: Config, pending: list[Config], skipped: list[dict], times: TimeBreakdown) -> list[dict]:
+    devices = min(resolve_devices(cfg), len(pending))  # no device left without a model of its own
+    mesh = sharding.pack_mesh(devices) if devices > 1 else None
     enable_compile_cache(cfg.compile_cache_dir)
     d = cfg.dataset
     with times.measure("data"):
         dataset = data_lib.load(d.name, d.data_dir, d.download, d.train_subset, d.test_subset, d.val_size)
     check_against_data(cfg, dataset)
-    trainer = PackTrainer(build_program(cfg, dataset), dataset.arrays, schedule_from(cfg))
+    trainer = PackTrainer(build_program(cfg, dataset), dataset.arrays, schedule_from(cfg), mesh=mesh)
+    # Memory is measured on one device; a pack is padded to a multiple of the devices, as chunks are padded.
     pack_size = resolve_pack_size(cfg.train.pack_size, len(pending), trainer)
+    if cfg.train.pack_size == "auto":  # what fits one device, on each device
+        pack_size = min(pack_size * devices, len(pending))
+    pack_size = sharding.multiple_of(pack_size, devices)
     log.info(
-        "%d run(s) to train of %s/%s norm=%s in packs of <=%d on %s",
-        len(pending), d.name, cfg.model.name, cfg.model.norm, pack_size, jax.default_backend(),
+        "%d run(s) to train of %s/%s norm=%s in packs of <=%d on %d %s device(s)",
+        len(pending), d.name, cfg.model.name, cfg.model.norm, pack_size, devices, jax.default_backend(),
     )
     wandb_job = WandbJob(cfg.logger.wandb, sync_hint(cfg))
     rerun = cfg.train.rerun
