@@ -47,8 +47,9 @@ def pack_trainer(devices: int) -> trainer.PackTrainer:
                                bn_epsilon=1e-5, width=1.0, norm_kind="batch", norm_groups=8, bn_running_var="unbiased")
     program = engine.Program(model=model, batch_size=args.batch, input_mean=(0.13,), input_std=(0.31,))
     schedule = trainer.Schedule(epochs=1, eval_every=0, log_every=50, eval_batch_size=args.batch, loop="python",
-                                max_steps_per_epoch=None, probe_every=0, probe_multipliers=(1.0,), discrepancy=False,
-                                population_batches=1, discrepancy_train_subset=0)
+                                steps_per_call=1, max_steps_per_epoch=None, probe_every=0, probe_multipliers=(1.0,),
+                                discrepancy=False, population_batches=1, discrepancy_train_subset=0, ics_every=0,
+                                eval_every_steps=0, dead_units=False)
     mesh = sharding.pack_mesh(devices) if devices > 1 else None
     return trainer.PackTrainer(program, data, schedule, mesh=mesh)
 
