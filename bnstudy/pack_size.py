@@ -44,7 +44,7 @@ def models_fitting_in_memory(trainer: PackTrainer) -> int:
     state = jax.eval_shape(programs.init, one)
     perm = jax.ShapeDtypeStruct((1, trainer.num_train), jnp.int32)
     memory = programs.step.lower(state, one, trainer.data, perm, jnp.int32(0)).compile().memory_analysis()
-    data_bytes = sum(a.nbytes for a in trainer.data)
+    data_bytes = sum(a.nbytes for a in jax.tree.leaves(trainer.data))  # optional splits are None
     per_model = memory.temp_size_in_bytes + max(memory.argument_size_in_bytes - data_bytes, 0)
     fitting = int(PACK_MEMORY_FRACTION * (limit - data_bytes) // max(per_model, 1))
     log.info(
