@@ -44,8 +44,21 @@ FINISHED = (*runs_lib.FINISHED, "not_trained")
 FAILED = ("diverged", "not_trained")  # counted as failures by the stability metrics
 
 # Config keys that do not define what was trained (prefixes): never grouping columns.
-NOT_GRID = ("seed", "out_dir", "compile_cache_dir", "study", "logger.", "report", "train.pack_size", "train.loop",
-            "dataset.data_dir", "dataset.download", "train.eval_batch_size", "probe.", "discrepancy.")
+NOT_GRID = (
+    "seed",
+    "out_dir",
+    "compile_cache_dir",
+    "study",
+    "logger.",
+    "report",
+    "train.pack_size",
+    "train.loop",
+    "dataset.data_dir",
+    "dataset.download",
+    "train.eval_batch_size",
+    "probe.",
+    "discrepancy.",
+)
 
 
 class ReportError(RuntimeError):
@@ -213,11 +226,15 @@ def validate_comparison(comp: Any, where: str) -> None:
     if "margin" in comp and not _is_margin(comp["margin"]):
         raise ReportError(f"{where}: `margin` must be a number >= 0 or one per dataset, got {comp['margin']!r}.")
     if comp["expect"] == "equivalent" and not all(v > 0 for v in _margin_values(comp.get("margin", 0))):
-        raise ReportError(f"{where}: `expect: equivalent` needs a `margin` > 0 (the largest difference that "
-                          f"does not matter), got {comp.get('margin')!r}.")
+        raise ReportError(
+            f"{where}: `expect: equivalent` needs a `margin` > 0 (the largest difference that "
+            f"does not matter), got {comp.get('margin')!r}."
+        )
     if "margin" in comp and not (isinstance(comp.get("margin_reason"), str) and comp["margin_reason"].strip()):
-        raise ReportError(f"{where}: a declared `margin` needs a `margin_reason` (one sentence: why this size), "
-                          f"got {comp.get('margin_reason')!r}.")
+        raise ReportError(
+            f"{where}: a declared `margin` needs a `margin_reason` (one sentence: why this size), "
+            f"got {comp.get('margin_reason')!r}."
+        )
 
 
 def validate_trend(comp: dict, where: str) -> None:
@@ -227,11 +244,15 @@ def validate_trend(comp: dict, where: str) -> None:
     if missing:
         raise ReportError(f"{where}: a trend comparison lacks {missing} (needs metric, trend, expect).")
     if not isinstance(comp["trend"], str) or not comp["trend"]:
-        raise ReportError(f"{where}: `trend` must name the grid axis the slope runs along (e.g. train.batch_size), "
-                          f"got {comp['trend']!r}.")
+        raise ReportError(
+            f"{where}: `trend` must name the grid axis the slope runs along (e.g. train.batch_size), "
+            f"got {comp['trend']!r}."
+        )
     if ("a" in comp) != ("b" in comp):
-        raise ReportError(f"{where}: a trend comparison takes both `a` and `b` (difference of two arms' slopes) or "
-                          f"neither (one slope), got only {'a' if 'a' in comp else 'b'}.")
+        raise ReportError(
+            f"{where}: a trend comparison takes both `a` and `b` (difference of two arms' slopes) or "
+            f"neither (one slope), got only {'a' if 'a' in comp else 'b'}."
+        )
     for key in ("logx", "logy"):
         if not isinstance(comp.get(key, key == "logx"), bool):
             raise ReportError(f"{where}: `{key}` must be true or false, got {comp[key]!r}.")
@@ -248,30 +269,47 @@ def validate_metric_name(name: Any, study: str) -> None:
         raise ReportError(f"study {study!r}: a metric name must be a non-empty string, got {name!r}.")
     m = _FUNCTION_NAME.match(name)
     if m and m.group(1) not in RUN_FUNCTIONS:
-        raise ReportError(f"study {study!r}: metric {name!r} uses unknown function {m.group(1)!r}; known: "
-                          f"{', '.join(f'{f}(KEY)' for f in RUN_FUNCTIONS)}.")
+        raise ReportError(
+            f"study {study!r}: metric {name!r} uses unknown function {m.group(1)!r}; known: "
+            f"{', '.join(f'{f}(KEY)' for f in RUN_FUNCTIONS)}."
+        )
     if m:
         validate_metric_name(m.group(2), study)
 
 
 def validate_convergence(conv: Any, study: str) -> None:
     """`convergence: {key: val/acc, tolerance: 0.005}`: the stated criterion behind the `converged` metric."""
-    if not (isinstance(conv, dict) and isinstance(conv.get("key"), str) and _is_margin(conv.get("tolerance", -1))
-            and not isinstance(conv.get("tolerance"), dict)):
-        raise ReportError(f"study {study!r}: `convergence` must be {{key: LOGGED_KEY, tolerance: NUMBER >= 0}} "
-                          f"(e.g. {{key: val/acc, tolerance: 0.005}}), got {conv!r}.")
+    if not (
+        isinstance(conv, dict)
+        and isinstance(conv.get("key"), str)
+        and _is_margin(conv.get("tolerance", -1))
+        and not isinstance(conv.get("tolerance"), dict)
+    ):
+        raise ReportError(
+            f"study {study!r}: `convergence` must be {{key: LOGGED_KEY, tolerance: NUMBER >= 0}} "
+            f"(e.g. {{key: val/acc, tolerance: 0.005}}), got {conv!r}."
+        )
 
 
 def validate_select(select: Any, study: str) -> None:
     """`select: {by: val/acc, over: [optimizer.lr], mode: max}`: chosen on validation, never on test keys."""
     where = f"study {study!r}: `select`"
-    if not isinstance(select, dict) or not isinstance(select.get("by"), str) or not (
-            isinstance(select.get("over"), list) and select["over"] and all(isinstance(k, str) for k in select["over"])):
-        raise ReportError(f"{where} must be {{by: METRIC, over: [CONFIG_KEY, ...]}} (e.g. {{by: val/acc, over: "
-                          f"[optimizer.lr]}}), got {select!r}.")
+    if (
+        not isinstance(select, dict)
+        or not isinstance(select.get("by"), str)
+        or not (
+            isinstance(select.get("over"), list) and select["over"] and all(isinstance(k, str) for k in select["over"])
+        )
+    ):
+        raise ReportError(
+            f"{where} must be {{by: METRIC, over: [CONFIG_KEY, ...]}} (e.g. {{by: val/acc, over: "
+            f"[optimizer.lr]}}), got {select!r}."
+        )
     if select["by"].startswith("test/"):
-        raise ReportError(f"{where}: `by: {select['by']}` is a test metric; a setting must be chosen on the "
-                          f"validation split (e.g. val/acc or val/loss), never on the test split.")
+        raise ReportError(
+            f"{where}: `by: {select['by']}` is a test metric; a setting must be chosen on the "
+            f"validation split (e.g. val/acc or val/loss), never on the test split."
+        )
     if select.get("mode", "max") not in ("max", "min"):
         raise ReportError(f"{where}: `mode` must be max or min, got {select.get('mode')!r}.")
 
@@ -291,11 +329,15 @@ def validate_spec(spec: dict, study: str) -> dict:
     if "convergence" in spec:
         validate_convergence(spec["convergence"], study)
     elif "converged" in spec_metrics(spec):
-        raise ReportError(f"study {study!r}: metric `converged` needs a `convergence: {{key, tolerance}}` block "
-                          f"(the stated criterion).")
+        raise ReportError(
+            f"study {study!r}: metric `converged` needs a `convergence: {{key, tolerance}}` block "
+            f"(the stated criterion)."
+        )
     if "steps_to_target" in spec_metrics(spec) and not _is_margin(spec.get("target_acc", -1)):
-        raise ReportError(f"study {study!r}: metric `steps_to_target` needs `target_acc` (a number, or one per "
-                          f"dataset), got {spec.get('target_acc')!r}.")
+        raise ReportError(
+            f"study {study!r}: metric `steps_to_target` needs `target_acc` (a number, or one per "
+            f"dataset), got {spec.get('target_acc')!r}."
+        )
     heavy = spec.get("heavy_tailed", [])
     if not (isinstance(heavy, list) and all(isinstance(h, str) for h in heavy)):
         raise ReportError(f"study {study!r}: `heavy_tailed` must be a list of metric names, got {heavy!r}.")
@@ -483,8 +525,12 @@ def _gen_gap(frame: pd.DataFrame) -> pd.Series:
     train, test = _numeric(frame, "train_subset/acc"), _numeric(frame, "test/acc")
     lacking = frame["status"].eq("done") & train.isna()
     if lacking.any():
-        warnings.warn(f"gen_gap: {int(lacking.sum())} finished run(s) lack train_subset/acc (training-subset "
-                      "accuracy in inference mode); their gen_gap is missing", ReportWarning, stacklevel=3)
+        warnings.warn(
+            f"gen_gap: {int(lacking.sum())} finished run(s) lack train_subset/acc (training-subset "
+            "accuracy in inference mode); their gen_gap is missing",
+            ReportWarning,
+            stacklevel=3,
+        )
     return pd.Series(stats.gen_gap(train, test), index=frame.index)
 
 
@@ -505,8 +551,9 @@ def trained_flags(frame: pd.DataFrame, runs: Runs, dataset: str) -> pd.Series:
         for rid, f, a in zip(frame["run_id"], final, acc)
     ]
     written = frame["trained"] if "trained" in frame else pd.Series(None, index=frame.index, dtype=object)
-    return pd.Series([bool(w) if isinstance(w, (bool, np.bool_)) else d for w, d in zip(written, derived)],
-                     index=frame.index)
+    return pd.Series(
+        [bool(w) if isinstance(w, (bool, np.bool_)) else d for w, d in zip(written, derived)], index=frame.index
+    )
 
 
 def mark_not_trained(frame: pd.DataFrame, runs: Runs, dataset: str, spec: dict) -> pd.DataFrame:
@@ -667,13 +714,29 @@ def with_contrast(row: dict, groups: list[pd.Series], coefs: list[float], expect
     """The row with its contrast, 95% interval and one-sided p-values (none when a group has < 2 values)."""
     c = stats.contrast(groups, coefs) if min(len(g) for g in groups) >= 2 else None
     if c is None:
-        row.update(method="-", estimate=np.nan, ci_low=np.nan, ci_high=np.nan, df=np.nan, p=np.nan,
-                   p_support=np.nan, p_contra=np.nan)
+        row.update(
+            method="-",
+            estimate=np.nan,
+            ci_low=np.nan,
+            ci_high=np.nan,
+            df=np.nan,
+            p=np.nan,
+            p_support=np.nan,
+            p_contra=np.nan,
+        )
     else:
         low, high = c.interval()
         p_support, p_contra = stats.one_sided_pvalues(c, expect, margin)
-        row.update(method=c.method, estimate=c.estimate, ci_low=low, ci_high=high, df=c.df, p=c.p_two_sided(),
-                   p_support=p_support, p_contra=p_contra)
+        row.update(
+            method=c.method,
+            estimate=c.estimate,
+            ci_low=low,
+            ci_high=high,
+            df=c.df,
+            p=c.p_two_sided(),
+            p_support=p_support,
+            p_contra=p_contra,
+        )
     row["_contrast"], row["_expect"] = c, expect
     return row
 
@@ -730,8 +793,11 @@ def compare_trend(frame: pd.DataFrame, grid: list[str], comp: dict, dataset: str
         if len(arms) == 2:
             label = f"({_label(comp['a'])}) - ({_label(comp['b'])}): {label}"
         row = {
-            "metric": comp["metric"], "comparison": label, "context": _label({**where, **ctx}) or "all runs",
-            "expect": _expect_text(comp["expect"], margin), "margin": margin,
+            "metric": comp["metric"],
+            "comparison": label,
+            "context": _label({**where, **ctx}) or "all runs",
+            "expect": _expect_text(comp["expect"], margin),
+            "margin": margin,
             "margin_reason": comp.get("margin_reason", ""),
             "mean_a": float(groups[0].mean()) if len(groups[0]) else np.nan,
             "mean_b": float(groups[1].mean()) if len(groups) > 1 and len(groups[1]) else np.nan,
@@ -748,8 +814,10 @@ def decide_rows(rows: list[dict]) -> pd.DataFrame:
         return frame
     verdicts, ps, pc = stats.decide_family(frame["p_support"], frame["p_contra"])
     frame["p_support_holm"], frame["p_contra_holm"], frame["verdict"] = ps, pc, verdicts
-    frame["note"] = [stats.why(c, e, m, v) for c, e, m, v in
-                     zip(frame["_contrast"], frame["_expect"], frame["margin"], frame["verdict"])]
+    frame["note"] = [
+        stats.why(c, e, m, v)
+        for c, e, m, v in zip(frame["_contrast"], frame["_expect"], frame["margin"], frame["verdict"])
+    ]
     return frame.drop(columns=["_contrast", "_expect"])
 
 
@@ -768,11 +836,16 @@ def select_per_arm(frame: pd.DataFrame, grid: list[str], select: dict) -> tuple[
     if unknown:
         raise ReportError(f"`select.over` names {unknown}, which are not config keys of the runs.")
     if not _has(frame, by):
-        raise ReportError(f"`select.by: {by}`: no run has this metric, so no setting can be chosen. Runs must "
-                          f"log it (validation metrics need a validation split), or drop `select`.")
+        raise ReportError(
+            f"`select.by: {by}`: no run has this metric, so no setting can be chosen. Runs must "
+            f"log it (validation metrics need a validation split), or drop `select`."
+        )
     arms = [c for c in grid if c not in over]
-    f = frame.assign(_v=_numeric(frame, by).where(frame["status"].eq("done")),
-                     _trained=frame["status"].eq("done").astype(float), _arm=0)
+    f = frame.assign(
+        _v=_numeric(frame, by).where(frame["status"].eq("done")),
+        _trained=frame["status"].eq("done").astype(float),
+        _arm=0,
+    )
     g = f.groupby([*(arms or ["_arm"]), *over], dropna=False, sort=True)
     table = g.agg(runs=("status", "size"), trained=("_trained", "sum"), n=("_v", "count"), mean=("_v", "mean"))
     table = table.reset_index()
@@ -876,5 +949,6 @@ def analyse(study: str, runs: Runs, dataset: str | None = None, experiments_dir:
         results += compare(cframe, cgrid, comp, dataset)
     comparisons = decide_rows(results)
     verdict = stats.overall(list(comparisons["verdict"])) if len(comparisons) else "inconclusive"
-    return Analysis(study, spec, dataset, frame, grid, summary, comparisons, verdict, missing, runs.skipped, frames,
-                    selection)
+    return Analysis(
+        study, spec, dataset, frame, grid, summary, comparisons, verdict, missing, runs.skipped, frames, selection
+    )

@@ -242,17 +242,23 @@ _SCALAR_RULES = {
     "train.log_every": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
     "train.eval_batch_size": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
     "train.max_steps_per_epoch": (lambda v: v is None or (isinstance(v, int) and v >= 1), "null or an integer >= 1"),
-    "train.checkpoint_every": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
-                               "an integer >= 0 (epochs between checkpoints; 0 = off)"),
+    "train.checkpoint_every": (
+        lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+        "an integer >= 0 (epochs between checkpoints; 0 = off)",
+    ),
     "train.pack_size": (lambda v: v == "auto" or (isinstance(v, int) and v >= 1), "'auto' or an integer >= 1"),
-    "train.steps_per_call": (lambda v: v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1),
-                             "'auto' or an integer >= 1"),
+    "train.steps_per_call": (
+        lambda v: v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+        "'auto' or an integer >= 1",
+    ),
     "dataset.val_size": (
         lambda v: not isinstance(v, bool) and ((isinstance(v, int) and v >= 0) or (_number(v) and 0 < v < 1)),
         "a fraction of the training split in (0, 1), or a number of examples >= 0 (0 = no validation split)",
     ),
-    "train.devices": (lambda v: v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1),
-                      "'auto' or an integer >= 1 (local devices to split a pack over)"),
+    "train.devices": (
+        lambda v: v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+        "'auto' or an integer >= 1 (local devices to split a pack over)",
+    ),
     "dataset.train_subset": (lambda v: v is None or (isinstance(v, int) and v >= 1), "null or an integer >= 1"),
     "dataset.test_subset": (lambda v: v is None or (isinstance(v, int) and v >= 1), "null or an integer >= 1"),
     "probe.every": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0 (steps between probes; 0 = off)"),
@@ -314,8 +320,10 @@ def _check_dropout_has_a_placement(cfg: Config) -> None:
     rates = list(rate) if isinstance(rate, (list, tuple)) else [rate]
     if cfg.model.dropout.placement == "none" and any(r > 0 for r in rates):
         _fail(
-            "model.dropout.rate", "0 while `model.dropout.placement` is 'none' (no dropout layer to apply it to)",
-            rate, f"Choose a placement with `model.dropout.placement=` one of "
+            "model.dropout.rate",
+            "0 while `model.dropout.placement` is 'none' (no dropout layer to apply it to)",
+            rate,
+            f"Choose a placement with `model.dropout.placement=` one of "
             f"{[p for p in DROPOUT_PLACEMENTS if p != 'none']}, or leave the rate at 0.",
         )
 

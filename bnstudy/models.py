@@ -322,4 +322,3 @@ def build_model(
         norm_groups=norm_groups,
         bn_running_var=bn_running_var,
     )
-

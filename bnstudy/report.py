@@ -114,23 +114,25 @@ def comparison_table(a: Analysis) -> pd.DataFrame:
     c = a.comparisons
     if c.empty:
         return c
-    return pd.DataFrame({
-        "metric": c["metric"],
-        "comparison": c["comparison"],
-        "context": c["context"],
-        "claimed effect": c["expect"],
-        "mean A": c["mean_a"].map(fmt),
-        "mean B": c["mean_b"].map(fmt),
-        "effect [95% CI]": [
-            f"{fmt(e)} [{fmt(lo)}, {fmt(hi)}]" for e, lo, hi in zip(c["estimate"], c["ci_low"], c["ci_high"])
-        ],
-        "interval": c["method"],
-        "df": c["df"].map(fmt),
-        "p support (Holm)": c["p_support_holm"].map(fmt),
-        "p contradiction (Holm)": c["p_contra_holm"].map(fmt),
-        "used / runs per group": c["n"],
-        "verdict": c["verdict"] + c["note"].map(lambda s: f" ({s})" if s else ""),
-    })
+    return pd.DataFrame(
+        {
+            "metric": c["metric"],
+            "comparison": c["comparison"],
+            "context": c["context"],
+            "claimed effect": c["expect"],
+            "mean A": c["mean_a"].map(fmt),
+            "mean B": c["mean_b"].map(fmt),
+            "effect [95% CI]": [
+                f"{fmt(e)} [{fmt(lo)}, {fmt(hi)}]" for e, lo, hi in zip(c["estimate"], c["ci_low"], c["ci_high"])
+            ],
+            "interval": c["method"],
+            "df": c["df"].map(fmt),
+            "p support (Holm)": c["p_support_holm"].map(fmt),
+            "p contradiction (Holm)": c["p_contra_holm"].map(fmt),
+            "used / runs per group": c["n"],
+            "verdict": c["verdict"] + c["note"].map(lambda s: f" ({s})" if s else ""),
+        }
+    )
 
 
 def selection_table(a: Analysis) -> pd.DataFrame | None:
@@ -151,7 +153,9 @@ def margins_text(a: Analysis) -> list[str]:
     for comp in a.spec.get("compare") or []:
         margin = for_dataset(comp.get("margin", 0.0), a.dataset) or 0.0
         reason = comp.get("margin_reason") or "none declared: any difference counts"
-        what = f"`{comp['metric']}`: ({_filters_text(comp['a'])}) vs ({_filters_text(comp['b'])}), expect {comp['expect']}"
+        what = (
+            f"`{comp['metric']}`: ({_filters_text(comp['a'])}) vs ({_filters_text(comp['b'])}), expect {comp['expect']}"
+        )
         lines.append(f"- {what}; margin {margin:g} ({reason})")
     return lines
 
@@ -241,7 +245,10 @@ def _readable_ylim(ax, values, metric: str, log: bool) -> None:
         lo, hi = lo - pad, hi + pad
     bounds = stats.metric_bounds(metric)
     if bounds:
-        lo, hi = max(lo, bounds[0] - 0.02 * (bounds[1] - bounds[0])), min(hi, bounds[1] + 0.02 * (bounds[1] - bounds[0]))
+        lo, hi = (
+            max(lo, bounds[0] - 0.02 * (bounds[1] - bounds[0])),
+            min(hi, bounds[1] + 0.02 * (bounds[1] - bounds[0])),
+        )
     ax.set_ylim(lo, hi)
 
 
@@ -270,16 +277,22 @@ def figure_xy(a: Analysis, f: dict, out: Path) -> list[str]:
             low = line["ci_low"].clip(lower=line["mean"] * 1e-3) if log else line["ci_low"]
             err = [(line["mean"] - low).fillna(0), (line["ci_high"] - line["mean"]).fillna(0)]
             dodge = offset_copy(ax.transData, fig=fig, x=4.0 * (i - (len(lines) - 1) / 2), units="points")
-            bars = ax.errorbar(xs, line["mean"], yerr=err, marker="o", capsize=3,
-                               linestyle="none" if categorical else "-", label=_line_label(keys, value))
+            bars = ax.errorbar(
+                xs,
+                line["mean"],
+                yerr=err,
+                marker="o",
+                capsize=3,
+                linestyle="none" if categorical else "-",
+                label=_line_label(keys, value),
+            )
             for artist in (bars.lines[0], *bars.lines[1], *bars.lines[2]):  # shift after autoscaling saw the data
                 artist.set_transform(dodge)
             if f["y"] != "diverged":
                 on = [k for k in by if k in line]
                 pts = used.merge(line[on], on=on) if on else used
                 px = pts[x].astype(str) if categorical else (pts[x] if x in pts else np.zeros(len(pts)))
-                ax.scatter(px, pts[f["y"]], s=9, alpha=0.35, color=bars.lines[0].get_color(), transform=dodge,
-                           zorder=1)
+                ax.scatter(px, pts[f["y"]], s=9, alpha=0.35, color=bars.lines[0].get_color(), transform=dodge, zorder=1)
                 shown.append(pts[f["y"]])
         if f.get("logx") and not categorical:
             ax.set_xscale("log")
@@ -382,8 +395,11 @@ def facts(a: Analysis) -> list[str]:
     lines = [
         f"- dataset `{a.dataset}`; examples used per run (train / test): "
         f"{values('num_train', done)} / {values('num_test', done)}"
-        + (f"; validation (held out of the training split, the same examples in every run): "
-           f"{values('num_val', done)}" if "num_val" in done else ""),
+        + (
+            f"; validation (held out of the training split, the same examples in every run): {values('num_val', done)}"
+            if "num_val" in done
+            else ""
+        ),
     ]
     notes = done["data.note"].dropna().unique() if "data.note" in done else []
     if len(notes):  # a dataset that says what it is not (the embedded mnist_t10k)
@@ -435,12 +451,14 @@ def train_command(a: Analysis) -> str:
 def verdict_rules(a: Analysis) -> list[str]:
     """The statistics behind the verdict, in words (the rules are those of bnstudy.stats)."""
     k = len(a.comparisons)
-    trained = ("Runs that diverged or did not train are excluded from means and counted; a finite run is "
-               f"*not trained* when its final train loss is >= {stats.LOSS_RATIO:g} x its first logged train loss "
-               f"or its test accuracy is <= chance + {stats.CHANCE_MARGIN:g}."
-               if a.spec.get("require_trained", True) else
-               "Diverged runs are excluded from means and counted; this study does not require runs to learn "
-               "(`require_trained: false`).")
+    trained = (
+        "Runs that diverged or did not train are excluded from means and counted; a finite run is "
+        f"*not trained* when its final train loss is >= {stats.LOSS_RATIO:g} x its first logged train loss "
+        f"or its test accuracy is <= chance + {stats.CHANCE_MARGIN:g}."
+        if a.spec.get("require_trained", True)
+        else "Diverged runs are excluded from means and counted; this study does not require runs to learn "
+        "(`require_trained: false`)."
+    )
     return [
         "Each comparison is a contrast of group means over seeds (mean A - mean B; with `relative_to`, that "
         "difference minus the same difference in the reference groups) with a 95% t-interval: **paired** (on "
@@ -469,30 +487,42 @@ def metric_notes(a: Analysis) -> list[str]:
     if any(m.startswith("mean(") for m in names):
         lines.append("- `mean(key)`: the mean of a logged key over all its records in metrics.jsonl (over training).")
     if any(m.startswith("median(") for m in names):
-        lines.append("- `median(key)`: per run, the median of a logged key over its records after step 0; the "
-                     "step-0 value (the untrained net) is reported apart as `step0(key)`.")
+        lines.append(
+            "- `median(key)`: per run, the median of a logged key over its records after step 0; the "
+            "step-0 value (the untrained net) is reported apart as `step0(key)`."
+        )
     if any(m.startswith("log10(") for m in names):
-        lines.append("- `log10(metric)`: per run, log10 of the metric (values <= 0 give none); its mean over "
-                     "seeds is a log-mean, so one extreme seed moves it by its order of magnitude only.")
+        lines.append(
+            "- `log10(metric)`: per run, log10 of the metric (values <= 0 give none); its mean over "
+            "seeds is a log-mean, so one extreme seed moves it by its order of magnitude only."
+        )
     if any("*" in m for m in names):
         lines.append("- `a/*/b`: the mean of `a/<layer>/b` over the layers that log it (per record for logged keys).")
     if "steps_to_target" in names:
         target = for_dataset(s.get("target_acc"), a.dataset)
-        lines.append(f"- `steps_to_target`: first logged step with `{s.get('target_key', 'val/acc')}` >= {target}; "
-                     "a run that never reaches it counts at its last logged step (a lower bound) and has "
-                     "`reached_target` 0.")
+        lines.append(
+            f"- `steps_to_target`: first logged step with `{s.get('target_key', 'val/acc')}` >= {target}; "
+            "a run that never reaches it counts at its last logged step (a lower bound) and has "
+            "`reached_target` 0."
+        )
     if "converged" in names:
         c = s["convergence"]
-        lines.append(f"- `converged`: 1 when the last two logged values of `{c['key']}` differ by at most "
-                     f"{c['tolerance']:g} (the stated convergence criterion), else 0.")
+        lines.append(
+            f"- `converged`: 1 when the last two logged values of `{c['key']}` differ by at most "
+            f"{c['tolerance']:g} (the stated convergence criterion), else 0."
+        )
     if any("trend" in c for c in s.get("compare") or []):
-        lines.append("- trend comparisons: per seed, the least-squares slope (scipy.stats.linregress) of the metric "
-                     "(log10 where stated) against the axis (log10: per decade) over the whole axis, counted only for "
-                     "seeds with a usable run at every axis value; the effect is the mean slope over seeds (or the "
-                     "per-seed difference of two arms' slopes) with its 95% t-interval.")
+        lines.append(
+            "- trend comparisons: per seed, the least-squares slope (scipy.stats.linregress) of the metric "
+            "(log10 where stated) against the axis (log10: per decade) over the whole axis, counted only for "
+            "seeds with a usable run at every axis value; the effect is the mean slope over seeds (or the "
+            "per-seed difference of two arms' slopes) with its 95% t-interval."
+        )
     if s.get("heavy_tailed"):
-        lines.append(f"- heavy-tailed metrics ({', '.join(f'`{m}`' for m in s['heavy_tailed'])}): the tables give "
-                     "the median over seeds before the mean.")
+        lines.append(
+            f"- heavy-tailed metrics ({', '.join(f'`{m}`' for m in s['heavy_tailed'])}): the tables give "
+            "the median over seeds before the mean."
+        )
     return lines
 
 
@@ -540,24 +570,37 @@ def readme(a: Analysis, tables: dict, comp: pd.DataFrame, figures, notes, comman
         ]
     derived = a.spec.get("derived") or {}
     for name, d in derived.items():
-        rule = (f"largest `{d['over']}` whose run finished without diverging with `{d['of']}` >= "
-                f"{for_dataset(d.get('threshold'), a.dataset)}" + (" (log10)" if d.get("log10") else "")
-                if d["reduce"] == "max_stable" else
-                f"max - min of `{d['of']}` over `{d['over']}`, a diverged run counting as {d.get('diverged_value')}")
-        lines.append(f"- `{name}` (one value per seed): {rule}; a seed counts only if all its `{d['over']}` "
-                     "values finished.")
+        rule = (
+            f"largest `{d['over']}` whose run finished without diverging with `{d['of']}` >= "
+            f"{for_dataset(d.get('threshold'), a.dataset)}" + (" (log10)" if d.get("log10") else "")
+            if d["reduce"] == "max_stable"
+            else f"max - min of `{d['of']}` over `{d['over']}`, a diverged run counting as {d.get('diverged_value')}"
+        )
+        lines.append(
+            f"- `{name}` (one value per seed): {rule}; a seed counts only if all its `{d['over']}` values finished."
+        )
     if "epochs_to_target" in spec_metrics(s):
         target = for_dataset(s.get("target_acc"), a.dataset)
-        lines.append(f"- `epochs_to_target`: first evaluated epoch with test accuracy >= {target}; runs that never "
-                     "reach it are not averaged in (n counts those that did).")
+        lines.append(
+            f"- `epochs_to_target`: first evaluated epoch with test accuracy >= {target}; runs that never "
+            "reach it are not averaged in (n counts those that did)."
+        )
     lines += metric_notes(a)
     if "gen_gap" in spec_metrics(s):
-        lines.append("- `gen_gap`: accuracy on the training subset in inference mode minus test accuracy (same "
-                     "weights, same BN mode); missing for runs that do not log `train_subset/acc`.")
+        lines.append(
+            "- `gen_gap`: accuracy on the training subset in inference mode minus test accuracy (same "
+            "weights, same BN mode); missing for runs that do not log `train_subset/acc`."
+        )
     if any(m.startswith("bn/*/") for m in spec_metrics(s)):
         lines.append("- `bn/*/key`: the mean of `bn/<layer>/key` over the BN layers that log it.")
-    lines += ["", "## Results", "", "Each cell: mean [95% t-interval] (n runs used) over seeds; accuracies and rates "
-              "with the interval clipped to [0, 1] (the divergence rate: exact Clopper-Pearson interval).", ""]
+    lines += [
+        "",
+        "## Results",
+        "",
+        "Each cell: mean [95% t-interval] (n runs used) over seeds; accuracies and rates "
+        "with the interval clipped to [0, 1] (the divergence rate: exact Clopper-Pearson interval).",
+        "",
+    ]
     for kind, t in tables.items():
         lines += [f"### {kind}", "", t.to_markdown(index=False), ""]
     lines += ["## Figures", ""]
@@ -577,8 +620,12 @@ def readme(a: Analysis, tables: dict, comp: pd.DataFrame, figures, notes, comman
     lines += ["", "## Data and versions", ""] + facts(a)
     if data_note:
         lines.append(f"- note: {data_note}")
-    lines += ["", "Files: `summary.csv` (one row per group and metric), `runs.csv` (one row per run), "
-              "`comparisons.csv`, `table.md`, `table.tex`, figures as PNG and SVG.", ""]
+    lines += [
+        "",
+        "Files: `summary.csv` (one row per group and metric), `runs.csv` (one row per run), "
+        "`comparisons.csv`, `table.md`, `table.tex`, figures as PNG and SVG.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -596,7 +643,11 @@ def write_report(a: Analysis, runs: Runs, out: Path, command: str, data_note: st
     (out / "table.md").write_text("\n".join(md))
     tex = [to_latex(t, f"{a.study}: {kind}; mean [95\\% t-interval] (n) over seeds") for kind, t in tables.items()]
     if not comp.empty:
-        tex.append(to_latex(comp, f"{a.study}: comparisons, 95\\% intervals (paired or Welch), Holm-adjusted p; verdict {a.verdict}"))
+        tex.append(
+            to_latex(
+                comp, f"{a.study}: comparisons, 95\\% intervals (paired or Welch), Holm-adjusted p; verdict {a.verdict}"
+            )
+        )
     (out / "table.tex").write_text("\n".join(tex))
     figures, notes = write_figures(a, runs, out)
     (out / "README.md").write_text(readme(a, tables, comp, figures, notes, command, data_note))
@@ -627,13 +678,32 @@ def deciding_row(c: pd.DataFrame, verdict: str) -> pd.Series | None:
 def verdict_record(a: Analysis) -> dict:
     """What the index of all reports shows for this study: claim, verdict, the deciding effect and its n."""
     row = deciding_row(a.comparisons, a.verdict)
-    record = {"study": a.study, "title": a.spec.get("title", a.study), "claim": a.spec["claim"],
-              "verdict": a.verdict, "dataset": a.dataset, "variant": a.spec.get("variant", "default"),
-              "runs": int(len(a.runs)), "deciding": None}
+    record = {
+        "study": a.study,
+        "title": a.spec.get("title", a.study),
+        "claim": a.spec["claim"],
+        "verdict": a.verdict,
+        "dataset": a.dataset,
+        "variant": a.spec.get("variant", "default"),
+        "runs": int(len(a.runs)),
+        "deciding": None,
+    }
     if row is not None:
-        record["deciding"] = {k: (None if isinstance(row[k], float) and not math.isfinite(row[k]) else row[k])
-                              for k in ("metric", "comparison", "context", "expect", "estimate", "ci_low",
-                                        "ci_high", "method", "n", "verdict")}
+        record["deciding"] = {
+            k: (None if isinstance(row[k], float) and not math.isfinite(row[k]) else row[k])
+            for k in (
+                "metric",
+                "comparison",
+                "context",
+                "expect",
+                "estimate",
+                "ci_low",
+                "ci_high",
+                "method",
+                "n",
+                "verdict",
+            )
+        }
     return record
 
 
@@ -651,8 +721,12 @@ def index_table(results: Path) -> str:
     lines = ["| study | claim | verdict | deciding effect [95% CI] | n | report |", "|---|---|---|---|---|---|"]
     for r, folder in records:
         d = r.get("deciding") or {}
-        effect = (f"{d['comparison']} on `{d['metric']}` ({d['context']}): {fmt(d['estimate'])} "
-                  f"[{fmt(d['ci_low'])}, {fmt(d['ci_high'])}], expected {d['expect']}" if d else "no comparison")
+        effect = (
+            f"{d['comparison']} on `{d['metric']}` ({d['context']}): {fmt(d['estimate'])} "
+            f"[{fmt(d['ci_low'])}, {fmt(d['ci_high'])}], expected {d['expect']}"
+            if d
+            else "no comparison"
+        )
         n = f"{d.get('n', '-')} ({d.get('method', '-')})" if d else "-"
         variant = "" if r.get("variant", "default") == "default" else f" (variant: {r['variant']})"
         cells = [r["study"] + variant, r["claim"], f"**{r['verdict']}**", effect, n, f"[{folder}]({folder}/README.md)"]
@@ -684,13 +758,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Turn a study's runs into a report: tables with 95% intervals, figures and a verdict on its claim.",
     )
     p.add_argument("study", nargs="?", help="study name, e.g. placement (experiments/<study>.yaml)")
-    p.add_argument("--index", type=Path, metavar="RESULTS",
-                   help="instead of a study: write the table of every report under RESULTS (their verdict.json) "
-                        "at the top of RESULTS/README.md")
+    p.add_argument(
+        "--index",
+        type=Path,
+        metavar="RESULTS",
+        help="instead of a study: write the table of every report under RESULTS (their verdict.json) "
+        "at the top of RESULTS/README.md",
+    )
     p.add_argument("--runs", type=Path, help="folder of run folders (default: <out-dir>/<study>)")
     p.add_argument("--out-dir", type=Path, default=Path("outputs"), help="training out_dir root (default: outputs)")
-    p.add_argument("--out", type=Path, help="report folder (default: results/<study>; for a quick variant "
-                                            "<out-dir>/reports/<study>, never under results/)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="report folder (default: results/<study>; for a quick variant "
+        "<out-dir>/reports/<study>, never under results/)",
+    )
     p.add_argument("--dataset", help="report the runs of this dataset only (needed when runs mix datasets)")
     p.add_argument("--data-note", help="a sentence about the data, printed at the top of the report")
     p.add_argument("--source", choices=("local", "wandb"), default="local")
@@ -729,9 +811,11 @@ def report_folder(args: argparse.Namespace, analysis: Analysis) -> Path:
     if args.out is None:
         return (args.out_dir / "reports" / args.study) if quick else Path("results") / args.study
     if quick and any(args.out.resolve().is_relative_to(r.resolve()) for r in (REPO / "results", Path("results"))):
-        raise ReportError(f"--out {args.out}: these are runs of the quick variant ({analysis.spec['variant']}); "
-                          f"results/ holds reports of full grids only. Write it elsewhere (default: "
-                          f"{args.out_dir / 'reports' / args.study}).")
+        raise ReportError(
+            f"--out {args.out}: these are runs of the quick variant ({analysis.spec['variant']}); "
+            f"results/ holds reports of full grids only. Write it elsewhere (default: "
+            f"{args.out_dir / 'reports' / args.study})."
+        )
     return args.out
 
 

@@ -188,8 +188,9 @@ class RunFolder:
     `resume=(last_step, records)` reopens an unfinished folder at a checkpoint instead of recreating it: its
     metrics.jsonl keeps the records up to that point, its summary keeps the earlier fields (`wandb_id`)."""
 
-    def __init__(self, path: Path, config: dict, summary: dict, final: Path | None = None,
-                 resume: tuple[int, int] | None = None):
+    def __init__(
+        self, path: Path, config: dict, summary: dict, final: Path | None = None, resume: tuple[int, int] | None = None
+    ):
         self.path, self.final = Path(path), Path(final or path)
         if resume is not None:
             earlier = read_run_folder(self.path)[1]

@@ -55,15 +55,27 @@ class WandbJob:
         log.warning(
             "wandb online init failed (%s: %s; server %s, logger.wandb.init_timeout=%g s). This job's wandb runs "
             "are kept offline in their run folders; upload them later with `%s`.",
-            type(error).__name__, first, server, self.settings.init_timeout, self.sync_hint,
+            type(error).__name__,
+            first,
+            server,
+            self.settings.init_timeout,
+            self.sync_hint,
         )
 
 
 class WandbRun:
     """One wandb run per trained model; every call is guarded so wandb can never stop training."""
 
-    def __init__(self, job: WandbJob, run_dir: Path, name: str, group: str, config: dict, notes: str | None = None,
-                 resume_id: str | None = None):
+    def __init__(
+        self,
+        job: WandbJob,
+        run_dir: Path,
+        name: str,
+        group: str,
+        config: dict,
+        notes: str | None = None,
+        resume_id: str | None = None,
+    ):
         """`resume_id`: the wandb id of the run to continue (a run resumed from its checkpoint)."""
         self.run = None
         if job.mode == "disabled":
@@ -72,8 +84,15 @@ class WandbRun:
         resume = {"id": resume_id, "resume": "allow"} if resume_id else {}
         try:
             self.run = job.init(
-                project=s.project, entity=s.entity, group=group, name=name, tags=list(s.tags),
-                config=config, notes=notes, dir=str(run_dir), **resume,
+                project=s.project,
+                entity=s.entity,
+                group=group,
+                name=name,
+                tags=list(s.tags),
+                config=config,
+                notes=notes,
+                dir=str(run_dir),
+                **resume,
             )
         except Exception as e:  # wandb is optional to the science
             self._give_up("init", e)

@@ -75,7 +75,9 @@ def proportion_interval(k: int, n: int, confidence: float = CONFIDENCE) -> tuple
     return (float(ci.low), float(ci.high))
 
 
-_UNIT_INTERVAL = re.compile(r"(^|/)(acc(_running|_batch|_population)?|epoch_acc|acc_spread|diverged|dead_frac|converged|reached_target)$")
+_UNIT_INTERVAL = re.compile(
+    r"(^|/)(acc(_running|_batch|_population)?|epoch_acc|acc_spread|diverged|dead_frac|converged|reached_target)$"
+)
 
 
 def metric_bounds(metric: str) -> tuple[float, float] | None:
@@ -149,8 +151,7 @@ def paired_contrast(groups: list[pd.Series], coefs: list[float]) -> Contrast:
 def same_seeds(groups: list[pd.Series]) -> bool:
     """Every group holds each of the same seeds exactly once (and at least 2 of them)."""
     first = groups[0].index
-    return (len(first) >= 2 and first.is_unique
-            and all(g.index.is_unique and set(g.index) == set(first) for g in groups))
+    return len(first) >= 2 and first.is_unique and all(g.index.is_unique and set(g.index) == set(first) for g in groups)
 
 
 def contrast(groups: list[pd.Series], coefs: list[float]) -> Contrast:
@@ -232,8 +233,14 @@ def why(c: Contrast | None, expect: str, margin: float, verdict: str) -> str:
 # ------------------------------------------------------------------------------------------- run rules
 
 
-def is_trained(first_train_loss: float | None, final_train_loss: float | None, test_acc: float | None,
-               num_classes: int = 10, loss_ratio: float = LOSS_RATIO, chance_margin: float = CHANCE_MARGIN) -> bool:
+def is_trained(
+    first_train_loss: float | None,
+    final_train_loss: float | None,
+    test_acc: float | None,
+    num_classes: int = 10,
+    loss_ratio: float = LOSS_RATIO,
+    chance_margin: float = CHANCE_MARGIN,
+) -> bool:
     """Whether a finite run learned: its final train loss < loss_ratio x its first logged one, and its test
     accuracy > 1/num_classes + chance_margin. A missing number is not held against the run (the other
     decides); with neither, the run counts as trained."""

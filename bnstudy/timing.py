@@ -62,4 +62,6 @@ def overhead_ratio(snapshot: dict[str, float]) -> float:
 def breakdown_line(snapshot: dict[str, float]) -> str:
     """One line: wall time and each bucket's seconds, e.g. 'time 21.3 s: startup 6.1, data 0.2, ...'."""
     parts = ", ".join(f"{k} {snapshot[k]:.1f}" for k in BUCKETS)
-    return f"time {snapshot['wall']:.1f} s: {parts} (not train steps: {snapshot['wall'] - snapshot['train_steps']:.1f} s)"
+    return (
+        f"time {snapshot['wall']:.1f} s: {parts} (not train steps: {snapshot['wall'] - snapshot['train_steps']:.1f} s)"
+    )

@@ -1,7 +1,7 @@
 """The Hydra app: validate the config, load data, train each pack, write run folders and wandb runs.
 
-    python -m bnstudy.train [overrides]           # one job (a list in a packable key = a pack)
-    python -m bnstudy.train -m model.norm=a,b,c   # one job per value
+python -m bnstudy.train [overrides]           # one job (a list in a packable key = a pack)
+python -m bnstudy.train -m model.norm=a,b,c   # one job per value
 """
 
 from __future__ import annotations
@@ -142,8 +142,13 @@ def progress_factory(cfg: Config):
     return lambda total, desc: tqdm(total=total, desc=desc, disable=None, leave=False, dynamic_ncols=True)
 
 
-def open_sinks(claim: runs_lib.Claim, pack_info: dict, prov: dict, wandb_job: WandbJob,
-               progress: checkpoints.Progress | None = None) -> RunSinks:
+def open_sinks(
+    claim: runs_lib.Claim,
+    pack_info: dict,
+    prov: dict,
+    wandb_job: WandbJob,
+    progress: checkpoints.Progress | None = None,
+) -> RunSinks:
     """The run folder and wandb run of one claimed run: new ones, or the interrupted ones reopened at
     `progress` (metrics.jsonl cut back to the checkpoint, the same wandb id)."""
     run = claim.run
@@ -168,8 +173,9 @@ def open_sinks(claim: runs_lib.Claim, pack_info: dict, prov: dict, wandb_job: Wa
     folder = runs_lib.RunFolder(claim.work_dir, resolved, summary, final=claim.final, resume=resume)
     notes = f"dataset {run.dataset.name}: {note}" if note else f"dataset {run.dataset.name}"
     resume_id = folder.summary.get("wandb_id") if progress is not None else None
-    wandb_run = WandbRun(wandb_job, folder.path, runs_lib.run_name(run), group_name(run), resolved, notes=notes,
-                         resume_id=resume_id)
+    wandb_run = WandbRun(
+        wandb_job, folder.path, runs_lib.run_name(run), group_name(run), resolved, notes=notes, resume_id=resume_id
+    )
     if wandb_run.id:
         folder.update({"wandb_id": wandb_run.id})  # a resumed run reopens this wandb run
     return RunSinks(folder, wandb_run)
@@ -240,8 +246,10 @@ class PackCheckpointer:
             self.writers = self.writers or [checkpoints.Writer(s.folder.path) for s in self.sinks]
             for k, (sink, writer) in enumerate(zip(self.sinks, self.writers)):
                 done = epoch + 1
-                writer.save(checkpoints.model_slice(host, k),
-                            checkpoints.Progress(done, done * self.steps_per_epoch, sink.folder.records))
+                writer.save(
+                    checkpoints.model_slice(host, k),
+                    checkpoints.Progress(done, done * self.steps_per_epoch, sink.folder.records),
+                )
         self.seconds += time.perf_counter() - t0
 
     def close(self) -> None:
@@ -256,8 +264,15 @@ def restored_pack(trainer: PackTrainer, hp: HParams, claims: list[runs_lib.Claim
     return checkpoints.stack(states + [states[-1]] * (pack_size - len(states)))
 
 
-def train_pack(trainer: PackTrainer, claims: list[runs_lib.Claim], pack_size: int, pack_index: int, cfg: Config,
-               wandb_job: WandbJob, times: TimeBreakdown, progress: list[checkpoints.Progress | None] | None = None,
+def train_pack(
+    trainer: PackTrainer,
+    claims: list[runs_lib.Claim],
+    pack_size: int,
+    pack_index: int,
+    cfg: Config,
+    wandb_job: WandbJob,
+    times: TimeBreakdown,
+    progress: list[checkpoints.Progress | None] | None = None,
 ) -> list[dict]:
     """Train one chunk of runs as one vmapped program (padded to `pack_size` to reuse the compilation);
     with `progress` (every run's checkpoint, all of one epoch), continue them from their checkpoints."""
@@ -267,8 +282,10 @@ def train_pack(trainer: PackTrainer, claims: list[runs_lib.Claim], pack_size: in
     padded = runs + [runs[-1]] * (pack_size - len(runs))
     prov = provenance()
     with times.measure("logging"):
-        sinks = [open_sinks(c, {"size": len(runs), "index": pack_index, "position": k}, prov, wandb_job, progress[k])
-                 for k, c in enumerate(claims)]
+        sinks = [
+            open_sinks(c, {"size": len(runs), "index": pack_index, "position": k}, prov, wandb_job, progress[k])
+            for k, c in enumerate(claims)
+        ]
     hp = HParams.stack([config_lib.hparams_row(r) for r in padded])
     saver = PackCheckpointer(cfg, sinks, trainer.steps_per_epoch)
     try:
@@ -276,8 +293,9 @@ def train_pack(trainer: PackTrainer, claims: list[runs_lib.Claim], pack_size: in
         # A model that diverged before the checkpoint logged its last record then: it stays silent.
         stopped = None if state is None else [bool(d) for d in jax.device_get(state.diverged)[: len(claims)]]
         pack_logger = PackLogger(sinks, times, stopped)
-        result = trainer.train(hp, pack_logger, progress_factory(cfg), state=state,
-                               start_epoch=start_epoch, on_epoch_end=saver)
+        result = trainer.train(
+            hp, pack_logger, progress_factory(cfg), state=state, start_epoch=start_epoch, on_epoch_end=saver
+        )
     except RunInterrupted as e:
         for s in sinks:
             s.finish({"status": runs_lib.INTERRUPTED, "error": f"interrupted by {e.name}"})
@@ -395,7 +413,11 @@ def train_and_evaluate(cfg: Config) -> list[dict]:
     for s in summaries:
         log.info(
             "%s: %s test/acc=%s examples/s=%.0f -> %s",
-            s["name"], s["status"], _fmt(s.get("test/acc")), s["examples_per_s"], s["path"],
+            s["name"],
+            s["status"],
+            _fmt(s.get("test/acc")),
+            s["examples_per_s"],
+            s["path"],
         )
     for s in skipped:
         log.info("%s: %s test/acc=%s -> %s", s["name"], s["status"], _fmt(s.get("test/acc")), s["path"])
@@ -406,7 +428,9 @@ def resolve_devices(cfg: Config) -> int:
     try:
         return sharding.resolve_devices(cfg.train.devices)
     except ValueError as e:
-        raise ConfigError(f"Invalid config: `train.devices` must be 'auto' or at most the local devices; {e}.") from None
+        raise ConfigError(
+            f"Invalid config: `train.devices` must be 'auto' or at most the local devices; {e}."
+        ) from None
 
 
 def train_pending(cfg: Config, pending: list[Config], skipped: list[dict]) -> list[dict]:
@@ -438,7 +462,13 @@ def train_job(cfg: Config, pending: list[Config], skipped: list[dict], times: Ti
     pack_size = sharding.multiple_of(pack_size, devices)
     log.info(
         "%d run(s) to train of %s/%s norm=%s in packs of <=%d on %d %s device(s)",
-        len(pending), d.name, cfg.model.name, cfg.model.norm, pack_size, devices, jax.default_backend(),
+        len(pending),
+        d.name,
+        cfg.model.name,
+        cfg.model.norm,
+        pack_size,
+        devices,
+        jax.default_backend(),
     )
     wandb_job = WandbJob(cfg.logger.wandb, sync_hint(cfg))
     rerun = cfg.train.rerun

@@ -123,8 +123,14 @@ PROBE_PREFIXES = ("smooth/", "ics/")  # keys of the probes taken before a step
 
 
 def build_train_programs(
-    program: Program, input_shape: tuple[int, ...], steps_per_epoch: int, probe_every: int, multipliers,
-    ics_every: int, steps_per_call: int = 1, mesh: jax.sharding.Mesh | None = None,
+    program: Program,
+    input_shape: tuple[int, ...],
+    steps_per_epoch: int,
+    probe_every: int,
+    multipliers,
+    ics_every: int,
+    steps_per_call: int = 1,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> TrainPrograms:
     """With a `mesh`, step/probe/epoch run per device on its slice of the models (`sharding.per_device`)."""
     p = program
@@ -132,13 +138,9 @@ def build_train_programs(
     permutation = jax.jit(jax.vmap(engine.epoch_permutation, in_axes=(0, None, None)), static_argnums=2)
     step = jax.vmap(partial(engine.train_step, p), in_axes=(0, 0, None, 0, None))
     # Metrics out on axis 1: [k, K], stacked over steps as the python loop's history is.
-    steps = jax.vmap(
-        partial(engine.train_steps, p, steps_per_call), in_axes=(0, 0, None, 0, None), out_axes=(0, 1)
-    )
+    steps = jax.vmap(partial(engine.train_steps, p, steps_per_call), in_axes=(0, 0, None, 0, None), out_axes=(0, 1))
     vectorize = jax.default_backend() != "cpu"  # vmap over eta, except where grouped convs are slow
-    probe = jax.vmap(
-        partial(metrics.smoothness_probe, p, tuple(multipliers), vectorize), in_axes=(0, 0, None, 0, None)
-    )
+    probe = jax.vmap(partial(metrics.smoothness_probe, p, tuple(multipliers), vectorize), in_axes=(0, 0, None, 0, None))
 
     ics = jax.vmap(partial(metrics.ics_probe, p), in_axes=(0, 0, None, 0, None))
     probes = [(every, fn) for every, fn in ((probe_every, probe), (ics_every, ics)) if every]
@@ -229,8 +231,14 @@ class PackTrainer:
             units_split=units_split(splits) if schedule.dead_units else None,
         )
         self.programs = build_train_programs(
-            program, self.input_shape, self.steps_per_epoch, schedule.probe_every, schedule.probe_multipliers,
-            schedule.ics_every, self.steps_per_call, mesh,
+            program,
+            self.input_shape,
+            self.steps_per_epoch,
+            schedule.probe_every,
+            schedule.probe_multipliers,
+            schedule.ics_every,
+            self.steps_per_call,
+            mesh,
         )
 
     def permutation(self, hp: HParams, epoch: int) -> jax.Array:
@@ -417,8 +425,10 @@ class PackTrainer:
                 if done >= self.schedule.log_every or i + m == n or i + m in eval_at:
                     # Stacked on the host: eager device ops would each compile a program per window shape.
                     fetched = [(c, jax.device_get(w)) for c, w in window]
-                    part = {key: np.concatenate([w[key] if c > 1 else w[key][None] for c, w in fetched])
-                            for key in fetched[0][1]}
+                    part = {
+                        key: np.concatenate([w[key] if c > 1 else w[key][None] for c, w in fetched])
+                        for key in fetched[0][1]
+                    }
                     history_parts.append(part)
                     bar.update(done)
                     bar.set_postfix_str(f"loss {np.nanmean(part['loss'][-1]):.4f}")

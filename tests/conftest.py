@@ -45,14 +45,35 @@ def make_arrays(n_train=256, n_test=64, shape=(28, 28, 1), seed=0) -> engine.Arr
 
 
 # The model settings the tests use (bnstudy's own defaults live in the config schema alone).
-MODEL_KW = dict(norm="before_relu", num_classes=10, dropout_placement="none", bn_momentum=0.9, bn_epsilon=1e-5, width=1.0,
-                norm_kind="batch", norm_groups=8, bn_running_var="unbiased")
+MODEL_KW = dict(
+    norm="before_relu",
+    num_classes=10,
+    dropout_placement="none",
+    bn_momentum=0.9,
+    bn_epsilon=1e-5,
+    width=1.0,
+    norm_kind="batch",
+    norm_groups=8,
+    bn_running_var="unbiased",
+)
 
 # A short schedule for core tests; each test overrides what it is about with `schedule(...)`.
 SCHEDULE_KW = dict(
-    epochs=1, eval_every=1, log_every=50, eval_batch_size=64, loop="auto", steps_per_call=1, max_steps_per_epoch=None, probe_every=0,
-    probe_multipliers=(0.5, 1.0, 2.0, 4.0), discrepancy=False, population_batches=20, discrepancy_train_subset=0,
-    ics_every=0, eval_every_steps=0, dead_units=False,
+    epochs=1,
+    eval_every=1,
+    log_every=50,
+    eval_batch_size=64,
+    loop="auto",
+    steps_per_call=1,
+    max_steps_per_epoch=None,
+    probe_every=0,
+    probe_multipliers=(0.5, 1.0, 2.0, 4.0),
+    discrepancy=False,
+    population_batches=20,
+    discrepancy_train_subset=0,
+    ics_every=0,
+    eval_every_steps=0,
+    dead_units=False,
 )
 
 

@@ -25,8 +25,7 @@ def assert_same_tree(a, b):
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_a_restored_model_slice_equals_the_saved_one_and_only_the_last_is_kept(tmp_path, optimizer):
     program = Program(model=build_model(), optimizer=optimizer, batch_size=8)
-    programs = build_train_programs(program, (28, 28, 1), steps_per_epoch=1, probe_every=0, multipliers=(),
-                                    ics_every=0)
+    programs = build_train_programs(program, (28, 28, 1), steps_per_epoch=1, probe_every=0, multipliers=(), ics_every=0)
     hp = HParams.stack([dict(lr=0.1, weight_decay=0.0, init_scale=1.0, dropout_rate=0.0, seed=s) for s in (3, 4)])
     pack = jax.device_get(programs.init(hp))
     pack = pack.replace(step=pack.step + 7, diverged=np.array([False, True]), diverged_step=np.array([-1, 5], np.int32))

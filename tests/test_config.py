@@ -1,6 +1,5 @@
 """Every config composes, bad values are refused with a clear message, packs expand as documented."""
 
-
 import pytest
 from hydra import compose, initialize_config_dir
 

@@ -16,8 +16,20 @@ from bnstudy import config as config_lib
 
 CONFIGS = config_tree.config_dir()
 config_tree.register()
-STUDIES = ("placement", "learning_rate", "init_scale", "dropout", "batch_size", "small_batch_norms", "smoothness",
-           "ics", "dead_units", "convergence", "regularization", "cost")
+STUDIES = (
+    "placement",
+    "learning_rate",
+    "init_scale",
+    "dropout",
+    "batch_size",
+    "small_batch_norms",
+    "smoothness",
+    "ics",
+    "dead_units",
+    "convergence",
+    "regularization",
+    "cost",
+)
 
 
 def compose_study(study: str, *overrides: str, hydra_config: bool = False):
@@ -28,8 +40,10 @@ def compose_study(study: str, *overrides: str, hydra_config: bool = False):
 def sweep_jobs(params) -> list[list[str]]:
     """The jobs Hydra's basic sweeper makes of `hydra.sweeper.params`: one override list per combination."""
     parser = OverridesParser.create()
-    axes = [[f"{key}={v}" for v in parser.parse_override(f"{key}={value}").sweep_string_iterator()]
-            for key, value in params.items()]
+    axes = [
+        [f"{key}={v}" for v in parser.parse_override(f"{key}={value}").sweep_string_iterator()]
+        for key, value in params.items()
+    ]
     return [list(job) for job in itertools.product(*axes)]
 
 
@@ -74,7 +88,12 @@ def test_report_block_is_complete_and_names_real_axes(study):
     packed = {key for key, values in config_lib.pack_axes(job).items() if len(values) > 1}
     axes = set(params) | packed
     for comp in spec["compare"]:
-        for filters in (comp.get("a") or {}, comp.get("b") or {}, comp.get("where") or {}, comp.get("relative_to") or {}):
+        for filters in (
+            comp.get("a") or {},
+            comp.get("b") or {},
+            comp.get("where") or {},
+            comp.get("relative_to") or {},
+        ):
             assert set(filters) <= axes, f"{study}: comparison filters {set(filters) - axes} are not grid axes"
         assert comp.get("trend", "seed") in axes | {"seed"}, f"{study}: trend axis {comp['trend']} is not a grid axis"
     if spec.get("select"):
@@ -88,9 +107,15 @@ def test_report_block_is_complete_and_names_real_axes(study):
 def test_quick_placement_runs_end_to_end_through_train_and_report(mock_tfds, run_app, tmp_path):
     # Two steps on mock data teach nothing, so the report is told not to require learning (the trained rule
     # is tested in test_stats.py); the pipeline from train to report is what this test checks.
-    out = run_app("-m", "experiment=placement", "+preset=quick", "train.max_steps_per_epoch=2",
-                  "discrepancy.enabled=false", "train.pack_size=8",  # one compiled program per placement
-                  "+report.require_trained=false")
+    out = run_app(
+        "-m",
+        "experiment=placement",
+        "+preset=quick",
+        "train.max_steps_per_epoch=2",
+        "discrepancy.enabled=false",
+        "train.pack_size=8",  # one compiled program per placement
+        "+report.require_trained=false",
+    )
     runs_dir = out / "placement"
     summaries = [json.loads(p.read_text()) for p in runs_dir.glob("*/summary.json")]
     assert len(summaries) == 24  # 3 placements x 4 lrs x 2 seeds

@@ -12,8 +12,9 @@ from bnstudy import metrics, trainer
 from conftest import cnn_program, hparams, schedule
 
 # 4 steps per epoch, 2 epochs; ICS before steps 0, 2, 4, 6; evaluations after 3, 6 and 8 steps.
-MEASURED = schedule(epochs=2, log_every=2, max_steps_per_epoch=4, eval_batch_size=24, ics_every=2,
-                    eval_every_steps=3, dead_units=True)
+MEASURED = schedule(
+    epochs=2, log_every=2, max_steps_per_epoch=4, eval_batch_size=24, ics_every=2, eval_every_steps=3, dead_units=True
+)
 PACK_RTOL = 2e-4  # vmapped convs are grouped convs on XLA:CPU: a pack agrees to float32 round-off
 
 
@@ -27,8 +28,11 @@ def train(arrays, rows, sched=MEASURED):
 
 def logged(logs, prefix):
     """{step: {key: [K]}} of the records holding keys with this prefix."""
-    return {step: {k: v for k, v in m.items() if k.startswith(prefix)} for step, m in logs
-            if any(k.startswith(prefix) for k in m)}
+    return {
+        step: {k: v for k, v in m.items() if k.startswith(prefix)}
+        for step, m in logs
+        if any(k.startswith(prefix) for k in m)
+    }
 
 
 @pytest.mark.slow
@@ -64,8 +68,14 @@ def test_dead_fraction_is_over_the_whole_test_split_in_inference_mode(arrays):
     result, _ = train(arrays, [{"lr": 0.5, "seed": 3}], schedule(**{**MEASURED.__dict__, "ics_every": 0}))
     program = cnn_program("before_relu", batch_size=32)
     one = jax.tree.map(lambda a: a[0], result.state)
-    whole = metrics.eval_batch_with_units(program, one.params, one.batch_stats, arrays.test_images,
-                                          arrays.test_labels, jnp.ones(arrays.test_labels.shape[0]))
+    whole = metrics.eval_batch_with_units(
+        program,
+        one.params,
+        one.batch_stats,
+        arrays.test_images,
+        arrays.test_labels,
+        jnp.ones(arrays.test_labels.shape[0]),
+    )
     expected = metrics.dead_unit_fractions(whole["relu_positive"])
     for key, v in expected.items():
         assert result.final[key][0] == pytest.approx(float(v), abs=1e-7), key
@@ -84,13 +94,16 @@ def test_scan_loop_evaluates_and_probes_at_the_same_steps_as_the_python_loop(arr
             np.testing.assert_allclose(b[key], a[key], rtol=1e-4, atol=1e-6, err_msg=key)
 
 
-@pytest.mark.parametrize(("eval_every", "eval_every_steps", "epochs", "points"), [
-    (1, 0, 3, [[4], [4], [4]]),
-    (2, 0, 3, [[], [4], [4]]),  # the end of training is always evaluated
-    (0, 0, 2, [[], [4]]),
-    (1, 3, 3, [[3], [2], [1, 4]]),  # steps 3, 6, 9 and the end (12); eval_every is then not used
-    (1, 4, 2, [[4], [4]]),
-])
+@pytest.mark.parametrize(
+    ("eval_every", "eval_every_steps", "epochs", "points"),
+    [
+        (1, 0, 3, [[4], [4], [4]]),
+        (2, 0, 3, [[], [4], [4]]),  # the end of training is always evaluated
+        (0, 0, 2, [[], [4]]),
+        (1, 3, 3, [[3], [2], [1, 4]]),  # steps 3, 6, 9 and the end (12); eval_every is then not used
+        (1, 4, 2, [[4], [4]]),
+    ],
+)
 def test_evaluation_points(arrays, eval_every, eval_every_steps, epochs, points):
     sched = schedule(epochs=epochs, max_steps_per_epoch=4, eval_every=eval_every, eval_every_steps=eval_every_steps)
     pt = trainer.PackTrainer(cnn_program(), arrays, sched)
@@ -98,8 +111,11 @@ def test_evaluation_points(arrays, eval_every, eval_every_steps, epochs, points)
 
 
 def test_ics_medians_skip_step_zero_and_nan():
-    probes = [{"ics/a/l2": np.array([1.0, np.nan])}, {"ics/a/l2": np.array([3.0, np.nan])},
-              {"ics/a/l2": np.array([8.0, np.nan])}]
+    probes = [
+        {"ics/a/l2": np.array([1.0, np.nan])},
+        {"ics/a/l2": np.array([3.0, np.nan])},
+        {"ics/a/l2": np.array([8.0, np.nan])},
+    ]
     out = trainer.ics_medians(probes)
     assert out["ics/a/l2_median"][0] == 3.0 and np.isnan(out["ics/a/l2_median"][1])
     assert trainer.ics_medians([]) == {}
@@ -114,15 +130,20 @@ def run_folders(out):
 
 @pytest.mark.slow
 def test_app_run_writes_ics_dead_units_and_steps_to_target(mock_tfds, run_app):
-    out = run_app("logger.wandb.mode=offline", "ics.every=1", "train.eval_every_steps=2", "train.target_acc=0.01",
-                  "discrepancy.enabled=true", "discrepancy.train_subset=64")
+    out = run_app(
+        "logger.wandb.mode=offline",
+        "ics.every=1",
+        "train.eval_every_steps=2",
+        "train.target_acc=0.01",
+        "discrepancy.enabled=true",
+        "discrepancy.train_subset=64",
+    )
     (folder,) = run_folders(out)
     summary = json.loads((folder / "summary.json").read_text())
     records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "ics/dense1/l2" in r] == [0, 1, 2]
     assert [r["step"] for r in records if "relu/conv1/dead_frac" in r] == [2, 3]  # every 2 steps and the end
-    for key in ("ics/dense1/l2", "ics/dense1/l2_median", "ics/conv2/cos_median", "relu/dense1/dead_frac",
-                "disc/kl"):
+    for key in ("ics/dense1/l2", "ics/dense1/l2_median", "ics/conv2/cos_median", "relu/dense1/dead_frac", "disc/kl"):
         assert isinstance(summary[key], float), key
     # A 1% target is reached at the first evaluation; without a validation split it reads test/acc.
     assert summary["steps_to_target"] == 2 and summary["steps_to_target_key"] == "test/acc"

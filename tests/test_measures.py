@@ -29,7 +29,12 @@ def linear_chain_grads(w1, s, w2, w3, x, y):
 def test_ics_of_a_linear_chain_matches_the_hand_derived_gradients():
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(3, 16)), rng.normal(size=(2, 16))
-    p = {"w1": rng.normal(size=(4, 3)), "s": np.float64(1.3), "w2": rng.normal(size=(5, 4)), "w3": rng.normal(size=(2, 5))}
+    p = {
+        "w1": rng.normal(size=(4, 3)),
+        "s": np.float64(1.3),
+        "w2": rng.normal(size=(5, 4)),
+        "w3": rng.normal(size=(2, 5)),
+    }
     u = {k: 0.1 * rng.normal(size=np.shape(v)) for k, v in p.items()}  # any update; here not even a gradient step
 
     def loss(q):

@@ -65,8 +65,15 @@ def probes_of(logs):
 
 
 def test_python_loop_probe_leaves_params_opt_state_and_running_stats_bit_identical():
-    sched = schedule(epochs=1, log_every=1, max_steps_per_epoch=3, eval_batch_size=24, loop="python",
-                     probe_every=1, probe_multipliers=(1.0, 2.0))  # two etas: a smaller program
+    sched = schedule(
+        epochs=1,
+        log_every=1,
+        max_steps_per_epoch=3,
+        eval_batch_size=24,
+        loop="python",
+        probe_every=1,
+        probe_multipliers=(1.0, 2.0),
+    )  # two etas: a smaller program
     # Dropout on: the probe must reuse the step's dropout key, not consume one of its own.
     pt, probed, logs = train_pack(sched, dropout_placement="after_block")
     hp = hparams([{"dropout_rate": 0.3}])
@@ -103,8 +110,15 @@ def whole_set_pack():
     """A pack of two trained for 2 steps on 32 images that are also the test set; one batch is all of them."""
     data = tiny_arrays(n_train=32, n_test=8)
     data = data._replace(test_images=data.train_images, test_labels=data.train_labels)
-    sched = schedule(epochs=1, log_every=4, max_steps_per_epoch=2, eval_batch_size=24, discrepancy=True,
-                     population_batches=5, discrepancy_train_subset=32)  # capped to the 1 batch there is
+    sched = schedule(
+        epochs=1,
+        log_every=4,
+        max_steps_per_epoch=2,
+        eval_batch_size=24,
+        discrepancy=True,
+        population_batches=5,
+        discrepancy_train_subset=32,
+    )  # capped to the 1 batch there is
     rows = [{"seed": 0}, {"seed": 1, "lr": 0.1}]
     pt, result, _ = train_pack(sched, arrays=data, rows=rows, batch_size=32)
     return pt, result, hparams(rows)
@@ -199,14 +213,29 @@ def read_run(out):
 
 
 def test_app_logs_discrepancy_keys_to_metrics_and_summary(small_mnist, run_app):
-    records, summary = read_run(run_app(
-        "discrepancy.enabled=true", "discrepancy.population_batches=2", "discrepancy.train_subset=48",
-        "model.dropout.placement=after_block", "model.dropout.rate=0.2",
-    ))
+    records, summary = read_run(
+        run_app(
+            "discrepancy.enabled=true",
+            "discrepancy.population_batches=2",
+            "discrepancy.train_subset=48",
+            "model.dropout.placement=after_block",
+            "model.dropout.rate=0.2",
+        )
+    )
     logged = set().union(*records)
-    expected = {"disc/acc_gap", "disc/loss_gap", "disc/train_test_inconsistency", "disc/ema_error", "disc/kl",
-                *(f"{split}/{what}_{mode}" for split in ("test", "train_subset") for what in ("loss", "acc")
-                  for mode in metrics.MODES)}
+    expected = {
+        "disc/acc_gap",
+        "disc/loss_gap",
+        "disc/train_test_inconsistency",
+        "disc/ema_error",
+        "disc/kl",
+        *(
+            f"{split}/{what}_{mode}"
+            for split in ("test", "train_subset")
+            for what in ("loss", "acc")
+            for mode in metrics.MODES
+        ),
+    }
     expected |= {f"bn/{layer}/{m}" for layer in LAYERS for m in ("mean_shift", "log_var_ratio")}
     expected |= {"bn/conv2/dropout_var_shift", "bn/dense1/dropout_var_shift"}  # dropout feeds these, not conv1
     assert expected <= logged and expected <= set(summary)
@@ -215,8 +244,9 @@ def test_app_logs_discrepancy_keys_to_metrics_and_summary(small_mnist, run_app):
 
 
 def test_app_logs_probe_keys_and_without_bn_no_disc_or_bn_keys(small_mnist, run_app):
-    records, summary = read_run(run_app("model.norm=none", "probe.every=2", "probe.step_multipliers=[1,2]",
-                                        "discrepancy.enabled=true"))
+    records, summary = read_run(
+        run_app("model.norm=none", "probe.every=2", "probe.step_multipliers=[1,2]", "discrepancy.enabled=true")
+    )
     assert [r["step"] for r in records if "smooth/beta_eff" in r] == [0, 2]
     assert set(metrics.SMOOTH_KEYS) <= set(summary) and all(summary[k] is not None for k in metrics.SMOOTH_KEYS)
     keys = set().union(*records) | set(summary)

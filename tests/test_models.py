@@ -118,7 +118,6 @@ def test_unknown_choices_are_rejected():
         build_model("resnet")
 
 
-
 def nn_max_pool(x):
     return nn.max_pool(x, (2, 2), strides=(2, 2))
 
@@ -155,5 +154,6 @@ def test_max_pool_2x2_equals_nn_max_pool_in_value_with_ties_and_passes_the_whole
 def test_max_pool_2x2_splits_a_tied_windows_gradient_equally():
     x = jnp.asarray([[1.0, 3.0], [3.0, 0.0]]).reshape(1, 2, 2, 1)
     np.testing.assert_array_equal(jax.grad(lambda v: models.max_pool_2x2(v).sum())(x).ravel(), [0, 0.5, 0.5, 0])
-    np.testing.assert_array_equal(jax.grad(lambda v: models.max_pool_2x2(v).sum())(jnp.ones((1, 2, 2, 1))).ravel(),
-                                  [0.25, 0.25, 0.25, 0.25])
+    np.testing.assert_array_equal(
+        jax.grad(lambda v: models.max_pool_2x2(v).sum())(jnp.ones((1, 2, 2, 1))).ravel(), [0.25, 0.25, 0.25, 0.25]
+    )

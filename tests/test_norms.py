@@ -23,7 +23,10 @@ def numpy_bn(x, scale, bias, eps=EPS):
 def run_bn(bn, batches, scale, bias):
     """Train-mode outputs over a sequence of batches, running stats carried; then the eval-mode output."""
     variables = bn.init(jax.random.key(0), jnp.asarray(batches[0]))
-    variables = {"params": {"scale": jnp.asarray(scale), "bias": jnp.asarray(bias)}, "batch_stats": variables["batch_stats"]}
+    variables = {
+        "params": {"scale": jnp.asarray(scale), "bias": jnp.asarray(bias)},
+        "batch_stats": variables["batch_stats"],
+    }
     outs = []
     for x in batches:
         y, updates = bn.apply(variables, jnp.asarray(x), mutable=["batch_stats"])

@@ -77,18 +77,39 @@ def tfds_dir(tmp_path_factory) -> Path:
 
 def command(out: Path, tfds_dir: Path, *overrides: str) -> list[str]:
     cache = f"compile_cache_dir={tfds_dir.parent / 'jax-cache'}"  # later processes skip most compiling
-    return [sys.executable, "-m", "bnstudy.train", *TINY, cache, f"dataset.data_dir={tfds_dir}", f"out_dir={out}",
-            *overrides]
+    return [
+        sys.executable,
+        "-m",
+        "bnstudy.train",
+        *TINY,
+        cache,
+        f"dataset.data_dir={tfds_dir}",
+        f"out_dir={out}",
+        *overrides,
+    ]
 
 
 def train(out: Path, tfds_dir: Path, *overrides: str, timeout=300, **env_extra) -> subprocess.CompletedProcess:
-    return subprocess.run(command(out, tfds_dir, *overrides), env=env(**env_extra), capture_output=True, text=True,
-                          timeout=timeout, cwd=out.parent)
+    return subprocess.run(
+        command(out, tfds_dir, *overrides),
+        env=env(**env_extra),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=out.parent,
+    )
 
 
 def start(out: Path, tfds_dir: Path, *overrides: str) -> subprocess.Popen:
-    return subprocess.Popen(command(out, tfds_dir, *overrides), env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=out.parent, start_new_session=True)
+    return subprocess.Popen(
+        command(out, tfds_dir, *overrides),
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=out.parent,
+        start_new_session=True,
+    )
 
 
 def folders(out: Path) -> list[Path]:
@@ -217,8 +238,20 @@ def test_killed_run_reads_as_stale_in_the_report_and_a_rerun_retrains_it(tmp_pat
     assert summary(folder)["status"] == "running" and summary(folder)["pid"] == proc.pid
     assert runs_lib.effective_status(summary(folder)) == "stale"
     report = subprocess.run(
-        [sys.executable, "-m", "bnstudy.report", "placement", "--runs", str(folder.parent),
-         "--out", str(tmp_path / "r")], env=env(), capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "bnstudy.report",
+            "placement",
+            "--runs",
+            str(folder.parent),
+            "--out",
+            str(tmp_path / "r"),
+        ],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert report.returncode == 0, report.stderr[-2000:]
     assert f"- stale: `{folder}`" in (tmp_path / "r" / "README.md").read_text()
@@ -262,8 +295,14 @@ def test_wandb_outage_costs_one_bounded_wait_and_keeps_the_history_offline(tmp_p
     offline = train(tmp_path / "off", tfds_dir, "logger.wandb.mode=offline", *pack)
     offline_s = time.monotonic() - t0
     t0 = time.monotonic()
-    online = train(tmp_path / "on", tfds_dir, "logger.wandb.mode=online", *pack,
-                   WANDB_BASE_URL=f"http://127.0.0.1:{closed_loopback_port()}", WANDB_API_KEY="x" * 40)
+    online = train(
+        tmp_path / "on",
+        tfds_dir,
+        "logger.wandb.mode=online",
+        *pack,
+        WANDB_BASE_URL=f"http://127.0.0.1:{closed_loopback_port()}",
+        WANDB_API_KEY="x" * 40,
+    )
     online_s = time.monotonic() - t0
     print(f"wandb outage: offline {offline_s:.1f} s, online against a closed port {online_s:.1f} s")
     assert offline.returncode == 0 and online.returncode == 0, online.stderr[-2000:]
@@ -292,8 +331,9 @@ def test_bad_input_exits_2_naming_the_key_and_creates_nothing(tmp_path_factory, 
     a_file.write_text("")
     override = override.format(a_file=a_file)
     cmd = [sys.executable, "-m", "bnstudy.train", f"out_dir={out}", "logger.wandb.mode=disabled", override]
-    result = subprocess.run(cmd, env=env(TFDS_DATA_DIR=str(tmp_path / "tfds")), capture_output=True, text=True,
-                            timeout=120, cwd=tmp_path)
+    result = subprocess.run(
+        cmd, env=env(TFDS_DATA_DIR=str(tmp_path / "tfds")), capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
     assert result.returncode == 2, result.stderr[-2000:]
     assert f"`{key}`" in result.stderr and "Traceback" not in result.stderr
     assert result.stderr.strip().count("\n") == 0  # one paragraph
@@ -306,9 +346,21 @@ def test_one_epoch_of_the_default_model_on_the_embedded_data_reaches_95_percent(
     out = tmp_path / "out"
     t0 = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "bnstudy.train", "train.epochs=1", f"dataset.data_dir={tfds_dir}", f"out_dir={out}",
-         "logger.wandb.mode=disabled", "logger.progress=false"],
-        env=env(), capture_output=True, text=True, timeout=600, cwd=tmp_path,
+        [
+            sys.executable,
+            "-m",
+            "bnstudy.train",
+            "train.epochs=1",
+            f"dataset.data_dir={tfds_dir}",
+            f"out_dir={out}",
+            "logger.wandb.mode=disabled",
+            "logger.progress=false",
+        ],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
     )
     print(f"1 epoch on mnist_t10k: {time.monotonic() - t0:.1f} s")
     assert result.returncode == 0, result.stderr[-2000:]
@@ -376,8 +428,10 @@ def chaos(tmp_path: Path, tfds_dir: Path, uninterrupted: dict, epochs_logged: in
     assert summary(first)["status"] == "done" and summary(second)["status"] == "running"  # killed mid-run
     assert 2 not in by_seed(out) or summary(by_seed(out)[2])["status"] != "done"
     saved = checkpoints.latest(second)
-    print(f"killed {delay_s:.2f} s after epoch {epochs_logged} of the second run, {logged} records logged; "
-          f"checkpoint: {saved}")
+    print(
+        f"killed {delay_s:.2f} s after epoch {epochs_logged} of the second run, {logged} records logged; "
+        f"checkpoint: {saved}"
+    )
     before = snapshot(first)
 
     again = train(out, tfds_dir, *SWEEP)

@@ -27,22 +27,50 @@ T975_DF2 = 4.302652729911275  # t quantile 0.975 with 2 degrees of freedom (stat
 T975_DF4 = 2.7764451051977987  # ... with 4 degrees of freedom
 
 
-def write_run(root: Path, *, study="placement", norm="before_relu", seed=0, lr=0.1, init_scale=1.0,
-              placement="none", rate=0.0, batch_size=128, status="done", summary=None, records=(), spec=None):
+def write_run(
+    root: Path,
+    *,
+    study="placement",
+    norm="before_relu",
+    seed=0,
+    lr=0.1,
+    init_scale=1.0,
+    placement="none",
+    rate=0.0,
+    batch_size=128,
+    status="done",
+    summary=None,
+    records=(),
+    spec=None,
+):
     """One run folder written by bnstudy's own run-folder writer; status `running` leaves it open (this
     process is its live writer)."""
     config = {
         "dataset": {"name": "mnist", "data_dir": "/data", "download": False, "train_subset": None, "test_subset": None},
-        "model": {"name": "cnn", "norm": norm, "bn_momentum": 0.9, "init_scale": init_scale,
-                  "dropout": {"placement": placement, "rate": rate}},
+        "model": {
+            "name": "cnn",
+            "norm": norm,
+            "bn_momentum": 0.9,
+            "init_scale": init_scale,
+            "dropout": {"placement": placement, "rate": rate},
+        },
         "optimizer": {"name": "sgd", "lr": lr, "momentum": 0.9, "weight_decay": 0.0},
         "train": {"batch_size": batch_size, "epochs": 3, "pack_size": "auto", "loop": "auto"},
         "logger": {"wandb": {"mode": "disabled", "tags": []}, "progress": False},
-        "seed": seed, "out_dir": str(root.parent), "study": study, "report": spec,
+        "seed": seed,
+        "out_dir": str(root.parent),
+        "study": study,
+        "report": spec,
     }
     run_id = runs_lib.run_id(config)
-    start = {"run_id": run_id, "config_hash": runs_lib.config_hash(config), "study": study, "git_sha": "abc1234",
-             "packages": {"jax": "0.10.2"}, "device": {"backend": "cpu", "device_kind": "cpu"}}
+    start = {
+        "run_id": run_id,
+        "config_hash": runs_lib.config_hash(config),
+        "study": study,
+        "git_sha": "abc1234",
+        "packages": {"jax": "0.10.2"},
+        "device": {"backend": "cpu", "device_kind": "cpu"},
+    }
     folder = runs_lib.RunFolder(root / run_id, config, start)
     for r in records:
         folder.log(r["step"], {k: v for k, v in r.items() if k != "step"})
@@ -61,42 +89,76 @@ PLACEMENT = {
 # Report blocks of the mechanics tests below, fixed here so that a change of a study's design (experiments/)
 # does not change what these tests check.
 LR_SPEC = {
-    "claim": "BN allows larger learning rates.", "metrics": ["test/acc", "diverged", "log10_max_stable_lr"],
-    "derived": {"log10_max_stable_lr": {"over": "optimizer.lr", "of": "test/acc", "reduce": "max_stable",
-                                        "threshold": {"mnist": 0.5}, "log10": True}},
-    "compare": [{"metric": "log10_max_stable_lr", "a": {"model.norm": "before_relu"}, "b": {"model.norm": "none"},
-                 "expect": "greater"}],
+    "claim": "BN allows larger learning rates.",
+    "metrics": ["test/acc", "diverged", "log10_max_stable_lr"],
+    "derived": {
+        "log10_max_stable_lr": {
+            "over": "optimizer.lr",
+            "of": "test/acc",
+            "reduce": "max_stable",
+            "threshold": {"mnist": 0.5},
+            "log10": True,
+        }
+    },
+    "compare": [
+        {
+            "metric": "log10_max_stable_lr",
+            "a": {"model.norm": "before_relu"},
+            "b": {"model.norm": "none"},
+            "expect": "greater",
+        }
+    ],
 }
 INIT_SPEC = {
-    "claim": "BN makes accuracy insensitive to the init scale.", "metrics": ["test/acc", "acc_spread"],
+    "claim": "BN makes accuracy insensitive to the init scale.",
+    "metrics": ["test/acc", "acc_spread"],
     "derived": {"acc_spread": {"over": "model.init_scale", "of": "test/acc", "reduce": "range", "diverged_value": 0.1}},
-    "compare": [{"metric": "acc_spread", "a": {"model.norm": "before_relu"}, "b": {"model.norm": "none"},
-                 "expect": "less"}],
+    "compare": [
+        {"metric": "acc_spread", "a": {"model.norm": "before_relu"}, "b": {"model.norm": "none"}, "expect": "less"}
+    ],
 }
 DROPOUT_SPEC = {
     "claim": "With BN, dropout adds little, and dropout before BN hurts more than without BN.",
     "metrics": ["test/acc", "gen_gap", "bn/*/dropout_var_shift"],
     "compare": [
-        {"metric": "test/acc", "a": {"model.dropout.rate": 0.5}, "b": {"model.dropout.rate": 0.0},
-         "where": {"model.norm": "before_relu", "model.dropout.placement": "before_classifier"}, "expect": "less",
-         "margin": {"mnist": 0.005, "cifar10": 0.01},
-         "margin_reason": "the claim's own bound: at most 0.5 accuracy points on MNIST, 1 point on CIFAR-10"},
-        {"metric": "test/acc", "a": {"model.dropout.placement": "after_block"},
-         "b": {"model.dropout.placement": "before_classifier"},
-         "where": {"model.norm": "before_relu", "model.dropout.rate": 0.5}, "relative_to": {"model.norm": "none"},
-         "expect": "less"},
+        {
+            "metric": "test/acc",
+            "a": {"model.dropout.rate": 0.5},
+            "b": {"model.dropout.rate": 0.0},
+            "where": {"model.norm": "before_relu", "model.dropout.placement": "before_classifier"},
+            "expect": "less",
+            "margin": {"mnist": 0.005, "cifar10": 0.01},
+            "margin_reason": "the claim's own bound: at most 0.5 accuracy points on MNIST, 1 point on CIFAR-10",
+        },
+        {
+            "metric": "test/acc",
+            "a": {"model.dropout.placement": "after_block"},
+            "b": {"model.dropout.placement": "before_classifier"},
+            "where": {"model.norm": "before_relu", "model.dropout.rate": 0.5},
+            "relative_to": {"model.norm": "none"},
+            "expect": "less",
+        },
     ],
 }
 SMOOTH_SPEC = {
     "claim": "BN smooths the loss landscape.",
     "metrics": ["mean(smooth/loss_range)", "mean(smooth/grad_pred)", "mean(smooth/beta_eff)", "test/acc"],
-    "compare": [{"metric": f"mean(smooth/{k})", "a": {"model.norm": "before_relu"}, "b": {"model.norm": "none"},
-                 "expect": "less"} for k in ("loss_range", "grad_pred", "beta_eff")],
+    "compare": [
+        {
+            "metric": f"mean(smooth/{k})",
+            "a": {"model.norm": "before_relu"},
+            "b": {"model.norm": "none"},
+            "expect": "less",
+        }
+        for k in ("loss_range", "grad_pred", "beta_eff")
+    ],
 }
 BATCH_SPEC = {
-    "claim": "Small batches make BN's modes diverge.", "metrics": ["test/acc", "disc/kl", "disc/acc_gap"],
-    "compare": [{"metric": "disc/kl", "a": {"train.batch_size": 8}, "b": {"train.batch_size": 128},
-                 "expect": "greater"}],
+    "claim": "Small batches make BN's modes diverge.",
+    "metrics": ["test/acc", "disc/kl", "disc/acc_gap"],
+    "compare": [
+        {"metric": "disc/kl", "a": {"train.batch_size": 8}, "b": {"train.batch_size": 128}, "expect": "greater"}
+    ],
 }
 
 
@@ -179,7 +241,7 @@ def test_placement_verdict_supported_with_hand_computed_effects(tmp_path):
     a = analyse_dir("placement", placement_runs(tmp_path / "runs"))
     assert a.verdict == "supported"
     c = a.comparisons.set_index("comparison")
-    for (x, y) in [("before_relu", "after_relu"), ("before_relu", "none"), ("after_relu", "none")]:
+    for x, y in [("before_relu", "after_relu"), ("before_relu", "none"), ("after_relu", "none")]:
         row = c.loc[f"(norm={x}) - (norm={y})"]
         d, lo, hi, df = paired_by_hand(PLACEMENT[x], PLACEMENT[y])  # same seeds 0, 1, 2 in every arm
         assert (row["estimate"], row["ci_low"], row["ci_high"], row["df"]) == pytest.approx((d, lo, hi, df))
@@ -249,13 +311,27 @@ def test_running_and_failed_runs_are_listed_not_used(tmp_path):
 def test_learning_rate_max_stable_lr_per_seed(tmp_path):
     root = tmp_path / "runs"
     # (norm, seed) -> largest lr that finished with acc >= 0.5; above it the run diverges
-    largest = {("before_relu", 0): 1.0, ("before_relu", 1): 1.0, ("before_relu", 2): 0.1,
-               ("none", 0): 0.1, ("none", 1): 0.01, ("none", 2): 0.01}
+    largest = {
+        ("before_relu", 0): 1.0,
+        ("before_relu", 1): 1.0,
+        ("before_relu", 2): 0.1,
+        ("none", 0): 0.1,
+        ("none", 1): 0.01,
+        ("none", 2): 0.01,
+    }
     for (norm, seed), top in largest.items():
         for lr in (0.01, 0.1, 1.0):
             ok = lr <= top
-            write_run(root, study="learning_rate", norm=norm, seed=seed, lr=lr, status="done" if ok else "diverged",
-                      summary={"test/acc": 0.9 if ok else None}, spec=LR_SPEC)
+            write_run(
+                root,
+                study="learning_rate",
+                norm=norm,
+                seed=seed,
+                lr=lr,
+                status="done" if ok else "diverged",
+                summary={"test/acc": 0.9 if ok else None},
+                spec=LR_SPEC,
+            )
     a = analyse_dir("learning_rate", root)
     dframe, dgrid = a.frames["log10_max_stable_lr"]
     assert dgrid == ["model.norm"]
@@ -274,11 +350,26 @@ def test_init_scale_spread_counts_diverged_runs_as_chance(tmp_path):
     root = tmp_path / "runs"
     for seed in range(3):
         for scale, acc in [(0.1, 0.95), (1.0, 0.97), (10.0, 0.96 - 0.01 * seed)]:
-            write_run(root, study="init_scale", norm="before_relu", seed=seed, init_scale=scale,
-                      summary={"test/acc": acc}, spec=INIT_SPEC)
+            write_run(
+                root,
+                study="init_scale",
+                norm="before_relu",
+                seed=seed,
+                init_scale=scale,
+                summary={"test/acc": acc},
+                spec=INIT_SPEC,
+            )
         for scale, acc in [(0.1, 0.90), (1.0, 0.97), (10.0, None)]:
-            write_run(root, study="init_scale", norm="none", seed=seed, init_scale=scale,
-                      status="done" if acc else "diverged", summary={"test/acc": acc}, spec=INIT_SPEC)
+            write_run(
+                root,
+                study="init_scale",
+                norm="none",
+                seed=seed,
+                init_scale=scale,
+                status="done" if acc else "diverged",
+                summary={"test/acc": acc},
+                spec=INIT_SPEC,
+            )
     a = analyse_dir("init_scale", root)
     spread = a.frames["acc_spread"][0].set_index(["model.norm", "seed"])["acc_spread"]
     assert spread["none"].tolist() == pytest.approx([0.87, 0.87, 0.87])  # 0.97 - 0.1 (diverged = chance)
@@ -299,10 +390,22 @@ def test_dropout_interaction_and_margin(tmp_path):
     }
     for (norm, placement, rate), values in acc.items():
         for seed, v in enumerate(values):
-            write_run(root, study="dropout", norm=norm, seed=seed, placement=placement, rate=rate,
-                      summary={"test/acc": v, "train_subset/acc": v + 0.01, "train/epoch_acc": v - 0.05,
-                               "bn/conv2/dropout_var_shift": 0.8,
-                               "bn/dense1/dropout_var_shift": 0.6}, spec=DROPOUT_SPEC)
+            write_run(
+                root,
+                study="dropout",
+                norm=norm,
+                seed=seed,
+                placement=placement,
+                rate=rate,
+                summary={
+                    "test/acc": v,
+                    "train_subset/acc": v + 0.01,
+                    "train/epoch_acc": v - 0.05,
+                    "bn/conv2/dropout_var_shift": 0.8,
+                    "bn/dense1/dropout_var_shift": 0.6,
+                },
+                spec=DROPOUT_SPEC,
+            )
     a = analyse_dir("dropout", root)
     gain, inter = a.comparisons.to_dict("records")
     with_bn = ("before_relu", "before_classifier")
@@ -310,8 +413,15 @@ def test_dropout_interaction_and_margin(tmp_path):
     assert (gain["estimate"], gain["ci_low"], gain["ci_high"]) == pytest.approx((d, lo, hi))
     assert gain["verdict"] == "supported"  # the gain is shown below the 0.005 margin
     assert gain["margin_reason"].startswith("the claim's own bound")
-    groups = [np.array(acc[k]) for k in [("before_relu", "after_block", 0.5), ("before_relu", "before_classifier", 0.5),
-                                         ("none", "after_block", 0.5), ("none", "before_classifier", 0.5)]]
+    groups = [
+        np.array(acc[k])
+        for k in [
+            ("before_relu", "after_block", 0.5),
+            ("before_relu", "before_classifier", 0.5),
+            ("none", "after_block", 0.5),
+            ("none", "before_classifier", 0.5),
+        ]
+    ]
     per_seed = groups[0] - groups[1] - groups[2] + groups[3]  # the interaction contrast of each seed
     half = T975_DF2 * per_seed.std(ddof=1) / math.sqrt(3)
     assert inter["estimate"] == pytest.approx(per_seed.mean())
@@ -330,10 +440,26 @@ def test_smoothness_mean_over_training_is_compared_per_learning_rate(tmp_path):
         for seed in range(3):
             for norm, level in [("before_relu", 1.0), ("none", 5.0)]:
                 jitter = seed / 100 * (1 if norm == "none" else 3)  # per-seed differences vary across seeds
-                recs = [{"step": s, "epoch": s / 30, "smooth/beta_eff": level * lr * 10 + jitter + s / 10,
-                         "smooth/loss_range": level, "smooth/grad_pred": level + jitter} for s in (10, 20, 30)]
-                write_run(root, study="smoothness", norm=norm, seed=seed, lr=lr, summary={"test/acc": 0.9},
-                          records=recs, spec=SMOOTH_SPEC)
+                recs = [
+                    {
+                        "step": s,
+                        "epoch": s / 30,
+                        "smooth/beta_eff": level * lr * 10 + jitter + s / 10,
+                        "smooth/loss_range": level,
+                        "smooth/grad_pred": level + jitter,
+                    }
+                    for s in (10, 20, 30)
+                ]
+                write_run(
+                    root,
+                    study="smoothness",
+                    norm=norm,
+                    seed=seed,
+                    lr=lr,
+                    summary={"test/acc": 0.9},
+                    records=recs,
+                    spec=SMOOTH_SPEC,
+                )
     a = analyse_dir("smoothness", root)
     beta = a.comparisons[a.comparisons["metric"] == "mean(smooth/beta_eff)"]
     assert sorted(beta["context"]) == ["lr=0.01", "lr=0.1"]
@@ -371,8 +497,17 @@ def test_cli_writes_every_output(tmp_path, capsys):
     out = tmp_path / "results"
     report.main(["placement", "--out-dir", str(tmp_path / "outputs"), "--out", str(out), "--data-note", "synthetic"])
     assert "placement: supported" in capsys.readouterr().out
-    for name in ("summary.csv", "runs.csv", "comparisons.csv", "table.md", "table.tex", "README.md",
-                 "test_acc_by_norm.png", "test_acc_by_norm.svg", "learning_curves_test_acc.png"):
+    for name in (
+        "summary.csv",
+        "runs.csv",
+        "comparisons.csv",
+        "table.md",
+        "table.tex",
+        "README.md",
+        "test_acc_by_norm.png",
+        "test_acc_by_norm.svg",
+        "learning_curves_test_acc.png",
+    ):
         assert (out / name).is_file(), name
     summary = pd.read_csv(out / "summary.csv")
     row = summary[(summary["metric"] == "test/acc") & (summary["model.norm"] == "none")].iloc[0]
@@ -431,10 +566,19 @@ def test_final_metric_missing_from_the_summary_is_read_from_the_last_logged_reco
     root = tmp_path / "runs"
     for bs, kl in [(8, [0.30, 0.32, 0.31]), (128, [0.010, 0.012, 0.011])]:
         for seed, v in enumerate(kl):
-            recs = [{"step": 5, "epoch": 0.5, "disc/kl": 9.0},
-                    {"step": 10, "epoch": 1.0, "disc/kl": v, "test/acc": 0.9}]
-            write_run(root, study="batch_size", batch_size=bs, seed=seed, summary={"test/acc": 0.9}, records=recs,
-                      spec=BATCH_SPEC)
+            recs = [
+                {"step": 5, "epoch": 0.5, "disc/kl": 9.0},
+                {"step": 10, "epoch": 1.0, "disc/kl": v, "test/acc": 0.9},
+            ]
+            write_run(
+                root,
+                study="batch_size",
+                batch_size=bs,
+                seed=seed,
+                summary={"test/acc": 0.9},
+                records=recs,
+                spec=BATCH_SPEC,
+            )
     a = analyse_dir("batch_size", root)
     kl = a.summary.query("metric == 'disc/kl'").set_index("train.batch_size")["mean"]
     assert kl.to_dict() == pytest.approx({8: 0.31, 128: 0.011})
@@ -447,19 +591,34 @@ def test_final_metric_missing_from_the_summary_is_read_from_the_last_logged_reco
 
 def test_median_after_step0_and_step0_apart_and_log10_of_it(tmp_path):
     root = tmp_path / "runs"
-    spec = {"claim": "x.", "metrics": ["median(smooth/loss_range)", "step0(smooth/loss_range)",
-                                       "mean(smooth/loss_range)", "log10(median(smooth/loss_range))"],
-            "compare": [{"metric": "log10(median(smooth/loss_range))", "a": {"model.norm": "before_relu"},
-                         "b": {"model.norm": "none"}, "expect": "less"}]}
+    spec = {
+        "claim": "x.",
+        "metrics": [
+            "median(smooth/loss_range)",
+            "step0(smooth/loss_range)",
+            "mean(smooth/loss_range)",
+            "log10(median(smooth/loss_range))",
+        ],
+        "compare": [
+            {
+                "metric": "log10(median(smooth/loss_range))",
+                "a": {"model.norm": "before_relu"},
+                "b": {"model.norm": "none"},
+                "expect": "less",
+            }
+        ],
+    }
     medians = {}
     for norm, level in [("before_relu", 0.1), ("none", 1.0)]:
         for seed in range(3):
             later = [level * (1 + seed / 10), level * 3, level * 2]  # median: level * 2
             recs = [{"step": 0, "smooth/loss_range": 72.0}] + [
-                {"step": s, "smooth/loss_range": v} for s, v in zip((10, 20, 30), later)]
+                {"step": s, "smooth/loss_range": v} for s, v in zip((10, 20, 30), later)
+            ]
             medians[norm, seed] = np.median(later)
-            write_run(root, study="smoothness", norm=norm, seed=seed, summary={"test/acc": 0.9}, records=recs,
-                      spec=spec)
+            write_run(
+                root, study="smoothness", norm=norm, seed=seed, summary={"test/acc": 0.9}, records=recs, spec=spec
+            )
     a = analyse_dir("smoothness", root)
     frame = a.frames["median(smooth/loss_range)"][0].set_index(["model.norm", "seed"])
     assert frame["median(smooth/loss_range)"].to_dict() == pytest.approx(medians)
@@ -479,8 +638,16 @@ def trend_runs(root: Path, spec: dict, slope_of_seed, norms=("before_relu",)) ->
             slope = slope_of_seed(norm, seed)
             for i, bs in enumerate((2, 8, 32, 128)):
                 kl = 2.0 * bs**slope * (1.0 + 0.05 * (-1) ** (i + seed))
-                write_run(root, study="batch_size", norm=norm, seed=seed, batch_size=bs, lr=0.05 * bs / 128,
-                          summary={"test/acc": 0.9, "disc/kl": kl}, spec=spec)
+                write_run(
+                    root,
+                    study="batch_size",
+                    norm=norm,
+                    seed=seed,
+                    batch_size=bs,
+                    lr=0.05 * bs / 128,
+                    summary={"test/acc": 0.9, "disc/kl": kl},
+                    spec=spec,
+                )
                 truth.setdefault((norm, seed), []).append((bs, kl))
     return truth
 
@@ -491,8 +658,12 @@ def fitted_slope(points) -> float:
 
 
 def test_trend_is_the_mean_per_seed_slope_over_the_whole_axis_with_a_t_interval(tmp_path):
-    spec = {"claim": "x.", "metrics": ["disc/kl"], "heavy_tailed": ["disc/kl"],
-            "compare": [{"metric": "disc/kl", "trend": "train.batch_size", "logy": True, "expect": "less"}]}
+    spec = {
+        "claim": "x.",
+        "metrics": ["disc/kl"],
+        "heavy_tailed": ["disc/kl"],
+        "compare": [{"metric": "disc/kl", "trend": "train.batch_size", "logy": True, "expect": "less"}],
+    }
     truth = trend_runs(tmp_path / "runs", spec, lambda norm, seed: -0.5 - 0.05 * seed)
     a = analyse_dir("batch_size", tmp_path / "runs")
     (row,) = a.comparisons.to_dict("records")  # the lr moves with the batch size: not a context
@@ -507,14 +678,37 @@ def test_trend_is_the_mean_per_seed_slope_over_the_whole_axis_with_a_t_interval(
 
 
 def test_trend_difference_of_two_arms_is_paired_and_a_seed_missing_a_point_is_dropped(tmp_path):
-    spec = {"claim": "x.", "metrics": ["disc/kl"],
-            "compare": [{"metric": "disc/kl", "trend": "train.batch_size", "logy": True, "expect": "less",
-                         "a": {"model.norm": "before_relu"}, "b": {"model.norm": "after_relu"}}]}
+    spec = {
+        "claim": "x.",
+        "metrics": ["disc/kl"],
+        "compare": [
+            {
+                "metric": "disc/kl",
+                "trend": "train.batch_size",
+                "logy": True,
+                "expect": "less",
+                "a": {"model.norm": "before_relu"},
+                "b": {"model.norm": "after_relu"},
+            }
+        ],
+    }
     root = tmp_path / "runs"
-    truth = trend_runs(root, spec, lambda norm, seed: (-1.0 if norm == "before_relu" else -0.3) + 0.02 * seed,
-                       norms=("before_relu", "after_relu"))
-    write_run(root, study="batch_size", norm="after_relu", seed=9, batch_size=2, lr=0.05 * 2 / 128,
-              summary={"test/acc": 0.9, "disc/kl": 1.0}, spec=spec)  # a seed with one point: no slope
+    truth = trend_runs(
+        root,
+        spec,
+        lambda norm, seed: (-1.0 if norm == "before_relu" else -0.3) + 0.02 * seed,
+        norms=("before_relu", "after_relu"),
+    )
+    write_run(
+        root,
+        study="batch_size",
+        norm="after_relu",
+        seed=9,
+        batch_size=2,
+        lr=0.05 * 2 / 128,
+        summary={"test/acc": 0.9, "disc/kl": 1.0},
+        spec=spec,
+    )  # a seed with one point: no slope
     a = analyse_dir("batch_size", root)
     (row,) = a.comparisons.to_dict("records")
     d = [fitted_slope(truth["before_relu", s]) - fitted_slope(truth["after_relu", s]) for s in range(4)]
@@ -523,8 +717,13 @@ def test_trend_difference_of_two_arms_is_paired_and_a_seed_missing_a_point_is_dr
 
 
 def test_steps_to_target_is_censored_and_converged_follows_the_stated_criterion(tmp_path):
-    spec = {"claim": "x.", "metrics": ["steps_to_target", "reached_target", "converged"], "target_acc": {"mnist": 0.97},
-            "convergence": {"key": "val/acc", "tolerance": 0.005}, "compare": []}
+    spec = {
+        "claim": "x.",
+        "metrics": ["steps_to_target", "reached_target", "converged"],
+        "target_acc": {"mnist": 0.97},
+        "convergence": {"key": "val/acc", "tolerance": 0.005},
+        "compare": [],
+    }
     root = tmp_path / "runs"
     curves = {"before_relu": [0.90, 0.975, 0.978], "none": [0.80, 0.90, 0.95]}
     for norm, accs in curves.items():
@@ -540,8 +739,14 @@ def test_spec_errors_name_the_field(tmp_path):
     base = {"claim": "x."}
     cases = [
         ({"metrics": ["mode(test/acc)"]}, "unknown function 'mode'"),
-        ({"compare": [{"metric": "disc/kl", "trend": "train.batch_size", "a": {"model.norm": "none"},
-                       "expect": "less"}]}, "both `a` and `b`"),
+        (
+            {
+                "compare": [
+                    {"metric": "disc/kl", "trend": "train.batch_size", "a": {"model.norm": "none"}, "expect": "less"}
+                ]
+            },
+            "both `a` and `b`",
+        ),
         ({"compare": [{"metric": "disc/kl", "trend": "train.batch_size", "logy": "yes", "expect": "less"}]}, "`logy`"),
         ({"metrics": ["converged"]}, "needs a `convergence"),
         ({"convergence": {"key": "val/acc"}}, "`convergence` must be"),
@@ -560,9 +765,17 @@ def test_mnist_margins_hold_for_the_embedded_digits():
 
 
 def test_interpolated_max_stable_lr_is_continuous_per_seed(tmp_path):
-    spec = {**LR_SPEC, "derived": {"log10_max_stable_lr": {**LR_SPEC["derived"]["log10_max_stable_lr"],
-                                                            "interpolate": True, "diverged_value": 0.1}},
-            "compare": []}
+    spec = {
+        **LR_SPEC,
+        "derived": {
+            "log10_max_stable_lr": {
+                **LR_SPEC["derived"]["log10_max_stable_lr"],
+                "interpolate": True,
+                "diverged_value": 0.1,
+            }
+        },
+        "compare": [],
+    }
     root = tmp_path / "runs"
     for seed, acc_at_1 in enumerate([0.3, 0.4]):  # both pass at 0.1, fall below 0.5 at 1.0
         for lr, acc in [(0.01, 0.9), (0.1, 0.9), (1.0, acc_at_1)]:
@@ -604,6 +817,10 @@ def test_quick_variant_report_stays_out_of_results(tmp_path, capsys):
 
 
 def experiment_placement_spec() -> dict:
-    return {"claim": "BN before the ReLU trains better than after it.", "metrics": ["test/acc"],
-            "compare": [{"metric": "test/acc", "a": {"model.norm": "before_relu"}, "b": {"model.norm": "none"},
-                         "expect": "greater"}]}
+    return {
+        "claim": "BN before the ReLU trains better than after it.",
+        "metrics": ["test/acc"],
+        "compare": [
+            {"metric": "test/acc", "a": {"model.norm": "before_relu"}, "b": {"model.norm": "none"}, "expect": "greater"}
+        ],
+    }

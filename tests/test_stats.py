@@ -134,9 +134,12 @@ def false_contradiction_rate(studies: int, comparisons: int, seeds: int, rng: np
     for _ in range(studies):
         seed_effect = rng.normal(size=(comparisons, 1, seeds))  # shared by both arms: what pairing removes
         values = seed_effect + rng.normal(scale=0.5, size=(comparisons, 2, seeds))
-        p_support, p_contra = zip(*(
-            stats.one_sided_pvalues(stats.contrast([pd.Series(v[0]), pd.Series(v[1])], [1, -1]), e, 0.0)
-            for v, e in zip(values, expects)))
+        p_support, p_contra = zip(
+            *(
+                stats.one_sided_pvalues(stats.contrast([pd.Series(v[0]), pd.Series(v[1])], [1, -1]), e, 0.0)
+                for v, e in zip(values, expects)
+            )
+        )
         verdicts, _, _ = stats.decide_family(p_support, p_contra)
         hits += stats.overall(verdicts) == "contradicted"
     return hits / studies
@@ -179,8 +182,16 @@ SELECT_SPEC = {
     "claim": "BN before the ReLU beats no BN at each arm's own learning rate.",
     "metrics": ["test/acc", "diverged"],
     "select": {"by": "val/acc", "over": ["optimizer.lr"]},
-    "compare": [{"metric": "test/acc", "a": {"model.norm": "before_relu"}, "b": {"model.norm": "none"},
-                 "expect": "greater", "margin": 0.005, "margin_reason": "half an accuracy point"}],
+    "compare": [
+        {
+            "metric": "test/acc",
+            "a": {"model.norm": "before_relu"},
+            "b": {"model.norm": "none"},
+            "expect": "greater",
+            "margin": 0.005,
+            "margin_reason": "half an accuracy point",
+        }
+    ],
 }
 # (norm, lr) -> per seed (val/acc, test/acc); lr 0.01 of before_relu has the best TEST accuracy, lr 0.1 the best
 # validation accuracy: selection must take 0.1. The no-BN arm does not learn at lr 0.1 (chance).
@@ -196,8 +207,16 @@ def select_runs(root, spec=SELECT_SPEC):
     for (norm, lr), values in SELECT_RUNS.items():
         for seed, (val, test) in enumerate(values):
             records = [{"step": 5, "epoch": 0.5, "train/loss": 2.3}, {"step": 10, "epoch": 1.0, "train/loss": 0.3}]
-            write_run(root, study="select", norm=norm, seed=seed, lr=lr, spec=spec, records=records,
-                      summary={"val/acc": val, "test/acc": test, "train/loss": 2.25 if test < 0.2 else 0.3})
+            write_run(
+                root,
+                study="select",
+                norm=norm,
+                seed=seed,
+                lr=lr,
+                spec=spec,
+                records=records,
+                summary={"val/acc": val, "test/acc": test, "train/loss": 2.25 if test < 0.2 else 0.3},
+            )
     return root
 
 
@@ -213,8 +232,9 @@ def test_per_arm_selection_chooses_on_validation_and_compares_there(tmp_path):
     assert (row["mean_a"], row["mean_b"]) == pytest.approx((np.mean(test_a), np.mean(test_b)))
     d = np.subtract(test_a, test_b)
     half = T975_DF2 * d.std(ddof=1) / math.sqrt(3)
-    assert (row["estimate"], row["ci_low"], row["ci_high"]) == pytest.approx((d.mean(), d.mean() - half,
-                                                                               d.mean() + half))
+    assert (row["estimate"], row["ci_low"], row["ci_high"]) == pytest.approx(
+        (d.mean(), d.mean() - half, d.mean() + half)
+    )
     assert row["method"] == "paired (3 seeds)" and row["verdict"] == "supported" and a.verdict == "supported"
     # the run that sits at chance is not_trained: out of the means, in the failure rate
     assert (a.runs["status"] == "not_trained").sum() == 3
@@ -258,8 +278,13 @@ def test_gen_gap_is_missing_for_runs_without_train_subset_accuracy(tmp_path):
     root = tmp_path / "runs"
     spec = {"claim": "c", "metrics": ["gen_gap"]}
     for seed in range(2):
-        write_run(root, study="gap", seed=seed, spec=spec,
-                  summary={"test/acc": 0.9, "train_subset/acc": 0.95 + seed / 100, "train/epoch_acc": 0.8})
+        write_run(
+            root,
+            study="gap",
+            seed=seed,
+            spec=spec,
+            summary={"test/acc": 0.9, "train_subset/acc": 0.95 + seed / 100, "train/epoch_acc": 0.8},
+        )
     write_run(root, study="gap", seed=2, spec=spec, summary={"test/acc": 0.9, "train/epoch_acc": 0.8})
     with pytest.warns(analysis.ReportWarning, match="1 finished run.* lack train_subset/acc"):
         a = analysis.analyse("gap", analysis.load_local(root))

@@ -12,13 +12,11 @@ from conftest import build_model
 
 torch = pytest.importorskip("torch")
 sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "benchmarks"))
-import torch_reference
+import torch_reference  # noqa: E402  (found on the path set just above)
 
 
 def test_reference_has_bnstudys_parameter_shapes_layer_by_layer():
-    variables = build_model("cnn", norm="before_relu").init(
-        jax.random.key(0), jnp.zeros((1, 28, 28, 1)), train=False
-    )
+    variables = build_model("cnn", norm="before_relu").init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)), train=False)
     ours = sorted(int(np.prod(v.shape)) for v in jax.tree.leaves(variables["params"]))
     theirs = sorted(p.numel() for p in torch_reference.build_cnn().parameters())
     assert ours == theirs

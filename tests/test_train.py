@@ -25,8 +25,20 @@ def test_default_job_writes_a_complete_run_folder_and_offline_wandb_run(mock_tfd
     assert folder.parent.name == "default"
     summary = read_summary(folder)
     assert summary["status"] == "done"
-    for key in ("train/epoch_loss", "train/epoch_acc", "test/loss", "test/acc", "examples_per_s", "compile_time",
-                "wall_time", "step_time", "git_sha", "packages", "device", "epochs"):
+    for key in (
+        "train/epoch_loss",
+        "train/epoch_acc",
+        "test/loss",
+        "test/acc",
+        "examples_per_s",
+        "compile_time",
+        "wall_time",
+        "step_time",
+        "git_sha",
+        "packages",
+        "device",
+        "epochs",
+    ):
         assert key in summary, key
     assert summary["num_test"] == 256  # from the data, not hard-coded
     assert summary["packages"]["jax"] and summary["device"]["backend"] == "cpu"
@@ -49,13 +61,19 @@ def test_multirun_over_placements_gives_three_folders(mock_tfds, run_app):
 
 def test_packed_job_writes_one_folder_per_model_with_distinct_configs(mock_tfds, run_app):
     out = run_app(
-        "optimizer.lr=[0.01,0.1,1.0]", "model.init_scale=[0.5,1,2]", "seed=[0,1,2]",
-        "train.pack_size=4", "train.max_steps_per_epoch=1", "train.eval_batch_size=256",
+        "optimizer.lr=[0.01,0.1,1.0]",
+        "model.init_scale=[0.5,1,2]",
+        "seed=[0,1,2]",
+        "train.pack_size=4",
+        "train.max_steps_per_epoch=1",
+        "train.eval_batch_size=256",
     )
     folders = run_folders(out)
     assert len(folders) == 27
-    configs = {(c["optimizer"]["lr"], c["model"]["init_scale"], c["seed"])
-               for c in (yaml.safe_load((f / "config.yaml").read_text()) for f in folders)}
+    configs = {
+        (c["optimizer"]["lr"], c["model"]["init_scale"], c["seed"])
+        for c in (yaml.safe_load((f / "config.yaml").read_text()) for f in folders)
+    }
     assert len(configs) == 27
     summaries = [read_summary(f) for f in folders]
     assert len({s["run_id"] for s in summaries}) == 27
@@ -90,7 +108,9 @@ def test_rerun_of_the_same_config_finds_and_replaces_its_folder(mock_tfds, run_a
         ("dataset.val_size=256", "dataset.val_size"),  # the whole training split
     ],
 )
-def test_bad_input_exits_nonzero_with_a_clear_message_and_no_folder(mock_tfds, run_app, tmp_path, capsys, override, key):
+def test_bad_input_exits_nonzero_with_a_clear_message_and_no_folder(
+    mock_tfds, run_app, tmp_path, capsys, override, key
+):
     with pytest.raises(SystemExit) as info:
         run_app(override)
     assert info.value.code == 2

@@ -45,6 +45,9 @@ def test_convolutions_leave_ynnpack_once_the_flags_are_set():
     assert "convolution(" in hlo and "__ynn_fusion" not in hlo
     default = subprocess.run(
         [sys.executable, "-c", CONV_HLO.replace("xla_flags.add_xla_flags()", "")],
-        env=env, capture_output=True, text=True, check=True,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     assert "__ynn_fusion" in default  # the flag is what moved the convolution
