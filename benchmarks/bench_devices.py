@@ -26,7 +26,9 @@ parser.add_argument("--batch", type=int, default=128)
 parser.add_argument("--fake-cpu-devices", type=int, default=0, help="split the CPU into this many devices")
 args = parser.parse_args()
 if args.fake_cpu_devices:  # XLA reads it once, before JAX starts its backend
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={args.fake_cpu_devices}"
+    os.environ["XLA_FLAGS"] = (
+        f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={args.fake_cpu_devices}"
+    )
     os.environ["JAX_PLATFORMS"] = "cpu"
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -43,13 +45,36 @@ def pack_trainer(devices: int) -> trainer.PackTrainer:
     images = jnp.asarray(rng.integers(0, 255, (n, 28, 28, 1), dtype=np.uint8))
     labels = jnp.asarray(rng.integers(0, 10, n, dtype=np.int32))
     data = engine.ArrayData(images, labels, images[: args.batch], labels[: args.batch])
-    model = models.build_model("cnn", norm="before_relu", num_classes=10, dropout_placement="none", bn_momentum=0.9,
-                               bn_epsilon=1e-5, width=1.0, norm_kind="batch", norm_groups=8, bn_running_var="unbiased")
+    model = models.build_model(
+        "cnn",
+        norm="before_relu",
+        num_classes=10,
+        dropout_placement="none",
+        bn_momentum=0.9,
+        bn_epsilon=1e-5,
+        width=1.0,
+        norm_kind="batch",
+        norm_groups=8,
+        bn_running_var="unbiased",
+    )
     program = engine.Program(model=model, batch_size=args.batch, input_mean=(0.13,), input_std=(0.31,))
-    schedule = trainer.Schedule(epochs=1, eval_every=0, log_every=50, eval_batch_size=args.batch, loop="python",
-                                steps_per_call=1, max_steps_per_epoch=None, probe_every=0, probe_multipliers=(1.0,),
-                                discrepancy=False, population_batches=1, discrepancy_train_subset=0, ics_every=0,
-                                eval_every_steps=0, dead_units=False)
+    schedule = trainer.Schedule(
+        epochs=1,
+        eval_every=0,
+        log_every=50,
+        eval_batch_size=args.batch,
+        loop="python",
+        steps_per_call=1,
+        max_steps_per_epoch=None,
+        probe_every=0,
+        probe_multipliers=(1.0,),
+        discrepancy=False,
+        population_batches=1,
+        discrepancy_train_subset=0,
+        ics_every=0,
+        eval_every_steps=0,
+        dead_units=False,
+    )
     mesh = sharding.pack_mesh(devices) if devices > 1 else None
     return trainer.PackTrainer(program, data, schedule, mesh=mesh)
 

@@ -100,10 +100,20 @@ def make_data(num_train: int, seed: int = 0) -> ArrayData:
 
 def make_program() -> Program:
     model = build_model(
-        "cnn", norm="before_relu", num_classes=NUM_CLASSES, dropout_placement="none", bn_momentum=0.9, bn_epsilon=1e-5,
-        width=1.0, norm_kind="batch", norm_groups=8, bn_running_var="unbiased",
+        "cnn",
+        norm="before_relu",
+        num_classes=NUM_CLASSES,
+        dropout_placement="none",
+        bn_momentum=0.9,
+        bn_epsilon=1e-5,
+        width=1.0,
+        norm_kind="batch",
+        norm_groups=8,
+        bn_running_var="unbiased",
     )
-    return Program(model=model, optimizer="sgd", momentum=0.9, batch_size=BATCH, input_mean=MNIST_MEAN, input_std=MNIST_STD)
+    return Program(
+        model=model, optimizer="sgd", momentum=0.9, batch_size=BATCH, input_mean=MNIST_MEAN, input_std=MNIST_STD
+    )
 
 
 def hparam_rows(k: int, offset: int = 0) -> list[dict]:
@@ -117,9 +127,21 @@ def hparam_rows(k: int, offset: int = 0) -> list[dict]:
 
 def make_schedule(steps: int, loop: str) -> Schedule:
     return Schedule(
-        epochs=1, eval_every=0, log_every=steps, eval_batch_size=TEST_EXAMPLES, loop=loop, max_steps_per_epoch=steps,
-        probe_every=0, probe_multipliers=(), discrepancy=False, population_batches=1, discrepancy_train_subset=0,
-        ics_every=0, eval_every_steps=0, dead_units=False, steps_per_call="auto",
+        epochs=1,
+        eval_every=0,
+        log_every=steps,
+        eval_batch_size=TEST_EXAMPLES,
+        loop=loop,
+        max_steps_per_epoch=steps,
+        probe_every=0,
+        probe_multipliers=(),
+        discrepancy=False,
+        population_batches=1,
+        discrepancy_train_subset=0,
+        ics_every=0,
+        eval_every_steps=0,
+        dead_units=False,
+        steps_per_call="auto",
     )
 
 
@@ -149,6 +171,7 @@ def machine_info() -> dict[str, Any]:
 
 def git_state() -> dict[str, Any]:
     """The commit of the measured code and whether bnstudy/ had uncommitted changes (None without git)."""
+
     def git(*args):
         out = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, timeout=10, check=False)
         return out.stdout.strip() if out.returncode == 0 else None
@@ -308,7 +331,9 @@ def trainer_variant(program, data, steps, loop: str) -> Variant:
     def run():
         return st["trainer"].train(st["hp"], noop_log).timings["train_time"]
 
-    return Variant(f"PackTrainer.train K=1 loop={loop}", "bnstudy", prepare, run, "train_time: excludes compile and eval")
+    return Variant(
+        f"PackTrainer.train K=1 loop={loop}", "bnstudy", prepare, run, "train_time: excludes compile and eval"
+    )
 
 
 def torch_variant(data, steps) -> Variant | None:
@@ -431,7 +456,12 @@ def projected_seconds(prev: dict | None, k: int, steps: int) -> float | None:
 def train_packed(program, data, steps, loop, k) -> dict:
     trainer = PackTrainer(program, data, make_schedule(steps, loop))
     t = trainer.train(HParams.stack(hparam_rows(k)), noop_log).timings
-    return {"compile_s": t["compile_time"], "train_s": t["train_time"], "eval_s": t["eval_time"], "wall_s": t["wall_time"]}
+    return {
+        "compile_s": t["compile_time"],
+        "train_s": t["train_time"],
+        "eval_s": t["eval_time"],
+        "wall_s": t["wall_time"],
+    }
 
 
 def train_sequential(trainer: PackTrainer, first: int, count: int) -> list[dict]:
@@ -537,7 +567,16 @@ def compile_probe_main(cache_dir: str, k: int, steps: int) -> None:
 
 
 def run_probe(cache_dir: str, k: int, steps: int) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--compile-probe", cache_dir, "--probe-k", str(k), "--steps", str(steps)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--compile-probe",
+        cache_dir,
+        "--probe-k",
+        str(k),
+        "--steps",
+        str(steps),
+    ]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
@@ -567,8 +606,11 @@ def measure_compile(ks: list[int], steps: int) -> list[dict]:
                     "warm_process_wall_s": warm["process_wall_s"],
                 }
             )
-        print(f"  K={k}: cold process {cold['process_wall_s']:.1f} s, warm process {warm['process_wall_s']:.1f} s, "
-              f"{entries} cache entries", flush=True)
+        print(
+            f"  K={k}: cold process {cold['process_wall_s']:.1f} s, warm process {warm['process_wall_s']:.1f} s, "
+            f"{entries} cache entries",
+            flush=True,
+        )
     return rows
 
 
@@ -602,12 +644,24 @@ def single_thread_probe_main(steps: int, repeats: int) -> None:
             c0 = time.process_time()
             wall[v.name].append(v.run() / steps)
             cpu[v.name].append((time.process_time() - c0) / steps)
-    print(json.dumps({v.name: {"impl": v.impl, "note": v.note, "cpu_s": cpu[v.name], "wall_s": wall[v.name]} for v in variants}))
+    print(
+        json.dumps(
+            {v.name: {"impl": v.impl, "note": v.note, "cpu_s": cpu[v.name], "wall_s": wall[v.name]} for v in variants}
+        )
+    )
 
 
 def measure_single_thread(steps: int, repeats: int) -> list[dict]:
     env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {SINGLE_THREAD_XLA_FLAGS}".strip())
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--single-thread-probe", "--steps", str(steps), "--repeats", str(repeats)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--single-thread-probe",
+        "--steps",
+        str(steps),
+        "--repeats",
+        str(repeats),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"single-thread probe failed: {proc.stderr[-2000:]}")
@@ -642,41 +696,59 @@ def fmt_rate(x: float) -> str:
 def print_header(info: dict, cfg: dict) -> None:
     load = info["loadavg_start"]
     print(f"bnstudy pack benchmark on {info['backend']} / {info['device_kind']} (x{info['device_count']})")
-    print(f"  jax {info['jax']}  flax {info['flax']}  optax {info['optax']}  numpy {info['numpy']}  torch {info['torch']}")
-    print(f"  {info['platform']}, python {info['python']}, {info['cpus_usable']}/{info['cpu_count']} CPUs usable, "
-          f"load {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
-    print(f"  MNIST CNN norm=before_relu, batch {BATCH}, SGD momentum 0.9; generated uint8 data; "
-          f"steps/measurement {cfg['steps']}, repeats {cfg['repeats']}, Ks {cfg['ks']}")
+    print(
+        f"  jax {info['jax']}  flax {info['flax']}  optax {info['optax']}  numpy {info['numpy']}  torch {info['torch']}"
+    )
+    print(
+        f"  {info['platform']}, python {info['python']}, {info['cpus_usable']}/{info['cpu_count']} CPUs usable, "
+        f"load {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+    )
+    print(
+        f"  MNIST CNN norm=before_relu, batch {BATCH}, SGD momentum 0.9; generated uint8 data; "
+        f"steps/measurement {cfg['steps']}, repeats {cfg['repeats']}, Ks {cfg['ks']}"
+    )
     if load[0] > 0.5 * info["cpus_usable"]:
         print(f"  WARNING: load {load[0]:.2f} on {info['cpus_usable']} CPUs: another job is running; re-run when idle")
 
 
 def print_step_table(rows: list[dict]) -> None:
-    print("\n1. per-model train step (median of repeats; examples/s = batch / median step; "
-          "vs torch = torch step time / this step time)")
+    print(
+        "\n1. per-model train step (median of repeats; examples/s = batch / median step; "
+        "vs torch = torch step time / this step time)"
+    )
     print(f"   {'variant':40s} {'step ms':>9s} {'min ms':>8s} {'ex/s':>8s} {'compile s':>9s} {'vs torch':>8s}")
     for r in rows:
         vs = f"{r['speedup_vs_torch']:.2f}x" if r["speedup_vs_torch"] else "-"
-        print(f"   {r['name']:40s} {1e3 * r['step_s_median']:9.1f} {1e3 * r['step_s_min']:8.1f} "
-              f"{fmt_rate(r['examples_per_s']):>8s} {r['compile_s']:9.2f} {vs:>8s}")
+        print(
+            f"   {r['name']:40s} {1e3 * r['step_s_median']:9.1f} {1e3 * r['step_s_min']:8.1f} "
+            f"{fmt_rate(r['examples_per_s']):>8s} {r['compile_s']:9.2f} {vs:>8s}"
+        )
 
 
 def print_pack_table(rows: list[dict], skipped: list[dict]) -> None:
     if not rows:
         return
-    print(f"\n2. K packed vs K one after another (loop={rows[0]['loop']}, {rows[0]['steps']} steps per model; "
-          "model-examples/s = K*steps*batch / seconds)")
-    print(f"   {'K':>3s} {'packed ex/s':>12s} {'seq ex/s':>10s} {'ratio':>6s} | {'incl. compile: packed':>21s} "
-          f"{'seq':>8s} {'ratio':>6s} | {'compile packed s':>16s} {'seq s':>6s}")
+    print(
+        f"\n2. K packed vs K one after another (loop={rows[0]['loop']}, {rows[0]['steps']} steps per model; "
+        "model-examples/s = K*steps*batch / seconds)"
+    )
+    print(
+        f"   {'K':>3s} {'packed ex/s':>12s} {'seq ex/s':>10s} {'ratio':>6s} | {'incl. compile: packed':>21s} "
+        f"{'seq':>8s} {'ratio':>6s} | {'compile packed s':>16s} {'seq s':>6s}"
+    )
     for r in rows:
         p, s = r["packed"], r["sequential"]
-        print(f"   {r['k']:3d} {fmt_rate(p['model_examples_per_s']):>12s} {fmt_rate(s['model_examples_per_s']):>10s} "
-              f"{r['ratio']:6.2f} | {fmt_rate(p['model_examples_per_s_incl_compile']):>21s} "
-              f"{fmt_rate(s['model_examples_per_s_incl_compile']):>8s} {r['ratio_incl_compile']:6.2f} | "
-              f"{p['compile_s']:16.2f} {s['compile_s']:6.2f}")
+        print(
+            f"   {r['k']:3d} {fmt_rate(p['model_examples_per_s']):>12s} {fmt_rate(s['model_examples_per_s']):>10s} "
+            f"{r['ratio']:6.2f} | {fmt_rate(p['model_examples_per_s_incl_compile']):>21s} "
+            f"{fmt_rate(s['model_examples_per_s_incl_compile']):>8s} {r['ratio_incl_compile']:6.2f} | "
+            f"{p['compile_s']:16.2f} {s['compile_s']:6.2f}"
+        )
     s0 = rows[0]["sequential"]
-    print(f"   one compile of the pack-of-1 program (sequential): {s0['first_compile_s']:.2f} s; "
-          f"later `train` calls reuse it ({(s0['compile_s'] - s0['first_compile_s']):.3f} s for the rest at K={rows[0]['k']})")
+    print(
+        f"   one compile of the pack-of-1 program (sequential): {s0['first_compile_s']:.2f} s; "
+        f"later `train` calls reuse it ({(s0['compile_s'] - s0['first_compile_s']):.3f} s for the rest at K={rows[0]['k']})"
+    )
     for s in skipped:
         print(f"   K={s['k']}: not measured ({s['reason']})")
 
@@ -684,12 +756,18 @@ def print_pack_table(rows: list[dict], skipped: list[dict]) -> None:
 def print_compile_table(rows: list[dict]) -> None:
     if not rows:
         return
-    print("\n3. compile per program (trace+lower / XLA compile, seconds), fresh process each, "
-          "persistent cache cold vs warm")
-    print(f"   {'K':>3s} {'program':12s} {'cold lower':>10s} {'cold compile':>12s} {'warm lower':>10s} {'warm compile':>12s}")
+    print(
+        "\n3. compile per program (trace+lower / XLA compile, seconds), fresh process each, "
+        "persistent cache cold vs warm"
+    )
+    print(
+        f"   {'K':>3s} {'program':12s} {'cold lower':>10s} {'cold compile':>12s} {'warm lower':>10s} {'warm compile':>12s}"
+    )
     for r in rows:
-        print(f"   {r['k']:3d} {r['program']:12s} {r['cold_lower_s']:10.2f} {r['cold_compile_s']:12.2f} "
-              f"{r['warm_lower_s']:10.2f} {r['warm_compile_s']:12.2f}")
+        print(
+            f"   {r['k']:3d} {r['program']:12s} {r['cold_lower_s']:10.2f} {r['cold_compile_s']:12.2f} "
+            f"{r['warm_lower_s']:10.2f} {r['warm_compile_s']:12.2f}"
+        )
 
 
 def paired_ratio(num: dict, den: dict) -> dict[str, float]:
@@ -702,13 +780,17 @@ def paired_ratio(num: dict, den: dict) -> dict[str, float]:
 def print_single_thread_table(rows: list[dict]) -> None:
     if not rows:
         return
-    print("\n4. one core (process pinned to one CPU; XLA --xla_cpu_multi_thread_eigen=false; torch 1 thread): "
-          "process CPU time per step")
+    print(
+        "\n4. one core (process pinned to one CPU; XLA --xla_cpu_multi_thread_eigen=false; torch 1 thread): "
+        "process CPU time per step"
+    )
     print(f"   {'variant':40s} {'cpu ms':>8s} {'min ms':>8s} {'wall ms':>8s} {'torch cpu / this':>16s}")
     for r in rows:
         vs = f"{r['torch_cpu_over_this']:.2f}" if r["torch_cpu_over_this"] else "-"
-        print(f"   {r['name']:40s} {1e3 * r['cpu_s_median']:8.1f} {1e3 * r['cpu_s_min']:8.1f} "
-              f"{1e3 * r['wall_s_median']:8.1f} {vs:>16s}")
+        print(
+            f"   {r['name']:40s} {1e3 * r['cpu_s_median']:8.1f} {1e3 * r['cpu_s_min']:8.1f} "
+            f"{1e3 * r['wall_s_median']:8.1f} {vs:>16s}"
+        )
 
 
 def print_summary(step_rows: list[dict]) -> dict:
@@ -716,16 +798,20 @@ def print_summary(step_rows: list[dict]) -> dict:
     loop = resolve_loop("auto")
     vmap1 = paired_ratio(by["pack K=1 jit(vmap(step)), python loop"], by["plain jit step, python loop"])
     summary: dict[str, Any] = {"vmap_k1_over_plain_step_time": vmap1, "app_loop": loop}
-    print(f"\n   step time of the vmapped pack of 1 / plain step (python loop): {vmap1['paired_median']:.2f} "
-          f"(median of per-round ratios), {vmap1['of_minima']:.2f} (ratio of minima)")
+    print(
+        f"\n   step time of the vmapped pack of 1 / plain step (python loop): {vmap1['paired_median']:.2f} "
+        f"(median of per-round ratios), {vmap1['of_minima']:.2f} (ratio of minima)"
+    )
     torch_row = next((r for r in step_rows if r["impl"] == "torch"), None)
     if torch_row:
         app = by[f"PackTrainer.train K=1 loop={loop}"]
         vs = paired_ratio(torch_row, app)
         summary["torch_over_app_step_time"] = vs
-        print(f"   PyTorch eager step time / PackTrainer.train (loop={loop}, what the app runs here): "
-              f"{vs['paired_median']:.2f} (median of per-round ratios), {vs['of_minima']:.2f} (ratio of minima); "
-              ">1 means bnstudy is faster")
+        print(
+            f"   PyTorch eager step time / PackTrainer.train (loop={loop}, what the app runs here): "
+            f"{vs['paired_median']:.2f} (median of per-round ratios), {vs['of_minima']:.2f} (ratio of minima); "
+            ">1 means bnstudy is faster"
+        )
     return summary
 
 
@@ -733,7 +819,9 @@ def print_summary(step_rows: list[dict]) -> dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--quick", action="store_true", help="fewer steps, repeats and smaller K")
     ap.add_argument("--ks", type=str, default=None, help="comma-separated pack sizes, e.g. 1,4,16,64")
     ap.add_argument("--steps", type=int, default=None, help="training steps per measurement")
@@ -786,7 +874,9 @@ def main(argv=None) -> dict:
         results["sections"]["step"] = sec.record
     if "pack" not in cfg["skip"]:
         with Section("pack") as sec:
-            results["pack"], results["pack_skipped"] = measure_pack(program, data, cfg["steps"], cfg["ks"], cfg["budget_s"])
+            results["pack"], results["pack_skipped"] = measure_pack(
+                program, data, cfg["steps"], cfg["ks"], cfg["budget_s"]
+            )
         results["sections"]["pack"] = sec.record
     if "compile" not in cfg["skip"]:
         with Section("compile") as sec:
@@ -798,9 +888,11 @@ def main(argv=None) -> dict:
         results["sections"]["cpu1"] = sec.record
     info["loadavg_end"] = list(os.getloadavg())
     results["total_wall_s"] = time.perf_counter() - t_start
-    print(f"\nbnstudy pack benchmark on {info['backend']} / {info['device_kind']}, jax {info['jax']}, "
-          f"{info['cpus_usable']} CPUs, load at start {info['loadavg_start'][0]:.2f}, at end {info['loadavg_end'][0]:.2f}, "
-          f"total {results['total_wall_s']:.0f} s")
+    print(
+        f"\nbnstudy pack benchmark on {info['backend']} / {info['device_kind']}, jax {info['jax']}, "
+        f"{info['cpus_usable']} CPUs, load at start {info['loadavg_start'][0]:.2f}, at end {info['loadavg_end'][0]:.2f}, "
+        f"total {results['total_wall_s']:.0f} s"
+    )
     if "step" in results:
         print_step_table(results["step"])
         results["summary"] = print_summary(results["step"])

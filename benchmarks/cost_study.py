@@ -41,8 +41,11 @@ from bnstudy import config as config_lib
 from bnstudy import runs as runs_lib
 from bnstudy.engine import ArrayData, HParams, Program
 
-SHAPES = {"mnist_t10k": ((28, 28, 1), "cnn", (0.1307,), (0.3081,)), "mnist": ((28, 28, 1), "cnn", (0.1307,), (0.3081,)),
-          "cifar10": ((32, 32, 3), "vgg", (0.49, 0.48, 0.45), (0.25, 0.24, 0.26))}
+SHAPES = {
+    "mnist_t10k": ((28, 28, 1), "cnn", (0.1307,), (0.3081,)),
+    "mnist": ((28, 28, 1), "cnn", (0.1307,), (0.3081,)),
+    "cifar10": ((32, 32, 3), "vgg", (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)),
+}
 
 
 def run_config(dataset: str, norm: str, batch_size: int, seed: int, out_dir: str, variant: str | None) -> dict:
@@ -51,17 +54,35 @@ def run_config(dataset: str, norm: str, batch_size: int, seed: int, out_dir: str
     if variant:
         report["variant"] = variant
     shape, model, _, _ = SHAPES[dataset]
-    raw = {"dataset": {"name": dataset}, "model": {"name": model, "norm": norm},
-           "train": {"batch_size": batch_size, "epochs": 1, "eval_every": 0, "pack_size": 1},
-           "probe": {"every": 0}, "discrepancy": {"enabled": False}, "seed": seed, "out_dir": out_dir,
-           "study": "cost", "report": report, "compile_cache_dir": None}
+    raw = {
+        "dataset": {"name": dataset},
+        "model": {"name": model, "norm": norm},
+        "train": {"batch_size": batch_size, "epochs": 1, "eval_every": 0, "pack_size": 1},
+        "probe": {"every": 0},
+        "discrepancy": {"enabled": False},
+        "seed": seed,
+        "out_dir": out_dir,
+        "study": "cost",
+        "report": report,
+        "compile_cache_dir": None,
+    }
     return config_lib.to_dict(config_lib.parse(raw))
 
 
 def program_for(dataset: str, norm: str, batch_size: int) -> Program:
     shape, name, mean, std = SHAPES[dataset]
-    model = models.build_model(name, norm=norm, num_classes=10, dropout_placement="none", bn_momentum=0.9,
-                               bn_epsilon=1e-5, width=1.0, norm_kind="batch", norm_groups=8, bn_running_var="unbiased")
+    model = models.build_model(
+        name,
+        norm=norm,
+        num_classes=10,
+        dropout_placement="none",
+        bn_momentum=0.9,
+        bn_epsilon=1e-5,
+        width=1.0,
+        norm_kind="batch",
+        norm_groups=8,
+        bn_running_var="unbiased",
+    )
     return Program(model=model, batch_size=batch_size, input_mean=mean, input_std=std)
 
 
@@ -71,12 +92,19 @@ def stepper(dataset: str, norm: str, batch_size: int, seed: int):
     program = program_for(dataset, norm, batch_size)
     rng = np.random.default_rng(seed)
     n = 4 * batch_size
-    data = ArrayData(jnp.asarray(rng.integers(0, 256, (n, *shape), dtype=np.uint8)),
-                     jnp.asarray(rng.integers(0, 10, n, dtype=np.int32)),
-                     jnp.asarray(rng.integers(0, 256, (batch_size, *shape), dtype=np.uint8)),
-                     jnp.asarray(rng.integers(0, 10, batch_size, dtype=np.int32)))
-    hp = HParams(lr=jnp.float32(0.01), weight_decay=jnp.float32(0.0), init_scale=jnp.float32(1.0),
-                 dropout_rate=jnp.float32(0.0), seed=jnp.int32(seed))
+    data = ArrayData(
+        jnp.asarray(rng.integers(0, 256, (n, *shape), dtype=np.uint8)),
+        jnp.asarray(rng.integers(0, 10, n, dtype=np.int32)),
+        jnp.asarray(rng.integers(0, 256, (batch_size, *shape), dtype=np.uint8)),
+        jnp.asarray(rng.integers(0, 10, batch_size, dtype=np.int32)),
+    )
+    hp = HParams(
+        lr=jnp.float32(0.01),
+        weight_decay=jnp.float32(0.0),
+        init_scale=jnp.float32(1.0),
+        dropout_rate=jnp.float32(0.0),
+        seed=jnp.int32(seed),
+    )
     state = jax.jit(partial(engine.init_state, program, shape))(hp)
     perm = engine.epoch_permutation(hp.seed, 0, n)
     args = (state, hp, data, perm, jnp.int32(0))
@@ -94,7 +122,7 @@ def measure(configs: list[tuple], dataset: str, rounds: int, steps: int, warmup:
             jax.block_until_ready(fn())
     times = {c: [] for c in configs}
     for r in range(rounds):
-        for c in configs[r % len(configs):] + configs[: r % len(configs)]:  # rotated order
+        for c in configs[r % len(configs) :] + configs[: r % len(configs)]:  # rotated order
             fn = steppers[c][1]
             t0 = time.perf_counter()
             for _ in range(steps):
@@ -127,29 +155,55 @@ def main(argv=None) -> None:
         args.seeds, args.rounds, args.steps, args.warmup = "0,1", 5, 2, 1
         args.out_dir = str(Path(args.out_dir) / "quick")
         variant = "quick (2 seeds, 5 interleaved rounds of 2 steps)"
-    configs = [(norm, int(b), int(s)) for norm in args.norms.split(",") for b in args.batch_sizes.split(",")
-               for s in args.seeds.split(",")]
+    configs = [
+        (norm, int(b), int(s))
+        for norm in args.norms.split(",")
+        for b in args.batch_sizes.split(",")
+        for s in args.seeds.split(",")
+    ]
     runs = {c: run_config(args.dataset, *c, args.out_dir, variant) for c in configs}
     root = Path(args.out_dir) / "cost"
     folders = {c: root / runs_lib.run_id(cfg) for c, cfg in runs.items()}
-    if not args.rerun and all(runs_lib.finished_status(f, runs_lib.config_hash(runs[c])) == "done" for c, f in folders.items()):
+    if not args.rerun and all(
+        runs_lib.finished_status(f, runs_lib.config_hash(runs[c])) == "done" for c, f in folders.items()
+    ):
         print(f"cost: all {len(configs)} runs already finished in {root} (--rerun to measure again)")
         return
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-               "cpu_count": os.cpu_count(), "load_average_1min": load}
+    machine = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "load_average_1min": load,
+    }
     start = provenance.provenance()
-    print(f"cost: {len(configs)} configurations, {args.rounds} interleaved rounds of {args.steps} steps "
-          f"({jax.default_backend()}, {machine['cpu_count']} CPUs, load {load:.1f})")
+    print(
+        f"cost: {len(configs)} configurations, {args.rounds} interleaved rounds of {args.steps} steps "
+        f"({jax.default_backend()}, {machine['cpu_count']} CPUs, load {load:.1f})"
+    )
     results = measure(configs, args.dataset, args.rounds, args.steps, args.warmup)
     for c, (compile_s, step_s, per_round) in results.items():
         cfg = runs[c]
-        summary = {"run_id": folders[c].name, "config_hash": runs_lib.config_hash(cfg), "study": "cost", **start,
-                   "machine": machine}
+        summary = {
+            "run_id": folders[c].name,
+            "config_hash": runs_lib.config_hash(cfg),
+            "study": "cost",
+            **start,
+            "machine": machine,
+        }
         folder = runs_lib.RunFolder(folders[c], cfg, summary)
-        folder.finish({"status": "done", "step_time": step_s, "examples_per_s": c[1] / step_s,
-                       "compile_time": compile_s, "step_time_rounds": per_round, "rounds": args.rounds,
-                       "steps_per_round": args.steps, "trained": True})
+        folder.finish(
+            {
+                "status": "done",
+                "step_time": step_s,
+                "examples_per_s": c[1] / step_s,
+                "compile_time": compile_s,
+                "step_time_rounds": per_round,
+                "rounds": args.rounds,
+                "steps_per_round": args.steps,
+                "trained": True,
+            }
+        )
         print(f"  {c[0]:12s} batch {c[1]:4d} seed {c[2]}: {1e3 * step_s:8.2f} ms/step, compile {compile_s:.2f} s")
 
 

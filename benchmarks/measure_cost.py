@@ -69,16 +69,29 @@ class _FlaxBatchNormNet(models._Net):
 
 def program_for(norm_kind: str, batch_size: int) -> Program:
     model = models.build_model(
-        "cnn", norm="before_relu", num_classes=10, dropout_placement="none", bn_momentum=0.9, bn_epsilon=1e-5,
-        width=1.0, norm_kind=norm_kind, norm_groups=8, bn_running_var="unbiased",
+        "cnn",
+        norm="before_relu",
+        num_classes=10,
+        dropout_placement="none",
+        bn_momentum=0.9,
+        bn_epsilon=1e-5,
+        width=1.0,
+        norm_kind=norm_kind,
+        norm_groups=8,
+        bn_running_var="unbiased",
     )
     return Program(model=model, batch_size=batch_size, input_mean=(0.1307,), input_std=(0.3081,))
 
 
 def calls(args, data: ArrayData) -> dict:
     """name -> a no-argument function running one call (compiled on first use)."""
-    hp = HParams(lr=jnp.float32(0.05), weight_decay=jnp.float32(0.0), init_scale=jnp.float32(1.0),
-                 dropout_rate=jnp.float32(0.0), seed=jnp.int32(0))
+    hp = HParams(
+        lr=jnp.float32(0.05),
+        weight_decay=jnp.float32(0.0),
+        init_scale=jnp.float32(1.0),
+        dropout_rate=jnp.float32(0.0),
+        seed=jnp.int32(0),
+    )
     perm = engine.epoch_permutation(hp.seed, 0, data.train_images.shape[0])
     images, labels = data.test_images[: args.eval_batch], data.test_labels[: args.eval_batch]
     mask = jnp.ones(args.eval_batch)
@@ -102,9 +115,15 @@ def calls(args, data: ArrayData) -> dict:
     for kind in ("layer", "group"):
         out[f"step[{kind}]"] = stepper(program_for(kind, args.batch_size))[1]
     m = program.model
-    flax_net = _FlaxBatchNormNet(conv_blocks=m.conv_blocks, dense_widths=m.dense_widths, num_classes=m.num_classes,
-                                 norm=m.norm, dropout_placement=m.dropout_placement, bn_momentum=m.bn_momentum,
-                                 bn_epsilon=m.bn_epsilon)
+    flax_net = _FlaxBatchNormNet(
+        conv_blocks=m.conv_blocks,
+        dense_widths=m.dense_widths,
+        num_classes=m.num_classes,
+        norm=m.norm,
+        dropout_placement=m.dropout_placement,
+        bn_momentum=m.bn_momentum,
+        bn_epsilon=m.bn_epsilon,
+    )
     out["step[flax BatchNorm]"] = stepper(dataclasses.replace(program, model=flax_net))[1]
     return out
 
@@ -126,17 +145,39 @@ def job_cost(args) -> dict:
 
     dataset = data_lib.load("mnist_t10k")
     model = models.build_model(
-        "cnn", norm="before_relu", num_classes=10, dropout_placement="none", bn_momentum=0.9, bn_epsilon=1e-5,
-        width=1.0, norm_kind="batch", norm_groups=8, bn_running_var="unbiased",
+        "cnn",
+        norm="before_relu",
+        num_classes=10,
+        dropout_placement="none",
+        bn_momentum=0.9,
+        bn_epsilon=1e-5,
+        width=1.0,
+        norm_kind="batch",
+        norm_groups=8,
+        bn_running_var="unbiased",
     )
     program = Program(model=model, batch_size=args.batch_size, input_mean=dataset.mean, input_std=dataset.std)
     base = dict(  # the config schema's defaults, with the new measurements off
-        epochs=args.epochs, eval_every=1, log_every=50, eval_batch_size=1000, loop="auto", max_steps_per_epoch=None,
-        probe_every=0, probe_multipliers=(0.5, 1.0, 2.0, 4.0), discrepancy=True, population_batches=20,
-        discrepancy_train_subset=2000, ics_every=0, eval_every_steps=0, dead_units=False, steps_per_call="auto",
+        epochs=args.epochs,
+        eval_every=1,
+        log_every=50,
+        eval_batch_size=1000,
+        loop="auto",
+        max_steps_per_epoch=None,
+        probe_every=0,
+        probe_multipliers=(0.5, 1.0, 2.0, 4.0),
+        discrepancy=True,
+        population_batches=20,
+        discrepancy_train_subset=2000,
+        ics_every=0,
+        eval_every_steps=0,
+        dead_units=False,
+        steps_per_call="auto",
     )
-    trainers = {name: PackTrainer(program, dataset.arrays, Schedule(**{**base, **kw}))
-                for name, kw in job_variants(args.ics_every).items()}
+    trainers = {
+        name: PackTrainer(program, dataset.arrays, Schedule(**{**base, **kw}))
+        for name, kw in job_variants(args.ics_every).items()
+    }
     hp = HParams.stack([{"lr": 0.01, "weight_decay": 0.0, "init_scale": 1.0, "dropout_rate": 0.0, "seed": 0}])
     seconds = {name: [] for name in trainers}
     cpu_seconds = {name: [] for name in trainers}  # this process's CPU time: less hit by other jobs' load
@@ -191,30 +232,57 @@ def main(argv=None):
     ratio["eval+units"] = median["eval+units"] / median["eval"]  # dead-unit counting vs the plain evaluation
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"# {jax.default_backend()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"load {load:.1f}; batch {args.batch_size}, eval batch {args.eval_batch}, {args.repeats} repeats")
+    print(
+        f"# {jax.default_backend()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"load {load:.1f}; batch {args.batch_size}, eval batch {args.eval_batch}, {args.repeats} repeats"
+    )
     print(f"{'call':22s} {'median ms':>10s} {'ratio':>7s}  (to step; eval+units: to eval)")
     for name in fns:
         print(f"{name:22s} {1e3 * median[name]:10.1f} {ratio[name]:7.2f}")
     if args.out:
-        args.out.write_text(json.dumps({
-            "backend": jax.default_backend(), "cpu_count": os.cpu_count(), "load": load, "args": vars(args) | {
-                "out": args.out.name}, "median_s": median, "ratio": ratio, "first_call_s": compile_s,
-            "times_s": times}, indent=1))
+        args.out.write_text(
+            json.dumps(
+                {
+                    "backend": jax.default_backend(),
+                    "cpu_count": os.cpu_count(),
+                    "load": load,
+                    "args": vars(args) | {"out": args.out.name},
+                    "median_s": median,
+                    "ratio": ratio,
+                    "first_call_s": compile_s,
+                    "times_s": times,
+                },
+                indent=1,
+            )
+        )
 
 
 def main_job(args) -> None:
     result = job_cost(args)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"# {jax.default_backend()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"load {load:.1f}; default job, {args.epochs} epoch(s), {args.repeats} repeats")
-    print(f"{'variant':22s} {'median s':>9s} {'ratio':>7s} {'cpu ratio':>9s}  (train + eval seconds; "
-          f"median of per-round ratios to plain)")
+    print(
+        f"# {jax.default_backend()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"load {load:.1f}; default job, {args.epochs} epoch(s), {args.repeats} repeats"
+    )
+    print(
+        f"{'variant':22s} {'median s':>9s} {'ratio':>7s} {'cpu ratio':>9s}  (train + eval seconds; "
+        f"median of per-round ratios to plain)"
+    )
     for name, sec in result["median_s"].items():
         print(f"{name:22s} {sec:9.2f} {result['ratio'][name]:7.3f} {result['cpu_ratio'][name]:9.3f}")
     if args.out:
-        args.out.write_text(json.dumps({"backend": jax.default_backend(), "cpu_count": os.cpu_count(), "load": load,
-                                        "args": vars(args) | {"out": args.out.name}, **result}, indent=1))
+        args.out.write_text(
+            json.dumps(
+                {
+                    "backend": jax.default_backend(),
+                    "cpu_count": os.cpu_count(),
+                    "load": load,
+                    "args": vars(args) | {"out": args.out.name},
+                    **result,
+                },
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":

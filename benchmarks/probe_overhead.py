@@ -63,8 +63,9 @@ def load_data(args) -> tuple[ArrayData, str]:
 
 
 def variants(args) -> dict[str, dict]:
-    disc = dict(discrepancy=True, population_batches=args.population_batches,
-                discrepancy_train_subset=args.train_subset)
+    disc = dict(
+        discrepancy=True, population_batches=args.population_batches, discrepancy_train_subset=args.train_subset
+    )
     return {"base": {}, "probe": {"probe_every": args.probe_every}, "disc": disc}
 
 
@@ -81,9 +82,21 @@ def time_calls(fn, n: int) -> float:
 def schedule(**kw) -> Schedule:
     """The app's default schedule (configs + bnstudy/config.py), written out: benchmarks run on bare JAX."""
     base = dict(
-        epochs=1, eval_every=1, log_every=50, eval_batch_size=1000, loop="auto", max_steps_per_epoch=None,
-        probe_every=0, probe_multipliers=(0.5, 1.0, 2.0, 4.0), discrepancy=False, population_batches=20,
-        discrepancy_train_subset=0, ics_every=0, eval_every_steps=0, dead_units=True, steps_per_call="auto",
+        epochs=1,
+        eval_every=1,
+        log_every=50,
+        eval_batch_size=1000,
+        loop="auto",
+        max_steps_per_epoch=None,
+        probe_every=0,
+        probe_multipliers=(0.5, 1.0, 2.0, 4.0),
+        discrepancy=False,
+        population_batches=20,
+        discrepancy_train_subset=0,
+        ics_every=0,
+        eval_every_steps=0,
+        dead_units=True,
+        steps_per_call="auto",
     )
     return Schedule(**{**base, **kw})
 
@@ -123,30 +136,46 @@ def main() -> None:
 
     data, source = load_data(args)
     model = build_model(
-        "cnn", norm="before_relu", num_classes=10, dropout_placement="none", bn_momentum=0.9, bn_epsilon=1e-5, width=1.0,
-        norm_kind="batch", norm_groups=8, bn_running_var="unbiased",
+        "cnn",
+        norm="before_relu",
+        num_classes=10,
+        dropout_placement="none",
+        bn_momentum=0.9,
+        bn_epsilon=1e-5,
+        width=1.0,
+        norm_kind="batch",
+        norm_groups=8,
+        bn_running_var="unbiased",
     )
-    program = Program(model=model, optimizer="sgd", momentum=0.9, batch_size=128, input_mean=MNIST_MEAN,
-                      input_std=MNIST_STD)
+    program = Program(
+        model=model, optimizer="sgd", momentum=0.9, batch_size=128, input_mean=MNIST_MEAN, input_std=MNIST_STD
+    )
     hp = HParams.stack([dict(lr=0.1, weight_decay=0.0, init_scale=1.0, dropout_rate=0.0, seed=0)])
-    device = {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind, "cores": os.cpu_count(),
-              "jax": jax.__version__, "python": platform.python_version(), "load_avg": os.getloadavg()}
+    device = {
+        "backend": jax.default_backend(),
+        "device": jax.devices()[0].device_kind,
+        "cores": os.cpu_count(),
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+        "load_avg": os.getloadavg(),
+    }
     print(f"device: {device}")
-    print(f"data: {source}, {data.train_images.shape[0]} train / {data.test_images.shape[0]} test; "
-          f"{args.epochs} epoch(s), eval every epoch, batch 128, repeats {args.repeats}")
+    print(
+        f"data: {source}, {data.train_images.shape[0]} train / {data.test_images.shape[0]} test; "
+        f"{args.epochs} epoch(s), eval every epoch, batch 128, repeats {args.repeats}"
+    )
 
     chosen = {k: v for k, v in variants(args).items() if k in args.variants.split(",")}
-    trainers = {
-        name: PackTrainer(program, data, schedule(epochs=args.epochs, **kw))
-        for name, kw in chosen.items()
-    }
+    trainers = {name: PackTrainer(program, data, schedule(epochs=args.epochs, **kw)) for name, kw in chosen.items()}
     runs = {name: [] for name in chosen}
     for r in range(args.repeats):
         for name, trainer in trainers.items():
             t = trainer.train(hp, lambda *a: None).timings
             runs[name].append(t)
-            print(f"  repeat {r} {name:8s} train {t['train_time']:7.2f}s eval {t['eval_time']:6.2f}s "
-                  f"compile {t['compile_time']:6.2f}s")
+            print(
+                f"  repeat {r} {name:8s} train {t['train_time']:7.2f}s eval {t['eval_time']:6.2f}s "
+                f"compile {t['compile_time']:6.2f}s"
+            )
 
     def median(name, key):
         return statistics.median(t[key] for t in runs[name])
@@ -166,19 +195,32 @@ def main() -> None:
     for name, row in table.items():
         row["ratio_vs_base"] = row["train_plus_eval"] / base if base else None
         ratio = f"{row['ratio_vs_base']:.3f}" if base else "-"
-        print(f"{name:10s} {row['train_time']:9.2f} {row['eval_time']:8.2f} {row['train_plus_eval']:9.2f} "
-              f"{ratio:>7s} {row['compile_time_first']:10.2f}")
+        print(
+            f"{name:10s} {row['train_time']:9.2f} {row['eval_time']:8.2f} {row['train_plus_eval']:9.2f} "
+            f"{ratio:>7s} {row['compile_time_first']:10.2f}"
+        )
 
     micro = probe_vs_step(program, data, hp, args.calls)
-    print(f"\none call: step {micro['step_s'] * 1e3:.0f} ms, "
-          f"probe vmapped over eta {micro['probe_vmap_s'] * 1e3:.0f} ms "
-          f"({micro['probe_vmap_s'] / micro['step_s']:.1f} steps), unrolled {micro['probe_unrolled_s'] * 1e3:.0f} ms "
-          f"({micro['probe_unrolled_s'] / micro['step_s']:.1f} steps)")
+    print(
+        f"\none call: step {micro['step_s'] * 1e3:.0f} ms, "
+        f"probe vmapped over eta {micro['probe_vmap_s'] * 1e3:.0f} ms "
+        f"({micro['probe_vmap_s'] / micro['step_s']:.1f} steps), unrolled {micro['probe_unrolled_s'] * 1e3:.0f} ms "
+        f"({micro['probe_unrolled_s'] / micro['step_s']:.1f} steps)"
+    )
 
     if args.out:
-        result = {"device": device, "data": source, "epochs": args.epochs, "repeats": args.repeats,
-                  "probe_every": args.probe_every, "variants": table, "runs": runs, "one_call": micro,
-                  "num_train": int(data.train_images.shape[0]), "num_test": int(data.test_images.shape[0])}
+        result = {
+            "device": device,
+            "data": source,
+            "epochs": args.epochs,
+            "repeats": args.repeats,
+            "probe_every": args.probe_every,
+            "variants": table,
+            "runs": runs,
+            "one_call": micro,
+            "num_train": int(data.train_images.shape[0]),
+            "num_test": int(data.test_images.shape[0]),
+        }
         Path(args.out).write_text(json.dumps(result, indent=2, default=str))
         print(f"wrote {args.out}")
 

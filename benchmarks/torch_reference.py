@@ -41,8 +41,16 @@ def build_cnn(*, bn_momentum: float = 0.1, bn_eps: float = 1e-5) -> nn.Sequentia
 class TorchTrainer:
     """One model and its SGD optimizer over a training set held as NCHW uint8 tensors."""
 
-    def __init__(self, images_nhwc: np.ndarray, labels: np.ndarray, *, lr: float = 0.1, momentum: float = 0.9,
-                 channels_last: bool = False, seed: int = 0):
+    def __init__(
+        self,
+        images_nhwc: np.ndarray,
+        labels: np.ndarray,
+        *,
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        channels_last: bool = False,
+        seed: int = 0,
+    ):
         torch.manual_seed(seed)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model = build_cnn().to(memory_format=self.memory_format)
@@ -88,4 +96,6 @@ def loss_falls(steps: int = 12, batch_size: int = 64, channels_last: bool = Fals
 
 if __name__ == "__main__":
     first, last = loss_falls()
-    print(f"torch {torch.__version__}: loss {first:.3f} -> {last:.3f} over 12 steps ({'falls' if last < first else 'DOES NOT FALL'})")
+    print(
+        f"torch {torch.__version__}: loss {first:.3f} -> {last:.3f} over 12 steps ({'falls' if last < first else 'DOES NOT FALL'})"
+    )
