@@ -27,6 +27,33 @@ T975_DF2 = 4.302652729911275  # t quantile 0.975 with 2 degrees of freedom (stat
 T975_DF4 = 2.7764451051977987  # ... with 4 degrees of freedom
 
 
+# The mechanics tests' own placement block (three directional comparisons, no lr selection), so that
+# redesigning experiments/placement.yaml does not change what they check.
+PLACEMENT_SPEC = {
+    "title": "Where to put BN: before the ReLU, after it, or not at all",
+    "claim": "BN placed before the ReLU trains better than BN placed after it, and both train better than no BN.",
+    "source": 'Common advice following Ioffe & Szegedy (2015), who normalize the pre-activation x = Wu + b; Mishkin et al. (2017, "Systematic evaluation of CNN advances on the ImageNet", CaffeNet benchmarks) found BN after the ReLU slightly better.',
+    "datasets": ["mnist", "cifar10"],
+    "metrics": ["test/acc", "epochs_to_target", "test/loss", "train/epoch_acc"],
+    "target_acc": {"mnist": 0.97, "cifar10": 0.6},
+    "compare": [
+        {
+            "metric": "test/acc",
+            "a": {"model.norm": "before_relu"},
+            "b": {"model.norm": "after_relu"},
+            "expect": "greater",
+        },
+        {"metric": "test/acc", "a": {"model.norm": "before_relu"}, "b": {"model.norm": "none"}, "expect": "greater"},
+        {"metric": "test/acc", "a": {"model.norm": "after_relu"}, "b": {"model.norm": "none"}, "expect": "greater"},
+    ],
+    "figures": [
+        {"name": "test_acc_by_norm", "x": "model.norm", "y": "test/acc"},
+        {"name": "learning_curves_train_loss", "curve": "train/loss", "x": "step", "hue": "model.norm"},
+        {"name": "learning_curves_test_acc", "curve": "test/acc", "x": "epoch", "hue": "model.norm"},
+    ],
+}
+
+
 def write_run(
     root: Path,
     *,
@@ -41,7 +68,7 @@ def write_run(
     status="done",
     summary=None,
     records=(),
-    spec=None,
+    spec=PLACEMENT_SPEC,
 ):
     """One run folder written by bnstudy's own run-folder writer; status `running` leaves it open (this
     process is its live writer)."""
