@@ -37,7 +37,8 @@ def _manager(folder: Path, create: bool) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=1, create=create, enable_async_checkpointing=False, cleanup_tmp_directories=create
     )
-    return ocp.CheckpointManager(checkpoint_dir(folder), options=options)
+    # orbax accepts only absolute paths, and `out_dir` may be given relative to the working directory
+    return ocp.CheckpointManager(checkpoint_dir(folder).absolute(), options=options)
 
 
 class Writer:

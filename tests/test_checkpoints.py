@@ -49,6 +49,21 @@ def test_a_restored_model_slice_equals_the_saved_one_and_only_the_last_is_kept(t
     assert checkpoints.latest(tmp_path) is None
 
 
+def test_a_run_folder_given_relative_to_the_working_directory_checkpoints_and_restores(tmp_path, monkeypatch):
+    """`out_dir=outputs/...` is relative; orbax itself refuses relative paths."""
+    program = Program(model=build_model(), optimizer="sgd", batch_size=8)
+    programs = build_train_programs(program, (28, 28, 1), steps_per_epoch=1, probe_every=0, multipliers=(), ics_every=0)
+    hp = HParams.stack([dict(lr=0.1, weight_decay=0.0, init_scale=1.0, dropout_rate=0.0, seed=0)])
+    state = checkpoints.model_slice(jax.device_get(programs.init(hp)), 0)
+    monkeypatch.chdir(tmp_path)
+    writer = checkpoints.Writer(os.path.join("outputs", "run"))
+    writer.save(state, checkpoints.Progress(epoch=1, step=1, metrics_records=1))
+    writer.close()
+    restored, progress = checkpoints.restore(os.path.join("outputs", "run"), state)
+    assert progress.epoch == 1 and (tmp_path / "outputs" / "run" / "checkpoint" / "1").is_dir()
+    assert_same_tree(restored, state)
+
+
 def test_a_reopened_run_folder_keeps_the_records_before_the_checkpoint_and_its_wandb_id(tmp_path):
     from bnstudy import runs
 
