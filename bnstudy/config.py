@@ -140,7 +140,10 @@ class DeadUnitsConfig:
 
 @dataclass
 class DiscrepancyConfig:
-    enabled: bool = True  # train/inference discrepancy at each evaluation (docs/design.md §4.2); BN models only
+    enabled: bool = True  # train/inference discrepancy (docs/design.md §4.2); BN models only
+    # Measured at every evaluation, or (false) only at the last one of training: the three BN modes and the
+    # population pass cost about three times a plain evaluation, and the studies decide on final values.
+    every_eval: bool = False
     population_batches: int = 20  # training batches for the population statistics (capped at one epoch)
     # When > 0: pool the population statistics over this many training examples instead, i.e.
     # ceil(population_examples / batch size) batches (capped at one epoch), the same for every batch size.

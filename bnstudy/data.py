@@ -1,5 +1,8 @@
 """TFDS splits -> uint8 numpy -> device arrays, once per process, with the dataset's normalization constants.
 
+A split read through TFDS is also kept as a numpy copy in the data_dir (`bnstudy.numpy_cache`), so later
+processes load it without importing TensorFlow (which alone costs seconds of every run's start).
+
 The validation split is held out of the official training split first, by a permutation with a fixed
 seed (`VALIDATION_SEED`, independent of any run's seed), so every arm and seed of a study holds out the
 same examples; `dataset.train_subset` then takes the first N of the remaining training examples.
@@ -17,6 +20,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
+from bnstudy import numpy_cache
 from bnstudy.engine import ArrayData
 
 # Per-channel mean/std of the training images in [0, 1]; normalization itself happens on device.
@@ -123,7 +127,24 @@ def _quiet_tensorflow() -> None:
 
 
 def load_split_numpy(name: str, split: str, data_dir: str | None, download: bool) -> tuple[np.ndarray, np.ndarray]:
-    """A whole TFDS split as (uint8 images [N, H, W, C], int32 labels [N])."""
+    """A whole TFDS split as (uint8 images [N, H, W, C], int32 labels [N]): from this data_dir's numpy copy
+    when it is still current (see `numpy_cache`), else read through TFDS, and the copy written for next time."""
+    root = tfds_root(data_dir)
+    cached = numpy_cache.read(root, name, split)
+    if cached is not None:
+        return cached
+    images, labels, source_dir = _read_tfds_split(name, split, data_dir, download)
+    numpy_cache.write(root, name, split, images, labels, source_dir)
+    return images, labels
+
+
+def tfds_root(data_dir: str | None) -> Path:
+    """The folder TFDS reads and prepares datasets in."""
+    return Path(os.path.expanduser(data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")))
+
+
+def _read_tfds_split(name: str, split: str, data_dir: str | None, download: bool) -> tuple[np.ndarray, np.ndarray, str]:
+    """(images, labels, the prepared dataset's folder) read through TFDS, preparing it first if allowed."""
     _quiet_tensorflow()
     import tensorflow_datasets as tfds  # app-layer only: the core never needs TFDS
 
@@ -134,14 +155,16 @@ def load_split_numpy(name: str, split: str, data_dir: str | None, download: bool
         tfds.disable_progress_bar()  # the first-use preparation takes seconds; its bars would flood the log
     try:
         with preparation_lock(name, data_dir, download):
-            ds = tfds.load(name, split=split, data_dir=data_dir, download=download, as_supervised=True)
+            ds, info = tfds.load(
+                name, split=split, data_dir=data_dir, download=download, as_supervised=True, with_info=True
+            )
         # Large batches, not batch_size=-1: that path aborts the process on generator-backed datasets.
         chunks = list(tfds.as_numpy(ds.batch(8192)))
     except Exception as e:  # TFDS raises many kinds (AssertionError, DatasetNotFoundError, OSError...)
         raise DataUnavailableError(_unavailable_message(name, data_dir, download, e)) from e
     images = np.concatenate([c[0] for c in chunks]).astype(np.uint8, copy=False)
     labels = np.concatenate([c[1] for c in chunks]).astype(np.int32, copy=False)
-    return images, labels
+    return images, labels, str(info.data_dir)
 
 
 def preparation_lock(name: str, data_dir: str | None, download: bool):
@@ -151,7 +174,7 @@ def preparation_lock(name: str, data_dir: str | None, download: bool):
         return contextlib.nullcontext()
     from filelock import FileLock
 
-    root = Path(os.path.expanduser(data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")))
+    root = tfds_root(data_dir)
     root.mkdir(parents=True, exist_ok=True)
     return FileLock(root / f".{name}.prepare.lock")
 

@@ -204,14 +204,15 @@ def train_step(program: Program, state: TrainState, hp: HParams, data: ArrayData
 def train_steps(program: Program, k: int, state: TrainState, hp: HParams, data: ArrayData, perm: jax.Array, index):
     """`k` consecutive `train_step`s on batches `index`, ..., `index + k - 1`; metrics stacked to [k, ...].
 
-    Unrolled in Python, so one jitted call runs a chunk of k steps as straight-line code: on XLA:CPU
-    that beats one call per step, while a rolled `lax.scan` over the same steps is several times slower.
+    A `lax.scan` unrolled completely, so one jitted call runs a chunk of k steps as straight-line code: on
+    XLA:CPU that beats one call per step, while a rolled scan over the same steps is several times slower.
+    The scan traces the step once (a Python loop would trace it k times: ~0.05 s per step at every start).
     """
-    history = []
-    for i in range(k):
-        state, metrics = train_step(program, state, hp, data, perm, index + i)
-        history.append(metrics)
-    return state, jax.tree.map(lambda *per_step: jnp.stack(per_step), *history)
+
+    def one_step(state, i):
+        return train_step(program, state, hp, data, perm, index + i)
+
+    return jax.lax.scan(one_step, state, jnp.arange(k), unroll=True)
 
 
 def epoch_permutation(seed: jax.Array, epoch: jax.Array, num_examples: int) -> jax.Array:

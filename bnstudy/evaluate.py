@@ -174,20 +174,20 @@ class PackEvaluator:
             fn = self.programs.units if name == self.units_split else self.programs.sums
             self.cache.compiled(fn, state.params, state.batch_stats, images[0], labels[0], mask[0])
 
-    def evaluate(self, state: TrainState, hp: HParams, epoch: int) -> dict[str, np.ndarray]:
+    def evaluate(self, state: TrainState, hp: HParams, epoch: int, bn_modes: bool = True) -> dict[str, np.ndarray]:
         """Every key of the module docstring as [K] numpy arrays; population statistics come from
-        the first `population_batches` batches of `epoch`'s training order."""
-        out: dict[str, Any] = {}
-        if self.bn_modes_on:
-            out = self.bn_modes(state, hp, epoch)
+        the first `population_batches` batches of `epoch`'s training order. `bn_modes=False`: the
+        running-mode keys only (an evaluation between the ones that measure the discrepancy)."""
+        from_modes = self.bn_mode_splits if self.bn_modes_on and bn_modes else {}
+        out: dict[str, Any] = self.bn_modes(state, hp, epoch) if from_modes else {}
         for name in self.running_batches:
-            if name in self.bn_mode_splits:
+            if name in from_modes:
                 out[f"{name}/loss"], out[f"{name}/acc"] = out[f"{name}/loss_running"], out[f"{name}/acc_running"]
             elif name == self.units_split:  # one pass gives the loss, the accuracy and the units
                 out |= self.running_with_units(state, name)
             else:
                 out |= self.running(state, name)
-        if self.units_split in self.bn_mode_splits:  # its running numbers came from the BN-mode pass
+        if self.units_split in from_modes:  # its running numbers came from the BN-mode pass
             with_units = self.running_with_units(state, self.units_split)
             out |= {k: v for k, v in with_units.items() if k.startswith("relu/")}
         return jax.device_get(out)

@@ -28,10 +28,21 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
-from scipy import stats
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+
+def _scipy_stats():
+    """scipy.stats on first use: the training app needs only the trained rule and gen_gap from this module,
+    and importing scipy.stats costs it about half a second at every start."""
+    from scipy import stats
+
+    return stats
+
 
 CONFIDENCE = 0.95
 FAMILY_ALPHA = 0.05  # family-wise error level of a study's verdict, half for support and half for contradiction
@@ -56,7 +67,7 @@ def t_interval(values, confidence: float = CONFIDENCE) -> tuple[float, float, fl
     mean = float(x.mean())
     if len(x) < 2:
         return (mean, np.nan, np.nan)
-    half = stats.t.ppf(0.5 + confidence / 2, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x))
+    half = _scipy_stats().t.ppf(0.5 + confidence / 2, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x))
     return (mean, mean - half, mean + half)
 
 
@@ -64,14 +75,14 @@ def t_half_width(std, n, confidence: float = CONFIDENCE):
     """Half-width of the t-interval of a mean from (arrays of) sd and n; NaN where n < 2."""
     n = np.asarray(n, float)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return stats.t.ppf(0.5 + confidence / 2, n - 1) * np.asarray(std, float) / np.sqrt(n)
+        return _scipy_stats().t.ppf(0.5 + confidence / 2, n - 1) * np.asarray(std, float) / np.sqrt(n)
 
 
 def proportion_interval(k: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
     """Exact (Clopper-Pearson) binomial interval of k successes in n trials."""
     if n == 0:
         return (np.nan, np.nan)
-    ci = stats.binomtest(int(k), int(n)).proportion_ci(confidence_level=confidence, method="exact")
+    ci = _scipy_stats().binomtest(int(k), int(n)).proportion_ci(confidence_level=confidence, method="exact")
     return (float(ci.low), float(ci.high))
 
 
@@ -108,20 +119,20 @@ class Contrast:
     def interval(self, confidence: float = CONFIDENCE) -> tuple[float, float]:
         if self.se == 0 or not np.isfinite(self.se):
             return (self.estimate, self.estimate)
-        half = stats.t.ppf(0.5 + confidence / 2, self.df) * self.se
+        half = _scipy_stats().t.ppf(0.5 + confidence / 2, self.df) * self.se
         return (self.estimate - half, self.estimate + half)
 
     def p_above(self, threshold: float) -> float:
         """One-sided p-value of H0 theta <= threshold (small: theta > threshold is shown)."""
         if not self.se > 0:
             return np.nan
-        return float(stats.t.sf((self.estimate - threshold) / self.se, self.df))
+        return float(_scipy_stats().t.sf((self.estimate - threshold) / self.se, self.df))
 
     def p_below(self, threshold: float) -> float:
         """One-sided p-value of H0 theta >= threshold (small: theta < threshold is shown)."""
         if not self.se > 0:
             return np.nan
-        return float(stats.t.cdf((self.estimate - threshold) / self.se, self.df))
+        return float(_scipy_stats().t.cdf((self.estimate - threshold) / self.se, self.df))
 
     def p_two_sided(self) -> float:
         """Two-sided p-value against theta = 0 (for reference; verdicts use the one-sided tests)."""

@@ -106,6 +106,7 @@ def schedule_from(cfg: Config) -> Schedule:
         probe_every=cfg.probe.every,
         probe_multipliers=tuple(cfg.probe.step_multipliers),
         discrepancy=cfg.discrepancy.enabled,
+        discrepancy_every_eval=cfg.discrepancy.every_eval,
         population_batches=population_batches(cfg),
         discrepancy_train_subset=cfg.discrepancy.train_subset,
         ics_every=cfg.ics.every,

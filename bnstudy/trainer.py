@@ -46,6 +46,7 @@ class Schedule:
     probe_every: int  # steps between loss-smoothness probes; 0 = off
     probe_multipliers: tuple[float, ...]  # probe step sizes, multiples of the lr
     discrepancy: bool  # evaluate in the three BN modes (models with BN only)
+    discrepancy_every_eval: bool  # at every evaluation; False = at the last evaluation of training only
     population_batches: int  # training batches for the population statistics (at most one epoch's)
     discrepancy_train_subset: int  # first N training examples, also evaluated in the three modes
     ics_every: int  # steps between internal-covariate-shift probes; 0 = off
@@ -331,9 +332,10 @@ class PackTrainer:
         last_probe: dict[str, np.ndarray] = {}
         ics_probes: list[dict[str, np.ndarray]] = []  # every ICS probe after step 0, for the medians
 
-        def evaluate(st, epoch):
+        def evaluate(st, epoch, steps_into_epoch):
             t0, compiled0 = time.perf_counter(), self.cache.compile_seconds
-            record = self.evaluator.evaluate(st, hp, epoch)
+            last = epoch + 1 == s.epochs and steps_into_epoch == self.steps_per_epoch
+            record = self.evaluator.evaluate(st, hp, epoch, bn_modes=s.discrepancy_every_eval or last)
             wall = time.perf_counter() - t0
             clock["eval_wall"] += wall
             clock["eval"] += wall - (self.cache.compile_seconds - compiled0)
@@ -376,7 +378,8 @@ class PackTrainer:
         return bool(every) and step % every == 0
 
     def _train_epoch(self, state, hp, epoch, bar, evaluate):
-        """Run one epoch, evaluating at its `evaluation_points` with `evaluate(state, epoch)`; returns the
+        """Run one epoch, evaluating at its `evaluation_points` with `evaluate(state, epoch, steps into the
+        epoch)`; returns the
         state, its per-step metrics (key -> [steps, K]), its probes [(index in the epoch, {key: [K]})] and its
         evaluations {steps into the epoch: record}, the one at the epoch's end (if any) with the epoch's mean
         train loss/acc."""
@@ -394,7 +397,7 @@ class PackTrainer:
                     state, stacked = run(state, hp, self.data, perm, jnp.int32(start))
                 parts.append(jax.device_get(stacked))  # key -> [steps, K]; probe keys NaN off probe steps
                 if end in eval_at:
-                    evaluations[end] = evaluate(state, epoch)
+                    evaluations[end] = evaluate(state, epoch, end)
                 bar.update(end - start)
             history = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
             probe_rows = {k: history.pop(k) for k in list(history) if k.startswith(PROBE_PREFIXES)}
@@ -434,7 +437,7 @@ class PackTrainer:
                     bar.set_postfix_str(f"loss {np.nanmean(part['loss'][-1]):.4f}")
                     window = []
                 if i + m in eval_at:
-                    evaluations[i + m] = evaluate(state, epoch)
+                    evaluations[i + m] = evaluate(state, epoch, i + m)
             history = {k: np.concatenate([p[k] for p in history_parts]) for k in history_parts[0]}
             probes = jax.device_get(probes)
         jax.block_until_ready(state)

@@ -69,6 +69,7 @@ SCHEDULE_KW = dict(
     probe_every=0,
     probe_multipliers=(0.5, 1.0, 2.0, 4.0),
     discrepancy=False,
+    discrepancy_every_eval=True,
     population_batches=20,
     discrepancy_train_subset=0,
     ics_every=0,
@@ -103,12 +104,15 @@ def arrays():
 
 
 @pytest.fixture
-def mock_tfds():
-    """TFDS mocked with 256 random examples per split; bnstudy's per-process data cache cleared around it."""
+def mock_tfds(monkeypatch):
+    """TFDS mocked with 256 random examples per split; bnstudy's per-process data cache cleared around it, and
+    its numpy copies of prepared splits (which would serve the real data instead of the mock) out of the way."""
     import tensorflow_datasets as tfds
 
-    from bnstudy import data
+    from bnstudy import data, numpy_cache
 
+    monkeypatch.setattr(numpy_cache, "read", lambda *a: None)
+    monkeypatch.setattr(numpy_cache, "write", lambda *a: None)
     data._load_numpy_cached.cache_clear()
     with tfds.testing.mock_data(num_examples=256):
         yield

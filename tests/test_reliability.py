@@ -56,7 +56,9 @@ images, _ = builder.load_images_and_labels()
 _, test = builder.split_order()
 expected = sorted(images[i].tobytes() for i in test)
 got = sorted(x.tobytes() for x in np.asarray(d.arrays.test_images))
-print(d.num_train, d.num_test, 'same-split' if got == expected else 'different-split')
+import sys
+tf = 'with-tensorflow' if 'tensorflow' in sys.modules else 'without-tensorflow'
+print(tf, d.num_train, d.num_test, 'same-split' if got == expected else 'different-split')
 """
 
 
@@ -71,8 +73,16 @@ def tfds_dir(tmp_path_factory) -> Path:
     code = NO_NETWORK + PREPARE_AND_CHECK.format(path=str(path))
     out = subprocess.run([sys.executable, "-c", code], env=env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split()[-3:] == ["8000", "2000", "same-split"]
+    assert out.stdout.split()[-4:] == ["with-tensorflow", "8000", "2000", "same-split"]
     return path
+
+
+def test_a_prepared_split_loads_again_without_tensorflow(tfds_dir):
+    """The first load read through TFDS and kept a numpy copy; the next process needs no TensorFlow."""
+    code = NO_NETWORK + PREPARE_AND_CHECK.format(path=str(tfds_dir))
+    out = subprocess.run([sys.executable, "-c", code], env=env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-4:] == ["without-tensorflow", "8000", "2000", "same-split"]
 
 
 def command(out: Path, tfds_dir: Path, *overrides: str) -> list[str]:

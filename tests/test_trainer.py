@@ -133,3 +133,27 @@ def test_training_resumes_from_a_state_handed_to_on_epoch_end(arrays):
     for a, b in zip(jax.tree.leaves(whole.state), jax.tree.leaves(resumed.state), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     np.testing.assert_array_equal(whole.final["test/loss"], resumed.final["test/loss"])
+
+
+@pytest.mark.parametrize("every_eval", [True, False])
+def test_the_discrepancy_is_measured_at_the_last_evaluation_or_at_every_one(arrays, every_eval):
+    sched = schedule(
+        epochs=2,
+        log_every=4,
+        max_steps_per_epoch=2,
+        eval_batch_size=64,
+        discrepancy=True,
+        discrepancy_every_eval=every_eval,
+        population_batches=1,
+        discrepancy_train_subset=32,
+    )
+    records = []
+    pt = trainer.PackTrainer(cnn_program("before_relu"), arrays, sched)
+    result = pt.train(
+        hparams([{"seed": 0}]), lambda step, epoch, m: records.append((epoch, m)) if "test/acc" in m else None
+    )
+    with_disc = [epoch for epoch, m in records if "disc/kl" in m]
+    assert [epoch for epoch, _ in records] == [1, 2]  # epochs completed
+    assert with_disc == ([1, 2] if every_eval else [2])
+    assert np.isfinite(result.final["disc/kl"]).all() and "test/acc_population" in result.final
+    assert {"test/loss", "test/acc", "train_subset/acc"} <= set(records[0][1])  # the plain evaluation

@@ -1,0 +1,76 @@
+"""A TFDS split is read through TFDS once per data_dir; later loads come from its numpy copy while the
+prepared dataset it was read from is unchanged, and a data_dir bnstudy cannot write in still loads."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from bnstudy import data, numpy_cache
+
+
+@pytest.fixture
+def fake_tfds(tmp_path, monkeypatch):
+    """A prepared dataset folder and a TFDS reader that counts its reads."""
+    source = tmp_path / "toy" / "1.0.0"
+    source.mkdir(parents=True)
+    (source / "dataset_info.json").write_text("{}")
+    reads = []
+
+    def read(name, split, data_dir, download):
+        reads.append(split)
+        rng = np.random.default_rng(len(reads))
+        return rng.integers(0, 256, (5, 4, 4, 1), dtype=np.uint8), rng.integers(0, 10, 5).astype(np.int32), str(source)
+
+    monkeypatch.setattr(data, "_read_tfds_split", read)
+    return source, reads
+
+
+def test_the_second_load_comes_from_the_numpy_copy_with_the_same_arrays(tmp_path, fake_tfds):
+    _, reads = fake_tfds
+    first = data.load_split_numpy("toy", "train", str(tmp_path), False)
+    second = data.load_split_numpy("toy", "train", str(tmp_path), False)
+    assert reads == ["train"]
+    for a, b in zip(first, second):
+        np.testing.assert_array_equal(a, b)
+        assert a.dtype == b.dtype
+    assert numpy_cache.cache_file(tmp_path, "toy", "train").is_file()
+    assert not list(numpy_cache.cache_file(tmp_path, "toy", "train").parent.glob("*.tmp"))
+
+
+def test_a_re_prepared_dataset_is_read_through_tfds_again(tmp_path, fake_tfds):
+    source, reads = fake_tfds
+    data.load_split_numpy("toy", "train", str(tmp_path), False)
+    info = source / "dataset_info.json"
+    os.utime(info, ns=(info.stat().st_atime_ns, info.stat().st_mtime_ns + 10**9))
+    again = data.load_split_numpy("toy", "train", str(tmp_path), False)
+    assert reads == ["train", "train"]
+    np.testing.assert_array_equal(again[0], numpy_cache.read(tmp_path, "toy", "train")[0])
+
+
+def test_a_new_tfds_version_is_read_through_tfds_again(tmp_path, fake_tfds, monkeypatch):
+    _, reads = fake_tfds
+    data.load_split_numpy("toy", "test", str(tmp_path), False)
+    monkeypatch.setattr(numpy_cache, "tfds_version", lambda: "99.0")
+    data.load_split_numpy("toy", "test", str(tmp_path), False)
+    assert reads == ["test", "test"]
+
+
+def test_a_data_dir_that_cannot_be_written_loads_without_a_copy(tmp_path, fake_tfds):
+    _, reads = fake_tfds
+    (tmp_path / numpy_cache.FOLDER).write_text("a file where the copies' folder would go")
+    images, labels = data.load_split_numpy("toy", "train", str(tmp_path), False)
+    assert images.shape == (5, 4, 4, 1) and labels.shape == (5,)
+    data.load_split_numpy("toy", "train", str(tmp_path), False)
+    assert reads == ["train", "train"]
+
+
+def test_a_torn_copy_is_ignored(tmp_path, fake_tfds):
+    _, reads = fake_tfds
+    path = numpy_cache.cache_file(tmp_path, "toy", "train")
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"PK\x03\x04 not a whole npz")
+    data.load_split_numpy("toy", "train", str(tmp_path), False)
+    assert reads == ["train"] and numpy_cache.read(tmp_path, "toy", "train") is not None
