@@ -1,0 +1,46 @@
+"""bnstudy.reference writes out the config schema's defaults: check that it holds the same values."""
+
+from bnstudy import config, data, reference, train
+
+
+def default_config() -> config.Config:
+    return config.from_dict({"dataset": {"name": "mnist_t10k"}})
+
+
+def test_reference_schedule_is_the_default_runs_schedule():
+    assert reference.schedule() == train.schedule_from(default_config())
+    assert reference.schedule(epochs=1).epochs == 1
+
+
+def test_reference_model_and_optimizer_are_the_config_defaults():
+    cfg = default_config()
+    m = cfg.model
+    assert reference.MODEL == dict(
+        norm=m.norm,
+        num_classes=data.NUM_CLASSES["mnist_t10k"],
+        dropout_placement=m.dropout.placement,
+        bn_momentum=m.bn_momentum,
+        bn_epsilon=m.bn_epsilon,
+        width=m.width,
+        norm_kind=m.norm_kind,
+        norm_groups=m.norm_groups,
+        bn_running_var=m.bn_running_var,
+    )
+    assert (reference.OPTIMIZER, reference.MOMENTUM) == (cfg.optimizer.name, cfg.optimizer.momentum)
+    assert reference.BATCH_SIZE == cfg.train.batch_size
+    assert (reference.MNIST_MEAN, reference.MNIST_STD) == data.STATS["mnist_t10k"]
+    hp = dict(
+        lr=cfg.optimizer.lr,
+        weight_decay=cfg.optimizer.weight_decay,
+        init_scale=m.init_scale,
+        dropout_rate=m.dropout.rate,
+        seed=cfg.seed,
+    )
+    assert reference.HPARAMS == hp
+
+
+def test_reference_program_is_what_the_app_builds_by_default():
+    mean, std = data.STATS["mnist_t10k"]
+    dataset = data.Dataset("mnist_t10k", None, data.NUM_CLASSES["mnist_t10k"], mean, std, data.AUGMENT["mnist_t10k"])
+    assert reference.program() == train.build_program(default_config(), dataset)
+    assert reference.program(batch_size=32) != train.build_program(default_config(), dataset)
