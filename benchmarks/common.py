@@ -64,7 +64,10 @@ def machine(extra_packages: tuple[str, ...] = ("torch",)) -> dict[str, Any]:
 def print_header(title: str, info: dict[str, Any]) -> None:
     v, ld = info["versions"], info["load_start"]
     print(f"{title} on {info['backend']} / {info['device_kind']} (x{info['device_count']}), git {info['git_sha']}")
-    print("  " + "  ".join(f"{k} {v[k]}" for k in ("python", "jax", "jaxlib", "flax", "optax", "numpy", "torch")))
+    print(
+        "  "
+        + "  ".join(f"{k} {v[k]}" for k in ("python", "jax", "jaxlib", "flax", "optax", "numpy", "torch") if k in v)
+    )
     print(
         f"  {info['platform']}, {info['cpus_usable']}/{info['cpu_count']} CPUs usable, "
         f"load {ld[0]:.2f} {ld[1]:.2f} {ld[2]:.2f}, XLA_FLAGS={info['xla_flags']!r}"
