@@ -39,15 +39,14 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import common  # noqa: F401  (puts the checkout on sys.path)
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bnstudy import engine, metrics, models
+from bnstudy import engine, metrics, models, reference
 from bnstudy.engine import ArrayData, HParams, Program
 
 
@@ -68,19 +67,7 @@ class _FlaxBatchNormNet(models._Net):
 
 
 def program_for(norm_kind: str, batch_size: int) -> Program:
-    model = models.build_model(
-        "cnn",
-        norm="before_relu",
-        num_classes=10,
-        dropout_placement="none",
-        bn_momentum=0.9,
-        bn_epsilon=1e-5,
-        width=1.0,
-        norm_kind=norm_kind,
-        norm_groups=8,
-        bn_running_var="unbiased",
-    )
-    return Program(model=model, batch_size=batch_size, input_mean=(0.1307,), input_std=(0.3081,))
+    return reference.program(reference.build_model(norm_kind=norm_kind), batch_size=batch_size)
 
 
 def calls(args, data: ArrayData) -> dict:
@@ -141,44 +128,16 @@ def job_variants(ics_every: int) -> dict[str, dict]:
 def job_cost(args) -> dict:
     """Train the default job once per variant and repeat, round-robin; seconds are train + eval time."""
     from bnstudy import data as data_lib
-    from bnstudy.trainer import PackTrainer, Schedule
+    from bnstudy.trainer import PackTrainer
 
     dataset = data_lib.load("mnist_t10k")
-    model = models.build_model(
-        "cnn",
-        norm="before_relu",
-        num_classes=10,
-        dropout_placement="none",
-        bn_momentum=0.9,
-        bn_epsilon=1e-5,
-        width=1.0,
-        norm_kind="batch",
-        norm_groups=8,
-        bn_running_var="unbiased",
-    )
-    program = Program(model=model, batch_size=args.batch_size, input_mean=dataset.mean, input_std=dataset.std)
-    base = dict(  # the config schema's defaults, with the new measurements off
-        epochs=args.epochs,
-        eval_every=1,
-        log_every=50,
-        eval_batch_size=1000,
-        loop="auto",
-        max_steps_per_epoch=None,
-        probe_every=0,
-        probe_multipliers=(0.5, 1.0, 2.0, 4.0),
-        discrepancy=True,
-        population_batches=20,
-        discrepancy_train_subset=2000,
-        ics_every=0,
-        eval_every_steps=0,
-        dead_units=False,
-        steps_per_call="auto",
-    )
+    program = reference.program(batch_size=args.batch_size, input_mean=dataset.mean, input_std=dataset.std)
+    base = reference.schedule(epochs=args.epochs, dead_units=False)  # the default job, new measurements off
     trainers = {
-        name: PackTrainer(program, dataset.arrays, Schedule(**{**base, **kw}))
+        name: PackTrainer(program, dataset.arrays, dataclasses.replace(base, **kw))
         for name, kw in job_variants(args.ics_every).items()
     }
-    hp = HParams.stack([{"lr": 0.01, "weight_decay": 0.0, "init_scale": 1.0, "dropout_rate": 0.0, "seed": 0}])
+    hp = reference.hparams([{"lr": 0.01}])
     seconds = {name: [] for name in trainers}
     cpu_seconds = {name: [] for name in trainers}  # this process's CPU time: less hit by other jobs' load
     for t in trainers.values():  # compile (and warm up) every variant first
