@@ -50,3 +50,14 @@ def test_step_vs_torch_smallest_run_writes_every_row(tmp_path):
     if result["machine"]["versions"]["torch"]:
         assert result["torch_loss_check"]["falls"]
         assert any(n.startswith("PyTorch") for n in names)
+
+
+def test_benchmarks_import_none_of_the_app_stack():
+    """They must run on a bare JAX machine (jax, flax, optax, numpy)."""
+    code = (
+        f"import sys; sys.path.insert(0, {str(BENCHMARKS)!r}); "
+        "import common, bench_pack, measure_cost, probe_overhead, step_vs_torch; "
+        "bad = {'hydra', 'omegaconf', 'wandb', 'tensorflow_datasets', 'tensorflow', 'orbax', 'pandas'} & set(sys.modules); "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
