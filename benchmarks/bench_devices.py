@@ -30,51 +30,22 @@ if args.fake_cpu_devices:  # XLA reads it once, before JAX starts its backend
         f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={args.fake_cpu_devices}"
     )
     os.environ["JAX_PLATFORMS"] = "cpu"
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import common
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bnstudy import engine, models, sharding, trainer
+from bnstudy import reference, sharding, trainer
+
+STEPS_PER_EPOCH = 4
 
 
 def pack_trainer(devices: int) -> trainer.PackTrainer:
-    rng = np.random.default_rng(0)
-    n = args.batch * 4
-    images = jnp.asarray(rng.integers(0, 255, (n, 28, 28, 1), dtype=np.uint8))
-    labels = jnp.asarray(rng.integers(0, 10, n, dtype=np.int32))
-    data = engine.ArrayData(images, labels, images[: args.batch], labels[: args.batch])
-    model = models.build_model(
-        "cnn",
-        norm="before_relu",
-        num_classes=10,
-        dropout_placement="none",
-        bn_momentum=0.9,
-        bn_epsilon=1e-5,
-        width=1.0,
-        norm_kind="batch",
-        norm_groups=8,
-        bn_running_var="unbiased",
-    )
-    program = engine.Program(model=model, batch_size=args.batch, input_mean=(0.13,), input_std=(0.31,))
-    schedule = trainer.Schedule(
-        epochs=1,
-        eval_every=0,
-        log_every=50,
-        eval_batch_size=args.batch,
-        loop="python",
-        steps_per_call=1,
-        max_steps_per_epoch=None,
-        probe_every=0,
-        probe_multipliers=(1.0,),
-        discrepancy=False,
-        population_batches=1,
-        discrepancy_train_subset=0,
-        ics_every=0,
-        eval_every_steps=0,
-        dead_units=False,
-    )
+    data = common.random_data(args.batch * STEPS_PER_EPOCH, args.batch)
+    program = reference.program(batch_size=args.batch)
+    schedule = common.timing_schedule(STEPS_PER_EPOCH, loop="python", steps_per_call=1, eval_batch=args.batch)
     mesh = sharding.pack_mesh(devices) if devices > 1 else None
     return trainer.PackTrainer(program, data, schedule, mesh=mesh)
 
@@ -91,8 +62,7 @@ def timed_steps(pack: trainer.PackTrainer, state, hp, perm) -> tuple[object, flo
 def main() -> None:
     available = jax.local_device_count()
     counts = [n for n in (1, 2, 4, 8, 16) if n <= available and args.pack % n == 0]
-    hp = engine.HParams.stack([dict(lr=0.01, weight_decay=0.0, init_scale=1.0, dropout_rate=0.0, seed=k)
-                               for k in range(args.pack)])  # fmt: skip
+    hp = reference.hparams([{"lr": 0.01, "seed": k} for k in range(args.pack)])
     runs = {}
     for n in counts:
         pack = pack_trainer(n)

@@ -1,447 +1,57 @@
-"""Benchmark of packed training: the MNIST CNN trained alone, packed K at a time, and in PyTorch.
+"""Packed training: K MNIST CNNs in one vmapped program vs the same K trained one after another.
 
-What it measures, all in one process run so that the ratios share the machine's state:
+    python benchmarks/bench_pack.py --out pack.json
+    python benchmarks/bench_pack.py --quick
+    python benchmarks/bench_pack.py --ks 1,4,16,64 --steps 20 --skip compile
 
-1. step     per-model train-step time and examples/s of the MNIST CNN (conv32-BN-ReLU-pool,
-            conv64-BN-ReLU-pool, dense128-BN-ReLU, dense10; norm=before_relu; batch 128; SGD with
-            momentum 0.9) in bnstudy: the plain jitted `engine.train_step` in a Python loop and in a
-            `lax.scan` (rolled and unrolled), the vmapped pack-of-1 programs of `PackTrainer`, and the
-            whole `PackTrainer.train` with `loop=python` and `loop=scan`; against the same CNN in
-            PyTorch eager when torch is importable. Variants are timed round-robin (repeat r of every
-            variant, then repeat r+1, ...) so that a change in machine load hits them all alike.
-2. pack     K models packed into one vmapped program vs the same K models trained one after another
-            (K separate `PackTrainer.train` calls on one pack-of-1 trainer, reusing its compiled
-            program: what `train.pack_size=1` does). Aggregate model-examples/s and packed/sequential
-            ratio, compile time excluded and included. Packed K and the sequential runs it is compared
-            with are measured back to back.
-3. compile  compile time of each program (init, step, scan epoch, eval) of a pack, cold and with the
-            JAX persistent compilation cache warm: a subprocess compiles against a fresh, empty
-            temporary cache directory, then a second subprocess compiles against the same directory.
-4. cpu1     (CPU backend only) bnstudy's step loops vs PyTorch eager on one core: a fresh subprocess
-            pinned to one CPU (torch with 1 thread, XLA without multi-threaded Eigen), measured as
-            process CPU time per step: a comparison that other jobs sharing the machine barely
-            disturb, unlike wall time with both frameworks spreading over all cores.
+1. pack     For each K: a pack of K models (`PackTrainer.train`) vs K separate `train` calls on one
+            pack-of-1 trainer reusing its compiled program (what `train.pack_size=1` does), measured
+            back to back. Aggregate model-examples/s (K x steps x batch / seconds) and the ratio
+            packed/sequential, compile time excluded and included. Both use the loop that `loop=auto`
+            picks (python on CPU, scan elsewhere). A K whose projected run time exceeds --budget is
+            skipped and listed.
+2. compile  Trace+lower and XLA compile seconds of each program of a pack (init, step, scan epoch,
+            eval): a fresh subprocess compiles against a new, empty persistent-cache directory, then a
+            second subprocess against the same directory.
 
-Only the core is needed (jax, flax, optax, numpy; torch optional: `pip install -e '.[bench]'`). The data
-are random uint8 MNIST-shaped images (28x28x1, 10 classes) generated on the device: the script
-measures speed, not accuracy.
-
-    python benchmarks/bench_pack.py                       # default (10-15 min on a 2-core CPU)
-    python benchmarks/bench_pack.py --quick               # about 3 min on a 2-core CPU
-    python benchmarks/bench_pack.py --ks 1,4,16,64 --steps 20 --out results.json
-
-Defaults depend on the backend (CPU: 4 steps per measurement, --quick 3 steps and K up to 8;
-accelerators: 100 steps); a packed K whose projected run time exceeds --budget is skipped and
-reported. Every choice is printed and written to the JSON. On a busy machine wall-clock numbers are
-noise: the header prints the load average and the core count, and warns when the load was high.
+The MNIST CNN of `bnstudy.reference` (BN before ReLU, batch 128, SGD momentum 0.9) on random MNIST-shaped
+data (speed, not accuracy). The per-model train step against PyTorch is `step_vs_torch.py`. Needs only
+jax, flax, optax and numpy.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
-import platform
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
-from functools import partial
 from pathlib import Path
-from typing import Any
 
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(ROOT))
+import common
+import jax
+import jax.numpy as jnp
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+from bnstudy import reference
+from bnstudy.engine import HParams
+from bnstudy.trainer import PackTrainer, resolve_loop
 
-from bnstudy import engine  # noqa: E402
-from bnstudy.engine import ArrayData, HParams, Program  # noqa: E402
-from bnstudy.models import build_model  # noqa: E402
-from bnstudy.trainer import PackTrainer, Schedule, resolve_loop  # noqa: E402
+BATCH = common.BATCH
 
-BATCH = 128
-IMAGE_SHAPE = (28, 28, 1)
-NUM_CLASSES = 10
-MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
-TEST_EXAMPLES = BATCH  # the end-of-training evaluation is timed apart; keep it small
-
-# (steps per measurement, repeats, Ks, seconds allowed for one packed-K measurement)
+# (steps per measurement, Ks, seconds allowed for one packed-K measurement)
 DEFAULTS = {
-    ("cpu", False): (4, 5, (1, 4, 16, 64), 360.0),
-    ("cpu", True): (3, 3, (1, 4, 8), 60.0),
-    ("accel", False): (100, 5, (1, 4, 16, 64), 300.0),
-    ("accel", True): (30, 3, (1, 4, 16, 64), 60.0),
+    ("cpu", False): (4, (1, 4, 16, 64), 360.0),
+    ("cpu", True): (3, (1, 4, 8), 60.0),
+    ("accel", False): (100, (1, 4, 16, 64), 300.0),
+    ("accel", True): (30, (1, 4, 16, 64), 60.0),
 }
 
 
-# ----------------------------------------------------------------------------- setup
-
-
-def noop_log(*_):
-    pass
-
-
-def make_data(num_train: int, seed: int = 0) -> ArrayData:
-    """Random uint8 MNIST-shaped images and labels, generated on the default device."""
-    k1, k2, k3, k4 = jax.random.split(jax.random.key(seed), 4)
-    images = lambda k, n: jax.random.randint(k, (n, *IMAGE_SHAPE), 0, 256, jnp.int32).astype(jnp.uint8)
-    labels = lambda k, n: jax.random.randint(k, (n,), 0, NUM_CLASSES, jnp.int32)
-    data = ArrayData(images(k1, num_train), labels(k2, num_train), images(k3, TEST_EXAMPLES), labels(k4, TEST_EXAMPLES))
-    return jax.block_until_ready(data)
-
-
-def make_program() -> Program:
-    model = build_model(
-        "cnn",
-        norm="before_relu",
-        num_classes=NUM_CLASSES,
-        dropout_placement="none",
-        bn_momentum=0.9,
-        bn_epsilon=1e-5,
-        width=1.0,
-        norm_kind="batch",
-        norm_groups=8,
-        bn_running_var="unbiased",
-    )
-    return Program(
-        model=model, optimizer="sgd", momentum=0.9, batch_size=BATCH, input_mean=MNIST_MEAN, input_std=MNIST_STD
-    )
-
-
-def hparam_rows(k: int, offset: int = 0) -> list[dict]:
-    """K distinct runs: seeds offset.., learning rates log-spaced in [0.01, 0.1]."""
-    lrs = np.geomspace(0.01, 0.1, max(k, 2))
-    return [
-        {"lr": float(lrs[i]), "weight_decay": 5e-4, "init_scale": 1.0, "dropout_rate": 0.0, "seed": offset + i}
-        for i in range(k)
-    ]
-
-
-def make_schedule(steps: int, loop: str) -> Schedule:
-    return Schedule(
-        epochs=1,
-        eval_every=0,
-        log_every=steps,
-        eval_batch_size=TEST_EXAMPLES,
-        loop=loop,
-        max_steps_per_epoch=steps,
-        probe_every=0,
-        probe_multipliers=(),
-        discrepancy=False,
-        population_batches=1,
-        discrepancy_train_subset=0,
-        ics_every=0,
-        eval_every_steps=0,
-        dead_units=False,
-        steps_per_call="auto",
-    )
-
-
-def machine_info() -> dict[str, Any]:
-    dev = jax.devices()[0]
-    info = {
-        "backend": jax.default_backend(),
-        "device_kind": dev.device_kind,
-        "device_count": jax.device_count(),
-        "jax": jax.__version__,
-        "jaxlib": _version("jaxlib"),
-        "flax": _version("flax"),
-        "optax": _version("optax"),
-        "numpy": np.__version__,
-        "torch": _version("torch"),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "loadavg_start": list(os.getloadavg()),
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        **git_state(),
-    }
-    return info
-
-
-def git_state() -> dict[str, Any]:
-    """The commit of the measured code and whether bnstudy/ had uncommitted changes (None without git)."""
-
-    def git(*args):
-        out = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, timeout=10, check=False)
-        return out.stdout.strip() if out.returncode == 0 else None
-
-    try:
-        sha = git("rev-parse", "HEAD")
-        dirty = git("status", "--porcelain", "--", "bnstudy")
-    except (OSError, subprocess.SubprocessError):
-        return {"git_sha": None, "bnstudy_dirty": None}
-    return {"git_sha": sha, "bnstudy_dirty": None if dirty is None else bool(dirty)}
-
-
-def _version(name: str) -> str | None:
-    from importlib import metadata
-
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-class Section:
-    """Wall time, process CPU time and load average around one part of the benchmark."""
-
-    def __init__(self, name: str):
-        self.name = name
-
-    def __enter__(self):
-        self.load_before = os.getloadavg()
-        self.t0, self.cpu0 = time.perf_counter(), time.process_time()
-        print(f"\n== {self.name} (load {self.load_before[0]:.2f}) ==", flush=True)
-        return self
-
-    def __exit__(self, *exc):
-        wall = time.perf_counter() - self.t0
-        self.record = {
-            "wall_s": wall,
-            "process_cpu_s": time.process_time() - self.cpu0,
-            "loadavg_before": list(self.load_before),
-            "loadavg_after": list(os.getloadavg()),
-        }
-        return False
-
-
-# ----------------------------------------------------------------------------- 1. per-model step time
-
-
-@dataclasses.dataclass
-class Variant:
-    """One way of training `steps` steps of the CNN: prepare() compiles and warms up, run() times."""
-
-    name: str
-    impl: str  # bnstudy | torch
-    prepare: Callable[[], float]  # returns compile seconds
-    run: Callable[[], float]  # returns seconds for `steps` steps
-    note: str = ""
-
-
-def plain_state(program: Program, hp_row: dict):
-    hp = HParams(**{k: jnp.asarray(v, jnp.int32 if k == "seed" else jnp.float32) for k, v in hp_row.items()})
-    state = jax.jit(partial(engine.init_state, program, IMAGE_SHAPE))(hp)
-    return state, hp
-
-
-def plain_step_variant(program, data, steps) -> Variant:
-    """The unvmapped jitted `engine.train_step`, one Python call per step (donating the state)."""
-    st: dict[str, Any] = {}
-
-    def prepare():
-        state, hp = plain_state(program, hparam_rows(1)[0])
-        perm = engine.epoch_permutation(hp.seed, 0, data.train_images.shape[0])
-        t0 = time.perf_counter()
-        fn = jax.jit(partial(engine.train_step, program), donate_argnums=0)
-        compiled = fn.lower(state, hp, data, perm, jnp.int32(0)).compile()
-        st.update(fn=compiled, state=state, hp=hp, perm=perm)
-        return time.perf_counter() - t0
-
-    def run():
-        state = st["state"]
-        t0 = time.perf_counter()
-        for i in range(steps):
-            state, _ = st["fn"](state, st["hp"], data, st["perm"], jnp.int32(i))
-        jax.block_until_ready(state)
-        st["state"] = state
-        return time.perf_counter() - t0
-
-    return Variant("plain jit step, python loop", "bnstudy", prepare, run, "engine.train_step, no vmap")
-
-
-def plain_scan_variant(program, data, steps, unroll: bool) -> Variant:
-    """The unvmapped step inside one `lax.scan` over `steps` steps (rolled, or fully unrolled)."""
-    st: dict[str, Any] = {}
-
-    def epoch(state, hp, data, perm):
-        body = lambda s, i: engine.train_step(program, s, hp, data, perm, i)
-        return jax.lax.scan(body, state, jnp.arange(steps), unroll=unroll)
-
-    def prepare():
-        state, hp = plain_state(program, hparam_rows(1)[0])
-        perm = engine.epoch_permutation(hp.seed, 0, data.train_images.shape[0])
-        t0 = time.perf_counter()
-        compiled = jax.jit(epoch, donate_argnums=0).lower(state, hp, data, perm).compile()
-        st.update(fn=compiled, state=state, hp=hp, perm=perm)
-        return time.perf_counter() - t0
-
-    def run():
-        t0 = time.perf_counter()
-        state, metrics = st["fn"](st["state"], st["hp"], data, st["perm"])
-        jax.block_until_ready((state, metrics))
-        st["state"] = state
-        return time.perf_counter() - t0
-
-    name = f"plain lax.scan{' unroll=True' if unroll else ''}"
-    return Variant(name, "bnstudy", prepare, run, "no vmap; one call per measurement")
-
-
-def pack1_compiled_variant(program, data, steps, loop: str) -> Variant:
-    """`PackTrainer`'s own compiled vmapped pack-of-1 program, called without the trainer's host loop."""
-    st: dict[str, Any] = {}
-
-    def prepare():
-        trainer = PackTrainer(program, data, make_schedule(steps, loop))
-        hp = HParams.stack(hparam_rows(1))
-        state, compile_s = trainer.compile(hp)
-        perm = trainer.permutation(hp, 0)
-        program_of_loop = trainer.compiled_epoch if loop == "scan" else trainer.compiled_step
-        st.update(trainer=trainer, hp=hp, state=state, perm=perm, compiled=program_of_loop(state, hp, perm))
-        return compile_s
-
-    def run():
-        compiled, hp, perm = st["compiled"], st["hp"], st["perm"]
-        state = st["state"]
-        t0 = time.perf_counter()
-        if loop == "scan":
-            state, metrics = compiled(state, hp, data, perm)
-            jax.block_until_ready((state, metrics))
-        else:
-            for i in range(steps):
-                state, _ = compiled(state, hp, data, perm, jnp.int32(i))
-            jax.block_until_ready(state)
-        st["state"] = state
-        return time.perf_counter() - t0
-
-    name = "pack K=1 jit(vmap(step)), python loop" if loop == "python" else "pack K=1 jit(vmap) lax.scan"
-    return Variant(name, "bnstudy", prepare, run, "PackTrainer's compiled program (init + compile)")
-
-
-def trainer_variant(program, data, steps, loop: str) -> Variant:
-    """The whole `PackTrainer.train` for K=1 (permutation, steps, metric transfers, logging)."""
-    st: dict[str, Any] = {}
-
-    def prepare():
-        st["trainer"] = PackTrainer(program, data, make_schedule(steps, loop))
-        st["hp"] = HParams.stack(hparam_rows(1))
-        return st["trainer"].train(st["hp"], noop_log).timings["compile_time"]
-
-    def run():
-        return st["trainer"].train(st["hp"], noop_log).timings["train_time"]
-
-    return Variant(
-        f"PackTrainer.train K=1 loop={loop}", "bnstudy", prepare, run, "train_time: excludes compile and eval"
-    )
-
-
-def torch_variant(data, steps) -> Variant | None:
-    """The same CNN in PyTorch eager, same batch size, SGD(momentum 0.9), BN momentum 0.1, eps 1e-5."""
-    try:
-        import torch
-        from torch import nn
-    except ImportError:
-        return None
-    device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
-    st: dict[str, Any] = {}
-
-    def block(layer, bn):
-        return [layer, bn, nn.ReLU()]
-
-    def prepare():
-        torch.manual_seed(0)
-        model = nn.Sequential(
-            *block(nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32, momentum=0.1, eps=1e-5)),
-            nn.MaxPool2d(2),
-            *block(nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64, momentum=0.1, eps=1e-5)),
-            nn.MaxPool2d(2),
-            nn.Flatten(),
-            *block(nn.Linear(64 * 7 * 7, 128), nn.BatchNorm1d(128, momentum=0.1, eps=1e-5)),
-            nn.Linear(128, NUM_CLASSES),
-        ).to(device)
-        images = torch.from_numpy(np.array(data.train_images)).permute(0, 3, 1, 2).contiguous().to(device)
-        labels = torch.from_numpy(np.array(data.train_labels)).long().to(device)
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-        st.update(model=model, images=images, labels=labels, opt=opt, gen=torch.Generator().manual_seed(0))
-        run()  # warm-up: allocator, kernels
-        return 0.0
-
-    def run():
-        model, opt, images, labels = st["model"], st["opt"], st["images"], st["labels"]
-        model.train()
-        perm = torch.randperm(images.shape[0], generator=st["gen"]).to(device)
-        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-        sync()
-        t0 = time.perf_counter()
-        for i in range(steps):
-            idx = perm[i * BATCH : (i + 1) * BATCH]
-            x = (images[idx].float() / 255.0 - MNIST_MEAN[0]) / MNIST_STD[0]
-            loss = nn.functional.cross_entropy(model(x), labels[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        loss.item()
-        sync()
-        return time.perf_counter() - t0
-
-    note = f"torch {torch.__version__} eager on {device}, {torch.get_num_threads()} threads"
-    return Variant("PyTorch eager", "torch", prepare, run, note)
-
-
-def measure_step(program, data, steps, repeats, unroll_scan: bool) -> list[dict]:
-    # The fast python-loop variants and torch come first and next to each other, so that within a
-    # round they see nearly the same machine; the slow scan variants follow.
-    variants = [
-        plain_step_variant(program, data, steps),
-        pack1_compiled_variant(program, data, steps, "python"),
-        trainer_variant(program, data, steps, "python"),
-    ]
-    tv = torch_variant(data, steps)
-    if tv is None:
-        print("  torch not importable: no PyTorch comparison (pip install -e '.[bench]')")
-    else:
-        variants.append(tv)
-    if unroll_scan:
-        variants.append(plain_scan_variant(program, data, steps, unroll=True))
-    variants += [
-        plain_scan_variant(program, data, steps, unroll=False),
-        pack1_compiled_variant(program, data, steps, "scan"),
-        trainer_variant(program, data, steps, "scan"),
-    ]
-    compile_s = {}
-    for v in variants:
-        compile_s[v.name] = v.prepare()
-        v.run()  # warm-up run, untimed
-        print(f"  prepared {v.name} (compile {compile_s[v.name]:.2f} s)", flush=True)
-    times: dict[str, list[float]] = {v.name: [] for v in variants}
-    for _ in range(repeats):  # round-robin: repeat r of every variant before repeat r+1
-        for v in variants:
-            times[v.name].append(v.run() / steps)
-    rows = []
-    for v in variants:
-        med = statistics.median(times[v.name])
-        rows.append(
-            {
-                "name": v.name,
-                "impl": v.impl,
-                "note": v.note,
-                "steps": steps,
-                "repeats": repeats,
-                "compile_s": compile_s[v.name],
-                "step_s_median": med,
-                "step_s_min": min(times[v.name]),
-                "step_s_all": times[v.name],
-                "examples_per_s": BATCH / med,
-            }
-        )
-    torch_row = next((r for r in rows if r["impl"] == "torch"), None)
-    for r in rows:
-        r["speedup_vs_torch"] = torch_row["step_s_median"] / r["step_s_median"] if torch_row else None
-    return rows
-
-
-# ----------------------------------------------------------------------------- 2. packed vs sequential
+# ----------------------------------------------------------------------------- 1. packed vs sequential
 
 
 def projected_seconds(prev: dict | None, k: int, steps: int) -> float | None:
@@ -454,8 +64,8 @@ def projected_seconds(prev: dict | None, k: int, steps: int) -> float | None:
 
 
 def train_packed(program, data, steps, loop, k) -> dict:
-    trainer = PackTrainer(program, data, make_schedule(steps, loop))
-    t = trainer.train(HParams.stack(hparam_rows(k)), noop_log).timings
+    trainer = PackTrainer(program, data, common.timing_schedule(steps, loop))
+    t = trainer.train(HParams.stack(common.hparam_rows(k)), common.no_log).timings
     return {
         "compile_s": t["compile_time"],
         "train_s": t["train_time"],
@@ -467,8 +77,8 @@ def train_packed(program, data, steps, loop, k) -> dict:
 def train_sequential(trainer: PackTrainer, first: int, count: int) -> list[dict]:
     """Models first..first+count-1, each a separate `train` of the pack-of-1 trainer."""
     out = []
-    for row in hparam_rows(first + count)[first:]:
-        t = trainer.train(HParams.stack([row]), noop_log).timings
+    for row in common.hparam_rows(first + count)[first:]:
+        t = trainer.train(HParams.stack([row]), common.no_log).timings
         out.append({"compile_s": t["compile_time"], "train_s": t["train_time"], "eval_s": t["eval_time"]})
     return out
 
@@ -499,7 +109,7 @@ def pack_row(k, steps, packed, seq_runs, loop) -> dict:
 def measure_pack(program, data, steps, ks, budget_s) -> tuple[list[dict], list[dict]]:
     """For each K: packed K, then sequential models up to K (prefix of one sequence of single runs)."""
     loop = resolve_loop("auto")
-    seq_trainer = PackTrainer(program, data, make_schedule(steps, loop))
+    seq_trainer = PackTrainer(program, data, common.timing_schedule(steps, loop))
     seq_runs: list[dict] = []
     rows, skipped, prev = [], [], None
     for k in sorted(ks):
@@ -528,15 +138,12 @@ def measure_pack(program, data, steps, ks, budget_s) -> tuple[list[dict], list[d
     return rows, skipped
 
 
-# ----------------------------------------------------------------------------- 3. compile, cold vs warm cache
-
-
 def compile_programs(k: int, steps: int) -> dict[str, dict[str, float]]:
     """Trace+lower and compile seconds of each program of a pack of K (done in a fresh process)."""
-    program = make_program()
-    data = make_data(steps * BATCH)
-    trainer = PackTrainer(program, data, make_schedule(steps, "python"))
-    hp = HParams.stack(hparam_rows(k))
+    program = reference.program()
+    data = common.random_data(steps * BATCH)
+    trainer = PackTrainer(program, data, common.timing_schedule(steps, "python"))
+    hp = HParams.stack(common.hparam_rows(k))
     out = {}
 
     def timed(name, fn, *args):
@@ -614,122 +221,11 @@ def measure_compile(ks: list[int], steps: int) -> list[dict]:
     return rows
 
 
-# ----------------------------------------------------------------------------- 4. one thread, CPU time
-
-SINGLE_THREAD_XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false"
-
-
-def single_thread_probe_main(steps: int, repeats: int) -> None:
-    """Subprocess entry (XLA_FLAGS set by the parent): pin to one core before the backend starts,
-    then CPU seconds per step of each variant, JSON on the last line."""
-    if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-    program, data = make_program(), make_data(steps * BATCH)
-    # Pure step loops only: process CPU time would also count `PackTrainer.train`'s init and eval.
-    variants = [plain_step_variant(program, data, steps), pack1_compiled_variant(program, data, steps, "python")]
-    tv = torch_variant(data, steps)
-    if tv is not None:
-        import torch
-
-        torch.set_num_threads(1)
-        tv = torch_variant(data, steps)  # note records the thread count
-        variants.append(tv)
-    for v in variants:
-        v.prepare()
-        v.run()
-    cpu: dict[str, list[float]] = {v.name: [] for v in variants}
-    wall: dict[str, list[float]] = {v.name: [] for v in variants}
-    for _ in range(repeats):
-        for v in variants:
-            c0 = time.process_time()
-            wall[v.name].append(v.run() / steps)
-            cpu[v.name].append((time.process_time() - c0) / steps)
-    print(
-        json.dumps(
-            {v.name: {"impl": v.impl, "note": v.note, "cpu_s": cpu[v.name], "wall_s": wall[v.name]} for v in variants}
-        )
-    )
-
-
-def measure_single_thread(steps: int, repeats: int) -> list[dict]:
-    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {SINGLE_THREAD_XLA_FLAGS}".strip())
-    cmd = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--single-thread-probe",
-        "--steps",
-        str(steps),
-        "--repeats",
-        str(repeats),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"single-thread probe failed: {proc.stderr[-2000:]}")
-    raw = json.loads(proc.stdout.strip().splitlines()[-1])
-    rows = [
-        {
-            "name": name,
-            "impl": r["impl"],
-            "note": r["note"],
-            "xla_flags": env["XLA_FLAGS"],
-            "cpu_s_median": statistics.median(r["cpu_s"]),
-            "cpu_s_min": min(r["cpu_s"]),
-            "wall_s_median": statistics.median(r["wall_s"]),
-            "cpu_s_all": r["cpu_s"],
-            "wall_s_all": r["wall_s"],
-        }
-        for name, r in raw.items()
-    ]
-    torch_row = next((r for r in rows if r["impl"] == "torch"), None)
-    for r in rows:
-        r["torch_cpu_over_this"] = torch_row["cpu_s_median"] / r["cpu_s_median"] if torch_row else None
-    return rows
-
-
-# ----------------------------------------------------------------------------- output
-
-
-def fmt_rate(x: float) -> str:
-    return f"{x:,.0f}"
-
-
-def print_header(info: dict, cfg: dict) -> None:
-    load = info["loadavg_start"]
-    print(f"bnstudy pack benchmark on {info['backend']} / {info['device_kind']} (x{info['device_count']})")
-    print(
-        f"  jax {info['jax']}  flax {info['flax']}  optax {info['optax']}  numpy {info['numpy']}  torch {info['torch']}"
-    )
-    print(
-        f"  {info['platform']}, python {info['python']}, {info['cpus_usable']}/{info['cpu_count']} CPUs usable, "
-        f"load {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
-    )
-    print(
-        f"  MNIST CNN norm=before_relu, batch {BATCH}, SGD momentum 0.9; generated uint8 data; "
-        f"steps/measurement {cfg['steps']}, repeats {cfg['repeats']}, Ks {cfg['ks']}"
-    )
-    if load[0] > 0.5 * info["cpus_usable"]:
-        print(f"  WARNING: load {load[0]:.2f} on {info['cpus_usable']} CPUs: another job is running; re-run when idle")
-
-
-def print_step_table(rows: list[dict]) -> None:
-    print(
-        "\n1. per-model train step (median of repeats; examples/s = batch / median step; "
-        "vs torch = torch step time / this step time)"
-    )
-    print(f"   {'variant':40s} {'step ms':>9s} {'min ms':>8s} {'ex/s':>8s} {'compile s':>9s} {'vs torch':>8s}")
-    for r in rows:
-        vs = f"{r['speedup_vs_torch']:.2f}x" if r["speedup_vs_torch"] else "-"
-        print(
-            f"   {r['name']:40s} {1e3 * r['step_s_median']:9.1f} {1e3 * r['step_s_min']:8.1f} "
-            f"{fmt_rate(r['examples_per_s']):>8s} {r['compile_s']:9.2f} {vs:>8s}"
-        )
-
-
 def print_pack_table(rows: list[dict], skipped: list[dict]) -> None:
     if not rows:
         return
     print(
-        f"\n2. K packed vs K one after another (loop={rows[0]['loop']}, {rows[0]['steps']} steps per model; "
+        f"\n1. K packed vs K one after another (loop={rows[0]['loop']}, {rows[0]['steps']} steps per model; "
         "model-examples/s = K*steps*batch / seconds)"
     )
     print(
@@ -757,7 +253,7 @@ def print_compile_table(rows: list[dict]) -> None:
     if not rows:
         return
     print(
-        "\n3. compile per program (trace+lower / XLA compile, seconds), fresh process each, "
+        "\n2. compile per program (trace+lower / XLA compile, seconds), fresh process each, "
         "persistent cache cold vs warm"
     )
     print(
@@ -770,84 +266,33 @@ def print_compile_table(rows: list[dict]) -> None:
         )
 
 
-def paired_ratio(num: dict, den: dict) -> dict[str, float]:
-    """num/den step time: median over rounds of the ratio within a round (robust to load drifting
-    between rounds), and the ratio of the best rounds (closest to an idle machine)."""
-    per_round = [a / b for a, b in zip(num["step_s_all"], den["step_s_all"])]
-    return {"paired_median": statistics.median(per_round), "of_minima": num["step_s_min"] / den["step_s_min"]}
-
-
-def print_single_thread_table(rows: list[dict]) -> None:
-    if not rows:
-        return
-    print(
-        "\n4. one core (process pinned to one CPU; XLA --xla_cpu_multi_thread_eigen=false; torch 1 thread): "
-        "process CPU time per step"
-    )
-    print(f"   {'variant':40s} {'cpu ms':>8s} {'min ms':>8s} {'wall ms':>8s} {'torch cpu / this':>16s}")
-    for r in rows:
-        vs = f"{r['torch_cpu_over_this']:.2f}" if r["torch_cpu_over_this"] else "-"
-        print(
-            f"   {r['name']:40s} {1e3 * r['cpu_s_median']:8.1f} {1e3 * r['cpu_s_min']:8.1f} "
-            f"{1e3 * r['wall_s_median']:8.1f} {vs:>16s}"
-        )
-
-
-def print_summary(step_rows: list[dict]) -> dict:
-    by = {r["name"]: r for r in step_rows}
-    loop = resolve_loop("auto")
-    vmap1 = paired_ratio(by["pack K=1 jit(vmap(step)), python loop"], by["plain jit step, python loop"])
-    summary: dict[str, Any] = {"vmap_k1_over_plain_step_time": vmap1, "app_loop": loop}
-    print(
-        f"\n   step time of the vmapped pack of 1 / plain step (python loop): {vmap1['paired_median']:.2f} "
-        f"(median of per-round ratios), {vmap1['of_minima']:.2f} (ratio of minima)"
-    )
-    torch_row = next((r for r in step_rows if r["impl"] == "torch"), None)
-    if torch_row:
-        app = by[f"PackTrainer.train K=1 loop={loop}"]
-        vs = paired_ratio(torch_row, app)
-        summary["torch_over_app_step_time"] = vs
-        print(
-            f"   PyTorch eager step time / PackTrainer.train (loop={loop}, what the app runs here): "
-            f"{vs['paired_median']:.2f} (median of per-round ratios), {vs['of_minima']:.2f} (ratio of minima); "
-            ">1 means bnstudy is faster"
-        )
-    return summary
-
-
-# ----------------------------------------------------------------------------- main
+def fmt_rate(x: float) -> str:
+    return f"{x:,.0f}"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--quick", action="store_true", help="fewer steps, repeats and smaller K")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer steps and smaller K")
     ap.add_argument("--ks", type=str, default=None, help="comma-separated pack sizes, e.g. 1,4,16,64")
     ap.add_argument("--steps", type=int, default=None, help="training steps per measurement")
-    ap.add_argument("--repeats", type=int, default=None, help="timed repeats per step variant")
     ap.add_argument("--budget", type=float, default=None, help="max projected seconds for one packed-K run")
     ap.add_argument("--compile-ks", type=str, default="1", help="pack sizes for the compile-cache section")
-    ap.add_argument("--no-unroll", action="store_true", help="skip the fully unrolled lax.scan variant")
-    ap.add_argument("--skip", type=str, default="", help="comma-separated sections to skip: step,pack,compile,cpu1")
+    ap.add_argument("--skip", type=str, default="", help="comma-separated sections to skip: pack,compile")
     ap.add_argument("--out", type=str, default=None, help="write the results as JSON here")
     ap.add_argument("--compile-probe", type=str, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--probe-k", type=int, default=1, help=argparse.SUPPRESS)
-    ap.add_argument("--single-thread-probe", action="store_true", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
 
 def resolve_config(args) -> dict:
     kind = "cpu" if jax.default_backend() == "cpu" else "accel"
-    steps, repeats, ks, budget = DEFAULTS[(kind, args.quick)]
+    steps, ks, budget = DEFAULTS[(kind, args.quick)]
     return {
         "quick": args.quick,
         "steps": args.steps or steps,
-        "repeats": args.repeats or repeats,
         "ks": [int(k) for k in args.ks.split(",")] if args.ks else list(ks),
         "budget_s": args.budget or budget,
         "compile_ks": [int(k) for k in args.compile_ks.split(",") if k],
-        "unroll_scan": not args.no_unroll,
         "skip": [s for s in args.skip.split(",") if s],
         "batch_size": BATCH,
     }
@@ -858,58 +303,23 @@ def main(argv=None) -> dict:
     if args.compile_probe:
         compile_probe_main(args.compile_probe, args.probe_k, args.steps or 4)
         return {}
-    if args.single_thread_probe:
-        single_thread_probe_main(args.steps or 4, args.repeats or 5)
-        return {}
-    logging_quiet()
+    common.quiet_logging()
     cfg = resolve_config(args)
-    info = machine_info()
-    print_header(info, cfg)
-    program, data = make_program(), make_data(cfg["steps"] * BATCH)
-    results: dict[str, Any] = {"machine": info, "config": cfg, "sections": {}}
-    t_start = time.perf_counter()
-    if "step" not in cfg["skip"]:
-        with Section("step") as sec:
-            results["step"] = measure_step(program, data, cfg["steps"], cfg["repeats"], cfg["unroll_scan"])
-        results["sections"]["step"] = sec.record
+    info = common.machine()
+    common.print_header("bnstudy pack benchmark", info)
+    print(f"  steps/measurement {cfg['steps']}, Ks {cfg['ks']}, budget {cfg['budget_s']:.0f} s per packed run")
+    results: dict = {"machine": info, "config": cfg}
     if "pack" not in cfg["skip"]:
-        with Section("pack") as sec:
-            results["pack"], results["pack_skipped"] = measure_pack(
-                program, data, cfg["steps"], cfg["ks"], cfg["budget_s"]
-            )
-        results["sections"]["pack"] = sec.record
+        program, data = reference.program(), common.random_data(cfg["steps"] * BATCH)
+        results["pack"], results["pack_skipped"] = measure_pack(program, data, cfg["steps"], cfg["ks"], cfg["budget_s"])
     if "compile" not in cfg["skip"]:
-        with Section("compile") as sec:
-            results["compile"] = measure_compile(cfg["compile_ks"], cfg["steps"])
-        results["sections"]["compile"] = sec.record
-    if "cpu1" not in cfg["skip"] and jax.default_backend() == "cpu":
-        with Section("cpu1: one core, CPU time") as sec:
-            results["single_thread"] = measure_single_thread(cfg["steps"], cfg["repeats"])
-        results["sections"]["cpu1"] = sec.record
-    info["loadavg_end"] = list(os.getloadavg())
-    results["total_wall_s"] = time.perf_counter() - t_start
-    print(
-        f"\nbnstudy pack benchmark on {info['backend']} / {info['device_kind']}, jax {info['jax']}, "
-        f"{info['cpus_usable']} CPUs, load at start {info['loadavg_start'][0]:.2f}, at end {info['loadavg_end'][0]:.2f}, "
-        f"total {results['total_wall_s']:.0f} s"
-    )
-    if "step" in results:
-        print_step_table(results["step"])
-        results["summary"] = print_summary(results["step"])
+        results["compile"] = measure_compile(cfg["compile_ks"], cfg["steps"])
+    info["load_end"] = common.load()
+    print(f"\nload at start {info['load_start'][0]:.2f}, at end {info['load_end'][0]:.2f}")
     print_pack_table(results.get("pack", []), results.get("pack_skipped", []))
     print_compile_table(results.get("compile", []))
-    print_single_thread_table(results.get("single_thread", []))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-        print(f"\nwrote {args.out}")
+    common.write_json(args.out, results)
     return results
-
-
-def logging_quiet() -> None:
-    import logging
-
-    logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)
 
 
 if __name__ == "__main__":

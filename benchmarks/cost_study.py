@@ -36,7 +36,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
 import jax
 import jax.numpy as jnp
 
-from bnstudy import analysis, engine, models, provenance
+from bnstudy import analysis, engine, provenance, reference
 from bnstudy import config as config_lib
 from bnstudy import runs as runs_lib
 from bnstudy.engine import ArrayData, HParams, Program
@@ -71,19 +71,8 @@ def run_config(dataset: str, norm: str, batch_size: int, seed: int, out_dir: str
 
 def program_for(dataset: str, norm: str, batch_size: int) -> Program:
     shape, name, mean, std = SHAPES[dataset]
-    model = models.build_model(
-        name,
-        norm=norm,
-        num_classes=10,
-        dropout_placement="none",
-        bn_momentum=0.9,
-        bn_epsilon=1e-5,
-        width=1.0,
-        norm_kind="batch",
-        norm_groups=8,
-        bn_running_var="unbiased",
-    )
-    return Program(model=model, batch_size=batch_size, input_mean=mean, input_std=std)
+    model = reference.build_model(name, norm=norm)
+    return reference.program(model, batch_size=batch_size, input_mean=mean, input_std=std)
 
 
 def stepper(dataset: str, norm: str, batch_size: int, seed: int):

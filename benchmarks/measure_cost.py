@@ -28,20 +28,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
-import platform
 import statistics
 import sys
 import time
 from functools import partial
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import common  # noqa: F401  (puts the checkout on sys.path)
+import common
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -168,11 +163,7 @@ def main(argv=None):
     if args.job:
         return main_job(args)
 
-    rng = np.random.default_rng(0)
-    images = lambda n: jnp.asarray(rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8))
-    labels = lambda n: jnp.asarray(rng.integers(0, 10, n, dtype=np.int32))
-    n_train = 4 * args.batch_size
-    data = ArrayData(images(n_train), labels(n_train), images(args.eval_batch), labels(args.eval_batch))
+    data = common.random_data(4 * args.batch_size, args.eval_batch)
 
     fns = calls(args, data)
     compile_s = {}
@@ -190,58 +181,32 @@ def main(argv=None):
     ratio = {name: median[name] / median["step"] for name in fns}
     ratio["eval+units"] = median["eval+units"] / median["eval"]  # dead-unit counting vs the plain evaluation
 
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(
-        f"# {jax.default_backend()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"load {load:.1f}; batch {args.batch_size}, eval batch {args.eval_batch}, {args.repeats} repeats"
-    )
+    info = header(f"batch {args.batch_size}, eval batch {args.eval_batch}, {args.repeats} repeats")
     print(f"{'call':22s} {'median ms':>10s} {'ratio':>7s}  (to step; eval+units: to eval)")
     for name in fns:
         print(f"{name:22s} {1e3 * median[name]:10.1f} {ratio[name]:7.2f}")
-    if args.out:
-        args.out.write_text(
-            json.dumps(
-                {
-                    "backend": jax.default_backend(),
-                    "cpu_count": os.cpu_count(),
-                    "load": load,
-                    "args": vars(args) | {"out": args.out.name},
-                    "median_s": median,
-                    "ratio": ratio,
-                    "first_call_s": compile_s,
-                    "times_s": times,
-                },
-                indent=1,
-            )
-        )
+    fields = {"median_s": median, "ratio": ratio, "first_call_s": compile_s, "times_s": times}
+    common.write_json(args.out, {"machine": info, "args": vars(args) | {"out": str(args.out)}, **fields})
 
 
 def main_job(args) -> None:
     result = job_cost(args)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(
-        f"# {jax.default_backend()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"load {load:.1f}; default job, {args.epochs} epoch(s), {args.repeats} repeats"
-    )
+    info = header(f"default job, {args.epochs} epoch(s), {args.repeats} repeats")
     print(
         f"{'variant':22s} {'median s':>9s} {'ratio':>7s} {'cpu ratio':>9s}  (train + eval seconds; "
         f"median of per-round ratios to plain)"
     )
     for name, sec in result["median_s"].items():
         print(f"{name:22s} {sec:9.2f} {result['ratio'][name]:7.3f} {result['cpu_ratio'][name]:9.3f}")
-    if args.out:
-        args.out.write_text(
-            json.dumps(
-                {
-                    "backend": jax.default_backend(),
-                    "cpu_count": os.cpu_count(),
-                    "load": load,
-                    "args": vars(args) | {"out": args.out.name},
-                    **result,
-                },
-                indent=1,
-            )
-        )
+    common.write_json(args.out, {"machine": info, "args": vars(args) | {"out": str(args.out)}, **result})
+
+
+def header(settings: str) -> dict:
+    """Print the machine and this run's settings; the machine's record for the JSON."""
+    info = common.machine(extra_packages=())
+    common.print_header("bnstudy measurement cost", info)
+    print(f"  {settings}")
+    return info
 
 
 if __name__ == "__main__":

@@ -24,9 +24,6 @@ Only the core is needed. Data: random MNIST-shaped uint8 images (--train/--test 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -34,21 +31,15 @@ import time
 from functools import partial
 from pathlib import Path
 
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(ROOT))
+import common
+import jax
+import jax.numpy as jnp
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-from bnstudy import engine, metrics  # noqa: E402
-from bnstudy.engine import ArrayData, HParams, Program  # noqa: E402
-from bnstudy.models import build_model  # noqa: E402
-from bnstudy.trainer import PackTrainer, Schedule  # noqa: E402
-
-MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
+from bnstudy import engine, metrics, reference
+from bnstudy.engine import ArrayData, HParams, Program
+from bnstudy.trainer import PackTrainer, Schedule
 
 
 def load_data(args) -> tuple[ArrayData, str]:
@@ -56,10 +47,7 @@ def load_data(args) -> tuple[ArrayData, str]:
         from bnstudy import data  # app layer: only for a real TFDS folder
 
         return data.load("mnist", args.data_dir).arrays, f"TFDS mnist from {args.data_dir}"
-    rng = np.random.default_rng(0)
-    images = lambda n: jnp.asarray(rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8))
-    labels = lambda n: jnp.asarray(rng.integers(0, 10, n, dtype=np.int32))
-    return ArrayData(images(args.train), labels(args.train), images(args.test), labels(args.test)), "random"
+    return common.random_data(args.train, args.test), "random"
 
 
 def variants(args) -> dict[str, dict]:
@@ -80,25 +68,8 @@ def time_calls(fn, n: int) -> float:
 
 
 def schedule(**kw) -> Schedule:
-    """The app's default schedule (configs + bnstudy/config.py), written out: benchmarks run on bare JAX."""
-    base = dict(
-        epochs=1,
-        eval_every=1,
-        log_every=50,
-        eval_batch_size=1000,
-        loop="auto",
-        max_steps_per_epoch=None,
-        probe_every=0,
-        probe_multipliers=(0.5, 1.0, 2.0, 4.0),
-        discrepancy=False,
-        population_batches=20,
-        discrepancy_train_subset=0,
-        ics_every=0,
-        eval_every_steps=0,
-        dead_units=True,
-        steps_per_call="auto",
-    )
-    return Schedule(**{**base, **kw})
+    """The app's default schedule with the discrepancy evaluation off (the `disc` variant turns it on)."""
+    return reference.schedule(**{"discrepancy": False, "discrepancy_train_subset": 0, **kw})
 
 
 def probe_vs_step(program: Program, data: ArrayData, hp: HParams, n: int) -> dict:
@@ -135,31 +106,10 @@ def main() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
     data, source = load_data(args)
-    model = build_model(
-        "cnn",
-        norm="before_relu",
-        num_classes=10,
-        dropout_placement="none",
-        bn_momentum=0.9,
-        bn_epsilon=1e-5,
-        width=1.0,
-        norm_kind="batch",
-        norm_groups=8,
-        bn_running_var="unbiased",
-    )
-    program = Program(
-        model=model, optimizer="sgd", momentum=0.9, batch_size=128, input_mean=MNIST_MEAN, input_std=MNIST_STD
-    )
-    hp = HParams.stack([dict(lr=0.1, weight_decay=0.0, init_scale=1.0, dropout_rate=0.0, seed=0)])
-    device = {
-        "backend": jax.default_backend(),
-        "device": jax.devices()[0].device_kind,
-        "cores": os.cpu_count(),
-        "jax": jax.__version__,
-        "python": platform.python_version(),
-        "load_avg": os.getloadavg(),
-    }
-    print(f"device: {device}")
+    program = reference.program()
+    hp = reference.hparams()
+    device = common.machine(extra_packages=())
+    common.print_header("bnstudy probe overhead", device)
     print(
         f"data: {source}, {data.train_images.shape[0]} train / {data.test_images.shape[0]} test; "
         f"{args.epochs} epoch(s), eval every epoch, batch 128, repeats {args.repeats}"
@@ -221,8 +171,7 @@ def main() -> None:
             "num_train": int(data.train_images.shape[0]),
             "num_test": int(data.test_images.shape[0]),
         }
-        Path(args.out).write_text(json.dumps(result, indent=2, default=str))
-        print(f"wrote {args.out}")
+        common.write_json(args.out, result)
 
 
 if __name__ == "__main__":

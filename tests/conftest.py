@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bnstudy import engine, models
+from bnstudy import engine, reference
 
 # Small settings every app-level test starts from; tests add their own overrides after these.
 TINY = [
@@ -44,53 +44,30 @@ def make_arrays(n_train=256, n_test=64, shape=(28, 28, 1), seed=0) -> engine.Arr
     return engine.ArrayData(jnp.asarray(a), jnp.asarray(b), jnp.asarray(c), jnp.asarray(d))
 
 
-# The model settings the tests use (bnstudy's own defaults live in the config schema alone).
-MODEL_KW = dict(
-    norm="before_relu",
-    num_classes=10,
-    dropout_placement="none",
-    bn_momentum=0.9,
-    bn_epsilon=1e-5,
-    width=1.0,
-    norm_kind="batch",
-    norm_groups=8,
-    bn_running_var="unbiased",
-)
-
-# A short schedule for core tests; each test overrides what it is about with `schedule(...)`.
-SCHEDULE_KW = dict(
+# What the core tests change in the reference schedule (bnstudy.reference: the config schema's defaults);
+# each test overrides what it is about with `schedule(...)`.
+TEST_SCHEDULE = dict(
     epochs=1,
-    eval_every=1,
-    log_every=50,
     eval_batch_size=64,
-    loop="auto",
     steps_per_call=1,
-    max_steps_per_epoch=None,
-    probe_every=0,
-    probe_multipliers=(0.5, 1.0, 2.0, 4.0),
     discrepancy=False,
     discrepancy_every_eval=True,
-    population_batches=20,
     discrepancy_train_subset=0,
-    ics_every=0,
-    eval_every_steps=0,
     dead_units=False,
 )
 
 
 def build_model(name="cnn", **kw):
-    return models.build_model(name, **{**MODEL_KW, **kw})
+    return reference.build_model(name, **kw)
 
 
 def schedule(**kw):
-    from bnstudy import trainer
-
-    return trainer.Schedule(**{**SCHEDULE_KW, **kw})
+    return reference.schedule(**{**TEST_SCHEDULE, **kw})
 
 
 def cnn_program(norm="before_relu", batch_size=32, dropout_placement="none", **kw) -> engine.Program:
     model = build_model("cnn", norm=norm, dropout_placement=dropout_placement)
-    return engine.Program(model=model, batch_size=batch_size, input_mean=(0.13,), input_std=(0.31,), **kw)
+    return reference.program(model, batch_size=batch_size, input_mean=(0.13,), input_std=(0.31,), **kw)
 
 
 def hparams(rows) -> engine.HParams:

@@ -33,8 +33,10 @@ def test_core_imports_none_of_the_app_stack():
     import sys
 
     code = (
-        "import sys, bnstudy.models, bnstudy.engine, bnstudy.trainer, bnstudy.evaluate, bnstudy.metrics, bnstudy.pack_size; "
-        "bad = {'hydra', 'omegaconf', 'wandb', 'tensorflow_datasets', 'tensorflow', 'tqdm'} & set(sys.modules); "
+        "import sys, bnstudy.models, bnstudy.engine, bnstudy.trainer, bnstudy.evaluate, bnstudy.metrics, "
+        "bnstudy.pack_size, bnstudy.reference, bnstudy.provenance, bnstudy.xla_flags; "
+        "bad = {'hydra', 'omegaconf', 'wandb', 'tensorflow_datasets', 'tensorflow', 'tqdm', 'orbax', 'pandas'} "
+        "& set(sys.modules); "
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

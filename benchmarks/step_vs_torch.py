@@ -1,0 +1,255 @@
+"""bnstudy's train step as the app runs it vs the same CNN in PyTorch eager: the torch ratio table.
+
+    python benchmarks/step_vs_torch.py --out step_vs_torch.json
+
+The MNIST CNN (conv32-BN-ReLU-pool, conv64-BN-ReLU-pool, dense128-BN-ReLU, dense10; BN before ReLU),
+batch 128, SGD with momentum 0.9, random MNIST-shaped data. bnstudy rows are `PackTrainer.train` with a
+pack of one model and `loop=python` (what `train.pack_size=auto` and `loop=auto` run on a CPU), one row
+per `train.steps_per_call` (the one `auto` picks is marked), timed by the trainer's own `train_time`
+(train steps only, no compile or evaluation). The torch row is `benchmarks/torch_reference.py`, whose
+loss is first checked to fall. All rows are timed round-robin in one run, after a warm-up; the table
+gives the median ms per step and the ratio torch ms / bnstudy ms (> 1: bnstudy is faster).
+
+Levers, measured in the same rounds, each in its own subprocess (XLA reads its flags once, at start):
+bnstudy's XLA:CPU flag (`bnstudy.xla_flags`) on vs off, and the reshape-max pool vs `nn.max_pool`.
+Their ratio is to the subprocess with bnstudy's defaults. Needs jax, flax, optax, numpy; torch optional
+(`pip install -e '.[bench]'`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=None, help="train steps per timed repeat (default 16, --quick 8)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed rounds (default 7, --quick 3)")
+    ap.add_argument("--ks", default=None, help="steps_per_call values, comma-separated (default 1,2,4,8; --quick 1,4)")
+    ap.add_argument("--quick", action="store_true", help="fewer steps, rounds and steps_per_call values")
+    ap.add_argument("--no-levers", action="store_true", help="skip the XLA-flag and pool subprocesses")
+    ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch row")
+    ap.add_argument("--out", help="write the results as JSON here")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # "flags=on,pool=reshape"
+    args = ap.parse_args(argv)
+    args.steps = args.steps or (8 if args.quick else 16)
+    args.repeats = args.repeats or (3 if args.quick else 7)
+    args.ks = [int(k) for k in (args.ks or ("1,4" if args.quick else "1,2,4,8")).split(",")]
+    return args
+
+
+def set_xla_flags(flags_on: bool) -> None:
+    """Before JAX starts: bnstudy's speed flags as the app sets them, or none of them."""
+    from bnstudy import xla_flags
+
+    if flags_on:
+        xla_flags.add_xla_flags()
+    else:
+        names = {xla_flags.flag_name(f) for f in xla_flags.CPU_FLAGS}
+        kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if xla_flags.flag_name(f) not in names]
+        os.environ["XLA_FLAGS"] = " ".join(kept)
+
+
+def use_flax_max_pool() -> None:
+    """Swap bnstudy's reshape-max pool for `nn.max_pool` (the models look the pool up when they trace)."""
+    import flax.linen as nn
+
+    from bnstudy import models
+
+    models.max_pool_2x2 = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))
+
+
+def app_step_run(steps: int, steps_per_call: int | str):
+    """A warmed-up pack-of-1 `PackTrainer` with loop=python; returns (run, compile seconds), where
+    run() trains one epoch of `steps` steps and returns its train-step seconds."""
+    import common
+
+    from bnstudy import reference
+    from bnstudy.trainer import PackTrainer
+
+    data = common.random_data(steps * common.BATCH)
+    trainer = PackTrainer(reference.program(), data, common.timing_schedule(steps, "python", steps_per_call))
+    hp = reference.hparams([{"lr": 0.05}])
+    compile_s = trainer.train(hp, common.no_log).timings["compile_time"]
+    return (lambda: trainer.train(hp, common.no_log).timings["train_time"]), compile_s, trainer.steps_per_call
+
+
+def worker_main(spec: str, steps: int) -> None:
+    """Subprocess: train on request. Reads 'run' lines, answers 'RESULT <seconds>' lines."""
+    opts = dict(kv.split("=") for kv in spec.split(","))
+    set_xla_flags(opts["flags"] == "on")
+    if opts["pool"] == "flax":
+        use_flax_max_pool()
+    run, compile_s, _ = app_step_run(steps, "auto")
+    print(f"RESULT {compile_s}", flush=True)
+    for line in sys.stdin:
+        if line.strip() != "run":
+            break
+        print(f"RESULT {run()}", flush=True)
+
+
+class Worker:
+    """A worker subprocess with one lever setting; `run()` asks it to train once, returns its seconds."""
+
+    def __init__(self, spec: str, steps: int):
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", spec, "--steps", str(steps)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.compile_s = self._answer()
+
+    def _answer(self) -> float:
+        for line in self.proc.stdout:
+            if line.startswith("RESULT "):
+                return float(line.split()[1])
+        raise RuntimeError(f"benchmark worker exited with code {self.proc.wait()}")
+
+    def run(self) -> float:
+        self.proc.stdin.write("run\n")
+        self.proc.stdin.flush()
+        return self._answer()
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+def torch_run(steps: int, data):
+    """The PyTorch reference on the same data, warmed up; None without torch."""
+    try:
+        import torch
+        import torch_reference
+    except ImportError:
+        return None
+    import numpy as np
+
+    trainer = torch_reference.TorchTrainer(np.array(data.train_images), np.array(data.train_labels), lr=0.05)
+    n = len(trainer.labels)
+    trainer.steps(torch.randperm(n), 128, min(2, steps))  # warm-up
+
+    def run() -> float:
+        perm = torch.randperm(n)
+        t0 = time.perf_counter()
+        trainer.steps(perm, 128, steps)  # reads every loss: waits for the last step
+        return time.perf_counter() - t0
+
+    return run
+
+
+def lever_specs(flags_measured: bool) -> dict[str, str]:
+    """Row name -> worker spec; the first is bnstudy's defaults, the others change one lever."""
+    specs = {"defaults (flag on, reshape pool)": "flags=on,pool=reshape"}
+    if flags_measured:
+        specs["XLA flag off (YNN conv fusion back on)"] = "flags=off,pool=reshape"
+    specs["nn.max_pool instead of reshape-max"] = "flags=on,pool=flax"
+    return specs
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    sys.path.insert(0, str(HERE))
+    if args.worker:
+        return worker_main(args.worker, args.steps)
+    set_xla_flags(True)  # as bnstudy-train does first thing
+    import common
+    import jax
+
+    from bnstudy import xla_flags
+
+    common.quiet_logging()
+    info = common.machine()
+    common.print_header("bnstudy train step vs PyTorch eager", info)
+    print(
+        f"  MNIST CNN, BN before ReLU, batch {common.BATCH}, SGD momentum 0.9; {args.steps} steps x {args.repeats} rounds"
+    )
+    runs, compile_s, names = {}, {}, {}
+    for k in args.ks:
+        run, compile_s[k], resolved = app_step_run(args.steps, k)
+        names[k] = f"bnstudy app, steps_per_call={resolved}"
+        runs[names[k]] = run
+    from bnstudy.trainer import resolve_steps_per_call
+
+    auto_k = resolve_steps_per_call("auto", args.steps)
+    torch_check = None
+    if not args.no_torch:
+        trun = torch_run(args.steps, common.random_data(args.steps * common.BATCH))
+        if trun is None:
+            print("  torch is not installed (pip install -e '.[bench]'): bnstudy rows only")
+        else:
+            import torch_reference
+
+            first, last = torch_reference.loss_falls()
+            torch_check = {"loss_first": first, "loss_last": last, "falls": last < first}
+            print(f"  torch reference loss {first:.3f} -> {last:.3f} ({'falls' if last < first else 'DOES NOT FALL'})")
+            runs["PyTorch eager (torch_reference.py)"] = trun
+    workers: dict[str, Worker] = {}
+    flags_measured = bool(xla_flags.speed_flags()) and jax.default_backend() == "cpu"
+    if not args.no_levers:
+        if not flags_measured:
+            print("  XLA flag lever skipped: bnstudy sets no XLA flag on this backend/jaxlib")
+        for name, spec in lever_specs(flags_measured).items():
+            workers[f"lever: {name}"] = Worker(spec, args.steps)
+            runs[f"lever: {name}"] = workers[f"lever: {name}"].run
+    load_before = common.load()
+    seconds = common.round_robin(runs, args.repeats)
+    load_after = common.load()
+    for w in workers.values():
+        w.close()
+    rows = table(seconds, args.steps, auto_k)
+    print_table(rows, load_before, load_after, info)
+    result = {
+        "machine": info,
+        "config": {k: v for k, v in vars(args).items() if k != "worker"} | {"batch_size": common.BATCH},
+        "auto_steps_per_call": auto_k,
+        "compile_s": {names[k]: v for k, v in compile_s.items()} | {n: w.compile_s for n, w in workers.items()},
+        "torch_loss_check": torch_check,
+        "load_before": load_before,
+        "load_after": load_after,
+        "seconds": seconds,
+        "rows": rows,
+    }
+    common.write_json(args.out, result)
+    return result
+
+
+def table(seconds: dict[str, list[float]], steps: int, auto_k: int) -> list[dict]:
+    """One row per variant: median ms/step, examples/s, torch ms / its ms (levers: defaults' ms / its ms)."""
+    import common
+
+    ms = {name: 1e3 * common.median(s) / steps for name, s in seconds.items()}
+    torch_ms = next((v for n, v in ms.items() if n.startswith("PyTorch")), None)
+    lever_base = next((v for n, v in ms.items() if n.startswith("lever: defaults")), None)
+    rows = []
+    for name, v in ms.items():
+        ref = lever_base if name.startswith("lever:") else torch_ms
+        label = name + (" (auto)" if name == f"bnstudy app, steps_per_call={auto_k}" else "")
+        rows.append(
+            {
+                "variant": label,
+                "ms_per_step": v,
+                "examples_per_s": common.BATCH / v * 1e3,
+                "ratio": ref / v if ref else None,
+            }
+        )
+    return rows
+
+
+def print_table(rows: list[dict], load_before: list[float], load_after: list[float], info: dict) -> None:
+    print(f"\n{'variant':48s} {'ms/step':>8s} {'examples/s':>10s} {'ratio':>6s}")
+    for r in rows:
+        ratio = f"{r['ratio']:.2f}" if r["ratio"] else "-"
+        print(f"{r['variant']:48s} {r['ms_per_step']:8.1f} {r['examples_per_s']:10.0f} {ratio:>6s}")
+    print(
+        "ratio: PyTorch ms / this ms (> 1: bnstudy faster); levers: defaults' ms / this ms (> 1: this setting "
+        f"beats bnstudy's defaults)\n{info['backend']} / {info['device_kind']}, {info['cpus_usable']} CPUs, "
+        f"load {load_before[0]:.2f} before and {load_after[0]:.2f} after the timed rounds"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""The benchmark scripts: step_vs_torch's table arithmetic, and its smallest run end to end (slow)."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+BENCHMARKS = pathlib.Path(__file__).parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+import step_vs_torch  # noqa: E402  (found on the path set just above)
+
+
+def test_table_gives_ms_per_step_and_ratios_to_torch_and_to_the_lever_defaults():
+    seconds = {
+        "bnstudy app, steps_per_call=1": [0.5, 0.4, 0.6],  # median 0.5 s over 10 steps: 50 ms
+        "bnstudy app, steps_per_call=4": [0.2, 0.3, 0.25],
+        "PyTorch eager (torch_reference.py)": [0.75, 0.7, 0.8],
+        "lever: defaults (flag on, reshape pool)": [0.3, 0.3, 0.3],
+        "lever: nn.max_pool instead of reshape-max": [0.6, 0.6, 0.6],
+    }
+    rows = {r["variant"]: r for r in step_vs_torch.table(seconds, steps=10, auto_k=4)}
+    one, auto = rows["bnstudy app, steps_per_call=1"], rows["bnstudy app, steps_per_call=4 (auto)"]
+    assert one["ms_per_step"] == pytest.approx(50.0) and auto["ms_per_step"] == pytest.approx(25.0)
+    assert one["ratio"] == pytest.approx(75.0 / 50.0) and auto["ratio"] == pytest.approx(3.0)
+    assert one["examples_per_s"] == pytest.approx(128 / 0.05)
+    assert rows["lever: nn.max_pool instead of reshape-max"]["ratio"] == pytest.approx(0.5)
+
+
+def test_table_without_torch_has_no_ratio():
+    rows = step_vs_torch.table({"bnstudy app, steps_per_call=1": [0.1]}, steps=2, auto_k=2)
+    assert rows[0]["ratio"] is None and rows[0]["ms_per_step"] == pytest.approx(50.0)
+
+
+@pytest.mark.slow  # compiles two train programs and starts three worker processes: about a minute on 2 CPUs
+def test_step_vs_torch_smallest_run_writes_every_row(tmp_path):
+    out = tmp_path / "r.json"
+    cmd = [sys.executable, str(BENCHMARKS / "step_vs_torch.py"), "--steps", "2", "--repeats", "1", "--ks", "1"]
+    subprocess.run([*cmd, "--out", str(out)], check=True, timeout=600, env=os.environ)
+    result = json.loads(out.read_text())
+    names = [r["variant"] for r in result["rows"]]
+    assert names[0].startswith("bnstudy app, steps_per_call=1")
+    assert any(n.startswith("lever: nn.max_pool") for n in names)
+    assert all(
+        r["ms_per_step"] > 0 and len(result["seconds"][r["variant"].removesuffix(" (auto)")]) == 1
+        for r in result["rows"]
+    )
+    if result["machine"]["versions"]["torch"]:
+        assert result["torch_loss_check"]["falls"]
+        assert any(n.startswith("PyTorch") for n in names)
+
+
+def test_benchmarks_import_none_of_the_app_stack():
+    """They must run on a bare JAX machine (jax, flax, optax, numpy)."""
+    code = (
+        f"import sys; sys.path.insert(0, {str(BENCHMARKS)!r}); "
+        "import common, bench_pack, measure_cost, probe_overhead, step_vs_torch; "
+        "bad = {'hydra', 'omegaconf', 'wandb', 'tensorflow_datasets', 'tensorflow', 'orbax', 'pandas'} & set(sys.modules); "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
