@@ -153,9 +153,11 @@ def margins_text(a: Analysis) -> list[str]:
     for comp in a.spec.get("compare") or []:
         margin = for_dataset(comp.get("margin", 0.0), a.dataset) or 0.0
         reason = comp.get("margin_reason") or "none declared: any difference counts"
-        what = (
-            f"`{comp['metric']}`: ({_filters_text(comp['a'])}) vs ({_filters_text(comp['b'])}), expect {comp['expect']}"
-        )
+        if "trend" in comp:  # a slope along one axis, not two arms
+            what = f"`{comp['metric']}`: slope along {comp['trend']}, expect {comp['expect']}"
+        else:
+            what = f"`{comp['metric']}`: ({_filters_text(comp['a'])}) vs ({_filters_text(comp['b'])})"
+            what += f", expect {comp['expect']}"
         lines.append(f"- {what}; margin {margin:g} ({reason})")
     return lines
 

@@ -851,3 +851,26 @@ def experiment_placement_spec() -> dict:
             {"metric": "test/acc", "a": {"model.norm": "before_relu"}, "b": {"model.norm": "none"}, "expect": "greater"}
         ],
     }
+
+
+def test_the_margins_section_words_a_trend_comparison_and_an_arm_comparison():
+    from types import SimpleNamespace
+
+    from bnstudy import report
+
+    spec = {
+        "compare": [
+            {"metric": "disc/kl", "trend": "train.batch_size", "logx": True, "expect": "less"},
+            {
+                "metric": "test/acc",
+                "a": {"model.norm": "none"},
+                "b": {"model.norm": "before_relu"},
+                "expect": "less",
+                "margin": {"mnist": 0.005},
+                "margin_reason": "half a point",
+            },
+        ]
+    }
+    lines = report.margins_text(SimpleNamespace(spec=spec, dataset="mnist_t10k"))
+    assert lines[0].startswith("- `disc/kl`: slope along train.batch_size, expect less; margin 0")
+    assert lines[1] == "- `test/acc`: (norm=none) vs (norm=before_relu), expect less; margin 0.005 (half a point)"
