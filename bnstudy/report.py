@@ -717,7 +717,7 @@ INDEX_START, INDEX_END = "<!-- bnstudy-report --index: start -->", "<!-- bnstudy
 def index_table(results: Path) -> str:
     """One row per report under `results` (each `<folder>/verdict.json`): claim, verdict, deciding effect with
     its 95% interval, n and a link to the report."""
-    records = sorted((json.loads(p.read_text()), p.parent.name) for p in results.glob(f"*/{VERDICT_FILE}"))
+    records = [(json.loads(p.read_text()), p.parent.name) for p in sorted(results.glob(f"*/{VERDICT_FILE}"))]
     if not records:
         raise ReportError(f"no reports under {results}: expected <study>/{VERDICT_FILE} written by bnstudy-report.")
     lines = ["| study | claim | verdict | deciding effect [95% CI] | n | report |", "|---|---|---|---|---|---|"]
