@@ -79,10 +79,11 @@ def resolve_loop(loop: str) -> str:
     return "python" if jax.default_backend() == "cpu" else "scan"
 
 
-# Steps per call that `steps_per_call=auto` picks. MNIST CNN on a 2-core CPU, ms/step with 1/2/4/8 unrolled
-# steps per call: 36.7/29.5/27.4/25.9; each unrolled step adds ~0.65 s of compilation, so 4 takes most
-# of the gain for a third of 8's compile time.
-AUTO_STEPS_PER_CALL = 4
+# Steps per call that `steps_per_call=auto` picks. MNIST CNN on a 2-core CPU (benchmarks/step_vs_torch.py),
+# ms/step with 1/4/8 steps per call: 49.2/32.7/29.7. The chunk is a scan unrolled at lowering, so tracing
+# no longer grows with k; each unrolled step adds ~0.65 s of cold XLA compilation (the persistent cache
+# keeps it after the first run).
+AUTO_STEPS_PER_CALL = 8
 
 
 def resolve_steps_per_call(steps_per_call: int | str, steps_per_epoch: int) -> int:
