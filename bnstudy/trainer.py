@@ -380,8 +380,7 @@ class PackTrainer:
 
     def _train_epoch(self, state, hp, epoch, bar, evaluate):
         """Run one epoch, evaluating at its `evaluation_points` with `evaluate(state, epoch, steps into the
-        epoch)`; returns the
-        state, its per-step metrics (key -> [steps, K]), its probes [(index in the epoch, {key: [K]})] and its
+        epoch)`; returns the state, its per-step metrics (key -> [steps, K]), its probes [(index in the epoch, {key: [K]})] and its
         evaluations {steps into the epoch: record}, the one at the epoch's end (if any) with the epoch's mean
         train loss/acc."""
         perm = self.permutation(hp, epoch)

@@ -74,3 +74,12 @@ def test_a_torn_copy_is_ignored(tmp_path, fake_tfds):
     path.write_bytes(b"PK\x03\x04 not a whole npz")
     data.load_split_numpy("toy", "train", str(tmp_path), False)
     assert reads == ["train"] and numpy_cache.read(tmp_path, "toy", "train") is not None
+
+
+def test_a_dataset_prepared_outside_the_data_dir_gets_no_copy(tmp_path, fake_tfds):
+    """E.g. TFDS's mock data, whose folder is in the TFDS package: a copy would outlive the mock."""
+    _, reads = fake_tfds
+    data.load_split_numpy("toy", "train", str(tmp_path / "elsewhere"), False)
+    assert not numpy_cache.cache_file(tmp_path / "elsewhere", "toy", "train").exists()
+    data.load_split_numpy("toy", "train", str(tmp_path / "elsewhere"), False)
+    assert reads == ["train", "train"]
