@@ -57,7 +57,6 @@ def machine(extra_packages: tuple[str, ...] = ("torch",)) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "cpus_usable": cpus_usable(),
         "load_start": load(),
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
 
 
@@ -70,7 +69,7 @@ def print_header(title: str, info: dict[str, Any]) -> None:
     )
     print(
         f"  {info['platform']}, {info['cpus_usable']}/{info['cpu_count']} CPUs usable, "
-        f"load {ld[0]:.2f} {ld[1]:.2f} {ld[2]:.2f}, XLA_FLAGS={info['xla_flags']!r}"
+        f"load {ld[0]:.2f} {ld[1]:.2f} {ld[2]:.2f}, XLA_FLAGS={info['xla_flags']!r}, malloc {info['malloc']}"
     )
     if ld[0] > 0.5 * info["cpus_usable"]:
         print(f"  WARNING: load {ld[0]:.2f} on {info['cpus_usable']} CPUs: other jobs compete; re-run when idle")

@@ -45,10 +45,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def set_xla_flags(flags_on: bool) -> None:
-    """Before JAX starts: bnstudy's speed flags as the app sets them, or none of them."""
-    from bnstudy import xla_flags
+def set_process_settings(flags_on: bool, malloc_on: bool = True) -> None:
+    """Before JAX starts: bnstudy's speed flags and malloc settings as the app sets them, or not."""
+    from bnstudy import allocator, xla_flags
 
+    if malloc_on:
+        allocator.keep_freed_memory()
     if flags_on:
         xla_flags.add_xla_flags()
     else:
@@ -84,7 +86,7 @@ def app_step_run(steps: int, steps_per_call: int | str):
 def worker_main(spec: str, steps: int) -> None:
     """Subprocess: train on request. Reads 'run' lines, answers 'RESULT <seconds>' lines."""
     opts = dict(kv.split("=") for kv in spec.split(","))
-    set_xla_flags(opts["flags"] == "on")
+    set_process_settings(opts["flags"] == "on", opts["malloc"] == "on")
     if opts["pool"] == "flax":
         use_flax_max_pool()
     run, compile_s, _ = app_step_run(steps, "auto")
@@ -143,10 +145,11 @@ def torch_run(steps: int, data):
 
 def lever_specs(flags_measured: bool) -> dict[str, str]:
     """Row name -> worker spec; the first is bnstudy's defaults, the others change one lever."""
-    specs = {"defaults (flag on, reshape pool)": "flags=on,pool=reshape"}
+    specs = {"defaults (flag on, malloc set, reshape pool)": "flags=on,malloc=on,pool=reshape"}
     if flags_measured:
-        specs["XLA flag off (YNN conv fusion back on)"] = "flags=off,pool=reshape"
-    specs["nn.max_pool instead of reshape-max"] = "flags=on,pool=flax"
+        specs["XLA flag off (YNN conv fusion back on)"] = "flags=off,malloc=on,pool=reshape"
+    specs["glibc malloc defaults (allocator.py off)"] = "flags=on,malloc=off,pool=reshape"
+    specs["nn.max_pool instead of reshape-max"] = "flags=on,malloc=on,pool=flax"
     return specs
 
 
@@ -155,7 +158,7 @@ def main(argv=None) -> dict:
     sys.path.insert(0, str(HERE))
     if args.worker:
         return worker_main(args.worker, args.steps)
-    set_xla_flags(True)  # as bnstudy-train does first thing
+    set_process_settings(True)  # as bnstudy-train does first thing
     import common
     import jax
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import platform
 import subprocess
 from importlib import metadata
@@ -45,6 +46,8 @@ def package_versions() -> dict[str, str | None]:
 def device_info() -> dict:
     import jax
 
+    from bnstudy import allocator
+
     devices = jax.devices()
     return {
         "backend": jax.default_backend(),
@@ -52,6 +55,8 @@ def device_info() -> dict:
         "device_count": len(devices),
         "host": platform.node(),
         "platform": platform.platform(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "malloc": allocator.applied(),  # bnstudy/allocator.py: what the app set before JAX started
     }
 
 

@@ -6,10 +6,12 @@ python -m bnstudy.train -m model.norm=a,b,c   # one job per value
 
 from __future__ import annotations
 
-from bnstudy import xla_flags
+from bnstudy import allocator, xla_flags
 
-# XLA reads XLA_FLAGS once, when JAX starts its backend: set the speed flags before anything imports JAX.
+# XLA reads XLA_FLAGS once, when JAX starts its backend, and its threads take their malloc arenas when
+# they start: set the speed flags and the allocator before anything imports JAX.
 xla_flags.add_xla_flags()
+allocator.keep_freed_memory()
 
 import logging  # noqa: E402  (after the flags, on purpose)
 import os  # noqa: E402
