@@ -15,6 +15,7 @@ reads, at no cost to ordinary training or evaluation.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 import flax.linen as nn
 import jax
@@ -60,6 +61,50 @@ def dropout(x: jax.Array, rate: jax.Array, rng: jax.Array | None) -> jax.Array:
     return jnp.where(mask, x / keep, 0.0)
 
 
+def batch_stats(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-channel (last axis) mean and biased variance over every other axis, two-pass."""
+    axes = tuple(range(x.ndim - 1))
+    mean = x.mean(axes)
+    return mean, jnp.square(x - mean).mean(axes)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float):
+    """Train-mode BN: (y, batch mean, batch variance), y = (x - mean) / sqrt(var + epsilon) * scale + bias.
+
+    The same function as autodiff of the formula, with its gradient written in closed form:
+        dx = scale / sqrt(var + eps) * (dy - mean(dy) - xhat * mean(dy * xhat)),  xhat = normalized x,
+        dscale = sum(dy * xhat), dbias = sum(dy)
+    (plus the mean's and variance's own cotangents, zero where they only feed the running averages).
+    Autodiff of the two-pass variance reads the activation some six times more in the backward pass;
+    on a 2-core CPU this form made the MNIST CNN's train step 1.25x faster (benchmarks/step_vs_torch.py).
+    """
+    return _batch_norm_train_fwd(x, scale, bias, epsilon)[0]
+
+
+def _batch_norm_train_fwd(x, scale, bias, epsilon):
+    mean, var = batch_stats(x)
+    inv_std = jax.lax.rsqrt(var + epsilon)
+    y = (x - mean) * inv_std * scale + bias
+    return (y, mean, var), (x, mean, inv_std, scale)
+
+
+def _batch_norm_train_bwd(epsilon, residuals, cotangents):
+    x, mean, inv_std, scale = residuals
+    dy, dmean, dvar = cotangents
+    axes = tuple(range(x.ndim - 1))
+    n = x.size // x.shape[-1]
+    centered = x - mean
+    xhat = centered * inv_std
+    dbias = dy.sum(axes)
+    dscale = (dy * xhat).sum(axes)
+    dx = (scale * inv_std) * (dy - dbias / n - xhat * (dscale / n)) + dmean / n + centered * (dvar * (2.0 / n))
+    return dx, dscale, dbias
+
+
+batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
+
+
 class BatchNorm(nn.Module):
     """Batch normalization over every axis but the last, as torch.nn.BatchNorm1d/2d computes it.
 
@@ -84,34 +129,31 @@ class BatchNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         features = x.shape[-1]
-        axes = tuple(range(x.ndim - 1))
         scale = self.param("scale", nn.initializers.ones, (features,))
         bias = self.param("bias", nn.initializers.zeros, (features,))
         running_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,))
         running_var = self.variable("batch_stats", "var", jnp.ones, (features,))
         if self.use_running_average:
-            mean, var = running_mean.value, running_var.value
-        else:
-            mean = x.mean(axes)
-            var = jnp.square(x - mean).mean(axes)
-            if not self.is_initializing():
-                n = x.size // features
-                if self.running_var == "unbiased":
-                    if n < 2:
-                        raise ValueError(
-                            f"BatchNorm with running_var='unbiased' needs at least 2 values per channel to "
-                            f"estimate a variance; its input {x.shape} has {n}. Use a batch size >= 2 or "
-                            f"running_var='biased' (PyTorch refuses this case too)."
-                        )
-                    averaged = var * (n / (n - 1))
-                elif self.running_var == "biased":
-                    averaged = var
-                else:
-                    raise ValueError(f"unknown running_var {self.running_var!r}; expected one of {BN_RUNNING_VARS}")
-                m = self.momentum
-                running_mean.value = m * running_mean.value + (1.0 - m) * mean
-                running_var.value = m * running_var.value + (1.0 - m) * averaged
-        return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+            return (x - running_mean.value) * jax.lax.rsqrt(running_var.value + self.epsilon) * scale + bias
+        y, mean, var = batch_norm_train(x, scale, bias, self.epsilon)
+        if not self.is_initializing():
+            n = x.size // features
+            if self.running_var == "unbiased":
+                if n < 2:
+                    raise ValueError(
+                        f"BatchNorm with running_var='unbiased' needs at least 2 values per channel to "
+                        f"estimate a variance; its input {x.shape} has {n}. Use a batch size >= 2 or "
+                        f"running_var='biased' (PyTorch refuses this case too)."
+                    )
+                averaged = var * (n / (n - 1))
+            elif self.running_var == "biased":
+                averaged = var
+            else:
+                raise ValueError(f"unknown running_var {self.running_var!r}; expected one of {BN_RUNNING_VARS}")
+            m = self.momentum
+            running_mean.value = m * running_mean.value + (1.0 - m) * mean
+            running_var.value = m * running_var.value + (1.0 - m) * averaged
+        return y
 
 
 def make_norm(

@@ -113,6 +113,51 @@ def test_batchnorm_matches_torch(shape):
     np.testing.assert_allclose(y_eval, from_torch(tbn(to_torch(batches[0]))), atol=1e-5)
 
 
+def autodiff_bn(x, scale, bias):
+    """Train-mode BN written as the plain formula, for JAX to differentiate: the closed form's reference."""
+    axes = tuple(range(x.ndim - 1))
+    mean = x.mean(axes)
+    var = jnp.square(x - mean).mean(axes)
+    return (x - mean) * jax.lax.rsqrt(var + EPS) * scale + bias, mean, var
+
+
+@pytest.mark.parametrize("shape", [(6, 5, 5, 3), (7, 4)], ids=["conv", "dense"])
+def test_batchnorm_closed_form_gradient_equals_autodiff_of_the_formula(shape):
+    rng = np.random.default_rng(3)
+    c = shape[-1]
+    x = jnp.asarray(rng.normal(size=shape) * 3.0 + 1.0, jnp.float32)
+    scale, bias = jnp.linspace(0.5, 2.0, c), jnp.linspace(-1.0, 1.0, c)
+    # A cotangent on every output, the mean and variance included (the app's are zero there).
+    outs = autodiff_bn(x, scale, bias)
+    cotangents = [jnp.asarray(rng.normal(size=o.shape), jnp.float32) for o in outs]
+    pairing = lambda fn: lambda *a: sum(jnp.vdot(o, ct) for o, ct in zip(fn(*a), cotangents))
+    closed = jax.grad(pairing(lambda *a: models.batch_norm_train(*a, EPS)), argnums=(0, 1, 2))(x, scale, bias)
+    reference = jax.grad(pairing(autodiff_bn), argnums=(0, 1, 2))(x, scale, bias)
+    for ours, ref in zip(closed, reference):
+        np.testing.assert_allclose(ours, ref, rtol=2e-5, atol=2e-6)
+    for ours, ref in zip(models.batch_norm_train(x, scale, bias, EPS), outs):
+        np.testing.assert_array_equal(ours, ref)
+
+
+def test_batchnorm_gradient_matches_torch():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(6, 5, 5, 3)).astype(np.float32) * 2.0 + 0.5
+    dy = rng.normal(size=x.shape).astype(np.float32)
+    scale, bias = np.float32([0.5, 1.0, 2.0]), np.float32([0.1, -0.2, 0.3])
+    loss = lambda x, s, b: jnp.vdot(models.batch_norm_train(x, s, b, EPS)[0], dy)
+    ours = jax.grad(loss, argnums=(0, 1, 2))(jnp.asarray(x), jnp.asarray(scale), jnp.asarray(bias))
+    tx = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).requires_grad_()
+    tbn = torch.nn.BatchNorm2d(3, eps=EPS)
+    with torch.no_grad():
+        tbn.weight.copy_(torch.from_numpy(scale))
+        tbn.bias.copy_(torch.from_numpy(bias))
+    (tbn(tx) * torch.from_numpy(dy.transpose(0, 3, 1, 2).copy())).sum().backward()
+    np.testing.assert_allclose(ours[0], tx.grad.numpy().transpose(0, 2, 3, 1), atol=1e-5)
+    np.testing.assert_allclose(ours[1], tbn.weight.grad.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ours[2], tbn.bias.grad.numpy(), rtol=1e-5, atol=1e-5)
+
+
 # --------------------------------------------------------------------------- layer and group norm
 
 
