@@ -10,8 +10,10 @@ per `train.steps_per_call` (the one `auto` picks is marked), timed by the traine
 loss is first checked to fall. All rows are timed round-robin in one run, after a warm-up; the table
 gives the median ms per step and the ratio torch ms / bnstudy ms (> 1: bnstudy is faster).
 
-Levers, measured in the same rounds, each in its own subprocess (XLA reads its flags once, at start):
-bnstudy's XLA:CPU flag (`bnstudy.xla_flags`) on vs off, and the reshape-max pool vs `nn.max_pool`.
+Levers, measured in the same rounds, each in its own subprocess (XLA reads its flags once, and malloc
+its settings, at start), each changing one thing from bnstudy's defaults: the XLA:CPU flag
+(`bnstudy.xla_flags`) off, glibc's malloc defaults (`bnstudy.allocator` off), BN's gradient by autodiff
+instead of its closed form, and the pool as a reshape + max reduction or `nn.max_pool`.
 Their ratio is to the subprocess with bnstudy's defaults. Needs jax, flax, optax, numpy; torch optional
 (`pip install -e '.[bench]'`).
 """
@@ -59,13 +61,35 @@ def set_process_settings(flags_on: bool, malloc_on: bool = True) -> None:
         os.environ["XLA_FLAGS"] = " ".join(kept)
 
 
-def use_flax_max_pool() -> None:
-    """Swap bnstudy's reshape-max pool for `nn.max_pool` (the models look the pool up when they trace)."""
+def reshape_max_pool(x):
+    """bnstudy's previous pool: a reshape and a `max` reduction (its backward counts ties by reduction)."""
+    b, h, w, c = x.shape
+    return x[:, : h - h % 2, : w - w % 2].reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+def autodiff_batch_norm_train(x, scale, bias, epsilon):
+    """`models.batch_norm_train` without its closed-form gradient: JAX differentiates the formula."""
+    import jax
+
+    from bnstudy import models
+
+    mean, var = models.batch_stats(x)
+    return (x - mean) * jax.lax.rsqrt(var + epsilon) * scale + bias, mean, var
+
+
+def swap_core_functions(pool: str, bn: str) -> None:
+    """Replace the model's pool ("flax": `nn.max_pool`, "reshape": reshape-max) or its train-mode BN
+    ("autodiff"); the models look both up when they trace."""
     import flax.linen as nn
 
     from bnstudy import models
 
-    models.max_pool_2x2 = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))
+    if pool == "flax":
+        models.max_pool_2x2 = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))
+    elif pool == "reshape":
+        models.max_pool_2x2 = reshape_max_pool
+    if bn == "autodiff":
+        models.batch_norm_train = autodiff_batch_norm_train
 
 
 def app_step_run(steps: int, steps_per_call: int | str):
@@ -87,8 +111,7 @@ def worker_main(spec: str, steps: int) -> None:
     """Subprocess: train on request. Reads 'run' lines, answers 'RESULT <seconds>' lines."""
     opts = dict(kv.split("=") for kv in spec.split(","))
     set_process_settings(opts["flags"] == "on", opts["malloc"] == "on")
-    if opts["pool"] == "flax":
-        use_flax_max_pool()
+    swap_core_functions(opts["pool"], opts["bn"])
     run, compile_s, _ = app_step_run(steps, "auto")
     print(f"RESULT {compile_s}", flush=True)
     for line in sys.stdin:
@@ -144,13 +167,16 @@ def torch_run(steps: int, data):
 
 
 def lever_specs(flags_measured: bool) -> dict[str, str]:
-    """Row name -> worker spec; the first is bnstudy's defaults, the others change one lever."""
-    specs = {"defaults (flag on, malloc set, reshape pool)": "flags=on,malloc=on,pool=reshape"}
+    """Row name -> worker spec; the first is bnstudy's defaults, each other changes one lever."""
+    defaults = dict(flags="on", malloc="on", pool="maxtree", bn="closed")
+    levers = {"defaults": {}}
     if flags_measured:
-        specs["XLA flag off (YNN conv fusion back on)"] = "flags=off,malloc=on,pool=reshape"
-    specs["glibc malloc defaults (allocator.py off)"] = "flags=on,malloc=off,pool=reshape"
-    specs["nn.max_pool instead of reshape-max"] = "flags=on,malloc=on,pool=flax"
-    return specs
+        levers["XLA flag off (YNN conv fusion back on)"] = {"flags": "off"}
+    levers["glibc malloc defaults (allocator.py off)"] = {"malloc": "off"}
+    levers["BN gradient by autodiff (no closed form)"] = {"bn": "autodiff"}
+    levers["reshape-max pool (max reduction)"] = {"pool": "reshape"}
+    levers["nn.max_pool (select_and_scatter)"] = {"pool": "flax"}
+    return {name: ",".join(f"{k}={v}" for k, v in (defaults | change).items()) for name, change in levers.items()}
 
 
 def main(argv=None) -> dict:

@@ -1,15 +1,16 @@
 """Flax CNNs whose normalization placement, dropout and init scale are the things under study.
 
-Every hidden layer is a *block*: layer -> {norm -> ReLU | ReLU -> norm | ReLU}, placement chosen by
-`norm`, the norm's kind by `norm_kind`: batch (BN, `<block>_norm/bn`), layer (`<block>_norm/ln`) or
-group (`<block>_norm/gn`). Only BN keeps running statistics (`batch_stats`: `<block>_norm/bn/{mean,var}`),
+Every hidden layer is a *block*: layer -> {norm -> ReLU | ReLU -> norm | ReLU}, then a 2x2 max-pool in
+the conv blocks that have one; placement chosen by `norm`, the norm's kind by `norm_kind`: batch (BN,
+`<block>_norm/bn`), layer (`<block>_norm/ln`) or group (`<block>_norm/gn`). Only BN keeps running statistics (`batch_stats`: `<block>_norm/bn/{mean,var}`),
 so metrics find BN layers, and only BN layers, there, reported by their block name.
 The dropout rate is a call argument (a traced value), not a module field, so runs with different
 rates share one compiled program.
 
 Each block sows, into the `relu` collection and only when a caller makes it mutable, the per-example
 maximum of its ReLU output over the spatial positions ([N, channels]): what the dead-unit measurement
-reads, at no cost to ordinary training or evaluation.
+reads, at no cost to ordinary training or evaluation. (Where the ReLU runs after the pool, see
+`Block`, that maximum is over the pooled map: the same number, as the windows tile the map.)
 """
 
 from __future__ import annotations
@@ -38,18 +39,22 @@ VGG11_LAYOUT = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
 def max_pool_2x2(x: jax.Array) -> jax.Array:
     """2x2 max-pool with stride 2 over an NHWC batch: `nn.max_pool(x, (2, 2), strides=(2, 2))`, faster.
 
-    A reshape and a max whose derivative is elementwise code, where `nn.max_pool`'s backward
-    (select_and_scatter) was about a third of a CPU train step. Values equal `nn.max_pool`'s; so do
-    gradients wherever a window has one maximum. Where several inputs of a window share its maximum
-    (JAX's rule for `max`), they share its gradient equally; `nn.max_pool` gives it all to the first.
-    In these CNNs exact ties are windows of ReLU zeros, whose gradient the ReLU stops either way.
-    (A first-maximum rule written as a custom JVP made a vmapped pack drift from its members trained
-    alone by ~1% in loss within a few steps, where this form agrees to float round-off.)
+    The maximum of each window's four corners, as three elementwise `maximum`s of strided views, so
+    that value and derivative are each one loop fusion: `nn.max_pool`'s backward (select_and_scatter)
+    was about a third of a CPU train step, and a reshape + `max` reduction's backward (a tie count by
+    reduction) still ~12% (benchmarks/step_vs_torch.py). Values equal `nn.max_pool`'s; so do gradients
+    wherever a window has one maximum. Ties split pairwise, by JAX's rule for `maximum` (equal inputs
+    share equally): (top-left, top-right) and (bottom-left, bottom-right) first, then the two winners,
+    so a window of four equal values gives each a quarter, and the whole gradient reaches the window
+    either way; `nn.max_pool` gives it all to the first. In these CNNs exact ties are windows of ReLU
+    zeros, whose gradient the ReLU stops either way.
     An odd height or width drops its last row or column, as `nn.max_pool`'s VALID padding does.
     """
     b, h, w, c = x.shape
-    x = x[:, : h - h % 2, : w - w % 2]
-    return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+    x = x[:, : h - h % 2, : w - w % 2].reshape(b, h // 2, 2, w // 2, 2, c)
+    top = jnp.maximum(x[:, :, 0, :, 0], x[:, :, 0, :, 1])
+    bottom = jnp.maximum(x[:, :, 1, :, 0], x[:, :, 1, :, 1])
+    return jnp.maximum(top, bottom)
 
 
 def dropout(x: jax.Array, rate: jax.Array, rng: jax.Array | None) -> jax.Array:
@@ -181,7 +186,8 @@ def make_norm(
 
 
 class Block(nn.Module):
-    """Wraps a layer's output in the norm/activation order given by `norm`, the norm's kind by `norm_kind`."""
+    """Wraps a layer's output in the norm/activation order given by `norm`, the norm's kind by `norm_kind`,
+    and ends it with the 2x2 max-pool when `pool` is set."""
 
     norm: str
     bn_momentum: float
@@ -189,6 +195,7 @@ class Block(nn.Module):
     norm_kind: str = "batch"
     norm_groups: int = 8
     bn_running_var: str = "unbiased"
+    pool: bool = False  # a 2x2 max-pool ends the block
 
     def _relu(self, h: jax.Array) -> jax.Array:
         out = nn.relu(h)
@@ -198,14 +205,20 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, h: jax.Array, train: bool) -> jax.Array:
-        if self.norm == "none":
-            return self._relu(h)
-        norm = make_norm(
-            self.norm_kind, h.ndim, train, self.bn_momentum, self.bn_epsilon, self.norm_groups, self.bn_running_var
-        )
-        if self.norm == "before_relu":
-            return self._relu(norm(h))
-        return norm(self._relu(h))
+        pool = max_pool_2x2 if self.pool else (lambda x: x)
+        norm = None
+        if self.norm != "none":
+            norm = make_norm(
+                self.norm_kind, h.ndim, train, self.bn_momentum, self.bn_epsilon, self.norm_groups, self.bn_running_var
+            )
+        if self.norm == "after_relu":
+            return pool(norm(self._relu(h)))
+        h = h if norm is None else norm(h)
+        # ReLU and max commute exactly (values and gradients, ties included), so the ReLU runs on the
+        # pooled quarter of the map; its per-unit maximum is the same wherever the windows tile the map.
+        if self.pool and h.shape[1] % 2 == 0 and h.shape[2] % 2 == 0:
+            return self._relu(pool(h))
+        return pool(self._relu(h))
 
 
 class _Net(nn.Module):
@@ -222,7 +235,7 @@ class _Net(nn.Module):
     norm_groups: int = 8
     bn_running_var: str = "unbiased"
 
-    def _block(self, h, name, train):
+    def _block(self, h, name, train, pool=False):
         block = Block(
             self.norm,
             self.bn_momentum,
@@ -230,6 +243,7 @@ class _Net(nn.Module):
             self.norm_kind,
             self.norm_groups,
             self.bn_running_var,
+            pool,
             name=f"{name}_norm",
         )
         return block(h, train)
@@ -265,9 +279,7 @@ class _Net(nn.Module):
         h = x
         for i, (channels, pool) in enumerate(self.conv_blocks):
             name = f"conv{i + 1}"
-            h = self._block(nn.Conv(channels, (3, 3), kernel_init=HE_NORMAL, name=name)(h), name, train)
-            if pool:
-                h = max_pool_2x2(h)
+            h = self._block(nn.Conv(channels, (3, 3), kernel_init=HE_NORMAL, name=name)(h), name, train, pool)
             if after_block:
                 h = dropout(h, dropout_rate, rngs[i])
         h = h.reshape(h.shape[0], -1)

@@ -8,11 +8,17 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("WANDB_SILENT", "true")
 
-import jax.numpy as jnp
-import numpy as np
-import pytest
+from bnstudy import allocator, xla_flags  # noqa: E402
 
-from bnstudy import engine, reference
+# The process settings the app makes before JAX starts (bnstudy/train.py), so tests run what users run.
+xla_flags.add_xla_flags()
+allocator.keep_freed_memory()
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from bnstudy import engine, reference  # noqa: E402
 
 # Small settings every app-level test starts from; tests add their own overrides after these.
 TINY = [

@@ -18,15 +18,15 @@ def test_table_gives_ms_per_step_and_ratios_to_torch_and_to_the_lever_defaults()
         "bnstudy app, steps_per_call=1": [0.5, 0.4, 0.6],  # median 0.5 s over 10 steps: 50 ms
         "bnstudy app, steps_per_call=4": [0.2, 0.3, 0.25],
         "PyTorch eager (torch_reference.py)": [0.75, 0.7, 0.8],
-        "lever: defaults (flag on, reshape pool)": [0.3, 0.3, 0.3],
-        "lever: nn.max_pool instead of reshape-max": [0.6, 0.6, 0.6],
+        "lever: defaults": [0.3, 0.3, 0.3],
+        "lever: nn.max_pool (select_and_scatter)": [0.6, 0.6, 0.6],
     }
     rows = {r["variant"]: r for r in step_vs_torch.table(seconds, steps=10, auto_k=4)}
     one, auto = rows["bnstudy app, steps_per_call=1"], rows["bnstudy app, steps_per_call=4 (auto)"]
     assert one["ms_per_step"] == pytest.approx(50.0) and auto["ms_per_step"] == pytest.approx(25.0)
     assert one["ratio"] == pytest.approx(75.0 / 50.0) and auto["ratio"] == pytest.approx(3.0)
     assert one["examples_per_s"] == pytest.approx(128 / 0.05)
-    assert rows["lever: nn.max_pool instead of reshape-max"]["ratio"] == pytest.approx(0.5)
+    assert rows["lever: nn.max_pool (select_and_scatter)"]["ratio"] == pytest.approx(0.5)
 
 
 def test_table_without_torch_has_no_ratio():

@@ -151,9 +151,34 @@ def test_max_pool_2x2_equals_nn_max_pool_in_value_with_ties_and_passes_the_whole
     np.testing.assert_allclose(ours.sum(), ref.sum(), rtol=1e-5)  # the same total reaches the inputs
 
 
-def test_max_pool_2x2_splits_a_tied_windows_gradient_equally():
-    x = jnp.asarray([[1.0, 3.0], [3.0, 0.0]]).reshape(1, 2, 2, 1)
-    np.testing.assert_array_equal(jax.grad(lambda v: models.max_pool_2x2(v).sum())(x).ravel(), [0, 0.5, 0.5, 0])
-    np.testing.assert_array_equal(
-        jax.grad(lambda v: models.max_pool_2x2(v).sum())(jnp.ones((1, 2, 2, 1))).ravel(), [0.25, 0.25, 0.25, 0.25]
-    )
+def test_max_pool_2x2_splits_a_tied_windows_gradient_pairwise():
+    grad = lambda window: jax.grad(lambda v: models.max_pool_2x2(v).sum())(jnp.asarray(window).reshape(1, 2, 2, 1))
+    np.testing.assert_array_equal(grad([[1.0, 3.0], [3.0, 0.0]]).ravel(), [0, 0.5, 0.5, 0])
+    np.testing.assert_array_equal(grad([[1.0, 1.0], [1.0, 1.0]]).ravel(), [0.25, 0.25, 0.25, 0.25])
+    # Three tied: the top pair halves its share, the bottom winner keeps its own.
+    np.testing.assert_array_equal(grad([[3.0, 3.0], [3.0, 0.0]]).ravel(), [0.25, 0.25, 0.5, 0])
+
+
+@pytest.mark.parametrize("norm", ["none", "before_relu", "after_relu"])
+def test_a_pooled_block_is_the_block_then_its_pool_in_values_gradients_and_relu_maxima(norm):
+    """The block's ReLU may run after its pool: it stays the composition block -> pool, ties included,
+    with the same per-unit ReLU maxima (the dead-unit counts), whatever the placement."""
+    x = jnp.round(jax.random.normal(jax.random.key(5), (6, 8, 8, 3)) * 4.0) / 4.0  # ties, ReLU zeros
+    pooled = models.Block(norm, 0.9, 1e-5, pool=True)
+    plain = models.Block(norm, 0.9, 1e-5)
+    variables = plain.init(jax.random.key(0), x, train=True)
+    cotangent = jax.random.normal(jax.random.key(6), (6, 4, 4, 3))
+
+    def run(block, post):
+        def f(x, params):
+            out, sown = block.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats", "relu"])
+            return jnp.vdot(post(out), cotangent), sown["relu"]
+
+        (_, sown), grads = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(x, variables.get("params", {}))
+        return grads, sown
+
+    (gx, gp), sown = run(pooled, lambda out: out)
+    (rx, rp), ref_sown = run(plain, models.max_pool_2x2)
+    np.testing.assert_allclose(gx, rx, atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), gp, rp)
+    jax.tree.map(np.testing.assert_array_equal, sown, ref_sown)
