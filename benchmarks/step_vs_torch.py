@@ -13,7 +13,8 @@ gives the median ms per step and the ratio torch ms / bnstudy ms (> 1: bnstudy i
 Levers, measured in the same rounds, each in its own subprocess (XLA reads its flags once, and malloc
 its settings, at start), each changing one thing from bnstudy's defaults: the XLA:CPU flag
 (`bnstudy.xla_flags`) off, glibc's malloc defaults (`bnstudy.allocator` off), BN's gradient by autodiff
-instead of its closed form, and the pool as a reshape + max reduction or `nn.max_pool`.
+instead of its closed form, XLA's convolution for the one-channel first layer, and the pool as a
+reshape + max reduction or `nn.max_pool`.
 Their ratio is to the subprocess with bnstudy's defaults. Needs jax, flax, optax, numpy; torch optional
 (`pip install -e '.[bench]'`).
 """
@@ -77,12 +78,23 @@ def autodiff_batch_norm_train(x, scale, bias, epsilon):
     return (x - mean) * jax.lax.rsqrt(var + epsilon) * scale + bias, mean, var
 
 
-def swap_core_functions(pool: str, bn: str) -> None:
-    """Replace the model's pool ("flax": `nn.max_pool`, "reshape": reshape-max) or its train-mode BN
-    ("autodiff"); the models look both up when they trace."""
+def xla_conv3x3(x, kernel, bias):
+    """`models.conv3x3_one_channel` as XLA's own convolution."""
+    import jax
+
+    dims = ("NHWC", "HWIO", "NHWC")
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=dims) + bias
+
+
+def swap_core_functions(pool: str, bn: str, conv: str) -> None:
+    """Replace the model's pool ("flax": `nn.max_pool`, "reshape": reshape-max), its train-mode BN
+    ("autodiff") or its one-channel convolution ("xla"); the models look each up when they trace."""
     import flax.linen as nn
 
     from bnstudy import models
+
+    if conv == "xla":
+        models.conv3x3_one_channel = xla_conv3x3
 
     if pool == "flax":
         models.max_pool_2x2 = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))
@@ -111,7 +123,7 @@ def worker_main(spec: str, steps: int) -> None:
     """Subprocess: train on request. Reads 'run' lines, answers 'RESULT <seconds>' lines."""
     opts = dict(kv.split("=") for kv in spec.split(","))
     set_process_settings(opts["flags"] == "on", opts["malloc"] == "on")
-    swap_core_functions(opts["pool"], opts["bn"])
+    swap_core_functions(opts["pool"], opts["bn"], opts["conv"])
     run, compile_s, _ = app_step_run(steps, "auto")
     print(f"RESULT {compile_s}", flush=True)
     for line in sys.stdin:
@@ -168,12 +180,13 @@ def torch_run(steps: int, data):
 
 def lever_specs(flags_measured: bool) -> dict[str, str]:
     """Row name -> worker spec; the first is bnstudy's defaults, each other changes one lever."""
-    defaults = dict(flags="on", malloc="on", pool="maxtree", bn="closed")
+    defaults = dict(flags="on", malloc="on", pool="maxtree", bn="closed", conv="stencil")
     levers = {"defaults": {}}
     if flags_measured:
         levers["XLA flag off (YNN conv fusion back on)"] = {"flags": "off"}
     levers["glibc malloc defaults (allocator.py off)"] = {"malloc": "off"}
     levers["BN gradient by autodiff (no closed form)"] = {"bn": "autodiff"}
+    levers["XLA convolution for the one-channel conv1"] = {"conv": "xla"}
     levers["reshape-max pool (max reduction)"] = {"pool": "reshape"}
     levers["nn.max_pool (select_and_scatter)"] = {"pool": "flax"}
     return {name: ",".join(f"{k}={v}" for k, v in (defaults | change).items()) for name, change in levers.items()}

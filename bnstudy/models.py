@@ -57,6 +57,65 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
     return jnp.maximum(top, bottom)
 
 
+def _taps(x: jax.Array) -> list[jax.Array]:
+    """The nine 3x3 SAME-padded neighbours of each position of an NHWC batch, in kernel (row, column) order."""
+    h, w = x.shape[1], x.shape[2]
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    return [padded[:, i : i + h, j : j + w] for i in range(3) for j in range(3)]
+
+
+@jax.custom_vjp
+def conv3x3_one_channel(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    """A 3x3 SAME convolution of a one-channel NHWC batch plus bias, as nine broadcast multiply-adds.
+
+    XLA:CPU's convolution kernels are slow at one input channel (MNIST's first layer: forward
+    6.3 ms at batch 128 on a 2-core CPU, against 0.7 ms here, one loop over the output). The kernel
+    gradient is one matrix product of the 9 taps with the output gradient (forward and kernel
+    gradient 9.5 -> 4.8 ms); the input gradient is the transposed stencil.
+    """
+    taps = _taps(x)
+    out = bias
+    for t, tap in enumerate(taps):
+        out = out + tap * kernel[t // 3, t % 3, 0]
+    return out
+
+
+def _conv3x3_one_channel_fwd(x, kernel, bias):
+    return conv3x3_one_channel(x, kernel, bias), (x, kernel)
+
+
+def _conv3x3_one_channel_bwd(residuals, dout):
+    x, kernel = residuals
+    patches = jnp.stack(_taps(x)).reshape(9, -1)  # [taps, positions]: each tap one contiguous copy
+    flat = dout.reshape(-1, dout.shape[-1])
+    dkernel = (patches @ flat).reshape(kernel.shape)
+    dbias = flat.sum(0)
+    # Input gradient: each output position hands dout . kernel[tap] back to the input its tap read.
+    h, w = x.shape[1], x.shape[2]
+    padded = jnp.pad(dout, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    dx = sum(padded[:, 2 - i : 2 - i + h, 2 - j : 2 - j + w] @ kernel[i, j].T for i in range(3) for j in range(3))
+    return dx, dkernel, dbias
+
+
+conv3x3_one_channel.defvjp(_conv3x3_one_channel_fwd, _conv3x3_one_channel_bwd)
+
+
+class Conv3x3(nn.Module):
+    """`nn.Conv(features, (3, 3), kernel_init=HE_NORMAL)`: the same parameters (`kernel` [3, 3, in, out],
+    `bias`), initialization and function; a one-channel input takes `conv3x3_one_channel`."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", HE_NORMAL, (3, 3, x.shape[-1], self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        if x.shape[-1] == 1:
+            return conv3x3_one_channel(x, kernel, bias)
+        dims = ("NHWC", "HWIO", "NHWC")
+        return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=dims) + bias
+
+
 def dropout(x: jax.Array, rate: jax.Array, rng: jax.Array | None) -> jax.Array:
     """Inverted dropout with a traced rate; identity when rng is None (eval) or rate == 0."""
     if rng is None:
@@ -279,7 +338,7 @@ class _Net(nn.Module):
         h = x
         for i, (channels, pool) in enumerate(self.conv_blocks):
             name = f"conv{i + 1}"
-            h = self._block(nn.Conv(channels, (3, 3), kernel_init=HE_NORMAL, name=name)(h), name, train, pool)
+            h = self._block(Conv3x3(channels, name=name)(h), name, train, pool)
             if after_block:
                 h = dropout(h, dropout_rate, rngs[i])
         h = h.reshape(h.shape[0], -1)

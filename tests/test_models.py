@@ -182,3 +182,16 @@ def test_a_pooled_block_is_the_block_then_its_pool_in_values_gradients_and_relu_
     np.testing.assert_allclose(gx, rx, atol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), gp, rp)
     jax.tree.map(np.testing.assert_array_equal, sown, ref_sown)
+
+
+@pytest.mark.parametrize("in_channels", [1, 3], ids=["one-channel stencil", "XLA convolution"])
+def test_conv3x3_is_nn_conv_in_parameters_values_and_gradients(in_channels):
+    x = jax.random.normal(jax.random.key(0), (4, 7, 6, in_channels))  # odd width: SAME padding at both edges
+    ours, ref = models.Conv3x3(5, name="c"), nn.Conv(5, (3, 3), kernel_init=models.HE_NORMAL, name="c")
+    init = ours.init(jax.random.key(1), x)
+    jax.tree.map(np.testing.assert_array_equal, init, ref.init(jax.random.key(1), x))  # same init, same names
+    variables = {"params": {"kernel": init["params"]["kernel"], "bias": jnp.arange(5.0)}}
+    np.testing.assert_allclose(ours.apply(variables, x), ref.apply(variables, x), atol=1e-5)
+    cotangent = jax.random.normal(jax.random.key(2), (4, 7, 6, 5))
+    grad = lambda conv: jax.grad(lambda v, x: jnp.vdot(conv.apply(v, x), cotangent), argnums=(0, 1))(variables, x)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4), grad(ours), grad(ref))
