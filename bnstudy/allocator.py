@@ -1,10 +1,12 @@
 """glibc malloc settings that keep XLA:CPU's freed buffers mapped, set by the app before JAX starts.
 
-XLA:CPU takes every buffer of a call (its temporaries and outputs) from malloc. glibc serves a large
-request with a fresh mmap and unmaps it on free, so every call touches new pages and the kernel faults
-each one in: ~23,000 page faults (90 MB) per MNIST CNN train step at batch 128, measured with
-`getrusage` on a 2-core CPU. With all requests served from one heap that is never trimmed, a step
-reuses the pages of the step before and faults none (benchmarks/step_vs_torch.py: the allocator lever).
+XLA:CPU takes every buffer of a call from malloc: its outputs, and one temporary buffer that holds all
+its intermediates (about 90 MB for the MNIST CNN's train step at batch 128). glibc serves a request
+above its mmap threshold (adaptive, but never above 32 MB) with a fresh mmap and unmaps it on free,
+so every call touches new pages and the kernel faults each one in: ~23,000 page faults per train step,
+measured with `getrusage` on a 2-core CPU. With all requests served from one heap that is never
+trimmed, a step reuses the pages of the step before and faults none (benchmarks/step_vs_torch.py:
+the allocator lever).
 
 The settings are process-wide and must precede the allocations they are meant for: `keep_freed_memory()`
 runs first thing in the app's entry point, before the XLA backend starts its threads (a thread that
