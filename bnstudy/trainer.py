@@ -80,9 +80,10 @@ def resolve_loop(loop: str) -> str:
 
 
 # Steps per call that `steps_per_call=auto` picks. MNIST CNN on a 2-core CPU (benchmarks/step_vs_torch.py),
-# ms/step with 1/4/8 steps per call: 49.2/32.7/29.7. The chunk is a scan unrolled at lowering, so tracing
-# no longer grows with k; each unrolled step adds ~0.65 s of cold XLA compilation (the persistent cache
-# keeps it after the first run).
+# ms/step with 1/2/4/8 steps per call: 50.2/49.2/49.9/48.8 with bnstudy/allocator.py's malloc settings;
+# without them each call faulted in fresh memory and chunks paid (49.2/32.7/29.7 at 1/4/8, another
+# sitting). The chunk is a scan unrolled at lowering, so tracing does not grow with k; each unrolled step
+# adds ~0.65 s of cold XLA compilation (the persistent cache keeps it after the first run).
 AUTO_STEPS_PER_CALL = 8
 
 
