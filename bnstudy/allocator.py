@@ -32,16 +32,14 @@ _applied: dict[str, int] | None = None
 
 
 def _mallopt():
-    """glibc's mallopt, or None on a C library without it (macOS, musl's is a no-op stub we skip too)."""
+    """glibc's mallopt, or None elsewhere (macOS, or a Linux C library that is not glibc)."""
     if not sys.platform.startswith("linux"):
         return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        gnu_get_libc_version = libc.gnu_get_libc_version  # glibc only
-    except (OSError, AttributeError):
+    except OSError:
         return None
-    del gnu_get_libc_version
-    return libc.mallopt
+    return libc.mallopt if hasattr(libc, "gnu_get_libc_version") else None
 
 
 def keep_freed_memory() -> dict[str, int]:
