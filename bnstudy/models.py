@@ -2,8 +2,9 @@
 
 Every hidden layer is a *block*: layer -> {norm -> ReLU | ReLU -> norm | ReLU}, then a 2x2 max-pool in
 the conv blocks that have one; placement chosen by `norm`, the norm's kind by `norm_kind`: batch (BN,
-`<block>_norm/bn`), layer (`<block>_norm/ln`) or group (`<block>_norm/gn`). Only BN keeps running statistics (`batch_stats`: `<block>_norm/bn/{mean,var}`),
-so metrics find BN layers, and only BN layers, there, reported by their block name.
+`<block>_norm/bn`), layer (`<block>_norm/ln`) or group (`<block>_norm/gn`). Only BN keeps running
+statistics (`batch_stats`: `<block>_norm/bn/{mean,var}`), so metrics find BN layers, and only BN
+layers, there, reported by their block name.
 The dropout rate is a call argument (a traced value), not a module field, so runs with different
 rates share one compiled program.
 
@@ -41,8 +42,9 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
 
     The maximum of each window's four corners, as three elementwise `maximum`s of strided views, so
     that value and derivative are each one loop fusion: `nn.max_pool`'s backward (select_and_scatter)
-    was about a third of a CPU train step, and a reshape + `max` reduction's backward (a tie count by
-    reduction) still ~12% (benchmarks/step_vs_torch.py). Values equal `nn.max_pool`'s; so do gradients
+    was about a third of a CPU train step; a reshape + `max` reduction's backward counts ties by a
+    reduction that took ~14% of a profiled one-step call (before BN's closed-form gradient; on today's
+    app step the two forms are within noise, benchmarks/step_vs_torch.py). Values equal `nn.max_pool`'s; so do gradients
     wherever a window has one maximum. Ties split pairwise, by JAX's rule for `maximum` (equal inputs
     share equally): (top-left, top-right) and (bottom-left, bottom-right) first, then the two winners,
     so a window of four equal values gives each a quarter, and the whole gradient reaches the window
@@ -69,9 +71,9 @@ def conv3x3_one_channel(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax
     """A 3x3 SAME convolution of a one-channel NHWC batch plus bias, as nine broadcast multiply-adds.
 
     XLA:CPU's convolution kernels are slow at one input channel (MNIST's first layer: forward
-    6.3 ms at batch 128 on a 2-core CPU, against 0.7 ms here, one loop over the output). The kernel
+    5-6 ms at batch 128 on a 2-core CPU, against ~0.7 ms here, one loop over the output). The kernel
     gradient is one matrix product of the 9 taps with the output gradient (forward and kernel
-    gradient 9.5 -> 4.8 ms); the input gradient is the transposed stencil.
+    gradient 8.1 -> 4.0 ms); the input gradient is the transposed stencil.
     """
     taps = _taps(x)
     out = bias
