@@ -117,7 +117,7 @@ class TrainConfig:
     pack_size: Any = "auto"  # models per compiled program: an int, or "auto"
     devices: Any = "auto"  # local devices a pack is split over: an int, or "auto" (all on accelerators, 1 on CPU)
     loop: str = "auto"
-    steps_per_call: Any = "auto"  # python loop: train steps unrolled into one compiled call (an int, or "auto": 8)
+    steps_per_call: Any = "auto"  # python loop: steps unrolled into one compiled call (int; "auto": 1 on CPU, 8 else)
     rerun: bool = False  # retrain runs whose folder already holds a finished result of the same config
     checkpoint_every: int = 1  # epochs between checkpoints (the last one kept; a re-run resumes from it); 0 = off
 

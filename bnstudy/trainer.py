@@ -79,17 +79,28 @@ def resolve_loop(loop: str) -> str:
     return "python" if jax.default_backend() == "cpu" else "scan"
 
 
-# Steps per call that `steps_per_call=auto` picks. MNIST CNN on a 2-core CPU (benchmarks/step_vs_torch.py),
-# ms/step with 1/2/4/8 steps per call: 50.2/49.2/49.9/48.8 with bnstudy/allocator.py's malloc settings;
-# without them each call faulted in fresh memory and chunks paid (49.2/32.7/29.7 at 1/4/8, another
-# sitting). The chunk is a scan unrolled at lowering, so tracing does not grow with k; each unrolled step
-# adds ~0.65 s of cold XLA compilation (the persistent cache keeps it after the first run).
-AUTO_STEPS_PER_CALL = 8
+# Steps per call that `steps_per_call=auto` picks, per backend. MNIST CNN on a 2-core CPU
+# (benchmarks/step_vs_torch.py), ms/step with 1/2/4/8 steps per call: 50.2/49.2/49.9/48.8 with
+# bnstudy/allocator.py's malloc settings (without them each call faulted in fresh memory and chunks paid:
+# 49.2/32.7/29.7 at 1/4/8, another sitting). So on CPU a chunk buys <3% while each unrolled step adds
+# ~0.65 s of cold XLA compilation (the default job's train_steps program compiled in 11 s at k=8 against
+# 2.9 s for one step) and ~0.2 s of tracing and lowering to every warm start. An accelerator pays a
+# dispatch per call instead, which chunks amortize.
+AUTO_STEPS_PER_CALL = {"cpu": 1}
+AUTO_STEPS_PER_CALL_ACCELERATOR = 8
 
 
-def resolve_steps_per_call(steps_per_call: int | str, steps_per_epoch: int) -> int:
-    """`steps_per_call` (an int >= 1, or "auto") as a chunk length in 1..steps_per_epoch."""
-    k = AUTO_STEPS_PER_CALL if steps_per_call == "auto" else int(steps_per_call)
+def auto_steps_per_call(backend: str) -> int:
+    return AUTO_STEPS_PER_CALL.get(backend, AUTO_STEPS_PER_CALL_ACCELERATOR)
+
+
+def resolve_steps_per_call(steps_per_call: int | str, steps_per_epoch: int, backend: str | None = None) -> int:
+    """`steps_per_call` (an int >= 1, or "auto": `auto_steps_per_call` of `backend`, default JAX's) as a
+    chunk length in 1..steps_per_epoch."""
+    if steps_per_call == "auto":
+        k = auto_steps_per_call(backend or jax.default_backend())
+    else:
+        k = int(steps_per_call)
     return max(1, min(k, steps_per_epoch))
 
 

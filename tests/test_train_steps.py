@@ -70,8 +70,14 @@ def test_chunk_plan_starts_a_call_at_every_probe_step_and_runs_the_tail_singly()
     assert trainer.chunk_plan(0, 5, 1, due) == [(i, 1) for i in range(5)]
     plan = trainer.chunk_plan(0, 62, 4, lambda j: False)
     assert [n for _, n in plan] == [4] * 15 + [1, 1]
-    assert trainer.resolve_steps_per_call("auto", 62) == trainer.AUTO_STEPS_PER_CALL
     assert trainer.resolve_steps_per_call(8, 5) == 5
+
+
+def test_auto_steps_per_call_is_one_step_on_cpu_and_a_chunk_on_an_accelerator():
+    assert trainer.resolve_steps_per_call("auto", 62, backend="cpu") == 1
+    assert trainer.resolve_steps_per_call("auto", 62, backend="gpu") == trainer.AUTO_STEPS_PER_CALL_ACCELERATOR > 1
+    assert trainer.resolve_steps_per_call("auto", 3, backend="gpu") == 3
+    assert trainer.resolve_steps_per_call("auto", 62) == trainer.auto_steps_per_call(jax.default_backend())
 
 
 def test_python_loop_in_chunks_logs_and_trains_as_one_step_per_call():
