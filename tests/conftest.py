@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("WANDB_SILENT", "true")
+
+# One persistent XLA compilation cache for the session, this process and the app processes it starts
+# (they inherit the environment): tests build fresh trainers for the same tiny models at the same shapes,
+# and a hit skips XLA's backend compile (tests/test_train.py on 2 cores: 111 s -> 76 s). A new, empty
+# folder each session, so no result depends on an earlier session's programs.
+_XLA_CACHE = tempfile.mkdtemp(prefix="bnstudy-tests-xla-cache-")
+atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _XLA_CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 from bnstudy import allocator, xla_flags  # noqa: E402
 

@@ -73,11 +73,14 @@ def test_the_update_uses_hp_lr_exactly_as_sgd_says(arrays):
     hp = hparams([{"lr": 0.01, "weight_decay": 0.1}, {"lr": 0.3, "weight_decay": 0.1}])
     hp = hp._replace(seed=jnp.zeros_like(hp.seed))  # same init and batch, only the lr differs
     init_hp = hp._replace(lr=jnp.full_like(hp.lr, 0.05))
-    state = jax.vmap(lambda h: engine.init_state(program, arrays.train_images.shape[1:], h))(init_hp)
+    # Jitted as the trainer does: op by op, each of hundreds of primitives would compile on its own.
+    state = jax.jit(jax.vmap(lambda h: engine.init_state(program, arrays.train_images.shape[1:], h)))(init_hp)
     perm = jnp.stack([jnp.arange(arrays.train_images.shape[0])] * 2)
-    new, _ = jax.vmap(partial(engine.train_step, program), in_axes=(0, 0, None, 0, None))(state, hp, arrays, perm, 0)
+    step = jax.jit(jax.vmap(partial(engine.train_step, program), in_axes=(0, 0, None, 0, None)))
+    new, _ = step(state, hp, arrays, perm, 0)
+    by_hand = jax.jit(partial(first_sgd_update_by_hand, program))
     for k in range(2):
-        expected = first_sgd_update_by_hand(program, member(state, k), member(hp, k), arrays, perm[k])
+        expected = by_hand(member(state, k), member(hp, k), arrays, perm[k])
         for e, g in zip(jax.tree.leaves(expected), jax.tree.leaves(member(new.params, k)), strict=True):
             np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-5, atol=1e-7)
     moved = [jax.tree.leaves(member(new.params, k))[0] - jax.tree.leaves(member(state.params, k))[0] for k in range(2)]

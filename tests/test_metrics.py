@@ -127,6 +127,7 @@ def whole_set_pack():
 LAYERS = ("conv1", "conv2", "dense1")
 
 
+@pytest.mark.xdist_group("whole_set_pack")  # one worker trains the module fixture
 def test_running_stats_set_to_population_stats_give_zero_shift_and_identical_evals(whole_set_pack):
     pt, result, hp = whole_set_pack
     pop, _ = pt.evaluator.population_stats(result.state, hp, epoch=0)
@@ -143,6 +144,7 @@ def test_running_stats_set_to_population_stats_give_zero_shift_and_identical_eva
     assert all((result.final[f"bn/{layer}/mean_shift"] > 0).all() for layer in LAYERS)
 
 
+@pytest.mark.xdist_group("whole_set_pack")  # one worker trains the module fixture
 def test_batch_of_the_whole_eval_set_normalizes_with_population_statistics(whole_set_pack):
     pt, result, hp = whole_set_pack
     program, state = pt.program, result.state

@@ -21,6 +21,9 @@ import pytest
 from bnstudy import checkpoints
 from bnstudy import runs as runs_lib
 
+# One worker runs this module: its tests share the session's prepared data and the module's uninterrupted sweep.
+pytestmark = pytest.mark.xdist_group("reliability")
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
     "dataset.train_subset=256",
