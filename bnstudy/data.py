@@ -37,9 +37,9 @@ EMBEDDED = ("mnist_t10k",)  # prepared from package data on first use, no networ
 def data_note(name: str) -> str | None:
     """What a reader must know about a dataset's split (None for the official splits)."""
     if name == "mnist_t10k":
-        from bnstudy.datasets.mnist_t10k.builder import NOTE
+        from bnstudy.datasets.notes import MNIST_T10K_NOTE  # a string: no TFDS import for it
 
-        return NOTE
+        return MNIST_T10K_NOTE
     return None
 
 

@@ -15,6 +15,8 @@ from typing import ClassVar
 import numpy as np
 import tensorflow_datasets as tfds
 
+from bnstudy.datasets.notes import MNIST_T10K_NOTE, MNIST_T10K_SPLIT_SEED
+
 HERE = Path(__file__).resolve().parent
 MD5 = {
     "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
@@ -22,11 +24,8 @@ MD5 = {
 }
 NUM_IMAGES = 10000
 NUM_TRAIN = 8000
-SPLIT_SEED = 20261123  # fixed: every machine builds the same split
-NOTE = (
-    "not the official MNIST split: 8000 train / 2000 test images cut from the 10,000 official MNIST test "
-    f"images after a shuffle with seed {SPLIT_SEED}; not comparable to published MNIST results"
-)
+SPLIT_SEED = MNIST_T10K_SPLIT_SEED
+NOTE = MNIST_T10K_NOTE
 
 
 def read_idx(name: str, header_bytes: int) -> np.ndarray:
