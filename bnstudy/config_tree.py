@@ -4,7 +4,7 @@
 checkout; an installed wheel carries them as `bnstudy/configs/` and `bnstudy/experiments/`
 (pyproject's `package-dir`). `register()` puts two things in Hydra's ConfigStore before composing:
 the typed schema's defaults (`bnstudy_schema`, the only home of every default value) and each study
-as option `experiment=<study>` (so `experiment=NAME` selects `experiments/NAME.yaml` in both layouts).
+(or only those a command line chooses) as option `experiment=<study>` (so `experiment=NAME` selects `experiments/NAME.yaml` in both layouts).
 Hydra is imported only inside `register()`, so the report can locate the studies without it.
 """
 
@@ -59,15 +59,17 @@ def linear_lr(base, reference_batch, batch_size):
     return float(base) * scale
 
 
-def register() -> None:
-    """Store the schema's defaults and every study in Hydra's ConfigStore, and the `linear_lr` resolver that
-    study files use (idempotent)."""
+def register(studies: list[str] | None = None) -> None:
+    """Store the schema's defaults and the `studies` (default: every study) in Hydra's ConfigStore, and the
+    `linear_lr` resolver that study files use (idempotent)."""
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
     OmegaConf.register_new_resolver("linear_lr", linear_lr, replace=True)
     store = ConfigStore.instance()
     store.store(name=SCHEMA_NAME, node=schema_defaults())
-    for study, path in study_files().items():
+    files = study_files()
+    for study in files if studies is None else studies:
+        path = files[study]
         # The files start with `# @package _global_`; a stored node states its package here instead.
         store.store(group=EXPERIMENT_GROUP, name=study, node=OmegaConf.load(path), package="_global_")

@@ -179,9 +179,7 @@ def open_sinks(
     wandb_run = WandbRun(
         wandb_job, folder.path, runs_lib.run_name(run), group_name(run), resolved, notes=notes, resume_id=resume_id
     )
-    if wandb_run.id:
-        folder.update({"wandb_id": wandb_run.id})  # a resumed run reopens this wandb run
-    return RunSinks(folder, wandb_run)
+    return RunSinks(folder, wandb_run)  # its wandb run opens in the background, while the pack compiles
 
 
 class PackLogger:
@@ -244,6 +242,8 @@ class PackCheckpointer:
         if not checkpoint_due(self.cfg, epoch):
             return
         t0 = time.perf_counter()
+        for sink in self.sinks:  # the wandb id is in each summary before a checkpoint can resume the run
+            sink.wandb_ready()
         host = jax.device_get(state)  # a copy: the next epoch donates the state's buffers
         with signals_deferred():  # a signal now waits for the checkpoint to be complete (milliseconds)
             self.writers = self.writers or [checkpoints.Writer(s.folder.path) for s in self.sinks]
@@ -480,29 +480,32 @@ def train_job(cfg: Config, pending: list[Config], skipped: list[dict], times: Ti
     for run in pending:
         groups.setdefault(start_epoch(resume_progress(run, rerun)), []).append(run)
     summaries, index = [], 0
-    while groups:
-        epoch = next(iter(groups))
-        claims = claim_chunk(groups[epoch], pack_size, rerun, skipped)
-        if not groups[epoch]:
-            del groups[epoch]
-        progress = [resume_progress(c.run, rerun) if c.resume else None for c in claims]
-        for c, p in zip(list(claims), progress):  # another process moved it on since: to its own group
-            if start_epoch(p) != epoch:
-                c.release()
-                claims.remove(c)
-                groups.setdefault(start_epoch(p), []).append(c.run)
-        progress = [p for p in progress if start_epoch(p) == epoch]
-        if not claims:
-            continue
-        for c, p in zip(claims, progress):
-            if p:
-                log.info("%s: resuming from its checkpoint after epoch %d", runs_lib.run_name(c.run), p.epoch)
-        try:
-            summaries += train_pack(trainer, claims, pack_size, index, cfg, wandb_job, times, progress)
-        finally:
-            for c in claims:
-                c.release()
-        index += 1
+    try:
+        while groups:
+            epoch = next(iter(groups))
+            claims = claim_chunk(groups[epoch], pack_size, rerun, skipped)
+            if not groups[epoch]:
+                del groups[epoch]
+            progress = [resume_progress(c.run, rerun) if c.resume else None for c in claims]
+            for c, p in zip(list(claims), progress):  # another process moved it on since: to its own group
+                if start_epoch(p) != epoch:
+                    c.release()
+                    claims.remove(c)
+                    groups.setdefault(start_epoch(p), []).append(c.run)
+            progress = [p for p in progress if start_epoch(p) == epoch]
+            if not claims:
+                continue
+            for c, p in zip(claims, progress):
+                if p:
+                    log.info("%s: resuming from its checkpoint after epoch %d", runs_lib.run_name(c.run), p.epoch)
+            try:
+                summaries += train_pack(trainer, claims, pack_size, index, cfg, wandb_job, times, progress)
+            finally:
+                for c in claims:
+                    c.release()
+            index += 1
+    finally:
+        wandb_job.close()  # its background thread, idle once every run has finished
     return summaries
 
 
@@ -592,9 +595,10 @@ def interrupts_as_exceptions():
             signal.signal(sig, h)
 
 
-def check_group_choices(overrides: list[str], config_dir: Path) -> None:
+def check_group_choices(overrides: list[str], config_dir: Path) -> dict[str, list[str]]:
     """`group=option` overrides (optimizer=rmsprop, experiment=placment) name an existing option; checked
-    before Hydra composes, whose own error would exit 1, or for the optional experiment not at all."""
+    before Hydra composes, whose own error would exit 1, or for the optional experiment not at all.
+    Returns the options chosen per group (a sweep's values too)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
@@ -603,7 +607,8 @@ def check_group_choices(overrides: list[str], config_dir: Path) -> None:
     try:
         parsed = OverridesParser.create().parse_overrides([o for o in overrides if not o.startswith("-")])
     except HydraException:
-        return  # bad syntax: Hydra's own message says where
+        return {}  # bad syntax: Hydra's own message says where
+    chosen: dict[str, list[str]] = {}
     for o in parsed:
         if o.key_or_group not in groups or o.is_delete() or o.package is not None:
             continue
@@ -615,6 +620,8 @@ def check_group_choices(overrides: list[str], config_dir: Path) -> None:
                 raise ConfigError(
                     f"Invalid config: `{o.key_or_group}` must be one of the known {what}s {known}; got {value!r}."
                 )
+            chosen.setdefault(o.key_or_group, []).append(str(value))
+    return chosen
 
 
 def group_options(group: str, config_dir: Path) -> list[str]:
@@ -629,9 +636,9 @@ def known_studies() -> list[str]:
 
 
 # An absolute path: works for `python -m bnstudy.train`, the console script and in-process calls alike,
-# from a checkout or an installed wheel. The schema's defaults and the studies go to Hydra's ConfigStore.
+# from a checkout or an installed wheel. `main` puts the schema's defaults and the chosen studies in
+# Hydra's ConfigStore.
 CONFIG_DIR = str(config_tree.config_dir())
-config_tree.register()
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
@@ -642,10 +649,13 @@ def hydra_main(raw: DictConfig) -> None:
 def main() -> None:
     """`bnstudy-train`: group options checked first (exit 2), then Hydra; a signal ends it with one line."""
     try:
-        check_group_choices(sys.argv[1:], Path(CONFIG_DIR))
+        chosen = check_group_choices(sys.argv[1:], Path(CONFIG_DIR))
     except ConfigError as e:
         print(f"bnstudy: {e}", file=sys.stderr)
         sys.exit(2)
+    # Only the studies named: loading all of them is ~0.5 s of every start. A submitit job gets the
+    # ConfigStore from this process.
+    config_tree.register(studies=chosen.get(config_tree.EXPERIMENT_GROUP, []))
     try:
         with interrupts_as_exceptions():
             hydra_main()

@@ -100,3 +100,14 @@ def test_run_id_is_readable_and_stable_and_ignores_logging():
 def test_repeated_pack_values_are_refused():
     with pytest.raises(ConfigError, match="repeated"):
         parse("seed=[1,1]")
+
+
+def test_group_choices_return_every_chosen_option_so_only_those_studies_are_loaded():
+    from pathlib import Path
+
+    from bnstudy import train
+
+    overrides = ["-m", "experiment=placement,ics", "optimizer=adam", "seed=[0,1]"]
+    chosen = train.check_group_choices(overrides, Path(train.CONFIG_DIR))
+    assert chosen == {"experiment": ["placement", "ics"], "optimizer": ["adam"]}
+    assert train.check_group_choices(["seed=1"], Path(train.CONFIG_DIR)) == {}
