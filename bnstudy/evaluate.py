@@ -106,17 +106,24 @@ def has_batch_norm(program: Program, input_shape: tuple[int, ...]) -> bool:
     return bool(jax.tree.leaves(shapes.get("batch_stats", {})))
 
 
+def on_devices_of(source, values: np.ndarray) -> jax.Array:
+    """`values` placed as `source` is (its devices and sharding). The evaluation batches are cut on the
+    host: as eager device ops, each concatenate and reshape would compile a program of its own."""
+    return jax.device_put(values, getattr(source, "sharding", None))
+
+
 def padded_batches(images, labels, batch_size):
     """A split as [B, batch, ...] device arrays padded to full batches, with a validity mask."""
-    n = int(images.shape[0])
+    x, y = np.asarray(images), np.asarray(labels)
+    n = int(x.shape[0])
     batch_size = min(batch_size, n)
     nb = math.ceil(n / batch_size)
     pad = nb * batch_size - n
-    mask = jnp.concatenate([jnp.ones(n, jnp.float32), jnp.zeros(pad, jnp.float32)])
-    images = jnp.concatenate([images, jnp.zeros((pad, *images.shape[1:]), images.dtype)])
-    labels = jnp.concatenate([labels, jnp.zeros(pad, labels.dtype)])
+    mask = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
+    x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
+    y = np.concatenate([y, np.zeros(pad, y.dtype)])
     shape = lambda a: a.reshape(nb, batch_size, *a.shape[1:])
-    return shape(images), shape(labels), shape(mask)
+    return on_devices_of(images, shape(x)), on_devices_of(labels, shape(y)), on_devices_of(images, shape(mask))
 
 
 def wrapped_batches(images, batch_size):
@@ -126,10 +133,11 @@ def wrapped_batches(images, batch_size):
     never see padding and every example is normalized with a full batch; the repeats' outputs are
     dropped. A split smaller than the batch is one batch of the whole split.
     """
-    n = int(images.shape[0])
+    x = np.asarray(images)
+    n = int(x.shape[0])
     batch_size = min(batch_size, n)
     nb = math.ceil(n / batch_size)
-    return images[jnp.arange(nb * batch_size) % n].reshape(nb, batch_size, *images.shape[1:])
+    return on_devices_of(images, x[np.arange(nb * batch_size) % n].reshape(nb, batch_size, *x.shape[1:]))
 
 
 class PackEvaluator:
