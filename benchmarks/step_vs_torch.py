@@ -6,7 +6,10 @@ The MNIST CNN (conv32-BN-ReLU-pool, conv64-BN-ReLU-pool, dense128-BN-ReLU, dense
 batch 128, SGD with momentum 0.9, random MNIST-shaped data. bnstudy rows are `PackTrainer.train` with a
 pack of one model and `loop=python` (what `train.pack_size=auto` and `loop=auto` run on a CPU), one row
 per `train.steps_per_call` (the one `auto` picks is marked), timed by the trainer's own `train_time`
-(train steps only, no compile or evaluation). The torch row is `benchmarks/torch_reference.py`, whose
+(train steps only, no compile or evaluation). One more bnstudy row is the app itself: the default job
+(`python -m bnstudy.train`, 3 epochs on the embedded digits, wandb offline) in a subprocess per round,
+its `summary.json` `step_time` (the row and the in-process one at the same steps_per_call should
+agree); the last round's time breakdown is printed and kept. The torch row is `benchmarks/torch_reference.py`, whose
 loss is first checked to fall. All rows are timed round-robin in one run, after a warm-up; the table
 gives the median ms per step and the ratio torch ms / bnstudy ms (> 1: bnstudy is faster).
 
@@ -22,9 +25,12 @@ Their ratio is to the subprocess with bnstudy's defaults. Needs jax, flax, optax
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,6 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="fewer steps, rounds and steps_per_call values")
     ap.add_argument("--no-levers", action="store_true", help="skip the XLA-flag and pool subprocesses")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch row")
+    ap.add_argument("--no-app-job", action="store_true", help="skip the default-job row (python -m bnstudy.train)")
     ap.add_argument("--out", help="write the results as JSON here")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # "flags=on,pool=reshape"
     args = ap.parse_args(argv)
@@ -117,6 +124,28 @@ def app_step_run(steps: int, steps_per_call: int | str):
     hp = reference.hparams([{"lr": 0.05}])
     compile_s = trainer.train(hp, common.no_log).timings["compile_time"]
     return (lambda: trainer.train(hp, common.no_log).timings["train_time"]), compile_s, trainer.steps_per_call
+
+
+def app_job_run(steps: int):
+    """The app's default job in a subprocess, warmed up once (data prepared, compile cache filled); returns
+    (run, last) where run() trains it again and returns its summary's `step_time` x `steps` (the table
+    divides by `steps`) and last() is the latest summary. None without the app's stack (Hydra, TFDS)."""
+    if importlib.util.find_spec("hydra") is None or importlib.util.find_spec("tensorflow_datasets") is None:
+        return None
+    out = Path(tempfile.mkdtemp(prefix="bnstudy-bench-app-job-"))
+    summaries: list[dict] = []
+
+    def run() -> float:
+        cmd = [sys.executable, "-m", "bnstudy.train", "train.rerun=true", "logger.progress=false", f"out_dir={out}"]
+        done = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE.parent)
+        if done.returncode != 0:
+            raise RuntimeError(f"the default job failed ({done.returncode}): {done.stderr[-2000:]}")
+        (path,) = out.glob("default/*/summary.json")
+        summaries.append(json.loads(path.read_text()))
+        return summaries[-1]["step_time"] * steps
+
+    run()
+    return run, lambda: summaries[-1]
 
 
 def worker_main(spec: str, steps: int) -> None:
@@ -229,6 +258,11 @@ def main(argv=None) -> dict:
             torch_check = {"loss_first": first, "loss_last": last, "falls": last < first}
             print(f"  torch reference loss {first:.3f} -> {last:.3f} ({'falls' if last < first else 'DOES NOT FALL'})")
             runs["PyTorch eager (torch_reference.py)"] = trun
+    app_job = None if args.no_app_job else app_job_run(args.steps)
+    if app_job is not None:
+        runs["bnstudy-train default job, summary.json step_time"] = app_job[0]
+    elif not args.no_app_job:
+        print("  Hydra or TFDS is not installed: no default-job row")
     workers: dict[str, Worker] = {}
     flags_measured = bool(xla_flags.speed_flags()) and jax.default_backend() == "cpu"
     if not args.no_levers:
@@ -244,6 +278,9 @@ def main(argv=None) -> dict:
         w.close()
     rows = table(seconds, args.steps, auto_k)
     print_table(rows, load_before, load_after, info)
+    job_summary = app_job[1]() if app_job else None
+    if job_summary:
+        print_breakdown(job_summary)
     result = {
         "machine": info,
         "config": {k: v for k, v in vars(args).items() if k != "worker"} | {"batch_size": common.BATCH},
@@ -254,6 +291,7 @@ def main(argv=None) -> dict:
         "load_after": load_after,
         "seconds": seconds,
         "rows": rows,
+        "default_job": job_summary and {k: job_summary[k] for k in ("step_time", "steps", "time_breakdown")},
     }
     common.write_json(args.out, result)
     return result
@@ -290,6 +328,19 @@ def print_table(rows: list[dict], load_before: list[float], load_after: list[flo
         "ratio: PyTorch ms / this ms (> 1: bnstudy faster); levers: defaults' ms / this ms (> 1: this setting "
         f"beats bnstudy's defaults)\n{info['backend']} / {info['device_kind']}, {info['cpus_usable']} CPUs, "
         f"load {load_before[0]:.2f} before and {load_after[0]:.2f} after the timed rounds"
+    )
+
+
+def print_breakdown(summary: dict) -> None:
+    """The default job's time line, as the app prints it, and its overhead against the issue's budget."""
+    from bnstudy.timing import breakdown_line
+
+    t = summary["time_breakdown"]
+    budget = 0.25 * t["train_steps"] + 5.0
+    print(
+        f"\ndefault job (last round): {breakdown_line(t)}\n  not train steps {t['wall'] - t['train_steps']:.1f} s "
+        f"vs 25% of train steps + 5 s = {budget:.1f} s; {summary['steps']} steps, step_time "
+        f"{1e3 * summary['step_time']:.1f} ms"
     )
 
 

@@ -37,7 +37,17 @@ def test_table_without_torch_has_no_ratio():
 @pytest.mark.slow  # compiles two train programs and starts three worker processes: about a minute on 2 CPUs
 def test_step_vs_torch_smallest_run_writes_every_row(tmp_path):
     out = tmp_path / "r.json"
-    cmd = [sys.executable, str(BENCHMARKS / "step_vs_torch.py"), "--steps", "2", "--repeats", "1", "--ks", "1"]
+    cmd = [
+        sys.executable,
+        str(BENCHMARKS / "step_vs_torch.py"),
+        "--steps",
+        "2",
+        "--repeats",
+        "1",
+        "--ks",
+        "1",
+        "--no-app-job",
+    ]
     subprocess.run([*cmd, "--out", str(out)], check=True, timeout=600, env=os.environ)
     result = json.loads(out.read_text())
     names = [r["variant"] for r in result["rows"]]
