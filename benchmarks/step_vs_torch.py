@@ -8,9 +8,9 @@ pack of one model and `loop=python` (what `train.pack_size=auto` and `loop=auto`
 per `train.steps_per_call` (the one `auto` picks is marked), timed by the trainer's own `train_time`
 (train steps only, no compile or evaluation). One more bnstudy row is the app itself: the default job
 (`python -m bnstudy.train`, 3 epochs on the embedded digits, wandb offline) in a subprocess per round,
-its `summary.json` `step_time` (the row and the in-process one at the same steps_per_call should
-agree); the last round's time breakdown is printed and kept. The torch row is `benchmarks/torch_reference.py`, whose
-loss is first checked to fall. All rows are timed round-robin in one run, after a warm-up; the table
+its `summary.json` `step_time` (compare it with the fresh worker process of `lever: defaults`); the
+last round's time breakdown is printed and kept. The torch row is `benchmarks/torch_reference.py`,
+whose loss is first checked to fall. All rows are timed round-robin in one run, after a warm-up; the table
 gives the median ms per step and the ratio torch ms / bnstudy ms (> 1: bnstudy is faster).
 
 Levers, measured in the same rounds, each in its own subprocess (XLA reads its flags once, and malloc
@@ -25,9 +25,11 @@ Their ratio is to the subprocess with bnstudy's defaults. Needs jax, flax, optax
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -133,6 +135,7 @@ def app_job_run(steps: int):
     if importlib.util.find_spec("hydra") is None or importlib.util.find_spec("tensorflow_datasets") is None:
         return None
     out = Path(tempfile.mkdtemp(prefix="bnstudy-bench-app-job-"))
+    atexit.register(shutil.rmtree, out, ignore_errors=True)
     summaries: list[dict] = []
 
     def run() -> float:

@@ -4,7 +4,8 @@
 checkout; an installed wheel carries them as `bnstudy/configs/` and `bnstudy/experiments/`
 (pyproject's `package-dir`). `register()` puts two things in Hydra's ConfigStore before composing:
 the typed schema's defaults (`bnstudy_schema`, the only home of every default value) and each study
-(or only those a command line chooses) as option `experiment=<study>` (so `experiment=NAME` selects `experiments/NAME.yaml` in both layouts).
+(or only those a command line chooses) as option `experiment=<study>` (so `experiment=NAME` selects
+`experiments/NAME.yaml` in both layouts).
 Hydra is imported only inside `register()`, so the report can locate the studies without it.
 """
 

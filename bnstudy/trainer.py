@@ -86,12 +86,12 @@ def resolve_loop(loop: str) -> str:
 # ~0.65 s of cold XLA compilation (the default job's train_steps program compiled in 11 s at k=8 against
 # 2.9 s for one step) and ~0.2 s of tracing and lowering to every warm start. An accelerator pays a
 # dispatch per call instead, which chunks amortize.
-AUTO_STEPS_PER_CALL = {"cpu": 1}
+AUTO_STEPS_PER_CALL_CPU = 1
 AUTO_STEPS_PER_CALL_ACCELERATOR = 8
 
 
 def auto_steps_per_call(backend: str) -> int:
-    return AUTO_STEPS_PER_CALL.get(backend, AUTO_STEPS_PER_CALL_ACCELERATOR)
+    return AUTO_STEPS_PER_CALL_CPU if backend == "cpu" else AUTO_STEPS_PER_CALL_ACCELERATOR
 
 
 def resolve_steps_per_call(steps_per_call: int | str, steps_per_epoch: int, backend: str | None = None) -> int:

@@ -15,9 +15,10 @@ os.environ.setdefault("WANDB_SILENT", "true")
 # (they inherit the environment): tests build fresh trainers for the same tiny models at the same shapes,
 # and a hit skips XLA's backend compile (tests/test_train.py on 2 cores: 111 s -> 76 s). A new, empty
 # folder each session, so no result depends on an earlier session's programs.
-_XLA_CACHE = tempfile.mkdtemp(prefix="bnstudy-tests-xla-cache-")
-atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _XLA_CACHE)
+# xdist workers inherit the controller's folder; the process that made it removes it at exit.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="bnstudy-tests-xla-cache-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 from bnstudy import allocator, xla_flags  # noqa: E402
