@@ -15,6 +15,7 @@ time per argument shape and counts the seconds spent, so evaluation time exclude
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -27,6 +28,7 @@ import numpy as np
 
 from bnstudy import engine, metrics
 from bnstudy.engine import ArrayData, HParams, Program, TrainState
+from bnstudy.xla_flags import jit_rare
 
 Split = tuple[jax.Array, jax.Array]  # uint8 images [N, ...], int32 labels [N]
 
@@ -71,10 +73,17 @@ class EvalPrograms:
     dead_fractions: Callable | None = None  # relu_positive totals -> relu/<layer>/dead_frac
 
 
+@functools.cache
+def pack_permutation() -> Callable:
+    """(seed [K], epoch, num_examples) -> [K, num_examples]: each run's order of the training set in an
+    epoch. One jitted function for the trainer and the evaluator, so each shape compiles once."""
+    return jit_rare(jax.vmap(engine.epoch_permutation, in_axes=(0, None, None)), static_argnums=2)
+
+
 def build_eval_programs(program: Program, bn_mode_splits: tuple[str, ...], units: bool = False) -> EvalPrograms:
     p = program
     sums = jax.jit(jax.vmap(partial(engine.eval_batch, p), in_axes=(0, 0, None, None, None)))
-    permutation = jax.jit(jax.vmap(engine.epoch_permutation, in_axes=(0, None, None)), static_argnums=2)
+    permutation = pack_permutation()
     unit_programs = {}
     if units:
         unit_programs = dict(

@@ -25,7 +25,8 @@ import numpy as np
 
 from bnstudy import engine, metrics, sharding
 from bnstudy.engine import ArrayData, HParams, Program
-from bnstudy.evaluate import CompileCache, PackEvaluator, Split
+from bnstudy.evaluate import CompileCache, PackEvaluator, Split, pack_permutation
+from bnstudy.xla_flags import jit_rare
 
 LogFn = Callable[[int, float, dict[str, np.ndarray]], None]
 EpochEndFn = Callable[[engine.TrainState, int], None]  # (state after the epoch, epoch index from 0)
@@ -148,8 +149,8 @@ def build_train_programs(
 ) -> TrainPrograms:
     """With a `mesh`, step/probe/epoch run per device on its slice of the models (`sharding.per_device`)."""
     p = program
-    init = jax.jit(jax.vmap(partial(engine.init_state, p, input_shape)))
-    permutation = jax.jit(jax.vmap(engine.epoch_permutation, in_axes=(0, None, None)), static_argnums=2)
+    init = jit_rare(jax.vmap(partial(engine.init_state, p, input_shape)))
+    permutation = pack_permutation()
     step = jax.vmap(partial(engine.train_step, p), in_axes=(0, 0, None, 0, None))
     # Metrics out on axis 1: [k, K], stacked over steps as the python loop's history is.
     steps = jax.vmap(partial(engine.train_steps, p, steps_per_call), in_axes=(0, 0, None, 0, None), out_axes=(0, 1))
