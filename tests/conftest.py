@@ -5,8 +5,10 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -27,11 +29,15 @@ from bnstudy import allocator, xla_flags  # noqa: E402
 xla_flags.add_xla_flags()
 allocator.keep_freed_memory()
 
+from functools import partial  # noqa: E402
+
+import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from bnstudy import engine, reference  # noqa: E402
+from bnstudy.evaluate import pack_permutation  # noqa: E402
 
 # Small settings every app-level test starts from; tests add their own overrides after these.
 TINY = [
@@ -94,6 +100,23 @@ def hparams(rows) -> engine.HParams:
     return engine.HParams.stack([{**defaults, **r} for r in rows])
 
 
+# Compiled as the trainer compiles them (one program each, `jit_rare`): op by op, every initializer's
+# random draw compiled a threefry of its own (~0.3 s each on 2 cores).
+def init_states(program: engine.Program, shape: tuple[int, ...], hp: engine.HParams) -> engine.TrainState:
+    """The pack's initial states for [K]-shaped `hp`."""
+    return xla_flags.jit_rare(jax.vmap(partial(engine.init_state, program, tuple(shape))))(hp)
+
+
+def initial_state(program: engine.Program, shape: tuple[int, ...], hp: engine.HParams) -> engine.TrainState:
+    """One run's initial state for scalar `hp`."""
+    return xla_flags.jit_rare(partial(engine.init_state, program, tuple(shape)))(hp)
+
+
+def permutations(hp: engine.HParams, num_examples: int, epoch: int = 0) -> jax.Array:
+    """[K, num_examples]: each run's training order in `epoch`."""
+    return pack_permutation()(hp.seed, epoch, num_examples)
+
+
 @pytest.fixture
 def arrays():
     return make_arrays()
@@ -130,3 +153,52 @@ def run_app(monkeypatch, tmp_path):
         return tmp_path / "out"
 
     return run
+
+
+# ------------------------------------------------------------------ the embedded digits, prepared in a subprocess
+
+REPO = Path(__file__).resolve().parents[1]
+NO_NETWORK = (  # any connection attempt other than to loopback fails, so a test proves it needs no internet
+    "import socket; _c = socket.socket.connect\n"
+    "def _connect(self, address):\n"
+    "    host = address[0] if isinstance(address, tuple) else ''\n"
+    "    if host not in ('127.0.0.1', 'localhost', '::1') and self.family in (socket.AF_INET, socket.AF_INET6):\n"
+    "        raise OSError('network disabled in this test')\n"
+    "    return _c(self, address)\n"
+    "socket.socket.connect = _connect\n"
+)
+
+
+# The prepared test split holds exactly the official test images order[8000:] of the fixed-seed shuffle.
+PREPARE_AND_CHECK = """
+import numpy as np
+from bnstudy import data
+from bnstudy.datasets.mnist_t10k import builder
+d = data.load('mnist_t10k', {path!r})
+images, _ = builder.load_images_and_labels()
+_, test = builder.split_order()
+expected = sorted(images[i].tobytes() for i in test)
+got = sorted(x.tobytes() for x in np.asarray(d.arrays.test_images))
+import sys
+tf = 'with-tensorflow' if 'tensorflow' in sys.modules else 'without-tensorflow'
+print(tf, d.num_train, d.num_test, 'same-split' if got == expected else 'different-split')
+"""
+
+
+def subprocess_env(**extra) -> dict:
+    """The environment of a `python -m bnstudy...` subprocess: this checkout importable, wandb and TF quiet."""
+    return {**os.environ, "PYTHONPATH": str(REPO), "WANDB_SILENT": "true", "TF_CPP_MIN_LOG_LEVEL": "2", **extra}
+
+
+# Session-scoped, so per xdist worker: the tests that use it share the xdist_group "prepared_digits".
+@pytest.fixture(scope="session")
+def tfds_dir(tmp_path_factory) -> Path:
+    """mnist_t10k prepared from package data with every non-loopback connection refused."""
+    path = tmp_path_factory.mktemp("tfds")
+    code = NO_NETWORK + PREPARE_AND_CHECK.format(path=str(path))
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-4:] == ["with-tensorflow", "8000", "2000", "same-split"]
+    return path

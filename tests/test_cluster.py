@@ -4,35 +4,30 @@ config becomes the sbatch script its comments promise."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
+import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from bnstudy import config_tree, runs
-from conftest import TINY
+from conftest import TINY, subprocess_env
 
-REPO = Path(__file__).resolve().parents[1]
 config_tree.register()
 
 
-def env(**extra) -> dict:
-    return {**os.environ, "PYTHONPATH": str(REPO), "WANDB_SILENT": "true", "TF_CPP_MIN_LOG_LEVEL": "2", **extra}
-
-
-def test_a_two_job_sweep_runs_through_submitit_local_and_finishes_both(tmp_path):
+@pytest.mark.xdist_group("prepared_digits")  # the worker that holds the session's prepared digits
+def test_a_two_job_sweep_runs_through_submitit_local_and_finishes_both(tmp_path, tfds_dir):
     out = tmp_path / "out"
     cmd = [
         sys.executable, "-m", "bnstudy.train", "-m", "hydra/launcher=submitit_local", "model.norm=none,before_relu",
-        *TINY, "dataset.train_subset=256", "dataset.test_subset=64", f"dataset.data_dir={tmp_path / 'tfds'}",
+        *TINY, "dataset.train_subset=256", "dataset.test_subset=64", f"dataset.data_dir={tfds_dir}",
         f"out_dir={out}", f"hydra.sweep.dir={tmp_path / 'sweep'}",
         f"hydra.launcher.submitit_folder={tmp_path / 'submitit' / '%j'}",
     ]  # fmt: skip
-    result = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    result = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     folders = runs.run_folders(out / "default")
     summaries = [json.loads((f / "summary.json").read_text()) for f in folders]

@@ -4,7 +4,7 @@ from functools import partial
 
 import numpy as np
 
-from conftest import cnn_program, hparams
+from conftest import cnn_program, hparams, init_states
 
 
 def test_cifar_augmentation_is_a_padded_crop_or_its_mirror():
@@ -74,7 +74,7 @@ def test_the_update_uses_hp_lr_exactly_as_sgd_says(arrays):
     hp = hp._replace(seed=jnp.zeros_like(hp.seed))  # same init and batch, only the lr differs
     init_hp = hp._replace(lr=jnp.full_like(hp.lr, 0.05))
     # Jitted as the trainer does: op by op, each of hundreds of primitives would compile on its own.
-    state = jax.jit(jax.vmap(lambda h: engine.init_state(program, arrays.train_images.shape[1:], h)))(init_hp)
+    state = init_states(program, arrays.train_images.shape[1:], init_hp)
     perm = jnp.stack([jnp.arange(arrays.train_images.shape[0])] * 2)
     step = jax.jit(jax.vmap(partial(engine.train_step, program), in_axes=(0, 0, None, 0, None)))
     new, _ = step(state, hp, arrays, perm, 0)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bnstudy import engine, evaluate
-from conftest import cnn_program, hparams
+from conftest import cnn_program, hparams, init_states
 
 
 def test_batch_mode_batches_are_full_batches_of_real_examples_without_padding():
@@ -28,7 +28,7 @@ def test_padded_batches_mask_exactly_the_padding():
 def test_named_splits_give_their_own_loss_and_accuracy_and_no_bn_keys_without_bn(arrays):
     program = cnn_program(norm="none")
     hp = hparams([{"seed": 0}, {"seed": 1}])
-    state = jax.vmap(lambda h: engine.init_state(program, arrays.train_images.shape[1:], h))(hp)
+    state = init_states(program, arrays.train_images.shape[1:], hp)
     val = (arrays.train_images[:40], arrays.train_labels[:40])
     splits = {"test": (arrays.test_images, arrays.test_labels), "val": val}
     ev = evaluate.PackEvaluator(program, arrays, splits, {"test": splits["test"]}, batch_size=16, population_batches=2)

@@ -9,7 +9,7 @@ import pytest
 
 from bnstudy import engine, metrics
 from bnstudy.convergence import steps_to_target
-from conftest import cnn_program, hparams, make_arrays
+from conftest import cnn_program, hparams, init_states, make_arrays, permutations
 
 SHAPE = (10, 10, 1)
 CNN_LAYERS = ("conv1", "conv2", "dense1", "classifier")
@@ -73,8 +73,8 @@ def tiny_arrays():
 def start(program, rows, arrays):
     """Initial pack state (vmapped init) and epoch 0's permutation for `rows`."""
     hp = hparams(rows)
-    state = jax.jit(jax.vmap(partial(engine.init_state, program, SHAPE)))(hp)
-    perm = jax.vmap(engine.epoch_permutation, in_axes=(0, None, None))(hp.seed, 0, arrays.train_images.shape[0])
+    state = init_states(program, SHAPE, hp)
+    perm = permutations(hp, arrays.train_images.shape[0])
     return hp, state, perm
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from bnstudy import engine, models
-from conftest import build_model, hparams
+from conftest import build_model, hparams, init_states, initial_state
 
 X = jax.random.normal(jax.random.key(0), (64, 8, 8, 4)) * 3.0 + 1.5
 
@@ -65,8 +65,8 @@ def test_bn_running_stats_move_by_one_minus_momentum():
 @pytest.mark.parametrize("scale", [0.1, 3.0])
 def test_init_scale_multiplies_kernel_std_exactly(scale):
     program = engine.Program(build_model("cnn"))
-    base = engine.init_state(program, (28, 28, 1), jax.tree.map(lambda a: a[0], hparams([{}])))
-    scaled = engine.init_state(program, (28, 28, 1), jax.tree.map(lambda a: a[0], hparams([{"init_scale": scale}])))
+    states = init_states(program, (28, 28, 1), hparams([{}, {"init_scale": scale}]))
+    base, scaled = (jax.tree.map(lambda a, k=k: a[k], states) for k in range(2))
     for name in ("conv1", "conv2", "dense1", "classifier"):
         k0, k1 = base.params[name]["kernel"], scaled.params[name]["kernel"]
         np.testing.assert_allclose(k1, scale * k0, rtol=1e-6)
@@ -77,7 +77,7 @@ def test_init_scale_multiplies_kernel_std_exactly(scale):
 
 def test_he_normal_std_matches_fan_in():
     program = engine.Program(build_model("cnn"))
-    state = engine.init_state(program, (28, 28, 1), jax.tree.map(lambda a: a[0], hparams([{}])))
+    state = initial_state(program, (28, 28, 1), jax.tree.map(lambda a: a[0], hparams([{}])))
     kernel = state.params["dense1"]["kernel"]  # fan-in 7*7*64 = 3136
     np.testing.assert_allclose(float(kernel.std()), np.sqrt(2.0 / 3136), rtol=0.05)
 

@@ -6,10 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import build_model, cnn_program, hparams
 
 from bnstudy import engine, reference, xla_flags
 from bnstudy.evaluate import pack_permutation
+from conftest import build_model, cnn_program, hparams
 
 
 def same_bits(a, b) -> bool:

@@ -20,9 +20,10 @@ import pytest
 
 from bnstudy import checkpoints
 from bnstudy import runs as runs_lib
+from conftest import NO_NETWORK, PREPARE_AND_CHECK, subprocess_env
 
 # One worker runs this module: its tests share the session's prepared data and the module's uninterrupted sweep.
-pytestmark = pytest.mark.xdist_group("reliability")
+pytestmark = pytest.mark.xdist_group("prepared_digits")
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
@@ -38,52 +39,14 @@ TINY = [
     "discrepancy.enabled=false",
 ]
 LONG = ["train.epochs=2000", "train.max_steps_per_epoch=null"]  # minutes of training: killed long before the end
-NO_NETWORK = (  # any connection attempt other than to loopback fails, so a test proves it needs no internet
-    "import socket; _c = socket.socket.connect\n"
-    "def _connect(self, address):\n"
-    "    host = address[0] if isinstance(address, tuple) else ''\n"
-    "    if host not in ('127.0.0.1', 'localhost', '::1') and self.family in (socket.AF_INET, socket.AF_INET6):\n"
-    "        raise OSError('network disabled in this test')\n"
-    "    return _c(self, address)\n"
-    "socket.socket.connect = _connect\n"
-)
-
-
-# The prepared test split holds exactly the official test images order[8000:] of the fixed-seed shuffle.
-PREPARE_AND_CHECK = """
-import numpy as np
-from bnstudy import data
-from bnstudy.datasets.mnist_t10k import builder
-d = data.load('mnist_t10k', {path!r})
-images, _ = builder.load_images_and_labels()
-_, test = builder.split_order()
-expected = sorted(images[i].tobytes() for i in test)
-got = sorted(x.tobytes() for x in np.asarray(d.arrays.test_images))
-import sys
-tf = 'with-tensorflow' if 'tensorflow' in sys.modules else 'without-tensorflow'
-print(tf, d.num_train, d.num_test, 'same-split' if got == expected else 'different-split')
-"""
-
-
-def env(**extra) -> dict:
-    return {**os.environ, "PYTHONPATH": str(REPO), "WANDB_SILENT": "true", "TF_CPP_MIN_LOG_LEVEL": "2", **extra}
-
-
-@pytest.fixture(scope="session")
-def tfds_dir(tmp_path_factory) -> Path:
-    """mnist_t10k prepared from package data with every non-loopback connection refused."""
-    path = tmp_path_factory.mktemp("tfds")
-    code = NO_NETWORK + PREPARE_AND_CHECK.format(path=str(path))
-    out = subprocess.run([sys.executable, "-c", code], env=env(), capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split()[-4:] == ["with-tensorflow", "8000", "2000", "same-split"]
-    return path
 
 
 def test_a_prepared_split_loads_again_without_tensorflow(tfds_dir):
     """The first load read through TFDS and kept a numpy copy; the next process needs no TensorFlow."""
     code = NO_NETWORK + PREPARE_AND_CHECK.format(path=str(tfds_dir))
-    out = subprocess.run([sys.executable, "-c", code], env=env(), capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[-4:] == ["without-tensorflow", "8000", "2000", "same-split"]
 
@@ -105,7 +68,7 @@ def command(out: Path, tfds_dir: Path, *overrides: str) -> list[str]:
 def train(out: Path, tfds_dir: Path, *overrides: str, timeout=300, **env_extra) -> subprocess.CompletedProcess:
     return subprocess.run(
         command(out, tfds_dir, *overrides),
-        env=env(**env_extra),
+        env=subprocess_env(**env_extra),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -116,7 +79,7 @@ def train(out: Path, tfds_dir: Path, *overrides: str, timeout=300, **env_extra) 
 def start(out: Path, tfds_dir: Path, *overrides: str) -> subprocess.Popen:
     return subprocess.Popen(
         command(out, tfds_dir, *overrides),
-        env=env(),
+        env=subprocess_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -261,7 +224,7 @@ def test_killed_run_reads_as_stale_in_the_report_and_a_rerun_retrains_it(tmp_pat
             "--out",
             str(tmp_path / "r"),
         ],
-        env=env(),
+        env=subprocess_env(),
         capture_output=True,
         text=True,
         timeout=120,
@@ -345,7 +308,12 @@ def test_bad_input_exits_2_naming_the_key_and_creates_nothing(tmp_path_factory, 
     override = override.format(a_file=a_file)
     cmd = [sys.executable, "-m", "bnstudy.train", f"out_dir={out}", "logger.wandb.mode=disabled", override]
     result = subprocess.run(
-        cmd, env=env(TFDS_DATA_DIR=str(tmp_path / "tfds")), capture_output=True, text=True, timeout=120, cwd=tmp_path
+        cmd,
+        env=subprocess_env(TFDS_DATA_DIR=str(tmp_path / "tfds")),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
     )
     assert result.returncode == 2, result.stderr[-2000:]
     assert f"`{key}`" in result.stderr and "Traceback" not in result.stderr
@@ -369,7 +337,7 @@ def test_one_epoch_of_the_default_model_on_the_embedded_data_reaches_95_percent(
             "logger.wandb.mode=disabled",
             "logger.progress=false",
         ],
-        env=env(),
+        env=subprocess_env(),
         capture_output=True,
         text=True,
         timeout=600,

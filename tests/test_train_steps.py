@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from bnstudy import engine, trainer
-from conftest import build_model, cnn_program, hparams, make_arrays, schedule
+from conftest import build_model, cnn_program, hparams, init_states, initial_state, make_arrays, permutations, schedule
 
 K = 2
 # The chunk is compiled as one program, so XLA may fuse and order the float32 arithmetic of k steps
@@ -37,8 +37,8 @@ def assert_close(a, b):
 def test_chunk_of_k_steps_equals_k_single_steps(arrays):
     program = cnn_program(batch_size=16, dropout_placement="after_block")
     hp = jax.tree.map(lambda v: v[0], hparams([{"lr": 0.05, "weight_decay": 1e-4, "dropout_rate": 0.2, "seed": 3}]))
-    state = engine.init_state(program, arrays.train_images.shape[1:], hp)
-    perm = engine.epoch_permutation(hp.seed, 0, arrays.train_images.shape[0])
+    state = initial_state(program, arrays.train_images.shape[1:], hp)
+    perm = jax.jit(engine.epoch_permutation, static_argnums=2)(hp.seed, 0, arrays.train_images.shape[0])
     alone, alone_metrics = single_steps(program, state, hp, arrays, perm)
     chunk, chunk_metrics = jax.jit(partial(engine.train_steps, program, K))(state, hp, arrays, perm, 0)
     assert int(chunk.step) == K
@@ -51,8 +51,8 @@ def test_chunk_of_k_steps_equals_k_single_steps(arrays):
 def test_chunk_vmaps_over_a_pack(arrays):
     program = cnn_program(batch_size=16)
     hp = hparams([{"lr": 0.05, "seed": 0}, {"lr": 0.1, "seed": 1}])
-    state = jax.vmap(partial(engine.init_state, program, arrays.train_images.shape[1:]))(hp)
-    perm = jax.vmap(engine.epoch_permutation, in_axes=(0, None, None))(hp.seed, 0, arrays.train_images.shape[0])
+    state = init_states(program, arrays.train_images.shape[1:], hp)
+    perm = permutations(hp, arrays.train_images.shape[0])
     chunk = jax.jit(jax.vmap(partial(engine.train_steps, program, K), in_axes=(0, 0, None, 0, None)))
     _, metrics = chunk(state, hp, arrays, perm, 0)
     assert metrics["loss"].shape == (2, K)
