@@ -57,9 +57,11 @@ def convergence(evaluations: list[dict], target: float | None) -> dict:
     return {"steps_to_target": steps_to_target(evaluations, target, key), "steps_to_target_key": key}
 
 
-def quiet_jax() -> None:
+def quiet_libraries() -> None:
     # "Unable to initialize backend 'tpu'" and the like are expected on CPU-only machines.
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)
+    # orbax (and TFDS) log through absl, and Hydra's INFO root level let orbax print ~30 lines per checkpoint.
+    logging.getLogger("absl").setLevel(logging.WARNING)
 
 
 def enable_compile_cache(cache_dir: str | None) -> None:
@@ -408,7 +410,7 @@ def sync_hint(cfg: Config) -> str:
 def train_and_evaluate(cfg: Config) -> list[dict]:
     """Train every unfinished run of a validated config; returns the summaries of the runs it trained."""
     runs = config_lib.expand_pack(cfg)
-    quiet_jax()
+    quiet_libraries()
     pending, skipped = unfinished_runs(runs, cfg.train.rerun)
     summaries = []
     if pending:

@@ -1,6 +1,7 @@
 """The Hydra app end to end on mocked TFDS: run folders, wandb offline files, sweeps, packs, bad input."""
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -86,6 +87,16 @@ def test_diverging_run_ends_with_status_diverged(mock_tfds, run_app):
     summary = read_summary(folder)
     assert summary["status"] == "diverged" and summary["diverged_step"] >= 0
     assert summary["test/acc"] is None
+
+
+def test_library_info_lines_are_silenced_and_warnings_kept(monkeypatch):
+    """orbax logs each checkpoint through absl at INFO (~30 lines), which Hydra's INFO console would print."""
+    from bnstudy import train
+
+    absl = logging.getLogger("absl")
+    monkeypatch.setattr(absl, "level", logging.INFO)  # as a fresh `python -m bnstudy.train` has it
+    train.quiet_libraries()
+    assert not absl.isEnabledFor(logging.INFO) and absl.isEnabledFor(logging.WARNING)
 
 
 def test_rerun_of_the_same_config_finds_and_replaces_its_folder(mock_tfds, run_app):
