@@ -6,7 +6,8 @@ The MNIST CNN (conv32-BN-ReLU-pool, conv64-BN-ReLU-pool, dense128-BN-ReLU, dense
 batch 128, SGD with momentum 0.9, random MNIST-shaped data. bnstudy rows are `PackTrainer.train` with a
 pack of one model and `loop=python` (what `train.pack_size=auto` and `loop=auto` run on a CPU), one row
 per `train.steps_per_call` (the one `auto` picks is marked), timed by the trainer's own `train_time`
-(train steps only, no compile or evaluation). One more bnstudy row is the app itself: the default job
+(train steps only, no compile or evaluation), each in a worker subprocess of its own: none shares a
+process with torch, whose OpenMP threads spin on after each torch op. One more bnstudy row is the app itself: the default job
 (`python -m bnstudy.train`, 3 epochs on the embedded digits, wandb offline) in a subprocess per round,
 its `summary.json` `step_time` (compare it with the fresh worker process of `lever: defaults`); the
 last round's time breakdown is printed and kept. The torch row is `benchmarks/torch_reference.py`,
@@ -156,7 +157,8 @@ def worker_main(spec: str, steps: int) -> None:
     opts = dict(kv.split("=") for kv in spec.split(","))
     set_process_settings(opts["flags"] == "on", opts["malloc"] == "on")
     swap_core_functions(opts["pool"], opts["bn"], opts["conv"])
-    run, compile_s, _ = app_step_run(steps, "auto")
+    k = opts.get("k", "auto")
+    run, compile_s, _ = app_step_run(steps, int(k) if k.isdigit() else k)
     print(f"RESULT {compile_s}", flush=True)
     for line in sys.stdin:
         if line.strip() != "run":
@@ -210,9 +212,16 @@ def torch_run(steps: int, data):
     return run
 
 
+DEFAULT_SPEC = dict(flags="on", malloc="on", pool="maxtree", bn="closed", conv="stencil", k="auto")
+
+
+def worker_spec(**change: str) -> str:
+    """A worker's settings: bnstudy's defaults with `change` applied, as 'flags=on,malloc=on,...'."""
+    return ",".join(f"{k}={v}" for k, v in (DEFAULT_SPEC | change).items())
+
+
 def lever_specs(flags_measured: bool) -> dict[str, str]:
     """Row name -> worker spec; the first is bnstudy's defaults, each other changes one lever."""
-    defaults = dict(flags="on", malloc="on", pool="maxtree", bn="closed", conv="stencil")
     levers = {"defaults": {}}
     if flags_measured:
         levers["XLA flag off (YNN conv fusion back on)"] = {"flags": "off"}
@@ -221,7 +230,7 @@ def lever_specs(flags_measured: bool) -> dict[str, str]:
     levers["XLA convolution for the one-channel conv1"] = {"conv": "xla"}
     levers["reshape-max pool (max reduction)"] = {"pool": "reshape"}
     levers["nn.max_pool (select_and_scatter)"] = {"pool": "flax"}
-    return {name: ",".join(f"{k}={v}" for k, v in (defaults | change).items()) for name, change in levers.items()}
+    return {name: worker_spec(**change) for name, change in levers.items()}
 
 
 def main(argv=None) -> dict:
@@ -241,13 +250,16 @@ def main(argv=None) -> dict:
     print(
         f"  MNIST CNN, BN before ReLU, batch {common.BATCH}, SGD momentum 0.9; {args.steps} steps x {args.repeats} rounds"
     )
-    runs, compile_s, names = {}, {}, {}
-    for k in args.ks:
-        run, compile_s[k], resolved = app_step_run(args.steps, k)
-        names[k] = f"bnstudy app, steps_per_call={resolved}"
-        runs[names[k]] = run
     from bnstudy.trainer import resolve_steps_per_call
 
+    # Every bnstudy row trains in a worker process of its own: torch's OpenMP threads keep spinning after
+    # each torch op and slowed a jax step sharing their process by ~10% (benchmarks/README.md).
+    runs: dict = {}
+    workers: dict[str, Worker] = {}
+    for k in args.ks:
+        name = f"bnstudy app, steps_per_call={resolve_steps_per_call(k, args.steps)}"
+        workers[name] = Worker(worker_spec(k=str(k)), args.steps)
+        runs[name] = workers[name].run
     auto_k = resolve_steps_per_call("auto", args.steps)
     torch_check = None
     if not args.no_torch:
@@ -266,7 +278,6 @@ def main(argv=None) -> dict:
         runs["bnstudy-train default job, summary.json step_time"] = app_job[0]
     elif not args.no_app_job:
         print("  Hydra or TFDS is not installed: no default-job row")
-    workers: dict[str, Worker] = {}
     flags_measured = bool(xla_flags.speed_flags()) and jax.default_backend() == "cpu"
     if not args.no_levers:
         if not flags_measured:
@@ -288,7 +299,7 @@ def main(argv=None) -> dict:
         "machine": info,
         "config": {k: v for k, v in vars(args).items() if k != "worker"} | {"batch_size": common.BATCH},
         "auto_steps_per_call": auto_k,
-        "compile_s": {names[k]: v for k, v in compile_s.items()} | {n: w.compile_s for n, w in workers.items()},
+        "compile_s": {n: w.compile_s for n, w in workers.items()},
         "torch_loss_check": torch_check,
         "load_before": load_before,
         "load_after": load_after,

@@ -29,6 +29,16 @@ def test_table_gives_ms_per_step_and_ratios_to_torch_and_to_the_lever_defaults()
     assert rows["lever: nn.max_pool (select_and_scatter)"]["ratio"] == pytest.approx(0.5)
 
 
+def test_every_bnstudy_row_is_a_worker_spec_that_changes_one_setting_from_the_defaults():
+    assert step_vs_torch.worker_spec(k="4") == "flags=on,malloc=on,pool=maxtree,bn=closed,conv=stencil,k=4"
+    specs = step_vs_torch.lever_specs(flags_measured=True)
+    defaults = dict(kv.split("=") for kv in specs["defaults"].split(","))
+    assert defaults["k"] == "auto"
+    for name, spec in specs.items():
+        changed = {k for k, v in (kv.split("=") for kv in spec.split(",")) if defaults[k] != v}
+        assert len(changed) == (0 if name == "defaults" else 1), name
+
+
 def test_table_without_torch_has_no_ratio():
     rows = step_vs_torch.table({"bnstudy app, steps_per_call=1": [0.1]}, steps=2, auto_k=2)
     assert rows[0]["ratio"] is None and rows[0]["ms_per_step"] == pytest.approx(50.0)
