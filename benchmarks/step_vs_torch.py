@@ -7,10 +7,10 @@ batch 128, SGD with momentum 0.9, random MNIST-shaped data. bnstudy rows are `Pa
 pack of one model and `loop=python` (what `train.pack_size=auto` and `loop=auto` run on a CPU), one row
 per `train.steps_per_call` (the one `auto` picks is marked), timed by the trainer's own `train_time`
 (train steps only, no compile or evaluation), each in a worker subprocess of its own: none shares a
-process with torch, whose OpenMP threads spin on after each torch op. One more bnstudy row is the app itself: the default job
-(`python -m bnstudy.train`, 3 epochs on the embedded digits, wandb offline) in a subprocess per round,
-its `summary.json` `step_time` (compare it with the fresh worker process of `lever: defaults`); the
-last round's time breakdown is printed and kept. The torch row is `benchmarks/torch_reference.py`,
+process with torch, whose OpenMP threads spin on after each torch op. One more bnstudy row is the app
+itself: the default job (`python -m bnstudy.train`, 3 epochs on the embedded digits, wandb offline) in
+a subprocess per round, its `summary.json` `step_time` (compare it with the fresh worker process of
+`lever: defaults`); the last round's time breakdown is printed and kept. The torch row is `benchmarks/torch_reference.py`,
 whose loss is first checked to fall. All rows are timed round-robin in one run, after a warm-up; the table
 gives the median ms per step and the ratio torch ms / bnstudy ms (> 1: bnstudy is faster).
 

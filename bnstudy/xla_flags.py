@@ -56,7 +56,7 @@ def add_xla_flags(flags: Iterable[str] | None = None, environ: MutableMapping[st
 # LLVM at optimization level 1 instead of XLA's default, for programs that run once per pack or epoch.
 # Measured on a 2-core CPU, cold: the MNIST CNN's initial state of a pack of 8 compiled in 8.4 s -> 1.2 s
 # (VGG: 17.0 -> 3.9 s), the epoch permutation of 8000 examples in 0.91 -> 0.62 s, with bit-identical
-# outputs (tests/test_xla_flags.py checks that) and no slower runs. Level 0 changed the initializers'
+# outputs (tests/test_rare_programs.py checks that) and no slower runs. Level 0 changed the initializers'
 # float bits; the train step at level 1 compiled only 25% faster and ran 10% slower, so it keeps the default.
 RARE_PROGRAM_OPTIONS = {"xla_backend_optimization_level": 1}
 

@@ -89,14 +89,18 @@ def test_diverging_run_ends_with_status_diverged(mock_tfds, run_app):
     assert summary["test/acc"] is None
 
 
-def test_library_info_lines_are_silenced_and_warnings_kept(monkeypatch):
+def test_library_info_lines_are_silenced_and_warnings_kept():
     """orbax logs each checkpoint through absl at INFO (~30 lines), which Hydra's INFO console would print."""
     from bnstudy import train
 
     absl = logging.getLogger("absl")
-    monkeypatch.setattr(absl, "level", logging.INFO)  # as a fresh `python -m bnstudy.train` has it
-    train.quiet_libraries()
-    assert not absl.isEnabledFor(logging.INFO) and absl.isEnabledFor(logging.WARNING)
+    before = absl.level
+    absl.setLevel(logging.INFO)  # as a fresh `python -m bnstudy.train` has it (setLevel clears the level cache)
+    try:
+        train.quiet_libraries()
+        assert not absl.isEnabledFor(logging.INFO) and absl.isEnabledFor(logging.WARNING)
+    finally:
+        absl.setLevel(before)
 
 
 def test_rerun_of_the_same_config_finds_and_replaces_its_folder(mock_tfds, run_app):
