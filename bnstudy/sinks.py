@@ -1,81 +1,59 @@
 """Where one trained model's numbers go: its run folder (always, see bnstudy.runs) and its wandb run.
 
-Run folder layout: docs/design.md §6.1 and bnstudy/runs.py. A wandb failure never stops training: an online init that fails (no server, no login, timeout) falls back
-to offline mode so the history is kept for `wandb sync`; a job warns once, and after the first failure its
-other models go offline at once instead of waiting again.
-
-`wandb.init` runs in the job's one background thread, so that its start (~0.7 s per run offline, seconds
-online) overlaps the compilation that follows; every use of the run waits for it first.
+Run folder layout: docs/design.md §6.1 and bnstudy/runs.py. wandb runs in a child process of the job
+(bnstudy.wandb_process), so its import, inits and finishes overlap the compilation and the steps, and
+a wandb failure never stops training: an online init that fails (no server, no login, timeout) falls
+back to offline mode so the history is kept for `wandb sync`; a job warns once, and after the first
+failure its other models go offline at once instead of waiting again. Every use of a run that needs its
+wandb id (the first log, a checkpoint, the finish) waits for its init first.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
 import warnings
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 from bnstudy.runs import FINISHED, RunFolder, clean
+from bnstudy.wandb_process import WandbProcess
 
 log = logging.getLogger("bnstudy")
 
 
 class WandbJob:
-    """wandb state shared by the models of one job: the mode they get and whether the job has warned."""
+    """The wandb side of one job: its child process (started with the first run), and the one warning it
+    gives if online wandb is unreachable."""
 
-    def __init__(self, settings, sync_hint: str):
-        self.settings, self.sync_hint = settings, sync_hint
+    def __init__(self, settings, sync_hint: str, env: dict[str, str] | None = None):
+        """`env`: the child's environment (default: this process's)."""
+        self.settings, self.sync_hint, self.env = settings, sync_hint, env
         self.mode = settings.mode
-        self.warned = False
-        self._executor: ThreadPoolExecutor | None = None
+        self.process: WandbProcess | None = None
+        self._keys = 0
 
-    def submit(self, fn, *args) -> Future:
-        """`fn(*args)` in the job's background thread, one call after another (wandb imported here first:
-        a module's first import racing another thread's can crash CPython 3.11's compiler)."""
-        if self._executor is None:
-            import wandb  # noqa: F401
-
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bnstudy-wandb-init")
-        return self._executor.submit(fn, *args)
+    def open(self, kwargs: dict) -> tuple[int, Future]:
+        """A new run's key and the future of its init's answer (see bnstudy.wandb_process)."""
+        if self.process is None:
+            self.process = WandbProcess(self.mode, self.settings.init_timeout, env=self.env)
+        self._keys += 1
+        return self._keys, self.process.request("init", self._keys, kwargs)
 
     def close(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
+        """Wait for the child to finish every run and exit."""
+        if self.process is not None:
+            self.process.close()
+            self.process = None
 
-    def init(self, **kwargs):
-        """wandb.init in the job's mode; online falls back to offline once, with one warning per job."""
-        import wandb
-
-        try:
-            return self._init(wandb, self.mode, **kwargs)
-        except Exception as e:
-            if self.mode != "online":
-                raise
-            self._warn_offline(e)
-            self.mode = "offline"
-            for attempt in Path(kwargs["dir"]).glob("wandb/run-*"):  # the failed online run's empty folder
-                shutil.rmtree(attempt, ignore_errors=True)
-            return self._init(wandb, "offline", **kwargs)
-
-    def _init(self, wandb, mode: str, **kwargs):
-        settings = wandb.Settings(console="off", silent=True, init_timeout=self.settings.init_timeout)
-        return wandb.init(mode=mode, reinit="create_new", settings=settings, **kwargs)
-
-    def _warn_offline(self, error: Exception) -> None:
-        if self.warned:
-            return
-        self.warned = True
+    def offline_because(self, error: str) -> None:
+        """The child fell back to offline after an online init failed: say so once for the job."""
         server = os.environ.get("WANDB_BASE_URL", "the wandb server")
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         log.warning(
-            "wandb online init failed (%s: %s; server %s, logger.wandb.init_timeout=%g s). This job's wandb runs "
+            "wandb online init failed (%s; server %s, logger.wandb.init_timeout=%g s). This job's wandb runs "
             "are kept offline in their run folders; upload them later with `%s`.",
-            type(error).__name__,
-            first,
+            error,
             server,
             self.settings.init_timeout,
             self.sync_hint,
@@ -83,7 +61,7 @@ class WandbJob:
 
 
 class WandbRun:
-    """One wandb run per trained model; every call is guarded so wandb can never stop training."""
+    """One wandb run per trained model, in the job's wandb process; wandb can never stop training."""
 
     def __init__(
         self,
@@ -95,9 +73,9 @@ class WandbRun:
         notes: str | None = None,
         resume_id: str | None = None,
     ):
-        """`resume_id`: the wandb id of the run to continue (a run resumed from its checkpoint). The init
-        runs in `job`'s background thread."""
-        self.run = None
+        """`resume_id`: the wandb id of the run to continue (a run resumed from its checkpoint). Returns
+        at once; the init runs in the job's wandb process."""
+        self.job, self.key, self._id = job, None, None
         self._opening: Future | None = None
         if job.mode == "disabled":
             return
@@ -114,47 +92,51 @@ class WandbRun:
             dir=str(run_dir),
             **resume,
         )
-        self._opening = job.submit(self._open, job, kwargs)
-
-    def _open(self, job: WandbJob, kwargs: dict):
-        try:
-            return job.init(**kwargs)
-        except Exception as e:  # wandb is optional to the science
-            self._give_up("init", e)
-            return None
+        self.key, self._opening = job.open(kwargs)
 
     def wait(self) -> None:
-        """Until the background init has returned (at once when it has)."""
-        if self._opening is not None:
-            self.run, self._opening = self._opening.result(), None
+        """Until the init has answered (at once when it has)."""
+        if self._opening is None:
+            return
+        opening, self._opening = self._opening, None
+        try:
+            answer = opening.result()
+        except Exception as e:
+            self._give_up(f"wandb init failed, continuing without wandb for this run: {e}")
+            return
+        if answer["offline_because"]:
+            self.job.offline_because(answer["offline_because"])
+        if answer["warning"]:
+            self._give_up(answer["warning"])
+        self._id = answer["id"]
 
     @property
     def id(self) -> str | None:
         self.wait()
-        return None if self.run is None else self.run.id
+        return self._id
 
-    def _give_up(self, what: str, error: Exception) -> None:
-        warnings.warn(f"wandb {what} failed, continuing without wandb for this run: {error}", stacklevel=3)
-        self.run = None
+    def _give_up(self, warning: str) -> None:
+        warnings.warn(warning, stacklevel=3)
+        self._id = None
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
-        self.wait()
-        if self.run is None:
+        if self.id is None:
             return
-        try:
-            self.run.log({k: v for k, v in clean(metrics).items() if v is not None}, step=step)
-        except Exception as e:
-            self._give_up("log", e)
+        record = {k: v for k, v in clean(metrics).items() if v is not None}
+        self.job.process.request("log", self.key, step, record, reply=False)
 
     def finish(self, summary: dict) -> None:
-        self.wait()
-        if self.run is None:
+        """The final summary, then wait until the wandb process has closed the run's files."""
+        if self.id is None:
             return
+        exit_code = 0 if summary.get("status") in FINISHED else 1
         try:
-            self.run.summary.update(clean(summary))
-            self.run.finish(exit_code=0 if summary.get("status") in FINISHED else 1)
+            answer = self.job.process.request("finish", self.key, clean(summary), exit_code).result()
         except Exception as e:
-            self._give_up("finish", e)
+            self._give_up(f"wandb finish failed: {e}")
+            return
+        if answer["warning"]:
+            self._give_up(answer["warning"])
 
 
 class RunSinks:

@@ -181,7 +181,7 @@ def open_sinks(
     wandb_run = WandbRun(
         wandb_job, folder.path, runs_lib.run_name(run), group_name(run), resolved, notes=notes, resume_id=resume_id
     )
-    return RunSinks(folder, wandb_run)  # its wandb run opens in the background, while the pack compiles
+    return RunSinks(folder, wandb_run)  # its wandb run opens in the wandb process, while the pack compiles
 
 
 class PackLogger:
@@ -507,7 +507,7 @@ def train_job(cfg: Config, pending: list[Config], skipped: list[dict], times: Ti
                     c.release()
             index += 1
     finally:
-        wandb_job.close()  # its background thread, idle once every run has finished
+        wandb_job.close()  # its wandb process: finishes any run left open (a failed pack) and exits
     return summaries
 
 

@@ -1,61 +1,174 @@
-"""A run's sinks: wandb.init runs in the job's background thread, every use of the run waits for it, and the
-run's wandb id reaches its summary before anything can resume it."""
+"""A run's sinks: wandb runs in a child process of the job, every use of a run waits for its init, the run's
+wandb id reaches its summary before anything can resume it, and no wandb failure reaches training.
+
+Most tests give the child a fake `wandb` (put first on its PYTHONPATH) that records what it was asked in
+`calls.jsonl` and can be held at its init by a gate file; one runs the real wandb offline."""
 
 from __future__ import annotations
 
 import json
-import threading
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
 from bnstudy import runs, sinks
+from conftest import REPO, subprocess_env
+
+FAKE_WANDB = """
+import json, os, time
+from pathlib import Path
+
+HERE = Path(__file__).parent
+GATE = HERE / "gate"
+BEHAVIOUR = (HERE / "behaviour").read_text().strip() if (HERE / "behaviour").exists() else ""
 
 
-class FakeRun:
-    def __init__(self, run_id: str):
-        self.id, self.logged, self.summary, self.exit_code = run_id, [], {}, None
+def record(**entry):
+    with open(HERE / "calls.jsonl", "a") as f:
+        f.write(json.dumps(entry) + "\\n")
+
+
+class Settings:
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+
+
+class Run:
+    def __init__(self, name):
+        self.id, self.name, self.summary = f"id-{name}", name, {}
 
     def log(self, metrics, step):
-        self.logged.append((step, metrics))
+        record(op="log", name=self.name, step=step, metrics=metrics)
 
     def finish(self, exit_code):
-        self.exit_code = exit_code
+        record(op="finish", name=self.name, exit_code=exit_code, summary=self.summary)
 
 
-class GatedJob(sinks.WandbJob):
-    """A WandbJob whose init blocks until `opened` is set, recording the thread it ran in."""
-
-    def __init__(self):
-        settings = SimpleNamespace(mode="offline", project="p", entity=None, tags=[], init_timeout=1.0)
-        super().__init__(settings, sync_hint="wandb sync ...")
-        self.opened, self.threads = threading.Event(), []
-
-    def _init(self, wandb, mode, **kwargs):
-        self.threads.append(threading.current_thread().name)
-        assert self.opened.wait(timeout=30)
-        return FakeRun(f"id-{kwargs['name']}")
+def init(mode, name, **kwargs):
+    while not GATE.exists():
+        time.sleep(0.01)
+    record(op="init", name=name, mode=mode, pid=os.getpid())
+    if BEHAVIOUR == "die":
+        os._exit(3)
+    if BEHAVIOUR == "no-server" and mode == "online":
+        raise TimeoutError("no server answered")
+    return Run(name)
+"""
 
 
-def test_wandb_init_runs_in_the_background_and_every_use_waits_for_it(tmp_path):
-    job = GatedJob()
-    folder = runs.RunFolder(tmp_path / "run", {"seed": 0}, {"config_hash": "h"})
-    run = sinks.WandbRun(job, folder.path, "r0", "g", {"seed": 0})  # returns while init is still blocked
-    sink = sinks.RunSinks(folder, run)
-    assert run.run is None and "wandb_id" not in json.loads((folder.path / "summary.json").read_text())
-    job.opened.set()
+@pytest.fixture
+def fake_wandb(tmp_path) -> Path:
+    """A folder holding the fake `wandb` package; its gate is open unless a test removes it."""
+    package = tmp_path / "fake" / "wandb"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(FAKE_WANDB)
+    (package / "gate").touch()
+    return package
+
+
+def fake_job(fake_wandb: Path, mode: str = "offline") -> sinks.WandbJob:
+    settings = SimpleNamespace(mode=mode, project="p", entity=None, tags=[], init_timeout=1.0)
+    env = {**subprocess_env(), "PYTHONPATH": f"{fake_wandb.parent}{os.pathsep}{REPO}"}
+    return sinks.WandbJob(settings, sync_hint="wandb sync ...", env=env)
+
+
+def calls(fake_wandb: Path) -> list[dict]:
+    path = fake_wandb / "calls.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def new_sink(job: sinks.WandbJob, folder_path: Path, name: str) -> sinks.RunSinks:
+    folder = runs.RunFolder(folder_path, {"seed": 0}, {"config_hash": "h"})
+    return sinks.RunSinks(folder, sinks.WandbRun(job, folder.path, name, "g", {"seed": 0}))
+
+
+def test_wandb_init_runs_in_the_child_process_and_every_use_waits_for_it(tmp_path, fake_wandb):
+    (fake_wandb / "gate").unlink()
+    job = fake_job(fake_wandb)
+    sink = new_sink(job, tmp_path / "run", "r0")  # returns while the init is held at the gate
+    time.sleep(0.5)
+    assert calls(fake_wandb) == [] and "wandb_id" not in json.loads((sink.folder.path / "summary.json").read_text())
+    (fake_wandb / "gate").touch()
     sink.log(3, {"train/loss": 1.5})
-    assert job.threads == ["bnstudy-wandb-init_0"]  # not the main thread
-    assert run.run.logged == [(3, {"train/loss": 1.5})]
-    assert json.loads((folder.path / "summary.json").read_text())["wandb_id"] == "id-r0"
+    assert json.loads((sink.folder.path / "summary.json").read_text())["wandb_id"] == "id-r0"
     sink.finish({"status": "done"})
-    assert run.run.exit_code == 0 and run.run.summary["wandb_id"] == "id-r0"
+    init, log, finish = calls(fake_wandb)  # finish returns once the child has finished the run
+    assert init["pid"] not in (os.getpid(), None) and init["mode"] == "offline"
+    assert (log["step"], log["metrics"]) == (3, {"train/loss": 1.5})
+    assert finish["exit_code"] == 0 and finish["summary"]["wandb_id"] == "id-r0"
     job.close()
 
 
-def test_a_disabled_job_starts_no_thread_and_its_runs_have_no_id(tmp_path):
+def test_a_disabled_job_starts_no_process_and_its_runs_have_no_id(tmp_path):
     settings = SimpleNamespace(mode="disabled", project="p", entity=None, tags=[], init_timeout=1.0)
     job = sinks.WandbJob(settings, sync_hint="")
-    folder = runs.RunFolder(tmp_path / "run", {"seed": 0}, {"config_hash": "h"})
-    sink = sinks.RunSinks(folder, sinks.WandbRun(job, folder.path, "r0", "g", {}))
+    sink = new_sink(job, tmp_path / "run", "r0")
     sink.log(1, {"x": 1.0})
     sink.finish({"status": "done"})
-    assert job._executor is None and "wandb_id" not in folder.summary
+    assert job.process is None and "wandb_id" not in sink.folder.summary
+
+
+def test_an_unreachable_server_is_one_warning_and_every_run_goes_offline(tmp_path, fake_wandb, caplog):
+    (fake_wandb / "behaviour").write_text("no-server")
+    job = fake_job(fake_wandb, mode="online")
+    pack = [new_sink(job, tmp_path / f"run{k}", f"r{k}") for k in range(2)]
+    for sink in pack:
+        sink.finish({"status": "done"})
+    job.close()
+    inits = [c for c in calls(fake_wandb) if c["op"] == "init"]
+    # The first run tried online, then offline; the second went offline at once.
+    assert [(c["name"], c["mode"]) for c in inits] == [("r0", "online"), ("r0", "offline"), ("r1", "offline")]
+    warnings = [r.getMessage() for r in caplog.records if "wandb online init failed" in r.getMessage()]
+    assert len(warnings) == 1 and "TimeoutError: no server answered" in warnings[0]
+    assert [s.folder.summary["wandb_id"] for s in pack] == ["id-r0", "id-r1"]
+
+
+def test_a_dead_wandb_process_is_a_warning_and_the_run_folder_still_finishes(tmp_path, fake_wandb):
+    (fake_wandb / "behaviour").write_text("die")
+    job = fake_job(fake_wandb)
+    sink = new_sink(job, tmp_path / "run", "r0")
+    with pytest.warns(UserWarning, match="continuing without wandb"):
+        sink.log(1, {"train/loss": 1.0})
+    sink.finish({"status": "done"})
+    job.close()
+    assert sink.folder.summary["status"] == "done" and "wandb_id" not in sink.folder.summary
+    assert runs.read_jsonl(sink.folder.path / "metrics.jsonl")[0]["train/loss"] == 1.0
+
+
+def test_a_run_left_open_is_finished_with_exit_code_1_when_the_job_closes(tmp_path, fake_wandb):
+    job = fake_job(fake_wandb)
+    sink = new_sink(job, tmp_path / "run", "r0")
+    sink.log(1, {"train/loss": 1.0})
+    job.close()  # the training process ended without finishing the run (a crash, a kill)
+    assert [(c["op"], c.get("exit_code")) for c in calls(fake_wandb)] == [("init", None), ("log", None), ("finish", 1)]
+
+
+def test_the_training_process_never_imports_wandb_and_the_offline_run_is_complete(tmp_path):
+    code = textwrap.dedent(
+        f"""
+        import sys
+        from types import SimpleNamespace
+        from bnstudy import runs, sinks
+        settings = SimpleNamespace(mode="offline", project="p", entity=None, tags=[], init_timeout=15.0)
+        job = sinks.WandbJob(settings, sync_hint="")
+        folder = runs.RunFolder(runs.Path({str(tmp_path / "run")!r}), {{"seed": 0}}, {{"config_hash": "h"}})
+        sink = sinks.RunSinks(folder, sinks.WandbRun(job, folder.path, "r0", "g", {{"seed": 0}}))
+        sink.log(1, {{"train/loss": 1.0}})
+        sink.finish({{"status": "done"}})
+        job.close()
+        print("wandb imported:", "wandb" in sys.modules, "id:", folder.summary.get("wandb_id"))
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert "wandb imported: False id: " in out.stdout and "id: None" not in out.stdout
+    (offline,) = (tmp_path / "run" / "wandb").glob("offline-run-*")
+    assert list(offline.glob("run-*.wandb")), "wandb offline run file missing"
