@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bnstudy import engine, metrics
+from bnstudy import engine, metrics, traced
 from bnstudy.engine import ArrayData, HParams, Program, TrainState
 from bnstudy.xla_flags import jit_rare
 
@@ -36,8 +36,10 @@ Split = tuple[jax.Array, jax.Array]  # uint8 images [N, ...], int32 labels [N]
 class CompileCache:
     """Jitted functions compiled ahead of time, once per argument structure and shapes."""
 
-    def __init__(self):
+    def __init__(self, traced_store: traced.TracedStore | None = None):
+        """`traced_store`: where programs made with `traced.jit` keep their traces across processes."""
         self._programs: dict = {}
+        self.traced_store = traced_store
         self.compile_seconds = 0.0  # total time spent compiling in `compiled`
 
     def compiled(self, fn, *args):
@@ -45,7 +47,8 @@ class CompileCache:
         key = (fn, jax.tree.structure(args), tuple((a.shape, a.dtype) for a in jax.tree.leaves(args)))
         if key not in self._programs:
             t0 = time.perf_counter()
-            self._programs[key] = fn.lower(*args).compile()
+            program = self.traced_store.compile(fn, args) if self.traced_store is not None else None
+            self._programs[key] = program if program is not None else fn.lower(*args).compile()
             self.compile_seconds += time.perf_counter() - t0
         return self._programs[key]
 
@@ -82,13 +85,15 @@ def pack_permutation() -> Callable:
 
 def build_eval_programs(program: Program, bn_mode_splits: tuple[str, ...], units: bool = False) -> EvalPrograms:
     p = program
-    sums = jax.jit(jax.vmap(partial(engine.eval_batch, p), in_axes=(0, 0, None, None, None)))
+    settings = f"{p!r} {bn_mode_splits=} {units=}"  # everything the programs close over (bnstudy.traced)
+    jit = lambda fn, name: traced.jit(fn, label=f"eval {settings} {name}")
+    sums = jit(jax.vmap(partial(engine.eval_batch, p), in_axes=(0, 0, None, None, None)), "sums")
     permutation = pack_permutation()
     unit_programs = {}
     if units:
         unit_programs = dict(
-            units=jax.jit(jax.vmap(partial(metrics.eval_batch_with_units, p), in_axes=(0, 0, None, None, None))),
-            dead_fractions=jax.jit(jax.vmap(metrics.dead_unit_fractions)),
+            units=jit(jax.vmap(partial(metrics.eval_batch_with_units, p), in_axes=(0, 0, None, None, None)), "units"),
+            dead_fractions=jit(jax.vmap(metrics.dead_unit_fractions), "dead_fractions"),
         )
     if not bn_mode_splits:
         return EvalPrograms(sums, permutation, **unit_programs)
@@ -97,14 +102,15 @@ def build_eval_programs(program: Program, bn_mode_splits: tuple[str, ...], units
     return EvalPrograms(
         sums,
         permutation,
-        logits=jax.jit(jax.vmap(partial(engine.eval_logits, p), in_axes=(0, 0, None))),
+        logits=jit(jax.vmap(partial(engine.eval_logits, p), in_axes=(0, 0, None)), "logits"),
         # One call per batch: vmapping several batches into one call ran 3x slower on XLA:CPU.
-        batch_logits=jax.jit(jax.vmap(partial(metrics.batch_mode_logits, p), in_axes=(0, 0, None))),
-        population_batch=jax.jit(jax.vmap(population_batch, in_axes=(0, 0, 0, None, 0, None))),
-        population=jax.jit(jax.vmap(metrics.population)),
-        bn_metrics=jax.jit(jax.vmap(partial(metrics.bn_metrics, dropout_layers, p.model.bn_epsilon))),
+        batch_logits=jit(jax.vmap(partial(metrics.batch_mode_logits, p), in_axes=(0, 0, None)), "batch_logits"),
+        population_batch=jit(jax.vmap(population_batch, in_axes=(0, 0, 0, None, 0, None)), "population_batch"),
+        population=jit(jax.vmap(metrics.population), "population"),
+        bn_metrics=jit(jax.vmap(partial(metrics.bn_metrics, dropout_layers, p.model.bn_epsilon)), "bn_metrics"),
         split_metrics={
-            name: jax.jit(jax.vmap(partial(metrics.split_metrics, name), in_axes=(0, None))) for name in bn_mode_splits
+            name: jit(jax.vmap(partial(metrics.split_metrics, name), in_axes=(0, None)), f"split_metrics {name}")
+            for name in bn_mode_splits
         },
         **unit_programs,
     )

@@ -459,7 +459,10 @@ def train_job(cfg: Config, pending: list[Config], skipped: list[dict], times: Ti
     with times.measure("data"):
         dataset = data_lib.load(d.name, d.data_dir, d.download, d.train_subset, d.test_subset, d.val_size)
     check_against_data(cfg, dataset)
-    trainer = PackTrainer(build_program(cfg, dataset), dataset.arrays, schedule_from(cfg), mesh=mesh)
+    traced_dir = os.path.join(os.path.expanduser(cfg.compile_cache_dir), "traced") if cfg.compile_cache_dir else None
+    trainer = PackTrainer(
+        build_program(cfg, dataset), dataset.arrays, schedule_from(cfg), mesh=mesh, traced_dir=traced_dir
+    )
     # Memory is measured on one device; a pack is padded to a multiple of the devices, as chunks are padded.
     pack_size = resolve_pack_size(cfg.train.pack_size, len(pending), trainer)
     if cfg.train.pack_size == "auto":  # what fits one device, on each device

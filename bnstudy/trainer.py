@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bnstudy import engine, metrics, sharding
+from bnstudy import engine, metrics, sharding, traced
 from bnstudy.engine import ArrayData, HParams, Program
 from bnstudy.evaluate import CompileCache, PackEvaluator, Split, pack_permutation
 from bnstudy.xla_flags import jit_rare
@@ -149,7 +149,13 @@ def build_train_programs(
 ) -> TrainPrograms:
     """With a `mesh`, step/probe/epoch run per device on its slice of the models (`sharding.per_device`)."""
     p = program
-    init = jit_rare(jax.vmap(partial(engine.init_state, p, input_shape)))
+    # Everything the programs close over, for bnstudy.traced's store; none with a mesh (it keeps
+    # single-device programs only).
+    settings = (
+        f"{p!r} {input_shape=} {steps_per_epoch=} {probe_every=} {tuple(multipliers)=} {ics_every=} {steps_per_call=}"
+    )
+    label = (lambda name: None) if mesh is not None else (lambda name: f"train {settings} {name}")
+    init = jit_rare(jax.vmap(partial(engine.init_state, p, input_shape)), label=label("init"))
     permutation = pack_permutation()
     step = jax.vmap(partial(engine.train_step, p), in_axes=(0, 0, None, 0, None))
     # Metrics out on axis 1: [k, K], stacked over steps as the python loop's history is.
@@ -180,7 +186,7 @@ def build_train_programs(
     @functools.cache
     def segment(length: int):
         per_device = sharding.per_device(partial(scanned, length), mesh, split, (models, stacked))  # index: start
-        return jax.jit(per_device, donate_argnums=0)
+        return traced.jit(per_device, label=label(f"segment {length}"), donate_argnums=0)
 
     def epoch(state, hp, data, perm):
         return scanned(steps_per_epoch, state, hp, data, perm, 0)
@@ -188,11 +194,17 @@ def build_train_programs(
     return TrainPrograms(
         init=init,
         permutation=permutation,
-        step=jax.jit(sharding.per_device(step, mesh, split, (models, models)), donate_argnums=0),
-        steps=jax.jit(sharding.per_device(steps, mesh, split, (models, stacked)), donate_argnums=0),
-        probe=jax.jit(sharding.per_device(probe, mesh, split, models)),
-        epoch=jax.jit(sharding.per_device(epoch, mesh, split[:4], (models, stacked)), donate_argnums=0),
-        ics=jax.jit(sharding.per_device(ics, mesh, split, models)),
+        step=traced.jit(
+            sharding.per_device(step, mesh, split, (models, models)), label=label("step"), donate_argnums=0
+        ),
+        steps=traced.jit(
+            sharding.per_device(steps, mesh, split, (models, stacked)), label=label("steps"), donate_argnums=0
+        ),
+        probe=traced.jit(sharding.per_device(probe, mesh, split, models), label=label("probe")),
+        epoch=traced.jit(
+            sharding.per_device(epoch, mesh, split[:4], (models, stacked)), label=label("epoch"), donate_argnums=0
+        ),
+        ics=traced.jit(sharding.per_device(ics, mesh, split, models), label=label("ics")),
         segment=segment,
     )
 
@@ -221,7 +233,16 @@ class PackTrainer:
     their number) and the data replicated on each; the same compiled programs then run SPMD.
     """
 
-    def __init__(self, program: Program, data: ArrayData, schedule: Schedule, mesh: jax.sharding.Mesh | None = None):
+    def __init__(
+        self,
+        program: Program,
+        data: ArrayData,
+        schedule: Schedule,
+        mesh: jax.sharding.Mesh | None = None,
+        traced_dir: str | None = None,
+    ):
+        """`traced_dir`: a folder where the programs' traces are kept for later processes (bnstudy.traced);
+        None: every process traces them."""
         data = sharding.replicate(data, mesh)
         self.program, self.data, self.schedule, self.mesh = program, data, schedule, mesh
         self.num_train = int(data.train_images.shape[0])
@@ -233,7 +254,8 @@ class PackTrainer:
         self.loop = resolve_loop(schedule.loop)
         self.steps_per_call = resolve_steps_per_call(schedule.steps_per_call, self.steps_per_epoch)
         self.input_shape = tuple(data.train_images.shape[1:])
-        self.cache = CompileCache()  # shared with the evaluator; later packs of the same K reuse it
+        # Shared with the evaluator; later packs of the same K reuse it.
+        self.cache = CompileCache(traced.TracedStore(traced_dir) if traced_dir else None)
         splits, bn_mode_splits = evaluation_splits(data, schedule)
         self.evaluator = PackEvaluator(
             program,

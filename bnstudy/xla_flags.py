@@ -67,8 +67,12 @@ def rare_program_options(backend: str) -> dict:
     return dict(RARE_PROGRAM_OPTIONS) if backend == "cpu" else {}
 
 
-def jit_rare(fn, **jit_kwargs):
-    """`jax.jit(fn, **jit_kwargs)` compiled with `rare_program_options` of JAX's default backend."""
+def jit_rare(fn, label: str | None = None, **jit_kwargs):
+    """`jax.jit(fn, **jit_kwargs)` compiled with `rare_program_options` of JAX's default backend (through
+    `bnstudy.traced.jit`, which may keep its trace under `label`)."""
     import jax
 
-    return jax.jit(fn, compiler_options=rare_program_options(jax.default_backend()) or None, **jit_kwargs)
+    from bnstudy import traced
+
+    options = rare_program_options(jax.default_backend()) or None
+    return traced.jit(fn, label=label, compiler_options=options, **jit_kwargs)
