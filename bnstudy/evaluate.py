@@ -65,7 +65,6 @@ class EvalPrograms:
     """The jitted, pack-vmapped programs of an evaluation; the BN-mode ones are None without BN modes."""
 
     sums: Callable  # (params, batch_stats, images, labels, mask) -> {loss_sum, correct_sum}
-    permutation: Callable  # (seed, epoch, num_examples) -> the epoch's training order
     logits: Callable | None = None  # (params, stats, images) -> inference-mode logits
     batch_logits: Callable | None = None  # (params, stats, images) -> logits with BN on the batch's statistics
     population_batch: Callable | None = None  # one training batch's BN statistics (dropout off, and on)
@@ -77,10 +76,11 @@ class EvalPrograms:
 
 
 @functools.cache
-def pack_permutation() -> Callable:
-    """(seed [K], epoch, num_examples) -> [K, num_examples]: each run's order of the training set in an
-    epoch. One jitted function for the trainer and the evaluator, so each shape compiles once."""
-    return jit_rare(jax.vmap(engine.epoch_permutation, in_axes=(0, None, None)), static_argnums=2)
+def pack_permutation(num_examples: int) -> Callable:
+    """(seed [K], epoch) -> [K, num_examples]: each run's order of the training set in an epoch. One
+    jitted function per training-set size for the trainer and the evaluator, so each compiles once."""
+    permutation = partial(engine.epoch_permutation, num_examples=num_examples)
+    return jit_rare(jax.vmap(permutation, in_axes=(0, None)), label=f"permutation {num_examples=}")
 
 
 def build_eval_programs(program: Program, bn_mode_splits: tuple[str, ...], units: bool = False) -> EvalPrograms:
@@ -88,7 +88,6 @@ def build_eval_programs(program: Program, bn_mode_splits: tuple[str, ...], units
     settings = f"{p!r} {bn_mode_splits=} {units=}"  # everything the programs close over (bnstudy.traced)
     jit = lambda fn, name: traced.jit(fn, label=f"eval {settings} {name}")
     sums = jit(jax.vmap(partial(engine.eval_batch, p), in_axes=(0, 0, None, None, None)), "sums")
-    permutation = pack_permutation()
     unit_programs = {}
     if units:
         unit_programs = dict(
@@ -96,12 +95,11 @@ def build_eval_programs(program: Program, bn_mode_splits: tuple[str, ...], units
             dead_fractions=jit(jax.vmap(metrics.dead_unit_fractions), "dead_fractions"),
         )
     if not bn_mode_splits:
-        return EvalPrograms(sums, permutation, **unit_programs)
+        return EvalPrograms(sums, **unit_programs)
     dropout_layers = tuple(getattr(p.model, "dropout_fed_blocks", tuple)())
     population_batch = partial(metrics.population_batch, p, bool(dropout_layers))
     return EvalPrograms(
         sums,
-        permutation,
         logits=jit(jax.vmap(partial(engine.eval_logits, p), in_axes=(0, 0, None)), "logits"),
         # One call per batch: vmapping several batches into one call ran 3x slower on XLA:CPU.
         batch_logits=jit(jax.vmap(partial(metrics.batch_mode_logits, p), in_axes=(0, 0, None)), "batch_logits"),
@@ -117,6 +115,15 @@ def build_eval_programs(program: Program, bn_mode_splits: tuple[str, ...], units
 
 
 def has_batch_norm(program: Program, input_shape: tuple[int, ...]) -> bool:
+    """Whether the model has BN running statistics: its own `has_batch_norm` when it says (tracing its
+    init costs ~0.3 s of every start), else from the shapes of its init."""
+    known = getattr(program.model, "has_batch_norm", None)
+    if isinstance(known, bool):
+        return known
+    return batch_stats_in_init(program, input_shape)
+
+
+def batch_stats_in_init(program: Program, input_shape: tuple[int, ...]) -> bool:
     shapes = jax.eval_shape(partial(program.model.init, train=False), jax.random.key(0), jnp.zeros((1, *input_shape)))
     return bool(jax.tree.leaves(shapes.get("batch_stats", {})))
 
@@ -253,7 +260,7 @@ class PackEvaluator:
     def population_stats(self, state: TrainState, hp: HParams, epoch: int):
         """Each model's population BN statistics (a tree like `batch_stats`) and its bn/* metrics."""
         progs = self.programs
-        perm = progs.permutation(hp.seed, epoch, self.num_train)
+        perm = self.cache.call(pack_permutation(self.num_train), hp.seed, jnp.int32(epoch))
         per_batch = tuple(
             self.cache.call(progs.population_batch, state.params, state.batch_stats, hp, self.data, perm, jnp.int32(b))
             for b in range(self.population_batches)

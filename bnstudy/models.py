@@ -296,6 +296,12 @@ class _Net(nn.Module):
     norm_groups: int = 8
     bn_running_var: str = "unbiased"
 
+    @property
+    def has_batch_norm(self) -> bool:
+        """Whether the model keeps BN running statistics (a `batch_stats` collection), read from its
+        settings instead of tracing its init."""
+        return self.norm != "none" and self.norm_kind == "batch"
+
     def _block(self, h, name, train, pool=False):
         block = Block(
             self.norm,

@@ -125,7 +125,6 @@ class TrainPrograms:
     """The jitted, pack-vmapped training programs of one `Program` (see `build_train_programs`)."""
 
     init: Callable  # (hp) -> TrainState
-    permutation: Callable  # (seed, epoch, num_examples) -> the epoch's training order
     step: Callable  # (state, hp, data, perm, index) -> (state, metrics); donates the state
     steps: Callable  # (state, hp, data, perm, index) -> (state, metrics [k, K]): k steps; donates the state
     probe: Callable  # (state, hp, data, perm, index) -> smooth/* metrics
@@ -156,7 +155,6 @@ def build_train_programs(
     )
     label = (lambda name: None) if mesh is not None else (lambda name: f"train {settings} {name}")
     init = jit_rare(jax.vmap(partial(engine.init_state, p, input_shape)), label=label("init"))
-    permutation = pack_permutation()
     step = jax.vmap(partial(engine.train_step, p), in_axes=(0, 0, None, 0, None))
     # Metrics out on axis 1: [k, K], stacked over steps as the python loop's history is.
     steps = jax.vmap(partial(engine.train_steps, p, steps_per_call), in_axes=(0, 0, None, 0, None), out_axes=(0, 1))
@@ -193,7 +191,6 @@ def build_train_programs(
 
     return TrainPrograms(
         init=init,
-        permutation=permutation,
         step=traced.jit(
             sharding.per_device(step, mesh, split, (models, models)), label=label("step"), donate_argnums=0
         ),
@@ -280,7 +277,7 @@ class PackTrainer:
 
     def permutation(self, hp: HParams, epoch: int) -> jax.Array:
         """[K, num_train]: each run's order of the training set in `epoch`."""
-        return self.programs.permutation(hp.seed, epoch, self.num_train)
+        return self.cache.call(pack_permutation(self.num_train), hp.seed, jnp.int32(epoch))
 
     def compile(self, hp: HParams) -> tuple[engine.TrainState, float]:
         """Compile every program ahead of time (no-op for a pack shape seen before); returns the initial

@@ -114,7 +114,7 @@ def initial_state(program: engine.Program, shape: tuple[int, ...], hp: engine.HP
 
 def permutations(hp: engine.HParams, num_examples: int, epoch: int = 0) -> jax.Array:
     """[K, num_examples]: each run's training order in `epoch`."""
-    return pack_permutation()(hp.seed, epoch, num_examples)
+    return pack_permutation(num_examples)(hp.seed, jnp.int32(epoch))
 
 
 @pytest.fixture

@@ -260,3 +260,18 @@ def test_norm_kind_keys_default_to_pytorch_batch_norm_and_are_validated_before_a
     with pytest.raises(ConfigError, match=r"`train.batch_size` must be at least 2"):
         config_lib.parse({"dataset": {"name": "mnist"}, "train": {"batch_size": 1}})
     config_lib.parse({"dataset": {"name": "mnist"}, "train": {"batch_size": 1}, "model": {"bn_running_var": "biased"}})
+
+
+@pytest.mark.parametrize("name", ["cnn", "vgg"])
+def test_a_models_own_has_batch_norm_agrees_with_the_collections_of_its_init(name):
+    from bnstudy import evaluate, reference
+
+    for norm, kind in [("none", "batch"), ("before_relu", "batch"), ("after_relu", "batch"), ("before_relu", "layer")]:
+        kw = dict(norm_kind=kind, norm_groups=4) if kind != "batch" else {}
+        program = reference.program(reference.build_model(name, norm=norm, width=0.125, **kw))
+        shape = (32, 32, 3) if name == "vgg" else (28, 28, 1)
+        assert (
+            program.model.has_batch_norm
+            == evaluate.batch_stats_in_init(program, shape)
+            == (norm != "none" and kind == "batch")
+        )
