@@ -222,26 +222,28 @@ class PackEvaluator:
             out |= {k: v for k, v in with_units.items() if k.startswith("relu/")}
         return jax.device_get(out)
 
-    def running(self, state: TrainState, name: str) -> dict[str, jax.Array]:
+    def running(self, state: TrainState, name: str) -> dict[str, np.ndarray]:
         """`<name>/loss` and `<name>/acc` with BN on its running averages."""
-        images, labels, mask = self.running_batches[name]
-        totals = None
-        for b in range(images.shape[0]):
-            sums = self.cache.call(self.programs.sums, state.params, state.batch_stats, images[b], labels[b], mask[b])
-            totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+        totals = self._batch_totals(self.programs.sums, state, name)
         n = float(self.sizes[name])
         return {f"{name}/loss": totals["loss_sum"] / n, f"{name}/acc": totals["correct_sum"] / n}
 
-    def running_with_units(self, state: TrainState, name: str) -> dict[str, jax.Array]:
+    def running_with_units(self, state: TrainState, name: str) -> dict[str, Any]:
         """`running`'s keys and relu/<layer>/dead_frac over the whole split, from one inference pass."""
-        images, labels, mask = self.running_batches[name]
-        totals = None
-        for b in range(images.shape[0]):
-            sums = self.cache.call(self.programs.units, state.params, state.batch_stats, images[b], labels[b], mask[b])
-            totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+        totals = self._batch_totals(self.programs.units, state, name)
         n = float(self.sizes[name])
-        dead = self.cache.call(self.programs.dead_fractions, totals["relu_positive"])
+        dead = self.cache.call(self.programs.dead_fractions, jax.device_put(totals["relu_positive"]))
         return {f"{name}/loss": totals["loss_sum"] / n, f"{name}/acc": totals["correct_sum"] / n, **dead}
+
+    def _batch_totals(self, fn, state: TrainState, name: str) -> dict[str, Any]:
+        """`fn`'s per-batch sums over the split's running batches, added on the host in batch order (as
+        eager device ops, each add would compile a program of its own in every process)."""
+        images, labels, mask = self.running_batches[name]
+        per_batch = [
+            self.cache.call(fn, state.params, state.batch_stats, images[b], labels[b], mask[b])
+            for b in range(images.shape[0])
+        ]
+        return functools.reduce(lambda a, b: jax.tree.map(np.add, a, b), jax.device_get(per_batch))
 
     def bn_modes(self, state: TrainState, hp: HParams, epoch: int) -> dict[str, jax.Array]:
         """The BN-mode splits with BN on running, batch and population statistics; disc/* and bn/*."""
@@ -271,4 +273,4 @@ class PackEvaluator:
     def _logits(self, fn, params, stats, batches, n):
         """[K, n, classes] logits of the first n examples of a batched split (padding and repeats dropped)."""
         parts = [self.cache.call(fn, params, stats, batches[b]) for b in range(batches.shape[0])]
-        return jnp.concatenate(parts, axis=1)[:, :n]
+        return on_devices_of(batches, np.concatenate(jax.device_get(parts), axis=1)[:, :n])  # cut on the host
