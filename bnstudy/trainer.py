@@ -148,17 +148,18 @@ def build_train_programs(
 ) -> TrainPrograms:
     """With a `mesh`, step/probe/epoch run per device on its slice of the models (`sharding.per_device`)."""
     p = program
+    vectorize = jax.default_backend() != "cpu"  # vmap over eta, except where grouped convs are slow
     # Everything the programs close over, for bnstudy.traced's store; none with a mesh (it keeps
     # single-device programs only).
     settings = (
-        f"{p!r} {input_shape=} {steps_per_epoch=} {probe_every=} {tuple(multipliers)=} {ics_every=} {steps_per_call=}"
+        f"{p!r} {input_shape=} {steps_per_epoch=} {probe_every=} {tuple(multipliers)=} {ics_every=} "
+        f"{steps_per_call=} {vectorize=}"
     )
     label = (lambda name: None) if mesh is not None else (lambda name: f"train {settings} {name}")
     init = jit_rare(jax.vmap(partial(engine.init_state, p, input_shape)), label=label("init"))
     step = jax.vmap(partial(engine.train_step, p), in_axes=(0, 0, None, 0, None))
     # Metrics out on axis 1: [k, K], stacked over steps as the python loop's history is.
     steps = jax.vmap(partial(engine.train_steps, p, steps_per_call), in_axes=(0, 0, None, 0, None), out_axes=(0, 1))
-    vectorize = jax.default_backend() != "cpu"  # vmap over eta, except where grouped convs are slow
     probe = jax.vmap(partial(metrics.smoothness_probe, p, tuple(multipliers), vectorize), in_axes=(0, 0, None, 0, None))
 
     ics = jax.vmap(partial(metrics.ics_probe, p), in_axes=(0, 0, None, 0, None))
