@@ -112,6 +112,17 @@ def initial_state(program: engine.Program, shape: tuple[int, ...], hp: engine.HP
     return xla_flags.jit_rare(partial(engine.init_state, program, tuple(shape)))(hp)
 
 
+def init_variables(module, *args, **kwargs):
+    """`module.init(*args, **kwargs)` as one program: op by op, each initializer's draw compiles on its own."""
+    return xla_flags.jit_rare(partial(module.init, **kwargs))(*args)
+
+
+def normal(seed: int, shape: tuple[int, ...], loc: float = 0.0, scale: float = 1.0) -> jax.Array:
+    """float32 Gaussian test inputs drawn by numpy: `jax.random.normal` compiles a program for every new shape
+    (seconds each on 2 cores, at import time for module constants), for data no test is about."""
+    return jnp.asarray(np.random.default_rng(seed).normal(loc, scale, shape), jnp.float32)
+
+
 def permutations(hp: engine.HParams, num_examples: int, epoch: int = 0) -> jax.Array:
     """[K, num_examples]: each run's training order in `epoch`."""
     return pack_permutation(num_examples)(hp.seed, jnp.int32(epoch))
@@ -120,6 +131,10 @@ def permutations(hp: engine.HParams, num_examples: int, epoch: int = 0) -> jax.A
 @pytest.fixture
 def arrays():
     return make_arrays()
+
+
+# The tests that import TensorFlow (through TFDS: ~9 s on 2 cores) share a worker, so one worker pays for it.
+imports_tensorflow = pytest.mark.xdist_group("tensorflow")
 
 
 @pytest.fixture
@@ -136,6 +151,21 @@ def mock_tfds(monkeypatch):
     with tfds.testing.mock_data(num_examples=256):
         yield
     data._load_numpy_cached.cache_clear()
+
+
+def serve_generated_data(monkeypatch, n_train: int, n_test: int, shape: tuple[int, ...]) -> None:
+    """The app's data loader returning `make_arrays` images in place of TFDS, for tests of what the app does
+    with its data rather than of reading it: small images compile and run faster than MNIST's 28x28."""
+    from bnstudy import data
+
+    arrays = [np.asarray(a) for a in make_arrays(n_train=n_train, n_test=n_test, shape=shape)]
+    monkeypatch.setattr(data, "_load_numpy_cached", lambda *a: ((arrays[0], arrays[1]), (arrays[2], arrays[3])))
+
+
+@pytest.fixture
+def small_data(monkeypatch):
+    """256 training and 64 test images of 10x10 for the app, in place of TFDS (`serve_generated_data`)."""
+    serve_generated_data(monkeypatch, n_train=256, n_test=64, shape=(10, 10, 1))
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ from functools import partial
 
 import numpy as np
 
-from conftest import cnn_program, hparams, init_states
+from conftest import cnn_program, hparams, init_states, make_arrays, normal
 
 
 def test_cifar_augmentation_is_a_padded_crop_or_its_mirror():
@@ -13,7 +13,7 @@ def test_cifar_augmentation_is_a_padded_crop_or_its_mirror():
 
     from bnstudy import engine
 
-    images = jax.random.normal(jax.random.key(0), (16, 8, 8, 3))
+    images = normal(0, (16, 8, 8, 3))
     out = np.asarray(engine.augment(images, jax.random.key(1)))
     padded = np.pad(np.asarray(images), ((0, 0), (4, 4), (4, 4), (0, 0)))
     flipped = 0
@@ -61,7 +61,7 @@ def first_sgd_update_by_hand(program, state, hp, data, perm):
     return jax.tree.map(lambda p, g: p - hp.lr * (g + hp.weight_decay * p), state.params, grads)
 
 
-def test_the_update_uses_hp_lr_exactly_as_sgd_says(arrays):
+def test_the_update_uses_hp_lr_exactly_as_sgd_says():
     """Each lr of a pack moves its model as SGD says, with the lr of the step's hp, not the one the state
     was initialized with."""
     import jax
@@ -69,6 +69,7 @@ def test_the_update_uses_hp_lr_exactly_as_sgd_says(arrays):
 
     from bnstudy import engine
 
+    arrays = make_arrays(n_train=64, n_test=24, shape=(10, 10, 1))  # small images: faster compiles
     program = cnn_program(norm="none")
     hp = hparams([{"lr": 0.01, "weight_decay": 0.1}, {"lr": 0.3, "weight_decay": 0.1}])
     hp = hp._replace(seed=jnp.zeros_like(hp.seed))  # same init and batch, only the lr differs

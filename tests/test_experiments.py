@@ -9,7 +9,7 @@ import json
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 from bnstudy import analysis, config_tree, report
 from bnstudy import config as config_lib
@@ -47,6 +47,30 @@ def sweep_jobs(params) -> list[list[str]]:
     return [list(job) for job in itertools.product(*axes)]
 
 
+def job_configs(study: str, base: list[str], composed, jobs: list[list[str]]):
+    """Each job's config, as `compose_study(study, *base, *job)` gives it, from the study's `composed` config
+    (with or without Hydra's own) and one more Hydra compose.
+
+    A compose costs ~0.2 s (Hydra deep-copies the whole tree at every merge), and the sweeps hold ~350 jobs.
+    A sweep axis is a plain key, which Hydra sets on the composed tree after the defaults list; so each job
+    sets its values on a copy of the study's config, and the first job, composed by Hydra, must be equal.
+    """
+    parser = OverridesParser.create()
+    configs = []
+    for job in jobs:
+        cfg = composed.copy()
+        with open_dict(cfg):
+            cfg.pop("hydra", None)
+        for override in map(parser.parse_override, job):
+            assert override.package is None and override.type.name == "CHANGE", override
+            assert OmegaConf.is_dict(cfg) and not OmegaConf.is_dict(OmegaConf.select(cfg, override.key_or_group))
+            OmegaConf.update(cfg, override.key_or_group, override.value(), merge=False)
+        configs.append(cfg)
+    by_hydra = compose_study(study, *base, *jobs[0])
+    assert OmegaConf.to_container(configs[0], resolve=True) == OmegaConf.to_container(by_hydra, resolve=True)
+    return configs
+
+
 def cases():
     for study in STUDIES:
         spec = analysis.experiment_spec(study)
@@ -62,12 +86,13 @@ def test_there_is_one_experiment_file_per_study():
 @pytest.mark.parametrize("study, dataset, preset", list(cases()))
 def test_study_composes_and_every_sweep_job_validates(study, dataset, preset):
     base = [f"dataset={dataset}", *preset]
-    params = compose_study(study, *base, hydra_config=True).hydra.sweeper.params
+    study_cfg = compose_study(study, *base, hydra_config=True)
+    params = study_cfg.hydra.sweeper.params
     assert params, f"{study}: structural axes belong in hydra.sweeper.params"
     jobs = sweep_jobs(params)
     assert len(jobs) >= 2
-    for job in jobs:
-        cfg = config_lib.parse(compose_study(study, *base, *job))
+    for job_cfg in job_configs(study, base, study_cfg, jobs):
+        cfg = config_lib.parse(job_cfg)
         assert cfg.study == study and cfg.dataset.name == dataset
         seeds = config_lib.pack_axes(cfg)["seed"]
         assert len(seeds) >= (2 if preset else 3)
@@ -104,16 +129,17 @@ def test_report_block_is_complete_and_names_real_axes(study):
         assert {"name"} <= set(fig) and ("y" in fig or "curve" in fig)
 
 
-def test_quick_placement_runs_end_to_end_through_train_and_report(mock_tfds, run_app, tmp_path):
-    # Two steps on mock data teach nothing, so the report is told not to require learning (the trained rule
-    # is tested in test_stats.py); the pipeline from train to report is what this test checks.
+def test_quick_placement_runs_end_to_end_through_train_and_report(small_data, run_app, tmp_path):
+    # Two steps on generated data teach nothing, so the report is told not to require learning (the trained rule
+    # is tested in test_stats.py); the pipeline from train to report is what this test checks, on small images
+    # (24 models train and evaluate; the TFDS read is tested in tests/test_train.py).
     out = run_app(
         "-m",
         "experiment=placement",
         "+preset=quick",
         "train.max_steps_per_epoch=2",
         "discrepancy.enabled=false",
-        "train.pack_size=8",  # one compiled program per placement
+        "train.pack_size=1",  # one compiled program per placement, reused by its 8 runs (packs are slower on CPU)
         "+report.require_trained=false",
     )
     runs_dir = out / "placement"

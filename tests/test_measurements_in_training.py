@@ -2,6 +2,7 @@
 at each evaluation, evaluations every N steps with steps_to_target, and layer/group norm as arms."""
 
 import json
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -9,13 +10,18 @@ import numpy as np
 import pytest
 
 from bnstudy import metrics, trainer
-from conftest import cnn_program, hparams, schedule
+from conftest import cnn_program, hparams, imports_tensorflow, make_arrays, schedule
 
 # 4 steps per epoch, 2 epochs; ICS before steps 0, 2, 4, 6; evaluations after 3, 6 and 8 steps.
 MEASURED = schedule(
     epochs=2, log_every=2, max_steps_per_epoch=4, eval_batch_size=24, ics_every=2, eval_every_steps=3, dead_units=True
 )
 PACK_RTOL = 2e-4  # vmapped convs are grouped convs on XLA:CPU: a pack agrees to float32 round-off
+
+
+@pytest.fixture
+def arrays():
+    return make_arrays(shape=(10, 10, 1))  # small images: what is measured when is under test, and they compile faster
 
 
 def train(arrays, rows, sched=MEASURED):
@@ -68,8 +74,7 @@ def test_dead_fraction_is_over_the_whole_test_split_in_inference_mode(arrays):
     result, _ = train(arrays, [{"lr": 0.5, "seed": 3}], schedule(**{**MEASURED.__dict__, "ics_every": 0}))
     program = cnn_program("before_relu", batch_size=32)
     one = jax.tree.map(lambda a: a[0], result.state)
-    whole = metrics.eval_batch_with_units(
-        program,
+    whole = jax.jit(partial(metrics.eval_batch_with_units, program))(  # op by op, each op would compile
         one.params,
         one.batch_stats,
         arrays.test_images,
@@ -129,6 +134,7 @@ def run_folders(out):
 
 
 @pytest.mark.slow
+@imports_tensorflow
 def test_app_run_writes_ics_dead_units_and_steps_to_target(mock_tfds, run_app):
     out = run_app(
         "logger.wandb.mode=offline",
@@ -153,7 +159,7 @@ def test_app_run_writes_ics_dead_units_and_steps_to_target(mock_tfds, run_app):
 
 
 @pytest.mark.parametrize("kind", ["layer", pytest.param("group", marks=pytest.mark.slow)])
-def test_layer_and_group_norm_run_end_to_end_without_bn_keys(mock_tfds, run_app, kind):
+def test_layer_and_group_norm_run_end_to_end_without_bn_keys(small_data, run_app, kind):
     out = run_app(f"model.norm_kind={kind}", "discrepancy.enabled=true", "discrepancy.train_subset=64")
     (folder,) = run_folders(out)
     summary = json.loads((folder / "summary.json").read_text())

@@ -70,6 +70,16 @@ def tiny_arrays():
     return make_arrays(n_train=64, n_test=24, shape=SHAPE)
 
 
+# One model with dropout, and its step and probe jitted once for the tests below (they run on one worker,
+# `xdist_group`): each costs seconds of compiling, and a pack's members are measured against them alone.
+# Dropout before the classifier: one mask of the step's key, as after every block would be three (each one's
+# random bits compile in every program that uses them, forward and backward: twice the compile time).
+PROGRAM = cnn_program("before_relu", batch_size=16, dropout_placement="before_classifier")
+STEP = jax.jit(partial(engine.train_step, PROGRAM))
+ICS_PROBE = jax.jit(partial(metrics.ics_probe, PROGRAM))
+shares_programs = pytest.mark.xdist_group("measures_dropout_cnn")
+
+
 def start(program, rows, arrays):
     """Initial pack state (vmapped init) and epoch 0's permutation for `rows`."""
     hp = hparams(rows)
@@ -82,12 +92,12 @@ def one(tree, k):
     return jax.tree.map(lambda a: a[k], tree)
 
 
+@shares_programs
 def test_optimizer_update_is_the_train_steps_parameter_change_and_ics_probe_reports_every_weight_layer():
-    program = cnn_program("before_relu", batch_size=16, dropout_placement="after_block")
+    program, step, probe = PROGRAM, STEP, ICS_PROBE
     arrays = tiny_arrays()
     hp, state, perm = start(program, [{"dropout_rate": 0.3, "weight_decay": 1e-3}], arrays)
     hp, state, perm = one(hp, 0), one(state, 0), perm[0]
-    step = jax.jit(partial(engine.train_step, program))
     state, _ = step(state, hp, arrays, perm, 0)  # a non-zero momentum buffer from here on
 
     @jax.jit
@@ -101,7 +111,6 @@ def test_optimizer_update_is_the_train_steps_parameter_change_and_ics_probe_repo
     for u, new, old in zip(jax.tree.leaves(update), jax.tree.leaves(after.params), jax.tree.leaves(state.params)):
         np.testing.assert_allclose(old + u, new, rtol=1e-6, atol=1e-7)
 
-    probe = jax.jit(partial(metrics.ics_probe, program))
     out = probe(state, hp, arrays, perm, 1)
     assert set(out) == {f"ics/{layer}/{m}" for layer in CNN_LAYERS for m in ("l2", "cos")}
     assert float(out["ics/conv1/l2"]) == 0.0
@@ -144,39 +153,43 @@ def test_dead_fraction_of_a_constructed_layer(norm):
             params = set_leaf(params, (block, "bn", "bias"), np.where(dead, -1.0, 1.0))
     images, labels = arrays.test_images, arrays.test_labels
     mask = jnp.asarray(np.arange(12) < 10, jnp.float32)  # the last two are padding
-    sums = jax.jit(partial(metrics.eval_batch_with_units, program))(params, stats, images, labels, mask)
+    units = jax.jit(partial(metrics.eval_batch_with_units, program))
+    sums = units(params, stats, images, labels, mask)
     out = metrics.dead_unit_fractions(sums["relu_positive"])
     assert set(out) == {"relu/conv1/dead_frac", "relu/conv2/dead_frac", "relu/dense1/dead_frac"}
     assert float(out["relu/conv1/dead_frac"]) == 8 / 32
     assert float(out["relu/dense1/dead_frac"]) == 32 / 128
     np.testing.assert_array_equal(sums["relu_positive"]["conv1"], np.where(conv_dead, 0, 10))  # padding not counted
     # The same pass gives engine.eval_batch's sums.
-    plain = engine.eval_batch(program, params, stats, images, labels, mask)
+    plain = jax.jit(partial(engine.eval_batch, program))(params, stats, images, labels, mask)
     for key in plain:
         np.testing.assert_allclose(sums[key], plain[key], rtol=1e-6)
     # Nothing evaluated: nothing fired.
-    none = metrics.eval_batch_with_units(program, params, stats, images, labels, jnp.zeros(12))
+    none = units(params, stats, images, labels, jnp.zeros(12))
     assert all(float(v) == 1.0 for v in metrics.dead_unit_fractions(none["relu_positive"]).values())
 
 
 # --------------------------------------------------------------------------- pack of 3
 
 
+@shares_programs
 def test_pack_of_three_measures_what_each_run_measures_alone():
     """vmapped convs become grouped convs on XLA:CPU, so a pack agrees with single runs to float32
     rounding (rtol 1e-4 on ICS), not bitwise; dead-unit counts are integers and must agree exactly."""
-    program = cnn_program("before_relu", batch_size=16, dropout_placement="after_block")
+    program = PROGRAM
     arrays = tiny_arrays()
     rows = [{"seed": 0, "dropout_rate": 0.2}, {"seed": 1, "lr": 0.2}, {"seed": 2, "lr": 0.01, "weight_decay": 1e-3}]
     hp, state, perm = start(program, rows, arrays)
-    step = jax.jit(jax.vmap(partial(engine.train_step, program), in_axes=(0, 0, None, 0, None)))
-    state, _ = step(state, hp, arrays, perm, 0)
+    # A first step gives each member a state of its own to measure (a momentum buffer, moved weights); the
+    # measurements, not the step, are what is packed here.
+    stepped = [STEP(one(state, k), one(hp, k), arrays, perm[k], 0)[0] for k in range(3)]
+    state = jax.tree.map(lambda *members: jnp.stack(members), *stepped)
     ics = jax.vmap(partial(metrics.ics_probe, program), in_axes=(0, 0, None, 0, None))
     units = jax.vmap(partial(metrics.eval_batch_with_units, program), in_axes=(0, 0, None, None, None))
     images, labels, mask = arrays.test_images, arrays.test_labels, jnp.ones(24)
     packed_ics = jax.jit(ics)(state, hp, arrays, perm, 1)
     packed_units = jax.jit(units)(state.params, state.batch_stats, images, labels, mask)["relu_positive"]
-    ics_alone = jax.jit(partial(metrics.ics_probe, program))
+    ics_alone = ICS_PROBE
     units_alone = jax.jit(partial(metrics.eval_batch_with_units, program))
     for k in range(3):
         alone = ics_alone(one(state, k), one(hp, k), arrays, perm[k], 1)

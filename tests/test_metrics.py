@@ -1,6 +1,7 @@
 """Smoothness probes and train/inference discrepancy: closed forms, exact invariants, and the app's keys."""
 
 import json
+from functools import partial
 
 import flax.linen as nn
 import jax
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from bnstudy import engine, metrics, models, trainer
-from conftest import cnn_program, hparams, make_arrays, schedule
+from conftest import cnn_program, hparams, make_arrays, schedule, serve_generated_data
 
 SHAPE = (10, 10, 1)  # small images: these tests are about exactness, not accuracy
 
@@ -60,10 +61,16 @@ def train_pack(schedule, *, norm="before_relu", arrays=None, rows=({"dropout_rat
     return pt, result, logs
 
 
+# Where the probe tests put dropout: before the classifier, one mask per step's key (after every block, three
+# masks' random bits compile into each program, forward and backward: about twice the compile time).
+DROPOUT = "before_classifier"
+
+
 def probes_of(logs):
     return [(step, m) for step, m in logs if "smooth/beta_eff" in m]
 
 
+@pytest.mark.xdist_group("dropout_cnn_pack")  # its programs are tests/test_trainer.py's scan-vs-python ones
 def test_python_loop_probe_leaves_params_opt_state_and_running_stats_bit_identical():
     sched = schedule(
         epochs=1,
@@ -75,7 +82,7 @@ def test_python_loop_probe_leaves_params_opt_state_and_running_stats_bit_identic
         probe_multipliers=(1.0, 2.0),
     )  # two etas: a smaller program
     # Dropout on: the probe must reuse the step's dropout key, not consume one of its own.
-    pt, probed, logs = train_pack(sched, dropout_placement="after_block")
+    pt, probed, logs = train_pack(sched, dropout_placement=DROPOUT)
     hp = hparams([{"dropout_rate": 0.3}])
     state, _ = pt.compile(hp)
     perm = pt.permutation(hp, 0)
@@ -89,11 +96,12 @@ def test_python_loop_probe_leaves_params_opt_state_and_running_stats_bit_identic
     assert "smooth/loss_range" in probed.final
 
 
+@pytest.mark.xdist_group("dropout_cnn_pack")
 def test_scan_loop_probe_inside_the_epoch_program_leaves_training_bit_identical():
     base = dict(epochs=1, log_every=1, max_steps_per_epoch=3, eval_batch_size=24, loop="scan")
-    _, plain, plain_logs = train_pack(schedule(**base), dropout_placement="after_block")
+    _, plain, plain_logs = train_pack(schedule(**base), dropout_placement=DROPOUT)
     probing = schedule(**base, probe_every=2, probe_multipliers=(1.0, 2.0))
-    _, probed, probed_logs = train_pack(probing, dropout_placement="after_block")
+    _, probed, probed_logs = train_pack(probing, dropout_placement=DROPOUT)
     for a, b in zip(jax.tree.leaves(plain.state), jax.tree.leaves(probed.state), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     losses = lambda logs: [m["train/loss"] for _, m in logs if "train/loss" in m]
@@ -152,7 +160,8 @@ def test_batch_of_the_whole_eval_set_normalizes_with_population_statistics(whole
     first = lambda tree: jax.tree.map(lambda a: a[0], tree)
     params, running = first(state.params), first(state.batch_stats)
     x = engine.normalize(program, pt.data.test_images)
-    batch = metrics.batch_statistics(program, params, running, x)  # what batch mode normalizes with
+    batch_statistics = jax.jit(partial(metrics.batch_statistics, program))  # op by op, each op would compile
+    batch = batch_statistics(params, running, x)  # what batch mode normalizes with
     for (name, b), p in zip(metrics.bn_layers(batch).items(), metrics.bn_layers(first(pop)).values(), strict=True):
         np.testing.assert_allclose(b["mean"], p["mean"], rtol=1e-5, atol=1e-6, err_msg=name)
         np.testing.assert_allclose(b["var"], p["var"], rtol=1e-5, atol=1e-6, err_msg=name)
@@ -161,7 +170,7 @@ def test_batch_of_the_whole_eval_set_normalizes_with_population_statistics(whole
     np.testing.assert_array_equal(out["disc/train_test_inconsistency"], 0.0)
     assert (out["disc/kl"] > 0).all()  # running averages after 2 steps are not the population
     # Pooling is exact: two halves pool to the whole (first BN layer, whose input the halves share).
-    halves = [metrics.batch_statistics(program, params, running, h) for h in (x[:16], x[16:])]
+    halves = [batch_statistics(params, running, h) for h in (x[:16], x[16:])]
     pooled = metrics.bn_layers(metrics.pool(jax.tree.map(lambda *a: jnp.stack(a), *halves)))["conv1"]
     np.testing.assert_allclose(pooled["var"], metrics.bn_layers(batch)["conv1"]["var"], rtol=1e-5, atol=1e-6)
 
@@ -201,11 +210,7 @@ def test_dropout_variance_shift_matches_li_et_al_closed_form():
 
 @pytest.fixture
 def small_mnist(monkeypatch):
-    """The app's data loader returning small generated images (fast compiles), in place of TFDS."""
-    from bnstudy import data
-
-    arrays = [np.asarray(a) for a in make_arrays(n_train=128, n_test=48, shape=SHAPE)]
-    monkeypatch.setattr(data, "_load_numpy_cached", lambda *a: ((arrays[0], arrays[1]), (arrays[2], arrays[3])))
+    serve_generated_data(monkeypatch, n_train=128, n_test=48, shape=SHAPE)
 
 
 def read_run(out):

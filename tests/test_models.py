@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 
 from bnstudy import engine, models
-from conftest import build_model, hparams, init_states, initial_state
+from conftest import build_model, hparams, init_states, init_variables, initial_state, normal
 
-X = jax.random.normal(jax.random.key(0), (64, 8, 8, 4)) * 3.0 + 1.5
+X = normal(0, (64, 8, 8, 4), loc=1.5, scale=3.0)
 
 
 def apply_block(norm):
     block = models.Block(norm, bn_momentum=0.9, bn_epsilon=1e-5)
-    h = jax.random.normal(jax.random.key(1), (256, 16)) * 2.0 + 0.7
+    h = normal(1, (256, 16), loc=0.7, scale=2.0)
     variables = block.init(jax.random.key(2), h, train=True)
     out, _ = block.apply(variables, h, train=True, mutable=["batch_stats"])
     return variables, h, out
@@ -40,16 +40,19 @@ def test_none_block_is_relu_and_model_has_no_batch_stats():
     assert "batch_stats" not in variables
     np.testing.assert_array_equal(out, jax.nn.relu(h))
     net = build_model("cnn", norm="none")
-    assert "batch_stats" not in net.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)), train=False)
+    assert "batch_stats" not in jax.eval_shape(
+        partial(net.init, train=False), jax.random.key(0), jnp.zeros((1, 28, 28, 1))
+    )
 
 
 @pytest.mark.parametrize("norm", ["before_relu", "after_relu"])
 def test_bn_layers_named_by_block(norm):
     net = build_model("cnn", norm=norm)
-    x = jax.random.normal(jax.random.key(0), (16, 28, 28, 1))
-    variables = net.init(jax.random.key(1), x, train=False)
+    x = jnp.zeros((16, 28, 28, 1))
+    # Names and shapes only: inferred, nothing compiled.
+    variables = jax.eval_shape(partial(net.init, train=False), jax.random.key(1), x)
     assert set(variables["batch_stats"]) == {"conv1_norm", "conv2_norm", "dense1_norm"}
-    assert net.apply(variables, x, train=False).shape == (16, 10)
+    assert jax.eval_shape(partial(net.apply, train=False), variables, x).shape == (16, 10)
 
 
 def test_bn_running_stats_move_by_one_minus_momentum():
@@ -85,8 +88,8 @@ def test_he_normal_std_matches_fan_in():
 @pytest.mark.parametrize("placement", ["after_block", "before_classifier"])
 def test_dropout_changes_train_output_only_when_rate_positive(placement):
     net = build_model("cnn", norm="none", dropout_placement=placement)
-    x = jax.random.normal(jax.random.key(0), (4, 28, 28, 1))
-    variables = net.init(jax.random.key(1), x, train=False)
+    x = normal(0, (4, 28, 28, 1))
+    variables = init_variables(net, jax.random.key(1), x, train=False)
     key = jax.random.key(2)
     plain = net.apply(variables, x, train=True)
     off = net.apply(variables, x, train=True, dropout_rate=0.0, dropout_rng=key)
@@ -126,19 +129,13 @@ def nn_max_pool(x):
 
 
 # Continuous values (no ties), even and odd sizes; then integers (many ties, whole windows of equal values).
-TIE_FREE = [
-    jax.random.normal(jax.random.key(0), (3, 8, 6, 5)),
-    jax.random.normal(jax.random.key(1), (2, 7, 9, 3)),
-]
-WITH_TIES = [
-    jnp.round(jax.random.normal(jax.random.key(2), (3, 8, 6, 5))),
-    jnp.round(jax.random.normal(jax.random.key(3), (2, 7, 9, 3)) * 0.3),
-]
+TIE_FREE = [normal(0, (3, 8, 6, 5)), normal(1, (2, 7, 9, 3))]
+WITH_TIES = [jnp.round(normal(2, (3, 8, 6, 5))), jnp.round(normal(3, (2, 7, 9, 3), scale=0.3))]
 
 
 @pytest.mark.parametrize("x", TIE_FREE)
 def test_max_pool_2x2_equals_nn_max_pool_in_value_and_gradient_without_ties(x):
-    cotangent = jax.random.normal(jax.random.key(4), nn_max_pool(x).shape)
+    cotangent = normal(4, nn_max_pool(x).shape)
     ours, ours_vjp = jax.vjp(models.max_pool_2x2, x)
     ref, ref_vjp = jax.vjp(nn_max_pool, x)
     np.testing.assert_array_equal(ours, ref)
@@ -148,7 +145,7 @@ def test_max_pool_2x2_equals_nn_max_pool_in_value_and_gradient_without_ties(x):
 @pytest.mark.parametrize("x", WITH_TIES)
 def test_max_pool_2x2_equals_nn_max_pool_in_value_with_ties_and_passes_the_whole_gradient_on(x):
     np.testing.assert_array_equal(models.max_pool_2x2(x), nn_max_pool(x))
-    cotangent = jax.random.normal(jax.random.key(4), nn_max_pool(x).shape)
+    cotangent = normal(4, nn_max_pool(x).shape)
     ours = jax.vjp(models.max_pool_2x2, x)[1](cotangent)[0]
     ref = jax.vjp(nn_max_pool, x)[1](cotangent)[0]
     np.testing.assert_allclose(ours.sum(), ref.sum(), rtol=1e-5)  # the same total reaches the inputs
@@ -166,11 +163,11 @@ def test_max_pool_2x2_splits_a_tied_windows_gradient_pairwise():
 def test_a_pooled_block_is_the_block_then_its_pool_in_values_gradients_and_relu_maxima(norm):
     """The block's ReLU may run after its pool: it stays the composition block -> pool, ties included,
     with the same per-unit ReLU maxima (the dead-unit counts), whatever the placement."""
-    x = jnp.round(jax.random.normal(jax.random.key(5), (6, 8, 8, 3)) * 4.0) / 4.0  # ties, ReLU zeros
+    x = jnp.round(normal(5, (6, 8, 8, 3), scale=4.0)) / 4.0  # ties, ReLU zeros
     pooled = models.Block(norm, 0.9, 1e-5, pool=True)
     plain = models.Block(norm, 0.9, 1e-5)
     variables = plain.init(jax.random.key(0), x, train=True)
-    cotangent = jax.random.normal(jax.random.key(6), (6, 4, 4, 3))
+    cotangent = normal(6, (6, 4, 4, 3))
 
     def run(block, post):
         def f(x, params):
@@ -189,12 +186,12 @@ def test_a_pooled_block_is_the_block_then_its_pool_in_values_gradients_and_relu_
 
 @pytest.mark.parametrize("in_channels", [1, 3], ids=["one-channel stencil", "XLA convolution"])
 def test_conv3x3_is_nn_conv_in_parameters_values_and_gradients(in_channels):
-    x = jax.random.normal(jax.random.key(0), (4, 7, 6, in_channels))  # odd width: SAME padding at both edges
+    x = normal(0, (4, 7, 6, in_channels))  # odd width: SAME padding at both edges
     ours, ref = models.Conv3x3(5, name="c"), nn.Conv(5, (3, 3), kernel_init=models.HE_NORMAL, name="c")
-    init = ours.init(jax.random.key(1), x)
-    jax.tree.map(np.testing.assert_array_equal, init, ref.init(jax.random.key(1), x))  # same init, same names
+    init = init_variables(ours, jax.random.key(1), x)
+    jax.tree.map(np.testing.assert_array_equal, init, init_variables(ref, jax.random.key(1), x))  # same init, names
     variables = {"params": {"kernel": init["params"]["kernel"], "bias": jnp.arange(5.0)}}
     np.testing.assert_allclose(ours.apply(variables, x), ref.apply(variables, x), atol=1e-5)
-    cotangent = jax.random.normal(jax.random.key(2), (4, 7, 6, 5))
+    cotangent = normal(2, (4, 7, 6, 5))
     grad = lambda conv: jax.grad(lambda v, x: jnp.vdot(conv.apply(v, x), cotangent), argnums=(0, 1))(variables, x)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4), grad(ours), grad(ref))

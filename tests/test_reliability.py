@@ -323,6 +323,10 @@ def test_bad_input_exits_2_naming_the_key_and_creates_nothing(tmp_path_factory, 
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no run folder, no data prepared
 
 
+# The whole default job (an epoch of 7200 images at batch 128, then evaluations of 800 + 2000): ~20 s of the
+# default run on a shared 2-core CPU. The same path on these data, the real app in a subprocess, runs there with
+# tiny settings in test_a_sweep_killed_in_its_second_run_resumes_it_and_ends_as_if_never_stopped.
+@pytest.mark.slow
 def test_one_epoch_of_the_default_model_on_the_embedded_data_reaches_95_percent(tmp_path, tfds_dir):
     out = tmp_path / "out"
     t0 = time.monotonic()

@@ -1,4 +1,5 @@
-"""The Hydra app end to end on mocked TFDS: run folders, wandb offline files, sweeps, packs, bad input."""
+"""The Hydra app end to end on mocked TFDS, or on small generated images where what the app does with the data is
+under test: run folders, wandb offline files, sweeps, packs, bad input."""
 
 import json
 import logging
@@ -6,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from conftest import imports_tensorflow
 
 
 def run_folders(out: Path) -> list[Path]:
@@ -20,6 +23,7 @@ def read_metrics(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
+@imports_tensorflow
 def test_default_job_writes_a_complete_run_folder_and_offline_wandb_run(mock_tfds, run_app):
     out = run_app("logger.wandb.mode=offline", "logger.wandb.tags=[smoke]", "model.norm=after_relu")
     (folder,) = run_folders(out)
@@ -52,7 +56,7 @@ def test_default_job_writes_a_complete_run_folder_and_offline_wandb_run(mock_tfd
     assert list(wandb_run.glob("run-*.wandb")), "wandb offline run file missing"
 
 
-def test_multirun_over_placements_gives_three_folders(mock_tfds, run_app):
+def test_multirun_over_placements_gives_three_folders(small_data, run_app):
     out = run_app("-m", "model.norm=none,before_relu,after_relu")
     folders = run_folders(out)
     norms = sorted(yaml.safe_load((f / "config.yaml").read_text())["model"]["norm"] for f in folders)
@@ -60,28 +64,28 @@ def test_multirun_over_placements_gives_three_folders(mock_tfds, run_app):
     assert all(read_summary(f)["status"] == "done" for f in folders)
 
 
-def test_packed_job_writes_one_folder_per_model_with_distinct_configs(mock_tfds, run_app):
+def test_packed_job_writes_one_folder_per_model_with_distinct_configs(small_data, run_app):
     out = run_app(
-        "optimizer.lr=[0.01,0.1,1.0]",
-        "model.init_scale=[0.5,1,2]",
-        "seed=[0,1,2]",
-        "train.pack_size=4",
+        "optimizer.lr=[0.01,0.1]",
+        "model.init_scale=[0.5,2]",
+        "seed=[0,1]",
+        "train.pack_size=3",
         "train.max_steps_per_epoch=1",
         "train.eval_batch_size=256",
     )
     folders = run_folders(out)
-    assert len(folders) == 27
+    assert len(folders) == 8
     configs = {
         (c["optimizer"]["lr"], c["model"]["init_scale"], c["seed"])
         for c in (yaml.safe_load((f / "config.yaml").read_text()) for f in folders)
     }
-    assert len(configs) == 27
+    assert len(configs) == 8
     summaries = [read_summary(f) for f in folders]
-    assert len({s["run_id"] for s in summaries}) == 27
-    assert {s["pack"]["size"] for s in summaries} == {4, 3}  # 6 packs of 4, the last of 3 (padded to 4)
+    assert len({s["run_id"] for s in summaries}) == 8
+    assert {s["pack"]["size"] for s in summaries} == {3, 2}  # 2 packs of 3, the last of 2 (padded to 3)
 
 
-def test_diverging_run_ends_with_status_diverged(mock_tfds, run_app):
+def test_diverging_run_ends_with_status_diverged(small_data, run_app):
     out = run_app("model.norm=none", "optimizer.lr=1e6", "train.max_steps_per_epoch=4")
     (folder,) = run_folders(out)
     summary = read_summary(folder)
@@ -103,7 +107,7 @@ def test_library_info_lines_are_silenced_and_warnings_kept():
         absl.setLevel(before)
 
 
-def test_rerun_of_the_same_config_finds_and_replaces_its_folder(mock_tfds, run_app):
+def test_rerun_of_the_same_config_finds_and_replaces_its_folder(small_data, run_app):
     first = run_folders(run_app("seed=5"))
     second = run_folders(run_app("seed=5"))
     assert first == second and len(second) == 1
@@ -123,6 +127,7 @@ def test_rerun_of_the_same_config_finds_and_replaces_its_folder(mock_tfds, run_a
         ("dataset.val_size=256", "dataset.val_size"),  # the whole training split
     ],
 )
+@imports_tensorflow
 def test_bad_input_exits_nonzero_with_a_clear_message_and_no_folder(
     mock_tfds, run_app, tmp_path, capsys, override, key
 ):
@@ -135,6 +140,7 @@ def test_bad_input_exits_nonzero_with_a_clear_message_and_no_folder(
 
 
 @pytest.mark.parametrize("set_data_dir", [True, False])
+@imports_tensorflow
 def test_missing_dataset_advises_only_options_not_already_set(run_app, tmp_path, capsys, monkeypatch, set_data_dir):
     from bnstudy import data
 
@@ -151,7 +157,7 @@ def test_missing_dataset_advises_only_options_not_already_set(run_app, tmp_path,
     assert not (tmp_path / "out").exists()
 
 
-def test_no_bn_run_logs_validation_and_training_subset_and_writes_trained_and_gen_gap(mock_tfds, run_app):
+def test_no_bn_run_logs_validation_and_training_subset_and_writes_trained_and_gen_gap(small_data, run_app):
     out = run_app("model.norm=none", "dataset.val_size=40", "discrepancy.train_subset=50")
     (folder,) = run_folders(out)
     summary = read_summary(folder)
@@ -167,7 +173,7 @@ def test_no_bn_run_logs_validation_and_training_subset_and_writes_trained_and_ge
     assert summary["trained"] == stats.is_trained(losses[0], losses[-1], summary["test/acc"], 10)
 
 
-def test_bn_run_keeps_its_three_modes_beside_the_running_training_subset(mock_tfds, run_app):
+def test_bn_run_keeps_its_three_modes_beside_the_running_training_subset(small_data, run_app):
     out = run_app("model.norm=before_relu", "discrepancy.enabled=true", "discrepancy.train_subset=50")
     summary = read_summary(run_folders(out)[0])
     assert summary["train_subset/acc"] == summary["train_subset/acc_running"]
@@ -175,7 +181,7 @@ def test_bn_run_keeps_its_three_modes_beside_the_running_training_subset(mock_tf
     assert summary["num_val"] == round(0.1 * 256)  # the default: 10% of the training split
 
 
-def test_diverged_run_is_not_trained_and_has_no_gen_gap(mock_tfds, run_app):
+def test_diverged_run_is_not_trained_and_has_no_gen_gap(small_data, run_app):
     out = run_app("model.norm=none", "optimizer.lr=1e6", "train.max_steps_per_epoch=4")
     summary = read_summary(run_folders(out)[0])
     assert summary["status"] == "diverged" and summary["trained"] is False and summary["gen_gap"] is None

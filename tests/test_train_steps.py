@@ -17,7 +17,9 @@ RTOL, ATOL = 1e-5, 1e-6
 
 @pytest.fixture
 def arrays():
-    return make_arrays(n_train=64, n_test=16, shape=(12, 12, 1))  # small images: the programs compile faster
+    # Small images: the programs compile faster. The shapes, model and batch of tests/test_measures.py's
+    # dropout CNN, whose single step (seconds to compile) the chunk test then finds in the compilation cache.
+    return make_arrays(n_train=64, n_test=24, shape=(10, 10, 1))
 
 
 def single_steps(program, state, hp, arrays, perm):
@@ -34,8 +36,9 @@ def assert_close(a, b):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.xdist_group("measures_dropout_cnn")  # after tests/test_measures.py on its worker
 def test_chunk_of_k_steps_equals_k_single_steps(arrays):
-    program = cnn_program(batch_size=16, dropout_placement="after_block")
+    program = cnn_program(batch_size=16, dropout_placement="before_classifier")  # one mask: faster compiles
     hp = jax.tree.map(lambda v: v[0], hparams([{"lr": 0.05, "weight_decay": 1e-4, "dropout_rate": 0.2, "seed": 3}]))
     state = initial_state(program, arrays.train_images.shape[1:], hp)
     perm = jax.jit(engine.epoch_permutation, static_argnums=2)(hp.seed, 0, arrays.train_images.shape[0])
@@ -81,9 +84,10 @@ def test_auto_steps_per_call_is_one_step_on_cpu_and_a_chunk_on_an_accelerator():
 
 
 def test_python_loop_in_chunks_logs_and_trains_as_one_step_per_call():
-    """8 steps in chunks of 3 with a smoothness probe every 4 steps: calls (0, 3), (3, 1) before the probe
-    at 4, (4, 3) and the tail (7, 1). Logged metrics, probes and the final state agree with one step per
-    call to float32 round-off (rtol 1e-4 over 8 steps: the chunk is one XLA program, fused differently)."""
+    """7 steps in chunks of 2 with a smoothness probe every 3 steps: calls (0, 2), (2, 1) before the probe
+    at 3, (3, 2), (5, 1) before the probe at 6, and the tail (6, 1). Logged metrics, probes and the final state
+    agree with one step per call to float32 round-off (rtol 1e-4 over 7 steps: the chunk is one XLA program,
+    fused differently). Chunks of 2: the chunk's steps are unrolled, and each one more costs seconds of compile."""
     data = make_arrays(n_train=8 * 8, n_test=8, shape=(8, 8, 1))
     model = build_model("cnn", width=0.25)  # the loop is under test: a small net compiles faster
     program = engine.Program(model=model, batch_size=8, input_mean=(0.13,), input_std=(0.31,))
@@ -93,22 +97,23 @@ def test_python_loop_in_chunks_logs_and_trains_as_one_step_per_call():
         logs = []
         sched = schedule(
             epochs=1,
+            max_steps_per_epoch=7,
             log_every=5,
             eval_batch_size=8,
             loop="python",
             steps_per_call=k,
-            probe_every=4,
+            probe_every=3,
             probe_multipliers=(1.0,),
         )
         result = trainer.PackTrainer(program, data, sched).train(hp, lambda s, e, m: logs.append((s, e, m)))
         return logs, result.state
 
     logs1, state1 = run(1)
-    logs3, state3 = run(3)
-    assert [(s, e, sorted(m)) for s, e, m in logs3] == [(s, e, sorted(m)) for s, e, m in logs1]
-    assert any(key.startswith("smooth/") for _, _, m in logs3 for key in m)
-    for (_, _, m3), (_, _, m1) in zip(logs3, logs1):
+    logs2, state2 = run(2)
+    assert [(s, e, sorted(m)) for s, e, m in logs2] == [(s, e, sorted(m)) for s, e, m in logs1]
+    assert any(key.startswith("smooth/") for _, _, m in logs2 for key in m)
+    for (_, _, m2), (_, _, m1) in zip(logs2, logs1):
         for key in m1:
-            np.testing.assert_allclose(m3[key], m1[key], rtol=1e-4, atol=1e-5, err_msg=key)
-    for a, b in zip(jax.tree.leaves(state3), jax.tree.leaves(state1), strict=True):
+            np.testing.assert_allclose(m2[key], m1[key], rtol=1e-4, atol=1e-5, err_msg=key)
+    for a, b in zip(jax.tree.leaves(state2), jax.tree.leaves(state1), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)

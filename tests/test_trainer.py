@@ -5,9 +5,14 @@ import numpy as np
 import pytest
 
 from bnstudy import trainer
-from conftest import cnn_program, hparams, schedule
+from conftest import cnn_program, hparams, make_arrays, schedule
 
 SCHEDULE = schedule(epochs=2, log_every=1, max_steps_per_epoch=4, eval_batch_size=64)
+
+
+@pytest.fixture
+def arrays():
+    return make_arrays(shape=(10, 10, 1))  # small images: the trainer is under test, and they compile faster
 
 
 def train(arrays, rows, norm="before_relu", sched=SCHEDULE, **program_kw):
@@ -67,12 +72,16 @@ def test_diverging_member_does_not_disturb_the_rest_of_its_pack(arrays):
     np.testing.assert_allclose(packed_logs["train/loss"][:, 0], alone_logs["train/loss"][:, 0], rtol=PACK_RTOL)
 
 
-def test_scan_loop_matches_python_loop(arrays):
+@pytest.mark.xdist_group("dropout_cnn_pack")  # after tests/test_metrics.py's probe tests, on their worker
+def test_scan_loop_matches_python_loop():
+    # The data, model and schedule of tests/test_metrics.py's probe tests, over two epochs: the python loop's step
+    # and the scan's epoch are the programs they compiled (seconds each), found in the compilation cache.
+    data = make_arrays(n_train=64, n_test=24, shape=(10, 10, 1))
+    sched = schedule(epochs=2, log_every=1, max_steps_per_epoch=3, eval_batch_size=24)
     rows = [{"lr": 0.05, "seed": 3, "dropout_rate": 0.2}]
-    kw = dict(dropout_placement="after_block")
-    py, py_logs = train(arrays, rows, sched=SCHEDULE, **kw)
-    scan_schedule = schedule(**{**SCHEDULE.__dict__, "loop": "scan"})
-    sc, sc_logs = train(arrays, rows, sched=scan_schedule, **kw)
+    kw = dict(batch_size=16, dropout_placement="before_classifier")  # one dropout mask: faster compiles than three
+    py, py_logs = train(data, rows, sched=sched, **kw)
+    sc, sc_logs = train(data, rows, sched=schedule(**{**sched.__dict__, "loop": "scan"}), **kw)
     np.testing.assert_allclose(sc_logs["train/loss"], py_logs["train/loss"], rtol=1e-5)
     np.testing.assert_allclose(sc.final["test/loss"], py.final["test/loss"], rtol=1e-5)
 

@@ -6,6 +6,7 @@ import pytest
 
 from bnstudy import data
 from bnstudy.config import ConfigError
+from conftest import imports_tensorflow
 
 
 @pytest.mark.parametrize("num_train, n_val", [(256, 26), (8000, 800), (10, 0)])
@@ -36,6 +37,7 @@ def test_validation_count_refuses_to_leave_no_training_examples():
         data.validation_count(256, 256)
 
 
+@imports_tensorflow
 def test_loaded_validation_split_is_identical_across_subsets_and_never_trained_on(mock_tfds):
     full = data.load("mnist", val_size=40)
     small = data.load("mnist", val_size=40, train_subset=100)
@@ -48,6 +50,7 @@ def test_loaded_validation_split_is_identical_across_subsets_and_never_trained_o
     assert rows(small.arrays.train_images) <= train
 
 
+@imports_tensorflow
 def test_no_validation_split_leaves_the_training_split_whole(mock_tfds):
     d = data.load("mnist", val_size=0)
     assert d.num_val == 0 and d.arrays.val_images is None and d.num_train == 256
