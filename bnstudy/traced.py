@@ -109,9 +109,6 @@ class FlatProgram:
     def __call__(self, *args):
         return jax.tree.unflatten(self.out_tree, self.compiled(*jax.tree.leaves(args)))
 
-    def as_text(self) -> str:
-        return self.compiled.as_text()
-
 
 class TracedStore:
     """Exported traces in `folder/<salt>/<key>.jaxexport`, one per program and argument shapes."""
