@@ -16,8 +16,8 @@ gives the median ms per step and the ratio torch ms / bnstudy ms (> 1: bnstudy i
 
 Levers, measured in the same rounds, each in its own subprocess (XLA reads its flags once, and malloc
 its settings, at start), each changing one thing from bnstudy's defaults: the XLA:CPU flag
-(`bnstudy.xla_flags`) off, glibc's malloc defaults (`bnstudy.allocator` off), BN's gradient by autodiff
-instead of its closed form, XLA's convolution for the one-channel first layer, and the pool as a
+(`bnstudy.xla_flags`) off, glibc's malloc defaults (`bnstudy.allocator` off), the first BN not folded
+into the one-channel convolution, BN's gradient by autodiff instead of its closed form, XLA's convolution for the one-channel first layer, and the pool as a
 reshape + max reduction or `nn.max_pool`.
 Their ratio is to the subprocess with bnstudy's defaults. Needs jax, flax, optax, numpy; torch optional
 (`pip install -e '.[bench]'`).
@@ -78,6 +78,13 @@ def reshape_max_pool(x):
     return x[:, : h - h % 2, : w - w % 2].reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
+def unfolded_batch_norm(conv, scale, bias, epsilon):
+    """`models.batch_norm_train_one_channel_conv` without the folding: BN on the computed first conv map."""
+    from bnstudy import models
+
+    return models.batch_norm_train(conv.output(), scale, bias, epsilon)
+
+
 def autodiff_batch_norm_train(x, scale, bias, epsilon):
     """`models.batch_norm_train` without its closed-form gradient: JAX differentiates the formula."""
     import jax
@@ -98,7 +105,8 @@ def xla_conv3x3(x, kernel, bias):
 
 def swap_core_functions(pool: str, bn: str, conv: str) -> None:
     """Replace the model's pool ("flax": `nn.max_pool`, "reshape": reshape-max), its train-mode BN
-    ("autodiff") or its one-channel convolution ("xla"); the models look each up when they trace."""
+    ("unfolded": not folded into the one-channel conv, "autodiff": unfolded and differentiated by JAX)
+    or its one-channel convolution ("xla"); the models look each up when they trace."""
     import flax.linen as nn
 
     from bnstudy import models
@@ -110,6 +118,8 @@ def swap_core_functions(pool: str, bn: str, conv: str) -> None:
         models.max_pool_2x2 = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))
     elif pool == "reshape":
         models.max_pool_2x2 = reshape_max_pool
+    if bn in ("unfolded", "autodiff"):
+        models.batch_norm_train_one_channel_conv = unfolded_batch_norm
     if bn == "autodiff":
         models.batch_norm_train = autodiff_batch_norm_train
 
@@ -212,7 +222,7 @@ def torch_run(steps: int, data):
     return run
 
 
-DEFAULT_SPEC = dict(flags="on", malloc="on", pool="maxtree", bn="closed", conv="stencil", k="auto")
+DEFAULT_SPEC = dict(flags="on", malloc="on", pool="maxtree", bn="folded", conv="stencil", k="auto")
 
 
 def worker_spec(**change: str) -> str:
@@ -226,7 +236,8 @@ def lever_specs(flags_measured: bool) -> dict[str, str]:
     if flags_measured:
         levers["XLA flag off (YNN conv fusion back on)"] = {"flags": "off"}
     levers["glibc malloc defaults (allocator.py off)"] = {"malloc": "off"}
-    levers["BN gradient by autodiff (no closed form)"] = {"bn": "autodiff"}
+    levers["BN not folded into the one-channel conv1"] = {"bn": "unfolded"}
+    levers["BN unfolded, gradient by autodiff (no closed form)"] = {"bn": "autodiff"}
     levers["XLA convolution for the one-channel conv1"] = {"conv": "xla"}
     levers["reshape-max pool (max reduction)"] = {"pool": "reshape"}
     levers["nn.max_pool (select_and_scatter)"] = {"pool": "flax"}

@@ -16,8 +16,10 @@ reads, at no cost to ordinary training or evaluation. (Where the ReLU runs after
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from functools import partial
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -102,18 +104,46 @@ def _conv3x3_one_channel_bwd(residuals, dout):
 conv3x3_one_channel.defvjp(_conv3x3_one_channel_fwd, _conv3x3_one_channel_bwd)
 
 
+class OneChannelConv(NamedTuple):
+    """A 3x3 SAME convolution of a one-channel batch, not computed yet (`Conv3x3(deferred=True)`): a
+    train-mode BN right after it folds its normalization into the kernel
+    (`batch_norm_train_one_channel_conv`); everything else takes `output()`."""
+
+    x: jax.Array
+    kernel: jax.Array
+    bias: jax.Array
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (*self.x.shape[:-1], self.kernel.shape[-1])
+
+    @property
+    def ndim(self) -> int:
+        return self.x.ndim
+
+    def output(self) -> jax.Array:
+        return conv3x3_one_channel(self.x, self.kernel, self.bias)
+
+
+def computed(h: jax.Array | OneChannelConv) -> jax.Array:
+    """A layer's output as an array (a deferred convolution computed)."""
+    return h.output() if isinstance(h, OneChannelConv) else h
+
+
 class Conv3x3(nn.Module):
     """`nn.Conv(features, (3, 3), kernel_init=HE_NORMAL)`: the same parameters (`kernel` [3, 3, in, out],
-    `bias`), initialization and function; a one-channel input takes `conv3x3_one_channel`."""
+    `bias`), initialization and function; a one-channel input takes `conv3x3_one_channel`, or with
+    `deferred` is returned uncomputed (`OneChannelConv`) for the norm after it."""
 
     features: int
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, deferred: bool = False) -> jax.Array | OneChannelConv:
         kernel = self.param("kernel", HE_NORMAL, (3, 3, x.shape[-1], self.features))
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
         if x.shape[-1] == 1:
-            return conv3x3_one_channel(x, kernel, bias)
+            conv = OneChannelConv(x, kernel, bias)
+            return conv if deferred else conv.output()
         dims = ("NHWC", "HWIO", "NHWC")
         return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=dims) + bias
 
@@ -171,6 +201,34 @@ def _batch_norm_train_bwd(epsilon, residuals, cotangents):
 batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
 
 
+def batch_norm_train_one_channel_conv(conv: OneChannelConv, scale: jax.Array, bias: jax.Array, epsilon: float):
+    """`batch_norm_train(conv.output(), scale, bias, epsilon)` with the normalization folded into the stencil.
+
+    The convolution is linear in its nine taps t (shifted copies of the input): c = sum_t k_t t + b. So
+    its batch moments per channel come from the taps' own, mean = sum_t k_t mean(t) + b and
+    var = k^T Cov k, Cov the 9x9 covariance of the taps over all positions, taken two-pass (centered
+    taps, no cancellation from the mean); and BN's output is itself one stencil, with kernel k * g and
+    bias beta - (mean - b) * g, g = scale / sqrt(var + eps). XLA fuses it with the pool after it, so
+    the [batch, 28, 28, channels] map that BN would read three times and write once is written once.
+    The gradient is autodiff of this form (the conv bias gets exactly zero, its true gradient through
+    BN). Against float64 on MNIST digits, He-normal and zero-mean kernels: variance within 9e-7
+    relative (the two-pass variance of the computed map: 3e-7), mean within 2e-8 standard deviations.
+    """
+    n, h, w, _ = conv.x.shape
+    taps = jnp.stack(_taps(conv.x)).reshape(9, n * h, w)  # [taps, image rows, columns]
+    tap_mean = taps.mean((1, 2))
+    centered = taps - tap_mean[:, None, None]
+    # Summed row by row, then over the rows: one [9, P] x [P, 9] product (and XLA's reduction of the
+    # elementwise products) lost ~1e-5 relative on MNIST digits, this form ~2e-7.
+    cov = jnp.einsum("trw,srw->rts", centered, centered).mean(0) / w
+    k = conv.kernel.reshape(9, -1)
+    shift = (tap_mean[:, None] * k).sum(0)  # the map's mean minus the conv bias
+    var = jnp.maximum(jnp.einsum("tf,ts,sf->f", k, cov, k), 0.0)
+    gain = scale * jax.lax.rsqrt(var + epsilon)
+    y = conv3x3_one_channel(conv.x, (k * gain).reshape(conv.kernel.shape), bias - shift * gain)
+    return y, shift + conv.bias, var
+
+
 class BatchNorm(nn.Module):
     """Batch normalization over every axis but the last, as torch.nn.BatchNorm1d/2d computes it.
 
@@ -193,17 +251,21 @@ class BatchNorm(nn.Module):
     running_var: str = "unbiased"
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array | OneChannelConv) -> jax.Array:
         features = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (features,))
         bias = self.param("bias", nn.initializers.zeros, (features,))
         running_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,))
         running_var = self.variable("batch_stats", "var", jnp.ones, (features,))
         if self.use_running_average:
+            x = computed(x)
             return (x - running_mean.value) * jax.lax.rsqrt(running_var.value + self.epsilon) * scale + bias
-        y, mean, var = batch_norm_train(x, scale, bias, self.epsilon)
+        if isinstance(x, OneChannelConv):
+            y, mean, var = batch_norm_train_one_channel_conv(x, scale, bias, self.epsilon)
+        else:
+            y, mean, var = batch_norm_train(x, scale, bias, self.epsilon)
         if not self.is_initializing():
-            n = x.size // features
+            n = math.prod(x.shape[:-1])
             if self.running_var == "unbiased":
                 if n < 2:
                     raise ValueError(
@@ -265,8 +327,10 @@ class Block(nn.Module):
         return out
 
     @nn.compact
-    def __call__(self, h: jax.Array, train: bool) -> jax.Array:
+    def __call__(self, h: jax.Array | OneChannelConv, train: bool) -> jax.Array:
         pool = max_pool_2x2 if self.pool else (lambda x: x)
+        if not (self.norm == "before_relu" and self.norm_kind == "batch"):
+            h = computed(h)  # only BN right after the layer takes a deferred convolution
         norm = None
         if self.norm != "none":
             norm = make_norm(
@@ -346,7 +410,7 @@ class _Net(nn.Module):
         h = x
         for i, (channels, pool) in enumerate(self.conv_blocks):
             name = f"conv{i + 1}"
-            h = self._block(Conv3x3(channels, name=name)(h), name, train, pool)
+            h = self._block(Conv3x3(channels, name=name)(h, deferred=True), name, train, pool)
             if after_block:
                 h = dropout(h, dropout_rate, rngs[i])
         h = h.reshape(h.shape[0], -1)

@@ -30,7 +30,7 @@ def test_table_gives_ms_per_step_and_ratios_to_torch_and_to_the_lever_defaults()
 
 
 def test_every_bnstudy_row_is_a_worker_spec_that_changes_one_setting_from_the_defaults():
-    assert step_vs_torch.worker_spec(k="4") == "flags=on,malloc=on,pool=maxtree,bn=closed,conv=stencil,k=4"
+    assert step_vs_torch.worker_spec(k="4") == "flags=on,malloc=on,pool=maxtree,bn=folded,conv=stencil,k=4"
     specs = step_vs_torch.lever_specs(flags_measured=True)
     defaults = dict(kv.split("=") for kv in specs["defaults"].split(","))
     assert defaults["k"] == "auto"

@@ -116,11 +116,13 @@ def test_optimizer_update_is_the_train_steps_parameter_change_and_ics_probe_repo
     assert float(out["ics/conv1/l2"]) == 0.0
     for layer in CNN_LAYERS[1:]:
         assert float(out[f"ics/{layer}/l2"]) > 0.0 and -1.0 <= float(out[f"ics/{layer}/cos"]) <= 1.0 + 1e-6
-    # With a zero learning rate and no momentum yet nothing moves: no shift anywhere.
+    # With a zero learning rate and no momentum yet nothing moves: no shift anywhere but float32 rounding
+    # (G and G' come from differently fused programs: the folded first BN rounds its statistics in each).
     hp0, state0, perm0 = start(program, [{"lr": 1e-30}], arrays)
     zero = probe(one(state0, 0), one(hp0, 0), arrays, perm0[0], 0)
+    assert float(zero["ics/conv1/l2"]) == 0.0
     for layer in CNN_LAYERS:
-        assert float(zero[f"ics/{layer}/l2"]) < 1e-20
+        assert float(zero[f"ics/{layer}/l2"]) < 1e-5 and float(zero[f"ics/{layer}/cos"]) > 1.0 - 1e-6
 
 
 # --------------------------------------------------------------------------- dead units (4.5)

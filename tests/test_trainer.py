@@ -109,10 +109,10 @@ def test_auto_pack_size_follows_measured_device_memory(arrays, monkeypatch):
 
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     sizes = {}
-    for gib in (1, 4):
-        monkeypatch.setattr(jax, "devices", lambda *a, gib=gib: [FakeAccelerator(gib * 2**30)])
-        sizes[gib] = pack_size.resolve_pack_size("auto", 10_000, pt)
-    assert 1 <= sizes[1] < sizes[4] <= pack_size.ACCELERATOR_PACK_CAP
+    for mib in (128, 512):  # below the cap at a few MB per model
+        monkeypatch.setattr(jax, "devices", lambda *a, mib=mib: [FakeAccelerator(mib * 2**20)])
+        sizes[mib] = pack_size.resolve_pack_size("auto", 10_000, pt)
+    assert 1 <= sizes[128] < sizes[512] <= pack_size.ACCELERATOR_PACK_CAP
     assert pack_size.resolve_pack_size("auto", 3, pt) <= 3
 
 
