@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import math
 import time
+import weakref
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -33,8 +34,21 @@ from bnstudy.xla_flags import jit_rare
 Split = tuple[jax.Array, jax.Array]  # uint8 images [N, ...], int32 labels [N]
 
 
+# Every CompileCache's compiled programs in this process, by jitted function (weakly: they go when it
+# does), then traced-store folder and argument shapes. The programs are memoized by what they compute
+# (`build_eval_programs`, `trainer.build_train_programs`, `pack_permutation`), so a later trainer of the
+# same program in this process (the next job of a sweep, the next test) neither traces nor compiles.
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def forget_compiled_programs() -> None:
+    """Drop this process's shared compiled programs: later CompileCaches compile (or load from their
+    traced store) again, as in a fresh process."""
+    _COMPILED.clear()
+
+
 class CompileCache:
-    """Jitted functions compiled ahead of time, once per argument structure and shapes."""
+    """Jitted functions compiled ahead of time, once per argument structure and shapes (in this process)."""
 
     def __init__(self, traced_store: traced.TracedStore | None = None):
         """`traced_store`: where programs made with `traced.jit` keep their traces across processes."""
@@ -44,12 +58,17 @@ class CompileCache:
 
     def compiled(self, fn, *args):
         """`fn` compiled for these arguments' shapes (reused for any later call of the same shapes)."""
-        key = (fn, jax.tree.structure(args), tuple((a.shape, a.dtype) for a in jax.tree.leaves(args)))
+        shapes = (jax.tree.structure(args), tuple((a.shape, a.dtype) for a in jax.tree.leaves(args)))
+        key = (fn, *shapes)
         if key not in self._programs:
-            t0 = time.perf_counter()
-            program = self.traced_store.compile(fn, args) if self.traced_store is not None else None
-            self._programs[key] = program if program is not None else fn.lower(*args).compile()
-            self.compile_seconds += time.perf_counter() - t0
+            store = None if self.traced_store is None else self.traced_store.folder
+            shared = _COMPILED.setdefault(fn, {})
+            if (store, *shapes) not in shared:
+                t0 = time.perf_counter()
+                program = self.traced_store.compile(fn, args) if self.traced_store is not None else None
+                shared[(store, *shapes)] = program if program is not None else fn.lower(*args).compile()
+                self.compile_seconds += time.perf_counter() - t0
+            self._programs[key] = shared[(store, *shapes)]
         return self._programs[key]
 
     def call(self, fn, *args):
@@ -83,7 +102,10 @@ def pack_permutation(num_examples: int) -> Callable:
     return jit_rare(jax.vmap(permutation, in_axes=(0, None)), label=f"permutation {num_examples=}")
 
 
+@functools.lru_cache(maxsize=16)
 def build_eval_programs(program: Program, bn_mode_splits: tuple[str, ...], units: bool = False) -> EvalPrograms:
+    """The evaluation's jitted programs; memoized, so equal arguments give the same functions (and with
+    them `CompileCache`'s compiled programs)."""
     p = program
     settings = f"{p!r} {bn_mode_splits=} {units=}"  # everything the programs close over (bnstudy.traced)
     jit = lambda fn, name: traced.jit(fn, label=f"eval {settings} {name}")

@@ -136,6 +136,7 @@ class TrainPrograms:
 PROBE_PREFIXES = ("smooth/", "ics/")  # keys of the probes taken before a step
 
 
+@functools.lru_cache(maxsize=16)
 def build_train_programs(
     program: Program,
     input_shape: tuple[int, ...],
@@ -146,7 +147,10 @@ def build_train_programs(
     steps_per_call: int = 1,
     mesh: jax.sharding.Mesh | None = None,
 ) -> TrainPrograms:
-    """With a `mesh`, step/probe/epoch run per device on its slice of the models (`sharding.per_device`)."""
+    """The training programs' jitted functions; memoized (the arguments must be hashable), so equal
+    arguments give the same functions, and a later trainer of the same program in this process reuses
+    their traces and `CompileCache`'s compiled programs. With a `mesh`, step/probe/epoch run per
+    device on its slice of the models (`sharding.per_device`)."""
     p = program
     vectorize = jax.default_backend() != "cpu"  # vmap over eta, except where grouped convs are slow
     # Everything the programs close over, for bnstudy.traced's store; none with a mesh (it keeps
@@ -270,7 +274,7 @@ class PackTrainer:
             self.input_shape,
             self.steps_per_epoch,
             schedule.probe_every,
-            schedule.probe_multipliers,
+            tuple(schedule.probe_multipliers),
             schedule.ics_every,
             self.steps_per_call,
             mesh,

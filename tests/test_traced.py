@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bnstudy import engine, traced, xla_flags
+from bnstudy import engine, evaluate, traced, xla_flags
 from bnstudy.evaluate import CompileCache
 from bnstudy.trainer import PackTrainer
 from conftest import cnn_program, hparams, make_arrays, schedule
@@ -88,6 +88,8 @@ def test_a_trainer_with_a_traced_folder_trains_the_same_numbers_and_a_second_one
     logs = lambda records: lambda step, epoch, m: records.append((step, jax.device_get(m)))
     results = []
     for traced_dir in (None, tmp_path, tmp_path):
+        if results and traced_dir is not None:  # as a fresh process: the store, not this process, has them
+            evaluate.forget_compiled_programs()
         trainer = PackTrainer(cnn_program(batch_size=16), data, sched, traced_dir=traced_dir)
         records = []
         result = trainer.train(hp, logs(records))
@@ -105,3 +107,16 @@ def test_jit_rare_programs_are_recorded_with_their_compiler_options():
     spec = traced.spec_of(program)
     assert spec.label == "init"
     assert spec.jit_kwargs["compiler_options"] == (xla_flags.rare_program_options(jax.default_backend()) or None)
+
+
+def test_a_later_trainer_of_the_same_program_in_this_process_compiles_nothing_and_trains_the_same():
+    hp = hparams([dict(seed=0)])
+    data = make_arrays(n_train=64, n_test=32, shape=SHAPE)
+    sched = schedule(max_steps_per_epoch=2)
+    evaluate.forget_compiled_programs()  # whatever earlier tests of this process compiled
+    first, second = (PackTrainer(cnn_program(batch_size=16), data, sched) for _ in range(2))
+    assert first.programs is second.programs  # equal programs: the same jitted functions
+    a = first.train(hp, lambda *a: None)
+    b = second.train(hp, lambda *a: None)
+    assert first.cache.compile_seconds > 0 and second.cache.compile_seconds == 0
+    assert same_bits(a.state, b.state) and same_bits(a.final, b.final)
