@@ -7,6 +7,7 @@ creation (interpreter start, imports, config composition) to the first bucketed 
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,8 +19,24 @@ BUCKETS = ("startup", "data", "compile", "train_steps", "evaluation", "logging",
 
 
 def process_start_time() -> float:
-    """When this process was created, in seconds since the epoch (time.time's clock)."""
-    return psutil.Process().create_time()
+    """When this process was created, in seconds since the epoch (time.time's clock), to ~10 ms.
+
+    On Linux, from the process's start in clock ticks since boot and the boot-time clock now. psutil's
+    `create_time` adds those ticks to the boot time, which Linux gives in whole seconds (/proc/stat
+    btime): up to a second early, and the startup bucket as much too long (0.8 s on a test machine).
+    """
+    try:
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - linux_start_ticks() / os.sysconf("SC_CLK_TCK")
+    except (AttributeError, OSError, ValueError):  # not Linux
+        return psutil.Process().create_time()
+    return time.time() - age
+
+
+def linux_start_ticks(stat_path: str = "/proc/self/stat") -> int:
+    """The process's start in clock ticks since boot: field 22 of /proc/<pid>/stat (proc(5))."""
+    with open(stat_path) as f:
+        after_name = f.read().rsplit(")", 1)[1].split()  # the name (field 2) may hold spaces and ')'
+    return int(after_name[19])
 
 
 class TimeBreakdown:
