@@ -13,7 +13,8 @@ from bnstudy import allocator, xla_flags
 xla_flags.add_xla_flags()
 allocator.keep_freed_memory()
 
-import logging  # noqa: E402  (after the flags, on purpose)
+import gc  # noqa: E402  (after the flags, on purpose)
+import logging  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
@@ -670,5 +671,21 @@ def main() -> None:
         sys.exit(128 + e.signum)
 
 
+def cli() -> None:
+    """The command line (`bnstudy-train`, `python -m bnstudy.train`): `main` in a process of its own.
+
+    The imported libraries' objects (jax, flax, hydra, orbax: ~150,000) live until the process exits,
+    yet every full collection scans them again (0.13 s each on 2 cores), and the interpreter's exit
+    scans them and the job's own objects once more. Frozen after the imports, no collection looks at
+    them; frozen again at the end, the exit frees everything without the scans (the default job's exit
+    0.84-0.97 s -> 0.15-0.22 s). In-process callers (tests) use `main`: nothing there is frozen.
+    """
+    gc.freeze()
+    try:
+        main()
+    finally:
+        gc.freeze()
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -1,5 +1,6 @@
-"""The run's time breakdown (bnstudy.timing)."""
+"""The run's time breakdown (bnstudy.timing) and the command line's process settings around it."""
 
+import gc
 import subprocess
 import sys
 import time
@@ -49,3 +50,20 @@ def test_startup_is_everything_from_the_process_start_to_its_mark():
     assert t.snapshot()["startup"] == pytest.approx(3.0, abs=0.5)
     # By default the clock starts at this process's creation (psutil's is to within a second).
     assert abs(timing.TimeBreakdown().started_at - psutil.Process().create_time()) < 1.5
+
+
+def test_the_command_line_freezes_the_collector_around_the_job_and_keeps_its_exit_code(monkeypatch):
+    from bnstudy import train
+
+    calls = []
+    monkeypatch.setattr(gc, "freeze", lambda: calls.append("freeze"))
+
+    def job():
+        calls.append("main")
+        sys.exit(2)
+
+    monkeypatch.setattr(train, "main", job)
+    with pytest.raises(SystemExit) as e:
+        train.cli()
+    assert e.value.code == 2
+    assert calls == ["freeze", "main", "freeze"]
