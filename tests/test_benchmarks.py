@@ -44,6 +44,16 @@ def test_table_without_torch_has_no_ratio():
     assert rows[0]["ratio"] is None and rows[0]["ms_per_step"] == pytest.approx(50.0)
 
 
+def test_the_default_job_line_gives_its_overhead_inside_and_outside_the_process(capsys):
+    buckets = dict(startup=2.0, data=0.1, compile=1.0, train_steps=10.0, evaluation=2.5)
+    times = buckets | dict(logging=0.4, checkpoints=0.2, other=0.3, wall=16.5)
+    summary = {"time_breakdown": times, "process_wall": 16.9, "steps": 168, "step_time": 0.0595}
+    step_vs_torch.print_breakdown(summary)
+    out = capsys.readouterr().out
+    assert "not train steps 6.5 s in the process, 6.9 s from outside (spawn to exit: 16.9 s)" in out
+    assert "25% of train steps + 5 s = 7.5 s; 168 steps, step_time 59.5 ms" in out
+
+
 @pytest.mark.slow  # compiles two train programs and starts three worker processes: about a minute on 2 CPUs
 def test_step_vs_torch_smallest_run_writes_every_row(tmp_path):
     out = tmp_path / "r.json"
