@@ -52,7 +52,7 @@ def test_startup_is_everything_from_the_process_start_to_its_mark():
     assert abs(timing.TimeBreakdown().started_at - psutil.Process().create_time()) < 1.5
 
 
-def test_the_command_line_freezes_the_collector_around_the_job_and_keeps_its_exit_code(monkeypatch):
+def test_the_command_line_freezes_the_collector_after_the_job_and_keeps_its_exit_code(monkeypatch):
     from bnstudy import train
 
     calls = []
@@ -66,4 +66,4 @@ def test_the_command_line_freezes_the_collector_around_the_job_and_keeps_its_exi
     with pytest.raises(SystemExit) as e:
         train.cli()
     assert e.value.code == 2
-    assert calls == ["freeze", "main", "freeze"]
+    assert calls == ["main", "freeze"]
