@@ -152,11 +152,15 @@ def app_job_run(steps: int):
 
     def run() -> float:
         cmd = [sys.executable, "-m", "bnstudy.train", "train.rerun=true", "logger.progress=false", f"out_dir={out}"]
-        t0 = time.perf_counter()
-        done = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE.parent)
-        outside = time.perf_counter() - t0  # spawn to exit, as a user waits for it
-        if done.returncode != 0:
-            raise RuntimeError(f"the default job failed ({done.returncode}): {done.stderr[-2000:]}")
+        # Output to a file, not a pipe: waiting for a pipe's end would also wait for the job's wandb child,
+        # which may exit after the job (its runs' files are closed by then); a shell waits for the job only.
+        with tempfile.TemporaryFile("w+") as log:
+            t0 = time.perf_counter()
+            done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=HERE.parent)
+            outside = time.perf_counter() - t0  # spawn to exit, as a user waits for it
+            log.seek(0)
+            if done.returncode != 0:
+                raise RuntimeError(f"the default job failed ({done.returncode}): {log.read()[-2000:]}")
         (path,) = out.glob("default/*/summary.json")
         summaries.append(json.loads(path.read_text()) | {"process_wall": outside})
         return summaries[-1]["step_time"] * steps
