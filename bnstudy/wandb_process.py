@@ -1,8 +1,7 @@
 """wandb in a child process: the training process never imports wandb, and wandb never runs on its threads.
 
 wandb's import (~1 s on a 2-core CPU), each run's `wandb.init` (~0.7 s offline, seconds online) and
-`finish` (~0.5 s) run in one child process per job, beside the training process's compilation and
-steps. A wandb crash, hang or outage reaches training only as a warning.
+`finish` run in one child process per job, beside the training process's compilation and steps. A wandb crash, hang or outage reaches training only as a warning.
 
 `WandbProcess` is the training process's side: requests go out in order through a writer thread (a
 pack of hundreds of runs never blocks the trainer on a full pipe), replies come back through a
@@ -13,7 +12,8 @@ print to):
     (n, "init", key, kwargs)                 -> (n, {"id": str | None, "warning": str | None,
                                                      "offline_because": str | None})
     (n, "log", key, step, metrics)           -> no reply; a failure is reported by the run's finish
-    (n, "finish", key, summary, exit_code)   -> (n, {"warning": str | None})
+    (n, "finish", key, summary, exit_code)   -> (n, {"warning": str | None}); the summary's nulls are
+                                                removed from the run's wandb summary (`split_nulls`)
 
 `offline_because` is set once per job: the first online init that failed, after which this and every
 later run of the job is offline. The child ignores SIGINT and SIGTERM (the training process marks its
@@ -180,7 +180,10 @@ class Runs:
             return {"warning": warning}
         try:
             if summary:
-                run.summary.update(summary)
+                values, nulls = split_nulls(summary)
+                run.summary.update(values)
+                for key in nulls:  # no value, not even the last one logged (a diverged run's results)
+                    del run.summary[key]
             run.finish(exit_code=exit_code)
         except Exception as e:
             warning = f"wandb finish failed: {e}"
@@ -189,6 +192,15 @@ class Runs:
     def finish_all(self) -> None:
         for key in list(self.open):
             self.finish(key, None, exit_code=1)
+
+
+def split_nulls(summary: dict) -> tuple[dict, list[str]]:
+    """(the summary without its null values, nested ones too; the top-level keys that were null).
+
+    wandb encodes a null by first asking whether it is a pandas DataFrame, which imports pandas and
+    pyarrow in the child: 0.45-0.6 s at the end of every job, while the training process waits."""
+    values = {k: (split_nulls(v)[0] if isinstance(v, dict) else v) for k, v in summary.items() if v is not None}
+    return values, [k for k, v in summary.items() if v is None]
 
 
 def first_line(error: Exception) -> str:
