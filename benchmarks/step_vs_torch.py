@@ -11,8 +11,8 @@ process with torch, whose OpenMP threads spin on after each torch op. One more b
 itself: the default job (`python -m bnstudy.train`, 3 epochs on the embedded digits, wandb offline) in
 a subprocess per round, its `summary.json` `step_time` (compare it with the fresh worker process of
 `lever: defaults`); the last round's time breakdown is printed and kept, with the process's wall time
-from spawn to exit (what a user waits for: it includes the interpreter's exit, which the breakdown cannot). The torch row is `benchmarks/torch_reference.py`,
-whose loss is first checked to fall. All rows are timed round-robin in one run, after a warm-up; the table
+from spawn to exit (what a user waits for: it includes the interpreter's exit, which the breakdown
+cannot). The torch row is `benchmarks/torch_reference.py`, whose loss is first checked to fall. All rows are timed round-robin in one run, after a warm-up; the table
 gives the median ms per step and the ratio torch ms / bnstudy ms (> 1: bnstudy is faster).
 
 Levers, measured in the same rounds, each in its own subprocess (XLA reads its flags once, and malloc
@@ -374,7 +374,8 @@ def print_breakdown(summary: dict) -> None:
     print(
         f"\ndefault job (last round): {breakdown_line(t)}\n  not train steps {t['wall'] - t['train_steps']:.1f} s "
         f"in the process, {outside - t['train_steps']:.1f} s from outside (spawn to exit: {outside:.1f} s) vs 25% "
-        f"of train steps + 5 s = {budget:.1f} s; {summary['steps']} steps, step_time {1e3 * summary['step_time']:.1f} ms"
+        f"of train steps + 5 s = {budget:.1f} s; {summary['steps']} steps, "
+        f"step_time {1e3 * summary['step_time']:.1f} ms"
     )
 
 

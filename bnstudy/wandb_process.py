@@ -1,7 +1,8 @@
 """wandb in a child process: the training process never imports wandb, and wandb never runs on its threads.
 
 wandb's import (~1 s on a 2-core CPU), each run's `wandb.init` (~0.7 s offline, seconds online) and
-`finish` run in one child process per job, beside the training process's compilation and steps. A wandb crash, hang or outage reaches training only as a warning.
+`finish` run in one child process per job, beside the training process's compilation and steps. A
+wandb crash, hang or outage reaches training only as a warning.
 
 `WandbProcess` is the training process's side: requests go out in order through a writer thread (a
 pack of hundreds of runs never blocks the trainer on a full pipe), replies come back through a
