@@ -16,10 +16,10 @@ cannot). The torch row is `benchmarks/torch_reference.py`, whose loss is first c
 gives the median ms per step and the ratio torch ms / bnstudy ms (> 1: bnstudy is faster).
 
 Levers, measured in the same rounds, each in its own subprocess (XLA reads its flags once, and malloc
-its settings, at start), each changing one thing from bnstudy's defaults: the XLA:CPU flag
-(`bnstudy.xla_flags`) off, glibc's malloc defaults (`bnstudy.allocator` off), the first BN not folded
-into the one-channel convolution, BN's gradient by autodiff instead of its closed form, XLA's convolution for the one-channel first layer, and the pool as a
-reshape + max reduction or `nn.max_pool`.
+its settings, at start), each changing one thing from bnstudy's defaults: each XLA:CPU flag
+(`bnstudy.xla_flags`) off in turn, glibc's malloc defaults (`bnstudy.allocator` off), the first BN not
+folded into the one-channel convolution, BN's gradient by autodiff instead of its closed form, XLA's
+convolution for the one-channel first layer, and the pool as a reshape + max reduction or `nn.max_pool`.
 Their ratio is to the subprocess with bnstudy's defaults. Needs jax, flax, optax, numpy; torch optional
 (`pip install -e '.[bench]'`).
 """
@@ -59,18 +59,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def set_process_settings(flags_on: bool, malloc_on: bool = True) -> None:
-    """Before JAX starts: bnstudy's speed flags and malloc settings as the app sets them, or not."""
+def set_process_settings(flags: str = "on", malloc_on: bool = True) -> None:
+    """Before JAX starts: bnstudy's malloc settings as the app sets them, or not, and its speed flags:
+    `flags` 'on' (all, as the app sets them), 'off' (none) or 'without:<flag name>' (all but that one)."""
     from bnstudy import allocator, xla_flags
 
     if malloc_on:
         allocator.keep_freed_memory()
-    if flags_on:
-        xla_flags.add_xla_flags()
-    else:
-        names = {xla_flags.flag_name(f) for f in xla_flags.CPU_FLAGS}
-        kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if xla_flags.flag_name(f) not in names]
-        os.environ["XLA_FLAGS"] = " ".join(kept)
+    dropped = {xla_flags.flag_name(f) for f in xla_flags.CPU_FLAGS} if flags == "off" else set()
+    if flags.startswith("without:"):
+        dropped = {flags.removeprefix("without:")}
+    kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if xla_flags.flag_name(f) not in dropped]
+    os.environ["XLA_FLAGS"] = " ".join(kept)
+    xla_flags.add_xla_flags([f for f in xla_flags.speed_flags() if xla_flags.flag_name(f) not in dropped])
 
 
 def reshape_max_pool(x):
@@ -172,7 +173,7 @@ def app_job_run(steps: int):
 def worker_main(spec: str, steps: int) -> None:
     """Subprocess: train on request. Reads 'run' lines, answers 'RESULT <seconds>' lines."""
     opts = dict(kv.split("=") for kv in spec.split(","))
-    set_process_settings(opts["flags"] == "on", opts["malloc"] == "on")
+    set_process_settings(opts["flags"], opts["malloc"] == "on")
     swap_core_functions(opts["pool"], opts["bn"], opts["conv"])
     k = opts.get("k", "auto")
     run, compile_s, _ = app_step_run(steps, int(k) if k.isdigit() else k)
@@ -229,6 +230,11 @@ def torch_run(steps: int, data):
     return run
 
 
+# Each of bnstudy.xla_flags.CPU_FLAGS by name, and what switching it off brings back.
+FLAG_LEVERS = {
+    "xla_cpu_experimental_ynn_fusion_type": "YNN conv fusion back on",
+    "xla_cpu_use_fusion_emitters": "MLIR fusion emitters back on",
+}
 DEFAULT_SPEC = dict(flags="on", malloc="on", pool="maxtree", bn="folded", conv="stencil", k="auto")
 
 
@@ -241,7 +247,8 @@ def lever_specs(flags_measured: bool) -> dict[str, str]:
     """Row name -> worker spec; the first is bnstudy's defaults, each other changes one lever."""
     levers = {"defaults": {}}
     if flags_measured:
-        levers["XLA flag off (YNN conv fusion back on)"] = {"flags": "off"}
+        for flag, what in FLAG_LEVERS.items():
+            levers[f"XLA flag off ({what})"] = {"flags": f"without:{flag}"}
     levers["glibc malloc defaults (allocator.py off)"] = {"malloc": "off"}
     levers["BN not folded into the one-channel conv1"] = {"bn": "unfolded"}
     levers["BN unfolded, gradient by autodiff (no closed form)"] = {"bn": "autodiff"}
@@ -256,7 +263,7 @@ def main(argv=None) -> dict:
     sys.path.insert(0, str(HERE))
     if args.worker:
         return worker_main(args.worker, args.steps)
-    set_process_settings(True)  # as bnstudy-train does first thing
+    set_process_settings()  # as bnstudy-train does first thing
     import common
     import jax
 

@@ -14,10 +14,16 @@ import os
 from collections.abc import Iterable, MutableMapping
 from importlib import metadata
 
-# Convolutions through XLA's own (Eigen) kernels instead of YNNPACK's, which jaxlib 0.10 picks by default;
-# YNNPACK keeps the reductions, where it is faster. MNIST CNN train step on a 2-core AVX-512 CPU: 47 -> 36 ms
-# with one call per step, 34 -> 24 ms with chunks of 4 steps.
-CPU_FLAGS: tuple[str, ...] = ("--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",)
+CPU_FLAGS: tuple[str, ...] = (
+    # Convolutions through XLA's own (Eigen) kernels instead of YNNPACK's, which jaxlib 0.10 picks by default;
+    # YNNPACK keeps the reductions, where it is faster. MNIST CNN train step on a 2-core AVX-512 CPU: 47 -> 36 ms
+    # with one call per step, 34 -> 24 ms with chunks of 4 steps.
+    "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",
+    # Fused elementwise kernels from XLA's elemental LLVM emitter instead of its MLIR fusion emitters: the same
+    # step, alternated in one run, 69.9 -> 63.0 ms (median of 10), and its cold compile 8.6 -> 6.5 s; the test
+    # CNN's train step compiles in 3.1 -> 2.5 s, its initial state in 1.3 -> 0.7 s.
+    "--xla_cpu_use_fusion_emitters=false",
+)
 # An unknown flag aborts XLA, and experimental flags come and go: set them only on the jaxlib minor
 # versions they were measured on.
 MEASURED_JAXLIB_MINOR = ((0, 10),)

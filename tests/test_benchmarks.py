@@ -39,6 +39,19 @@ def test_every_bnstudy_row_is_a_worker_spec_that_changes_one_setting_from_the_de
         assert len(changed) == (0 if name == "defaults" else 1), name
 
 
+def test_each_xla_flag_has_a_lever_and_a_worker_without_it_sets_only_the_others(monkeypatch):
+    from bnstudy import xla_flags
+
+    assert set(step_vs_torch.FLAG_LEVERS) == {xla_flags.flag_name(f) for f in xla_flags.CPU_FLAGS}
+    monkeypatch.setattr(xla_flags, "speed_flags", lambda: xla_flags.CPU_FLAGS)
+    for flag in xla_flags.CPU_FLAGS:  # monkeypatch restores this process's XLA_FLAGS afterwards
+        monkeypatch.setenv("XLA_FLAGS", flag)  # set by hand: dropped as well
+        step_vs_torch.set_process_settings(f"without:{xla_flags.flag_name(flag)}", malloc_on=False)
+        assert os.environ["XLA_FLAGS"].split() == [f for f in xla_flags.CPU_FLAGS if f != flag]
+    step_vs_torch.set_process_settings("off", malloc_on=False)
+    assert os.environ["XLA_FLAGS"] == ""
+
+
 def test_table_without_torch_has_no_ratio():
     rows = step_vs_torch.table({"bnstudy app, steps_per_call=1": [0.1]}, steps=2, auto_k=2)
     assert rows[0]["ratio"] is None and rows[0]["ms_per_step"] == pytest.approx(50.0)

@@ -51,3 +51,13 @@ def test_convolutions_leave_ynnpack_once_the_flags_are_set():
         check=True,
     ).stdout
     assert "__ynn_fusion" in default  # the flag is what moved the convolution
+
+
+@pytest.mark.skipif(not xla_flags.speed_flags(), reason="no speed flags for this jaxlib")
+def test_the_compiler_runs_with_the_elemental_emitter_once_the_flags_are_set(tmp_path):
+    # XLA writes the options each program was compiled with beside its dump; the fusion emitters leave no
+    # other trace in the compiled HLO.
+    env = {**os.environ, "XLA_FLAGS": f"--xla_dump_to={tmp_path}"}
+    subprocess.run([sys.executable, "-c", CONV_HLO], env=env, capture_output=True, text=True, check=True)
+    (options,) = tmp_path.glob("*jit__lambda*.debug_options")
+    assert "xla_cpu_use_fusion_emitters: false" in options.read_text()
