@@ -9,6 +9,7 @@ the Cartesian product of those lists.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -348,6 +349,13 @@ def _check_norm(cfg: Config) -> None:
         )
 
 
+@functools.cache
+def typed_schema() -> DictConfig:
+    """The schema as a typed OmegaConf tree, built once: building it from the dataclasses took ~0.02 s of
+    every ~0.05 s parse. `OmegaConf.merge` copies its first argument, so merges never change it."""
+    return OmegaConf.structured(Config)
+
+
 def parse(raw: DictConfig | dict) -> Config:
     """Merge a raw config onto the schema (types, unknown keys) and validate its values."""
     if isinstance(raw, dict):
@@ -356,9 +364,8 @@ def parse(raw: DictConfig | dict) -> Config:
         value = OmegaConf.select(raw, key, default=None)
         if OmegaConf.is_list(value):
             _fail(key, "a single value", OmegaConf.to_container(value), _SWEEP_HINT.format(key=key))
-    schema = OmegaConf.structured(Config)
     try:
-        merged = OmegaConf.merge(schema, raw)
+        merged = OmegaConf.merge(typed_schema(), raw)
         cfg = OmegaConf.to_object(merged)
     except ConfigKeyError as e:
         raise ConfigError(
@@ -407,7 +414,7 @@ def expand_pack(cfg: Config) -> list[Config]:
 
 
 def from_dict(d: dict) -> Config:
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), d))
+    return OmegaConf.to_object(OmegaConf.merge(typed_schema(), d))
 
 
 def hparams_row(run: Config) -> dict:

@@ -76,6 +76,16 @@ def test_structural_list_points_to_hydra_multirun():
         parse("train.batch_size=[32,64]")
 
 
+def test_parsing_never_changes_the_shared_schema_a_later_parse_starts_from():
+    first = parse("seed=7", "optimizer.lr=[0.01,0.1]", "model.norm=none")
+    config_lib.expand_pack(first)
+    later = parse()
+    assert (later.seed, later.optimizer.lr, later.model.norm) == (0, 0.1, "before_relu")  # the defaults
+    with pytest.raises(ConfigError, match="unknown key"):  # nor does a refused config
+        parse("+model.nrom=1")
+    assert config_lib.typed_schema().get("model").get("nrom") is None and parse() == later
+
+
 def test_pack_is_the_cartesian_product_in_a_stable_order():
     cfg = parse("optimizer.lr=[0.01,0.1,1.0]", "model.init_scale=[0.5,1,2]", "seed=[0,1,2]")
     runs = config_lib.expand_pack(cfg)

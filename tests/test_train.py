@@ -56,6 +56,7 @@ def test_default_job_writes_a_complete_run_folder_and_offline_wandb_run(mock_tfd
     assert list(wandb_run.glob("run-*.wandb")), "wandb offline run file missing"
 
 
+@pytest.mark.slow  # tests/test_experiments.py's quick placement study runs this three-job sweep and more
 def test_multirun_over_placements_gives_three_folders(small_data, run_app):
     out = run_app("-m", "model.norm=none,before_relu,after_relu")
     folders = run_folders(out)
