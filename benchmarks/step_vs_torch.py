@@ -12,8 +12,9 @@ itself: the default job (`python -m bnstudy.train`, 3 epochs on the embedded dig
 a subprocess per round, its `summary.json` `step_time` (compare it with the fresh worker process of
 `lever: defaults`); the last round's time breakdown is printed and kept, with the process's wall time
 from spawn to exit (what a user waits for: it includes the interpreter's exit, which the breakdown
-cannot). The torch row is `benchmarks/torch_reference.py`, whose loss is first checked to fall. All rows are timed round-robin in one run, after a warm-up; the table
-gives the median ms per step and the ratio torch ms / bnstudy ms (> 1: bnstudy is faster).
+cannot). The torch row is `benchmarks/torch_reference.py`, whose loss is first checked to fall. All rows
+are timed round-robin in one run, after a warm-up; the table gives the median ms per step and the ratio
+torch ms / bnstudy ms (> 1: bnstudy is faster).
 
 Levers, measured in the same rounds, each in its own subprocess (XLA reads its flags once, and malloc
 its settings, at start), each changing one thing from bnstudy's defaults: each XLA:CPU flag
@@ -66,9 +67,10 @@ def set_process_settings(flags: str = "on", malloc_on: bool = True) -> None:
 
     if malloc_on:
         allocator.keep_freed_memory()
-    dropped = {xla_flags.flag_name(f) for f in xla_flags.CPU_FLAGS} if flags == "off" else set()
-    if flags.startswith("without:"):
-        dropped = {flags.removeprefix("without:")}
+    if flags == "off":
+        dropped = {xla_flags.flag_name(f) for f in xla_flags.CPU_FLAGS}
+    else:
+        dropped = {flags.removeprefix("without:")} if flags.startswith("without:") else set()
     kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if xla_flags.flag_name(f) not in dropped]
     os.environ["XLA_FLAGS"] = " ".join(kept)
     xla_flags.add_xla_flags([f for f in xla_flags.speed_flags() if xla_flags.flag_name(f) not in dropped])
