@@ -1,4 +1,4 @@
-"""Pack throughput vs the number of devices a pack is split over (bnstudy.sharding via PackTrainer(mesh=)).
+"""Pack throughput vs the number of devices a pack is split over (bnstudy.core.sharding via PackTrainer(mesh=)).
 
     python benchmarks/bench_devices.py --fake-cpu-devices 2 --pack 4 --steps 10   # CPU: scaling shape only
     python benchmarks/bench_devices.py --pack 64 --steps 50                        # a multi-GPU machine
@@ -37,17 +37,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bnstudy import reference, sharding, trainer
+from bnstudy.core import reference, sharding, trainer
 
 STEPS_PER_EPOCH = 4
 
 
 def pack_trainer(devices: int) -> trainer.PackTrainer:
     data = common.random_data(args.batch * STEPS_PER_EPOCH, args.batch)
-    program = reference.program(batch_size=args.batch)
+    setup = reference.setup(batch_size=args.batch)
     schedule = common.timing_schedule(STEPS_PER_EPOCH, loop="python", steps_per_call=1, eval_batch=args.batch)
     mesh = sharding.pack_mesh(devices) if devices > 1 else None
-    return trainer.PackTrainer(program, data, schedule, mesh=mesh)
+    return trainer.PackTrainer(setup, data, schedule, mesh=mesh)
 
 
 def timed_steps(pack: trainer.PackTrainer, state, hp, perm) -> tuple[object, float]:

@@ -14,7 +14,7 @@
             eval): a fresh subprocess compiles against a new, empty persistent-cache directory, then a
             second subprocess against the same directory.
 
-The MNIST CNN of `bnstudy.reference` (BN before ReLU, batch 128, SGD momentum 0.9) on random MNIST-shaped
+The MNIST CNN of `bnstudy.core.reference` (BN before ReLU, batch 128, SGD momentum 0.9) on random MNIST-shaped
 data (speed, not accuracy). The per-model train step against PyTorch is `step_vs_torch.py`. Needs only
 jax, flax, optax and numpy.
 """
@@ -36,9 +36,9 @@ import common
 import jax
 import jax.numpy as jnp
 
-from bnstudy import reference
-from bnstudy.engine import HParams
-from bnstudy.trainer import PackTrainer, resolve_loop
+from bnstudy.core import reference
+from bnstudy.core.engine import HParams
+from bnstudy.core.trainer import PackTrainer, resolve_loop
 
 BATCH = common.BATCH
 
@@ -63,8 +63,8 @@ def projected_seconds(prev: dict | None, k: int, steps: int) -> float | None:
     return per_model_step * (k / prev["k"]) ** 0.5 * k * steps
 
 
-def train_packed(program, data, steps, loop, k) -> dict:
-    trainer = PackTrainer(program, data, common.timing_schedule(steps, loop))
+def train_packed(setup, data, steps, loop, k) -> dict:
+    trainer = PackTrainer(setup, data, common.timing_schedule(steps, loop))
     t = trainer.train(HParams.stack(common.hparam_rows(k)), common.no_log).timings
     return {
         "compile_s": t["compile_time"],
@@ -106,10 +106,10 @@ def pack_row(k, steps, packed, seq_runs, loop) -> dict:
     }
 
 
-def measure_pack(program, data, steps, ks, budget_s) -> tuple[list[dict], list[dict]]:
+def measure_pack(setup, data, steps, ks, budget_s) -> tuple[list[dict], list[dict]]:
     """For each K: packed K, then sequential models up to K (prefix of one sequence of single runs)."""
     loop = resolve_loop("auto")
-    seq_trainer = PackTrainer(program, data, common.timing_schedule(steps, loop))
+    seq_trainer = PackTrainer(setup, data, common.timing_schedule(steps, loop))
     seq_runs: list[dict] = []
     rows, skipped, prev = [], [], None
     for k in sorted(ks):
@@ -120,7 +120,7 @@ def measure_pack(program, data, steps, ks, budget_s) -> tuple[list[dict], list[d
             print(f"  K={k}: skipped, {reason}", flush=True)
             continue
         try:
-            packed = train_packed(program, data, steps, loop, k)
+            packed = train_packed(setup, data, steps, loop, k)
         except Exception as e:  # out of device memory shows up as an XLA runtime error
             skipped.append({"k": k, "reason": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
             print(f"  K={k}: failed ({skipped[-1]['reason']})", flush=True)
@@ -140,9 +140,9 @@ def measure_pack(program, data, steps, ks, budget_s) -> tuple[list[dict], list[d
 
 def compile_programs(k: int, steps: int) -> dict[str, dict[str, float]]:
     """Trace+lower and compile seconds of each program of a pack of K (done in a fresh process)."""
-    program = reference.program()
+    setup = reference.setup()
     data = common.random_data(steps * BATCH)
-    trainer = PackTrainer(program, data, common.timing_schedule(steps, "python"))
+    trainer = PackTrainer(setup, data, common.timing_schedule(steps, "python"))
     hp = HParams.stack(common.hparam_rows(k))
     out = {}
 
@@ -310,8 +310,8 @@ def main(argv=None) -> dict:
     print(f"  steps/measurement {cfg['steps']}, Ks {cfg['ks']}, budget {cfg['budget_s']:.0f} s per packed run")
     results: dict = {"machine": info, "config": cfg}
     if "pack" not in cfg["skip"]:
-        program, data = reference.program(), common.random_data(cfg["steps"] * BATCH)
-        results["pack"], results["pack_skipped"] = measure_pack(program, data, cfg["steps"], cfg["ks"], cfg["budget_s"])
+        setup, data = reference.setup(), common.random_data(cfg["steps"] * BATCH)
+        results["pack"], results["pack_skipped"] = measure_pack(setup, data, cfg["steps"], cfg["ks"], cfg["budget_s"])
     if "compile" not in cfg["skip"]:
         results["compile"] = measure_compile(cfg["compile_ks"], cfg["steps"])
     info["load_end"] = common.load()

@@ -1,6 +1,6 @@
 """What every benchmark script shares: provenance header, generated data, timing loops and JSON output.
 
-Needs only jax, flax, optax and numpy (bnstudy's core, `bnstudy.provenance` and `bnstudy.reference`),
+Needs only jax, flax, optax and numpy (bnstudy's core, `bnstudy.app.provenance` and `bnstudy.core.reference`),
 so that the benchmarks run on a bare JAX GPU machine: nothing here imports Hydra, wandb, TFDS,
 omegaconf, orbax, pandas or TensorFlow.
 """
@@ -26,9 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bnstudy import provenance, reference
-from bnstudy.engine import ArrayData
-from bnstudy.trainer import Schedule
+from bnstudy.app import provenance
+from bnstudy.core import reference
+from bnstudy.core.engine import ArrayData
+from bnstudy.core.trainer import Schedule
 
 BATCH = reference.BATCH_SIZE
 

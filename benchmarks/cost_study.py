@@ -36,10 +36,12 @@ if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
 import jax
 import jax.numpy as jnp
 
-from bnstudy import analysis, engine, provenance, reference
-from bnstudy import config as config_lib
-from bnstudy import runs as runs_lib
-from bnstudy.engine import ArrayData, HParams, Program
+from bnstudy.analysis import study as analysis
+from bnstudy.app import config as config_lib
+from bnstudy.app import provenance
+from bnstudy.app import runs as runs_lib
+from bnstudy.core import engine, reference
+from bnstudy.core.engine import ArrayData, HParams, Setup
 
 SHAPES = {
     "mnist_t10k": ((28, 28, 1), "cnn", (0.1307,), (0.3081,)),
@@ -69,16 +71,16 @@ def run_config(dataset: str, norm: str, batch_size: int, seed: int, out_dir: str
     return config_lib.to_dict(config_lib.parse(raw))
 
 
-def program_for(dataset: str, norm: str, batch_size: int) -> Program:
+def program_for(dataset: str, norm: str, batch_size: int) -> Setup:
     shape, name, mean, std = SHAPES[dataset]
     model = reference.build_model(name, norm=norm)
-    return reference.program(model, batch_size=batch_size, input_mean=mean, input_std=std)
+    return reference.setup(model, batch_size=batch_size, input_mean=mean, input_std=std)
 
 
 def stepper(dataset: str, norm: str, batch_size: int, seed: int):
     """(compile seconds, a no-argument function running one train step)."""
     shape = SHAPES[dataset][0]
-    program = program_for(dataset, norm, batch_size)
+    setup = program_for(dataset, norm, batch_size)
     rng = np.random.default_rng(seed)
     n = 4 * batch_size
     data = ArrayData(
@@ -94,11 +96,11 @@ def stepper(dataset: str, norm: str, batch_size: int, seed: int):
         dropout_rate=jnp.float32(0.0),
         seed=jnp.int32(seed),
     )
-    state = jax.jit(partial(engine.init_state, program, shape))(hp)
+    state = jax.jit(partial(engine.init_state, setup, shape))(hp)
     perm = engine.epoch_permutation(hp.seed, 0, n)
     args = (state, hp, data, perm, jnp.int32(0))
     t0 = time.perf_counter()
-    compiled = jax.jit(partial(engine.train_step, program)).lower(*args).compile()
+    compiled = jax.jit(partial(engine.train_step, setup)).lower(*args).compile()
     compile_s = time.perf_counter() - t0
     return compile_s, lambda: compiled(*args)
 

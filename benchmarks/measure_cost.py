@@ -16,7 +16,7 @@ and the train step of the other norm kinds and of flax's own nn.BatchNorm, as ra
 
     python benchmarks/measure_cost.py --repeats 7 --out cost.json
 
-With --job, instead the whole default job (bnstudy.trainer.PackTrainer, the app's default schedule:
+With --job, instead the whole default job (bnstudy.core.trainer.PackTrainer, the app's default schedule:
 the embedded mnist_t10k digits, batch 128, BN before ReLU, discrepancy on) for --epochs, with each
 measurement switched on alone, as a ratio of training + evaluation seconds (compilation excluded) to
 the same job without any of them ("plain"), variants interleaved over the repeats:
@@ -41,8 +41,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bnstudy import engine, metrics, models, reference
-from bnstudy.engine import ArrayData, HParams, Program
+from bnstudy.core import engine, metrics, models, reference
+from bnstudy.core.engine import ArrayData, HParams, Setup
 
 
 class _FlaxBatchNormBlock(models.Block):
@@ -61,8 +61,8 @@ class _FlaxBatchNormNet(models._Net):
         return _FlaxBatchNormBlock(self.norm, self.bn_momentum, self.bn_epsilon, name=f"{name}_norm")(h, train)
 
 
-def program_for(norm_kind: str, batch_size: int) -> Program:
-    return reference.program(reference.build_model(norm_kind=norm_kind), batch_size=batch_size)
+def program_for(norm_kind: str, batch_size: int) -> Setup:
+    return reference.setup(reference.build_model(norm_kind=norm_kind), batch_size=batch_size)
 
 
 def calls(args, data: ArrayData) -> dict:
@@ -79,24 +79,24 @@ def calls(args, data: ArrayData) -> dict:
     mask = jnp.ones(args.eval_batch)
     out = {}
 
-    def stepper(program):
-        state = jax.jit(partial(engine.init_state, program, (28, 28, 1)))(hp)
-        step = jax.jit(partial(engine.train_step, program))
+    def stepper(setup):
+        state = jax.jit(partial(engine.init_state, setup, (28, 28, 1)))(hp)
+        step = jax.jit(partial(engine.train_step, setup))
         return state, lambda: step(state, hp, data, perm, jnp.int32(0))
 
-    program = program_for("batch", args.batch_size)
-    state, out["step"] = stepper(program)
-    ics = jax.jit(partial(metrics.ics_probe, program))
+    setup = program_for("batch", args.batch_size)
+    state, out["step"] = stepper(setup)
+    ics = jax.jit(partial(metrics.ics_probe, setup))
     out["ics"] = lambda: ics(state, hp, data, perm, jnp.int32(0))
-    smooth = jax.jit(partial(metrics.smoothness_probe, program, (0.5, 1.0, 2.0, 4.0), False))
+    smooth = jax.jit(partial(metrics.smoothness_probe, setup, (0.5, 1.0, 2.0, 4.0), False))
     out["smooth"] = lambda: smooth(state, hp, data, perm, jnp.int32(0))
-    ev = jax.jit(partial(engine.eval_batch, program))
+    ev = jax.jit(partial(engine.eval_batch, setup))
     out["eval"] = lambda: ev(state.params, state.batch_stats, images, labels, mask)
-    units = jax.jit(partial(metrics.eval_batch_with_units, program))
+    units = jax.jit(partial(metrics.eval_batch_with_units, setup))
     out["eval+units"] = lambda: units(state.params, state.batch_stats, images, labels, mask)
     for kind in ("layer", "group"):
         out[f"step[{kind}]"] = stepper(program_for(kind, args.batch_size))[1]
-    m = program.model
+    m = setup.model
     flax_net = _FlaxBatchNormNet(
         conv_blocks=m.conv_blocks,
         dense_widths=m.dense_widths,
@@ -106,7 +106,7 @@ def calls(args, data: ArrayData) -> dict:
         bn_momentum=m.bn_momentum,
         bn_epsilon=m.bn_epsilon,
     )
-    out["step[flax BatchNorm]"] = stepper(dataclasses.replace(program, model=flax_net))[1]
+    out["step[flax BatchNorm]"] = stepper(dataclasses.replace(setup, model=flax_net))[1]
     return out
 
 
@@ -122,14 +122,14 @@ def job_variants(ics_every: int) -> dict[str, dict]:
 
 def job_cost(args) -> dict:
     """Train the default job once per variant and repeat, round-robin; seconds are train + eval time."""
-    from bnstudy import data as data_lib
-    from bnstudy.trainer import PackTrainer
+    from bnstudy.app import data as data_lib
+    from bnstudy.core.trainer import PackTrainer
 
     dataset = data_lib.load("mnist_t10k")
-    program = reference.program(batch_size=args.batch_size, input_mean=dataset.mean, input_std=dataset.std)
+    setup = reference.setup(batch_size=args.batch_size, input_mean=dataset.mean, input_std=dataset.std)
     base = reference.schedule(epochs=args.epochs, dead_units=False)  # the default job, new measurements off
     trainers = {
-        name: PackTrainer(program, dataset.arrays, dataclasses.replace(base, **kw))
+        name: PackTrainer(setup, dataset.arrays, dataclasses.replace(base, **kw))
         for name, kw in job_variants(args.ics_every).items()
     }
     hp = reference.hparams([{"lr": 0.01}])

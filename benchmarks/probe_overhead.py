@@ -15,7 +15,7 @@ a temporary folder so that repeats do not recompile) and the ratio to `base`. It
 probe call against one train step, with the step sizes vmapped and unrolled.
 
 Only the core is needed. Data: random MNIST-shaped uint8 images (--train/--test examples), or, with
---data-dir, a prepared TFDS `mnist` folder read through bnstudy.data (needs tensorflow-datasets).
+--data-dir, a prepared TFDS `mnist` folder read through bnstudy.app.data (needs tensorflow-datasets).
 
     python benchmarks/probe_overhead.py --data-dir DATA_DIR --epochs 2 --repeats 2 --out overhead.json
     python benchmarks/probe_overhead.py --train 60000 --test 10000 --epochs 1 --repeats 1
@@ -37,14 +37,14 @@ import common
 import jax
 import jax.numpy as jnp
 
-from bnstudy import engine, metrics, reference
-from bnstudy.engine import ArrayData, HParams, Program
-from bnstudy.trainer import PackTrainer, Schedule
+from bnstudy.core import engine, metrics, reference
+from bnstudy.core.engine import ArrayData, HParams, Setup
+from bnstudy.core.trainer import PackTrainer, Schedule
 
 
 def load_data(args) -> tuple[ArrayData, str]:
     if args.data_dir:
-        from bnstudy import data  # app layer: only for a real TFDS folder
+        from bnstudy.app import data  # app layer: only for a real TFDS folder
 
         return data.load("mnist", args.data_dir).arrays, f"TFDS mnist from {args.data_dir}"
     return common.random_data(args.train, args.test), "random"
@@ -72,15 +72,15 @@ def schedule(**kw) -> Schedule:
     return reference.schedule(**{"discrepancy": False, "discrepancy_train_subset": 0, **kw})
 
 
-def probe_vs_step(program: Program, data: ArrayData, hp: HParams, n: int) -> dict:
+def probe_vs_step(setup: Setup, data: ArrayData, hp: HParams, n: int) -> dict:
     """Seconds of one train step and of one probe (4 step sizes, vmapped and unrolled), pack of one."""
-    trainer = PackTrainer(program, data, schedule(epochs=1))
+    trainer = PackTrainer(setup, data, schedule(epochs=1))
     state, _ = trainer.compile(hp)
     perm = trainer.permutation(hp, 0)
-    step = jax.jit(jax.vmap(partial(engine.train_step, program), in_axes=(0, 0, None, 0, None)))  # no donation
+    step = jax.jit(jax.vmap(partial(engine.train_step, setup), in_axes=(0, 0, None, 0, None)))  # no donation
     out = {"step_s": time_calls(lambda: step(state, hp, data, perm, jnp.int32(0))[1], n)}
     for name, vectorize in (("probe_vmap_s", True), ("probe_unrolled_s", False)):
-        probe = partial(metrics.smoothness_probe, program, (0.5, 1.0, 2.0, 4.0), vectorize)
+        probe = partial(metrics.smoothness_probe, setup, (0.5, 1.0, 2.0, 4.0), vectorize)
         fn = jax.jit(jax.vmap(probe, in_axes=(0, 0, None, 0, None)))
         out[name] = time_calls(lambda fn=fn: fn(state, hp, data, perm, jnp.int32(0)), n)
     return out
@@ -106,7 +106,7 @@ def main() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
     data, source = load_data(args)
-    program = reference.program()
+    setup = reference.setup()
     hp = reference.hparams()
     device = common.machine(extra_packages=())
     common.print_header("bnstudy probe overhead", device)
@@ -116,7 +116,7 @@ def main() -> None:
     )
 
     chosen = {k: v for k, v in variants(args).items() if k in args.variants.split(",")}
-    trainers = {name: PackTrainer(program, data, schedule(epochs=args.epochs, **kw)) for name, kw in chosen.items()}
+    trainers = {name: PackTrainer(setup, data, schedule(epochs=args.epochs, **kw)) for name, kw in chosen.items()}
     runs = {name: [] for name in chosen}
     for r in range(args.repeats):
         for name, trainer in trainers.items():
@@ -150,7 +150,7 @@ def main() -> None:
             f"{ratio:>7s} {row['compile_time_first']:10.2f}"
         )
 
-    micro = probe_vs_step(program, data, hp, args.calls)
+    micro = probe_vs_step(setup, data, hp, args.calls)
     print(
         f"\none call: step {micro['step_s'] * 1e3:.0f} ms, "
         f"probe vmapped over eta {micro['probe_vmap_s'] * 1e3:.0f} ms "

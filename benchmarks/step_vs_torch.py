@@ -18,7 +18,7 @@ torch ms / bnstudy ms (> 1: bnstudy is faster).
 
 Levers, measured in the same rounds, each in its own subprocess (XLA reads its flags once, and malloc
 its settings, at start), each changing one thing from bnstudy's defaults: each XLA:CPU flag
-(`bnstudy.xla_flags`) off in turn, glibc's malloc defaults (`bnstudy.allocator` off), the first BN not
+(`bnstudy.perf.xla_flags`) off in turn, glibc's malloc defaults (`bnstudy.perf.allocator` off), the first BN not
 folded into the one-channel convolution, BN's gradient by autodiff instead of its closed form, XLA's
 convolution for the one-channel first layer, and the pool as a reshape + max reduction or `nn.max_pool`.
 Their ratio is to the subprocess with bnstudy's defaults. Needs jax, flax, optax, numpy; torch optional
@@ -63,7 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def set_process_settings(flags: str = "on", malloc_on: bool = True) -> None:
     """Before JAX starts: bnstudy's malloc settings as the app sets them, or not, and its speed flags:
     `flags` 'on' (all, as the app sets them), 'off' (none) or 'without:<flag name>' (all but that one)."""
-    from bnstudy import allocator, xla_flags
+    from bnstudy.perf import allocator, xla_flags
 
     if malloc_on:
         allocator.keep_freed_memory()
@@ -84,7 +84,7 @@ def reshape_max_pool(x):
 
 def unfolded_batch_norm(conv, scale, bias, epsilon):
     """`models.batch_norm_train_one_channel_conv` without the folding: BN on the computed first conv map."""
-    from bnstudy import models
+    from bnstudy.core import models
 
     return models.batch_norm_train(conv.output(), scale, bias, epsilon)
 
@@ -93,7 +93,7 @@ def autodiff_batch_norm_train(x, scale, bias, epsilon):
     """`models.batch_norm_train` without its closed-form gradient: JAX differentiates the formula."""
     import jax
 
-    from bnstudy import models
+    from bnstudy.core import models
 
     mean, var = models.batch_stats(x)
     return (x - mean) * jax.lax.rsqrt(var + epsilon) * scale + bias, mean, var
@@ -113,7 +113,7 @@ def swap_core_functions(pool: str, bn: str, conv: str) -> None:
     or its one-channel convolution ("xla"); the models look each up when they trace."""
     import flax.linen as nn
 
-    from bnstudy import models
+    from bnstudy.core import models
 
     if conv == "xla":
         models.conv3x3_one_channel = xla_conv3x3
@@ -133,11 +133,11 @@ def app_step_run(steps: int, steps_per_call: int | str):
     run() trains one epoch of `steps` steps and returns its train-step seconds."""
     import common
 
-    from bnstudy import reference
-    from bnstudy.trainer import PackTrainer
+    from bnstudy.core import reference
+    from bnstudy.core.trainer import PackTrainer
 
     data = common.random_data(steps * common.BATCH)
-    trainer = PackTrainer(reference.program(), data, common.timing_schedule(steps, "python", steps_per_call))
+    trainer = PackTrainer(reference.setup(), data, common.timing_schedule(steps, "python", steps_per_call))
     hp = reference.hparams([{"lr": 0.05}])
     compile_s = trainer.train(hp, common.no_log).timings["compile_time"]
     return (lambda: trainer.train(hp, common.no_log).timings["train_time"]), compile_s, trainer.steps_per_call
@@ -232,7 +232,7 @@ def torch_run(steps: int, data):
     return run
 
 
-# Each of bnstudy.xla_flags.CPU_FLAGS by name, and what switching it off brings back.
+# Each of bnstudy.perf.xla_flags.CPU_FLAGS by name, and what switching it off brings back.
 FLAG_LEVERS = {
     "xla_cpu_experimental_ynn_fusion_type": "YNN conv fusion back on",
     "xla_cpu_use_fusion_emitters": "MLIR fusion emitters back on",
@@ -269,7 +269,7 @@ def main(argv=None) -> dict:
     import common
     import jax
 
-    from bnstudy import xla_flags
+    from bnstudy.perf import xla_flags
 
     common.quiet_logging()
     info = common.machine()
@@ -277,7 +277,7 @@ def main(argv=None) -> dict:
     print(
         f"  MNIST CNN, BN before ReLU, batch {common.BATCH}, SGD momentum 0.9; {args.steps} steps x {args.repeats} rounds"
     )
-    from bnstudy.trainer import resolve_steps_per_call
+    from bnstudy.core.trainer import resolve_steps_per_call
 
     # Every bnstudy row trains in a worker process of its own: torch's OpenMP threads keep spinning after
     # each torch op and slowed a jax step sharing their process by ~10% (benchmarks/README.md).
@@ -375,7 +375,7 @@ def print_table(rows: list[dict], load_before: list[float], load_after: list[flo
 
 def print_breakdown(summary: dict) -> None:
     """The default job's time line, as the app prints it, and its overhead against the issue's budget."""
-    from bnstudy.timing import breakdown_line
+    from bnstudy.perf.timing import breakdown_line
 
     t = summary["time_breakdown"]
     budget = 0.25 * t["train_steps"] + 5.0

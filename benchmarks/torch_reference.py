@@ -1,6 +1,6 @@
 """bnstudy's MNIST CNN in PyTorch eager: the reference its CPU train step is timed against.
 
-Same layers and shapes as `bnstudy.models.build_model("cnn", norm="before_relu")`: 3x3 SAME convs with
+Same layers and shapes as `bnstudy.core.models.build_model("cnn", norm="before_relu")`: 3x3 SAME convs with
 32 and 64 channels, each followed by BN -> ReLU -> 2x2 max-pool, a 128-unit dense block with its own
 BN -> ReLU, and a 10-way classifier; BN momentum 0.1 (PyTorch's convention, bnstudy's 0.9), eps 1e-5;
 SGD with momentum 0.9, lr 0.1, no weight decay (bnstudy's defaults). The step takes the same inputs

@@ -24,7 +24,10 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
-from bnstudy import allocator, xla_flags  # noqa: E402
+from bnstudy.perf import (
+    allocator,  # noqa: E402
+    xla_flags,  # noqa: E402
+)
 
 # The process settings the app makes before JAX starts (bnstudy/train.py), so tests run what users run.
 xla_flags.add_xla_flags()
@@ -37,8 +40,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from bnstudy import engine, reference  # noqa: E402
-from bnstudy.evaluate import pack_permutation  # noqa: E402
+from bnstudy.core import engine, reference  # noqa: E402
+from bnstudy.core.evaluate import pack_permutation  # noqa: E402
 
 # The libraries' objects live as long as the worker, yet every full collection scans them all again:
 # ~120,000 after these imports, ~480,000 once a test imports TensorFlow (0.47 s a collection on 2 cores;
@@ -87,7 +90,7 @@ def make_arrays(n_train=256, n_test=64, shape=(28, 28, 1), seed=0) -> engine.Arr
     return engine.ArrayData(jnp.asarray(a), jnp.asarray(b), jnp.asarray(c), jnp.asarray(d))
 
 
-# What the core tests change in the reference schedule (bnstudy.reference: the config schema's defaults);
+# What the core tests change in the reference schedule (bnstudy.core.reference: the config schema's defaults);
 # each test overrides what it is about with `schedule(...)`.
 TEST_SCHEDULE = dict(
     epochs=1,
@@ -108,9 +111,9 @@ def schedule(**kw):
     return reference.schedule(**{**TEST_SCHEDULE, **kw})
 
 
-def cnn_program(norm="before_relu", batch_size=32, dropout_placement="none", **kw) -> engine.Program:
+def cnn_program(norm="before_relu", batch_size=32, dropout_placement="none", **kw) -> engine.Setup:
     model = build_model("cnn", norm=norm, dropout_placement=dropout_placement)
-    return reference.program(model, batch_size=batch_size, input_mean=(0.13,), input_std=(0.31,), **kw)
+    return reference.setup(model, batch_size=batch_size, input_mean=(0.13,), input_std=(0.31,), **kw)
 
 
 def hparams(rows) -> engine.HParams:
@@ -120,14 +123,14 @@ def hparams(rows) -> engine.HParams:
 
 # Compiled as the trainer compiles them (one program each, `jit_rare`): op by op, every initializer's
 # random draw compiled a threefry of its own (~0.3 s each on 2 cores).
-def init_states(program: engine.Program, shape: tuple[int, ...], hp: engine.HParams) -> engine.TrainState:
+def init_states(setup: engine.Setup, shape: tuple[int, ...], hp: engine.HParams) -> engine.TrainState:
     """The pack's initial states for [K]-shaped `hp`."""
-    return xla_flags.jit_rare(jax.vmap(partial(engine.init_state, program, tuple(shape))))(hp)
+    return xla_flags.jit_rare(jax.vmap(partial(engine.init_state, setup, tuple(shape))))(hp)
 
 
-def initial_state(program: engine.Program, shape: tuple[int, ...], hp: engine.HParams) -> engine.TrainState:
+def initial_state(setup: engine.Setup, shape: tuple[int, ...], hp: engine.HParams) -> engine.TrainState:
     """One run's initial state for scalar `hp`."""
-    return xla_flags.jit_rare(partial(engine.init_state, program, tuple(shape)))(hp)
+    return xla_flags.jit_rare(partial(engine.init_state, setup, tuple(shape)))(hp)
 
 
 def init_variables(module, *args, **kwargs):
@@ -161,7 +164,8 @@ def mock_tfds(monkeypatch):
     its numpy copies of prepared splits (which would serve the real data instead of the mock) out of the way."""
     import tensorflow_datasets as tfds
 
-    from bnstudy import data, numpy_cache
+    from bnstudy.app import data
+    from bnstudy.perf import numpy_cache
 
     monkeypatch.setattr(numpy_cache, "read", lambda *a: None)
     monkeypatch.setattr(numpy_cache, "write", lambda *a: None)
@@ -174,7 +178,7 @@ def mock_tfds(monkeypatch):
 def serve_generated_data(monkeypatch, n_train: int, n_test: int, shape: tuple[int, ...]) -> None:
     """The app's data loader returning `make_arrays` images in place of TFDS, for tests of what the app does
     with its data rather than of reading it: small images compile and run faster than MNIST's 28x28."""
-    from bnstudy import data
+    from bnstudy.app import data
 
     arrays = [np.asarray(a) for a in make_arrays(n_train=n_train, n_test=n_test, shape=shape)]
     monkeypatch.setattr(data, "_load_numpy_cached", lambda *a: ((arrays[0], arrays[1]), (arrays[2], arrays[3])))
@@ -189,7 +193,7 @@ def small_data(monkeypatch):
 @pytest.fixture
 def run_app(monkeypatch, tmp_path):
     """Run the Hydra app in-process as a user would from the shell: `run_app("model.norm=none", "-m", ...)`."""
-    from bnstudy import train
+    from bnstudy.app import main as train
 
     def run(*overrides):
         flags = [o for o in overrides if o.startswith("-")]  # Hydra's argparse wants flags before overrides
@@ -220,8 +224,8 @@ NO_NETWORK = (  # any connection attempt other than to loopback fails, so a test
 # The prepared test split holds exactly the official test images order[8000:] of the fixed-seed shuffle.
 PREPARE_AND_CHECK = """
 import numpy as np
-from bnstudy import data
-from bnstudy.datasets.mnist_t10k import builder
+from bnstudy.app import data
+from bnstudy.app.datasets.mnist_t10k import builder
 d = data.load('mnist_t10k', {path!r})
 images, _ = builder.load_images_and_labels()
 _, test = builder.split_order()

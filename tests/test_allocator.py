@@ -6,11 +6,11 @@ import textwrap
 
 import pytest
 
-from bnstudy import allocator
+from bnstudy.perf import allocator
 
 FAULTS_PER_CALL = """
 import resource, sys
-from bnstudy import allocator
+from bnstudy.perf import allocator
 if sys.argv[1] == "on":
     print("applied", allocator.keep_freed_memory())
 import jax, jax.numpy as jnp

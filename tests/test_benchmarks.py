@@ -40,7 +40,7 @@ def test_every_bnstudy_row_is_a_worker_spec_that_changes_one_setting_from_the_de
 
 
 def test_each_xla_flag_has_a_lever_and_a_worker_without_it_sets_only_the_others(monkeypatch):
-    from bnstudy import xla_flags
+    from bnstudy.perf import xla_flags
 
     assert set(step_vs_torch.FLAG_LEVERS) == {xla_flags.flag_name(f) for f in xla_flags.CPU_FLAGS}
     monkeypatch.setattr(xla_flags, "speed_flags", lambda: xla_flags.CPU_FLAGS)

@@ -9,9 +9,9 @@ import jax
 import numpy as np
 import pytest
 
-from bnstudy import checkpoints
-from bnstudy.engine import HParams, Program
-from bnstudy.trainer import build_train_programs
+from bnstudy.app import checkpoints
+from bnstudy.core.engine import HParams, Setup
+from bnstudy.core.trainer import build_train_programs
 from conftest import build_model
 
 
@@ -24,8 +24,8 @@ def assert_same_tree(a, b):
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_a_restored_model_slice_equals_the_saved_one_and_only_the_last_is_kept(tmp_path, optimizer):
-    program = Program(model=build_model(), optimizer=optimizer, batch_size=8)
-    programs = build_train_programs(program, (28, 28, 1), steps_per_epoch=1, probe_every=0, multipliers=(), ics_every=0)
+    setup = Setup(model=build_model(), optimizer=optimizer, batch_size=8)
+    programs = build_train_programs(setup, (28, 28, 1), steps_per_epoch=1, probe_every=0, multipliers=(), ics_every=0)
     hp = HParams.stack([dict(lr=0.1, weight_decay=0.0, init_scale=1.0, dropout_rate=0.0, seed=s) for s in (3, 4)])
     pack = jax.device_get(programs.init(hp))
     pack = pack.replace(step=pack.step + 7, diverged=np.array([False, True]), diverged_step=np.array([-1, 5], np.int32))
@@ -51,8 +51,8 @@ def test_a_restored_model_slice_equals_the_saved_one_and_only_the_last_is_kept(t
 
 def test_a_run_folder_given_relative_to_the_working_directory_checkpoints_and_restores(tmp_path, monkeypatch):
     """`out_dir=outputs/...` is relative; orbax itself refuses relative paths."""
-    program = Program(model=build_model(), optimizer="sgd", batch_size=8)
-    programs = build_train_programs(program, (28, 28, 1), steps_per_epoch=1, probe_every=0, multipliers=(), ics_every=0)
+    setup = Setup(model=build_model(), optimizer="sgd", batch_size=8)
+    programs = build_train_programs(setup, (28, 28, 1), steps_per_epoch=1, probe_every=0, multipliers=(), ics_every=0)
     hp = HParams.stack([dict(lr=0.1, weight_decay=0.0, init_scale=1.0, dropout_rate=0.0, seed=0)])
     state = checkpoints.model_slice(jax.device_get(programs.init(hp)), 0)
     monkeypatch.chdir(tmp_path)
@@ -65,7 +65,7 @@ def test_a_run_folder_given_relative_to_the_working_directory_checkpoints_and_re
 
 
 def test_a_reopened_run_folder_keeps_the_records_before_the_checkpoint_and_its_wandb_id(tmp_path):
-    from bnstudy import runs
+    from bnstudy.app import runs
 
     folder = runs.RunFolder(tmp_path / "run", {"seed": 0}, {"config_hash": "h", "started_at": "t0"})
     for step in (4, 8, 8, 8, 12):  # train window, evaluation and the next epoch's first probe share step 8
@@ -83,7 +83,7 @@ def test_a_reopened_run_folder_keeps_the_records_before_the_checkpoint_and_its_w
 def test_a_signal_during_a_checkpoint_waits_for_it_then_interrupts():
     import signal
 
-    from bnstudy.train import RunInterrupted, interrupts_as_exceptions, signals_deferred
+    from bnstudy.app.main import RunInterrupted, interrupts_as_exceptions, signals_deferred
 
     finished = []
     with pytest.raises(RunInterrupted) as stopped, interrupts_as_exceptions():

@@ -13,8 +13,8 @@ import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from bnstudy import config as config_lib
-from bnstudy import config_tree, runs
+from bnstudy.app import config as config_lib
+from bnstudy.app import config_tree, runs
 from conftest import TINY, subprocess_env
 
 config_tree.register()

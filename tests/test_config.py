@@ -3,10 +3,10 @@
 import pytest
 from hydra import compose, initialize_config_dir
 
-from bnstudy import config as config_lib
-from bnstudy import config_tree
-from bnstudy import runs as runs_lib
-from bnstudy.config import ConfigError
+from bnstudy.app import config as config_lib
+from bnstudy.app import config_tree
+from bnstudy.app import runs as runs_lib
+from bnstudy.app.config import ConfigError
 
 CONFIGS = str(config_tree.config_dir())
 config_tree.register()
@@ -115,7 +115,7 @@ def test_repeated_pack_values_are_refused():
 def test_group_choices_return_every_chosen_option_so_only_those_studies_are_loaded():
     from pathlib import Path
 
-    from bnstudy import train
+    from bnstudy.app import main as train
 
     overrides = ["-m", "experiment=placement,ics", "optimizer=adam", "seed=[0,1]"]
     chosen = train.check_group_choices(overrides, Path(train.CONFIG_DIR))

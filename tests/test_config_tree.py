@@ -9,7 +9,7 @@ import zipfile
 import pytest
 from hydra import compose, initialize_config_dir
 
-from bnstudy import config_tree
+from bnstudy.app import config_tree
 
 config_tree.register()
 
@@ -29,7 +29,7 @@ def test_experiment_name_selects_its_file_through_the_search_path():
 
 
 def test_defaults_come_from_the_schema_alone():
-    from bnstudy.config import Config
+    from bnstudy.app.config import Config
 
     with initialize_config_dir(config_dir=str(config_tree.config_dir()), version_base="1.3"):
         cfg = compose("config")
@@ -50,7 +50,7 @@ def test_an_installed_wheel_carries_the_configs_and_studies(tmp_path):
     install = [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)]
     subprocess.run(install, check=True, timeout=300)
     code = (
-        "import bnstudy.train as t; from hydra import compose, initialize_config_dir\n"
+        "import bnstudy.app.main as t; from hydra import compose, initialize_config_dir\n"
         "with initialize_config_dir(config_dir=t.CONFIG_DIR, version_base='1.3'):\n"
         "    c = compose('config', overrides=['experiment=dropout'])\n"
         f"assert t.CONFIG_DIR.startswith({str(target)!r}) and c.study == 'dropout', t.CONFIG_DIR"

@@ -8,7 +8,8 @@ import os
 import numpy as np
 import pytest
 
-from bnstudy import data, numpy_cache
+from bnstudy.app import data
+from bnstudy.perf import numpy_cache
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ def test_cifar_augmentation_is_a_padded_crop_or_its_mirror():
     import jax
     import jax.numpy as jnp
 
-    from bnstudy import engine
+    from bnstudy.core import engine
 
     images = normal(0, (16, 8, 8, 3))
     out = np.asarray(engine.augment(images, jax.random.key(1)))
@@ -33,8 +33,8 @@ def test_core_imports_none_of_the_app_stack():
     import sys
 
     code = (
-        "import sys, bnstudy.models, bnstudy.engine, bnstudy.trainer, bnstudy.evaluate, bnstudy.metrics, "
-        "bnstudy.pack_size, bnstudy.reference, bnstudy.provenance, bnstudy.xla_flags; "
+        "import sys, bnstudy.core.models, bnstudy.core.engine, bnstudy.core.trainer, bnstudy.core.evaluate, bnstudy.core.metrics, "
+        "bnstudy.core.pack_size, bnstudy.core.reference, bnstudy.app.provenance, bnstudy.perf.xla_flags; "
         "bad = {'hydra', 'omegaconf', 'wandb', 'tensorflow_datasets', 'tensorflow', 'tqdm', 'orbax', 'pandas'} "
         "& set(sys.modules); "
         "assert not bad, bad"
@@ -49,14 +49,14 @@ def member(tree, k):
     return jax.tree.map(lambda a: a[k], tree)
 
 
-def first_sgd_update_by_hand(program, state, hp, data, perm):
+def first_sgd_update_by_hand(setup, state, hp, data, perm):
     """p0 - lr * (g + wd * p0): SGD's first step (the momentum buffer starts at the gradient)."""
     import jax
 
-    from bnstudy import engine
+    from bnstudy.core import engine
 
-    x, labels, key = engine.step_inputs(program, state, hp, data, perm, 0)
-    loss = lambda p: engine.forward_train(program, p, state.batch_stats, x, labels, 0.0, key)[0]
+    x, labels, key = engine.step_inputs(setup, state, hp, data, perm, 0)
+    loss = lambda p: engine.forward_train(setup, p, state.batch_stats, x, labels, 0.0, key)[0]
     grads = jax.grad(loss)(state.params)
     return jax.tree.map(lambda p, g: p - hp.lr * (g + hp.weight_decay * p), state.params, grads)
 
@@ -67,19 +67,19 @@ def test_the_update_uses_hp_lr_exactly_as_sgd_says():
     import jax
     import jax.numpy as jnp
 
-    from bnstudy import engine
+    from bnstudy.core import engine
 
     arrays = make_arrays(n_train=64, n_test=24, shape=(10, 10, 1))  # small images: faster compiles
-    program = cnn_program(norm="none")
+    setup = cnn_program(norm="none")
     hp = hparams([{"lr": 0.01, "weight_decay": 0.1}, {"lr": 0.3, "weight_decay": 0.1}])
     hp = hp._replace(seed=jnp.zeros_like(hp.seed))  # same init and batch, only the lr differs
     init_hp = hp._replace(lr=jnp.full_like(hp.lr, 0.05))
     # Jitted as the trainer does: op by op, each of hundreds of primitives would compile on its own.
-    state = init_states(program, arrays.train_images.shape[1:], init_hp)
+    state = init_states(setup, arrays.train_images.shape[1:], init_hp)
     perm = jnp.stack([jnp.arange(arrays.train_images.shape[0])] * 2)
-    step = jax.jit(jax.vmap(partial(engine.train_step, program), in_axes=(0, 0, None, 0, None)))
+    step = jax.jit(jax.vmap(partial(engine.train_step, setup), in_axes=(0, 0, None, 0, None)))
     new, _ = step(state, hp, arrays, perm, 0)
-    by_hand = jax.jit(partial(first_sgd_update_by_hand, program))
+    by_hand = jax.jit(partial(first_sgd_update_by_hand, setup))
     for k in range(2):
         expected = by_hand(member(state, k), member(hp, k), arrays, perm[k])
         for e, g in zip(jax.tree.leaves(expected), jax.tree.leaves(member(new.params, k)), strict=True):

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bnstudy import engine, evaluate
+from bnstudy.core import engine, evaluate
 from conftest import cnn_program, hparams, init_states
 
 
@@ -28,17 +28,17 @@ def test_padded_batches_mask_exactly_the_padding():
 
 
 def test_named_splits_give_their_own_loss_and_accuracy_and_no_bn_keys_without_bn(arrays):
-    program = cnn_program(norm="none")
+    setup = cnn_program(norm="none")
     hp = hparams([{"seed": 0}, {"seed": 1}])
-    state = init_states(program, arrays.train_images.shape[1:], hp)
+    state = init_states(setup, arrays.train_images.shape[1:], hp)
     val = (arrays.train_images[:40], arrays.train_labels[:40])
     splits = {"test": (arrays.test_images, arrays.test_labels), "val": val}
-    ev = evaluate.PackEvaluator(program, arrays, splits, {"test": splits["test"]}, batch_size=16, population_batches=2)
+    ev = evaluate.PackEvaluator(setup, arrays, splits, {"test": splits["test"]}, batch_size=16, population_batches=2)
     out = ev.evaluate(state, hp, epoch=0)
     assert not ev.bn_modes_on and set(out) == {"test/loss", "test/acc", "val/loss", "val/acc"}
     for k in range(2):  # the same numbers as the model applied to the whole split at once
         params = jax.tree.map(lambda a, k=k: a[k], state.params)
-        logits = jax.jit(partial(engine.eval_logits, program))(params, {}, val[0])  # op by op, each op would compile
+        logits = jax.jit(partial(engine.eval_logits, setup))(params, {}, val[0])  # op by op, each op would compile
         loss = float(engine.cross_entropy(logits, val[1]).mean())
         acc = float(jnp.mean(jnp.argmax(logits, -1) == val[1]))
         np.testing.assert_allclose(out["val/loss"][k], loss, rtol=1e-5)

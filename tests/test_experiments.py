@@ -11,8 +11,10 @@ from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf, open_dict
 
-from bnstudy import analysis, config_tree, report
-from bnstudy import config as config_lib
+from bnstudy.analysis import report
+from bnstudy.analysis import study as analysis
+from bnstudy.app import config as config_lib
+from bnstudy.app import config_tree
 
 CONFIGS = config_tree.config_dir()
 config_tree.register()
@@ -166,7 +168,7 @@ def test_quick_placement_runs_end_to_end_through_train_and_report(small_data, ru
 
 
 def test_batch_size_study_scales_the_lr_and_pools_a_fixed_number_of_examples():
-    from bnstudy.train import population_batches
+    from bnstudy.app.main import population_batches
 
     for bs in (2, 8, 32, 128, 512):
         cfg = config_lib.parse(compose_study("batch_size", f"train.batch_size={bs}"))

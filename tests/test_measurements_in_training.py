@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bnstudy import metrics, trainer
+from bnstudy.core import metrics, trainer
 from conftest import cnn_program, hparams, imports_tensorflow, make_arrays, schedule
 
 # 4 steps per epoch, 2 epochs; ICS before steps 0, 2, 4, 6; evaluations after 3, 6 and 8 steps.
@@ -72,9 +72,9 @@ def test_ics_and_dead_units_are_logged_at_their_steps_and_match_each_run_alone(a
 def test_dead_fraction_is_over_the_whole_test_split_in_inference_mode(arrays):
     """24-example batches of a 64-example split: 3 batches, the last one padded; the padding must not count."""
     result, _ = train(arrays, [{"lr": 0.5, "seed": 3}], schedule(**{**MEASURED.__dict__, "ics_every": 0}))
-    program = cnn_program("before_relu", batch_size=32)
+    setup = cnn_program("before_relu", batch_size=32)
     one = jax.tree.map(lambda a: a[0], result.state)
-    whole = jax.jit(partial(metrics.eval_batch_with_units, program))(  # op by op, each op would compile
+    whole = jax.jit(partial(metrics.eval_batch_with_units, setup))(  # op by op, each op would compile
         one.params,
         one.batch_stats,
         arrays.test_images,

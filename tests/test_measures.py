@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bnstudy import engine, metrics
-from bnstudy.convergence import steps_to_target
+from bnstudy.analysis.convergence import steps_to_target
+from bnstudy.core import engine, metrics
 from conftest import cnn_program, hparams, init_states, make_arrays, permutations
 
 SHAPE = (10, 10, 1)
@@ -80,10 +80,10 @@ ICS_PROBE = jax.jit(partial(metrics.ics_probe, PROGRAM))
 shares_programs = pytest.mark.xdist_group("measures_dropout_cnn")
 
 
-def start(program, rows, arrays):
+def start(setup, rows, arrays):
     """Initial pack state (vmapped init) and epoch 0's permutation for `rows`."""
     hp = hparams(rows)
-    state = init_states(program, SHAPE, hp)
+    state = init_states(setup, SHAPE, hp)
     perm = permutations(hp, arrays.train_images.shape[0])
     return hp, state, perm
 
@@ -94,17 +94,17 @@ def one(tree, k):
 
 @shares_programs
 def test_optimizer_update_is_the_train_steps_parameter_change_and_ics_probe_reports_every_weight_layer():
-    program, step, probe = PROGRAM, STEP, ICS_PROBE
+    setup, step, probe = PROGRAM, STEP, ICS_PROBE
     arrays = tiny_arrays()
-    hp, state, perm = start(program, [{"dropout_rate": 0.3, "weight_decay": 1e-3}], arrays)
+    hp, state, perm = start(setup, [{"dropout_rate": 0.3, "weight_decay": 1e-3}], arrays)
     hp, state, perm = one(hp, 0), one(state, 0), perm[0]
     state, _ = step(state, hp, arrays, perm, 0)  # a non-zero momentum buffer from here on
 
     @jax.jit
     def update_of(state, hp, perm):
-        x, labels, key = engine.step_inputs(program, state, hp, arrays, perm, 1)
-        loss = lambda p: engine.forward_train(program, p, state.batch_stats, x, labels, hp.dropout_rate, key)[0]
-        return metrics.optimizer_update(program, state, hp, jax.grad(loss)(state.params))
+        x, labels, key = engine.step_inputs(setup, state, hp, arrays, perm, 1)
+        loss = lambda p: engine.forward_train(setup, p, state.batch_stats, x, labels, hp.dropout_rate, key)[0]
+        return metrics.optimizer_update(setup, state, hp, jax.grad(loss)(state.params))
 
     update = update_of(state, hp, perm)
     after, _ = step(state, hp, arrays, perm, 1)
@@ -118,7 +118,7 @@ def test_optimizer_update_is_the_train_steps_parameter_change_and_ics_probe_repo
         assert float(out[f"ics/{layer}/l2"]) > 0.0 and -1.0 <= float(out[f"ics/{layer}/cos"]) <= 1.0 + 1e-6
     # With a zero learning rate and no momentum yet nothing moves: no shift anywhere but float32 rounding
     # (G and G' come from differently fused programs: the folded first BN rounds its statistics in each).
-    hp0, state0, perm0 = start(program, [{"lr": 1e-30}], arrays)
+    hp0, state0, perm0 = start(setup, [{"lr": 1e-30}], arrays)
     zero = probe(one(state0, 0), one(hp0, 0), arrays, perm0[0], 0)
     assert float(zero["ics/conv1/l2"]) == 0.0
     for layer in CNN_LAYERS:
@@ -139,9 +139,9 @@ def set_leaf(params, path, values):
 
 @pytest.mark.parametrize("norm", ["none", "before_relu"])
 def test_dead_fraction_of_a_constructed_layer(norm):
-    program = cnn_program(norm)
+    setup = cnn_program(norm)
     arrays = make_arrays(n_train=8, n_test=12, shape=SHAPE)
-    _, state, _ = start(program, [{}], arrays)
+    _, state, _ = start(setup, [{}], arrays)
     params, stats = one(state.params, 0), one(state.batch_stats, 0)
     # 8 of conv1's 32 channels and 32 of dense1's 128 features can never fire; all the others always do.
     conv_dead, dense_dead = np.arange(32) < 8, np.arange(128) % 4 == 0
@@ -155,7 +155,7 @@ def test_dead_fraction_of_a_constructed_layer(norm):
             params = set_leaf(params, (block, "bn", "bias"), np.where(dead, -1.0, 1.0))
     images, labels = arrays.test_images, arrays.test_labels
     mask = jnp.asarray(np.arange(12) < 10, jnp.float32)  # the last two are padding
-    units = jax.jit(partial(metrics.eval_batch_with_units, program))
+    units = jax.jit(partial(metrics.eval_batch_with_units, setup))
     sums = units(params, stats, images, labels, mask)
     out = metrics.dead_unit_fractions(sums["relu_positive"])
     assert set(out) == {"relu/conv1/dead_frac", "relu/conv2/dead_frac", "relu/dense1/dead_frac"}
@@ -163,7 +163,7 @@ def test_dead_fraction_of_a_constructed_layer(norm):
     assert float(out["relu/dense1/dead_frac"]) == 32 / 128
     np.testing.assert_array_equal(sums["relu_positive"]["conv1"], np.where(conv_dead, 0, 10))  # padding not counted
     # The same pass gives engine.eval_batch's sums.
-    plain = jax.jit(partial(engine.eval_batch, program))(params, stats, images, labels, mask)
+    plain = jax.jit(partial(engine.eval_batch, setup))(params, stats, images, labels, mask)
     for key in plain:
         np.testing.assert_allclose(sums[key], plain[key], rtol=1e-6)
     # Nothing evaluated: nothing fired.
@@ -178,21 +178,21 @@ def test_dead_fraction_of_a_constructed_layer(norm):
 def test_pack_of_three_measures_what_each_run_measures_alone():
     """vmapped convs become grouped convs on XLA:CPU, so a pack agrees with single runs to float32
     rounding (rtol 1e-4 on ICS), not bitwise; dead-unit counts are integers and must agree exactly."""
-    program = PROGRAM
+    setup = PROGRAM
     arrays = tiny_arrays()
     rows = [{"seed": 0, "dropout_rate": 0.2}, {"seed": 1, "lr": 0.2}, {"seed": 2, "lr": 0.01, "weight_decay": 1e-3}]
-    hp, state, perm = start(program, rows, arrays)
+    hp, state, perm = start(setup, rows, arrays)
     # A first step gives each member a state of its own to measure (a momentum buffer, moved weights); the
     # measurements, not the step, are what is packed here.
     stepped = [STEP(one(state, k), one(hp, k), arrays, perm[k], 0)[0] for k in range(3)]
     state = jax.tree.map(lambda *members: jnp.stack(members), *stepped)
-    ics = jax.vmap(partial(metrics.ics_probe, program), in_axes=(0, 0, None, 0, None))
-    units = jax.vmap(partial(metrics.eval_batch_with_units, program), in_axes=(0, 0, None, None, None))
+    ics = jax.vmap(partial(metrics.ics_probe, setup), in_axes=(0, 0, None, 0, None))
+    units = jax.vmap(partial(metrics.eval_batch_with_units, setup), in_axes=(0, 0, None, None, None))
     images, labels, mask = arrays.test_images, arrays.test_labels, jnp.ones(24)
     packed_ics = jax.jit(ics)(state, hp, arrays, perm, 1)
     packed_units = jax.jit(units)(state.params, state.batch_stats, images, labels, mask)["relu_positive"]
     ics_alone = ICS_PROBE
-    units_alone = jax.jit(partial(metrics.eval_batch_with_units, program))
+    units_alone = jax.jit(partial(metrics.eval_batch_with_units, setup))
     for k in range(3):
         alone = ics_alone(one(state, k), one(hp, k), arrays, perm[k], 1)
         for key, v in alone.items():

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bnstudy import engine, metrics, models, trainer
+from bnstudy.core import engine, metrics, models, trainer
 from conftest import cnn_program, hparams, make_arrays, schedule, serve_generated_data
 
 SHAPE = (10, 10, 1)  # small images: these tests are about exactness, not accuracy
@@ -155,12 +155,12 @@ def test_running_stats_set_to_population_stats_give_zero_shift_and_identical_eva
 @pytest.mark.xdist_group("whole_set_pack")  # one worker trains the module fixture
 def test_batch_of_the_whole_eval_set_normalizes_with_population_statistics(whole_set_pack):
     pt, result, hp = whole_set_pack
-    program, state = pt.program, result.state
+    setup, state = pt.setup, result.state
     pop, _ = pt.evaluator.population_stats(state, hp, epoch=0)
     first = lambda tree: jax.tree.map(lambda a: a[0], tree)
     params, running = first(state.params), first(state.batch_stats)
-    x = engine.normalize(program, pt.data.test_images)
-    batch_statistics = jax.jit(partial(metrics.batch_statistics, program))  # op by op, each op would compile
+    x = engine.normalize(setup, pt.data.test_images)
+    batch_statistics = jax.jit(partial(metrics.batch_statistics, setup))  # op by op, each op would compile
     batch = batch_statistics(params, running, x)  # what batch mode normalizes with
     for (name, b), p in zip(metrics.bn_layers(batch).items(), metrics.bn_layers(first(pop)).values(), strict=True):
         np.testing.assert_allclose(b["mean"], p["mean"], rtol=1e-5, atol=1e-6, err_msg=name)
@@ -193,9 +193,9 @@ def test_dropout_variance_shift_matches_li_et_al_closed_form():
     z = np.random.default_rng(0).normal(size=(8192, 32))
     z = (z - z.mean(0)) / z.std(0)  # exactly mean 0, variance 1 per channel
     x = jnp.asarray(c + np.sqrt(v) * z, jnp.float32)
-    program = engine.Program(model=DropoutThenBN())
-    variables = program.model.init(jax.random.key(0), x[:2], train=False)
-    stats = lambda *drop: metrics.batch_statistics(program, variables["params"], variables["batch_stats"], x, *drop)
+    setup = engine.Setup(model=DropoutThenBN())
+    variables = setup.model.init(jax.random.key(0), x[:2], train=False)
+    stats = lambda *drop: metrics.batch_statistics(setup, variables["params"], variables["batch_stats"], x, *drop)
     # Off-dropout and on-dropout statistics of one batch, through the same pooling the trainer uses.
     pop, pop_dropout = metrics.population([(stats(), stats(1 - keep, jax.random.key(1)))])
     out = metrics.bn_metrics(("BatchNorm_0",), 1e-5, variables["batch_stats"], pop, pop_dropout)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bnstudy import engine, models
+from bnstudy.core import engine, models
 from conftest import build_model, hparams, init_states, init_variables, initial_state, normal
 
 X = normal(0, (64, 8, 8, 4), loc=1.5, scale=3.0)
@@ -67,8 +67,8 @@ def test_bn_running_stats_move_by_one_minus_momentum():
 
 @pytest.mark.parametrize("scale", [0.1, 3.0])
 def test_init_scale_multiplies_kernel_std_exactly(scale):
-    program = engine.Program(build_model("cnn"))
-    states = init_states(program, (28, 28, 1), hparams([{}, {"init_scale": scale}]))
+    setup = engine.Setup(build_model("cnn"))
+    states = init_states(setup, (28, 28, 1), hparams([{}, {"init_scale": scale}]))
     base, scaled = (jax.tree.map(lambda a, k=k: a[k], states) for k in range(2))
     for name in ("conv1", "conv2", "dense1", "classifier"):
         k0, k1 = base.params[name]["kernel"], scaled.params[name]["kernel"]
@@ -79,8 +79,8 @@ def test_init_scale_multiplies_kernel_std_exactly(scale):
 
 
 def test_he_normal_std_matches_fan_in():
-    program = engine.Program(build_model("cnn"))
-    state = initial_state(program, (28, 28, 1), jax.tree.map(lambda a: a[0], hparams([{}])))
+    setup = engine.Setup(build_model("cnn"))
+    state = initial_state(setup, (28, 28, 1), jax.tree.map(lambda a: a[0], hparams([{}])))
     kernel = state.params["dense1"]["kernel"]  # fan-in 7*7*64 = 3136
     np.testing.assert_allclose(float(kernel.std()), np.sqrt(2.0 / 3136), rtol=0.05)
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bnstudy import models
+from bnstudy.core import models
 from conftest import build_model, init_variables, normal
 
 EPS = 1e-5
@@ -220,7 +220,7 @@ def test_bn_folded_into_the_first_conv_keeps_float32_precision_on_real_digits():
 
     import bnstudy
 
-    raw = (Path(bnstudy.__file__).parent / "datasets/mnist_t10k/t10k-images-idx3-ubyte.gz").read_bytes()
+    raw = (Path(bnstudy.__file__).parent / "app/datasets/mnist_t10k/t10k-images-idx3-ubyte.gz").read_bytes()
     digits = np.frombuffer(gzip.decompress(raw), np.uint8, offset=16).reshape(-1, 28, 28, 1)[:128]
     x = ((digits / 255.0 - 0.1307) / 0.3081).astype(np.float32)
     rng = np.random.default_rng(5)
@@ -337,13 +337,13 @@ def test_bn_model_keeps_its_variable_names():
 
 
 def parse(**model):
-    from bnstudy import config as config_lib
+    from bnstudy.app import config as config_lib
 
     return config_lib.parse({"dataset": {"name": "mnist"}, "model": model})
 
 
 def test_norm_kind_keys_default_to_pytorch_batch_norm_and_are_validated_before_anything_is_built():
-    from bnstudy.config import ConfigError
+    from bnstudy.app.config import ConfigError
 
     cfg = parse()
     assert (cfg.model.norm_kind, cfg.model.bn_running_var, cfg.model.norm_groups) == ("batch", "unbiased", 8)
@@ -356,7 +356,7 @@ def test_norm_kind_keys_default_to_pytorch_batch_norm_and_are_validated_before_a
         parse(bn_running_var="torch")
     with pytest.raises(ConfigError, match=r"`model.norm_kind`.*multirun"):
         parse(norm_kind=["batch", "layer"])
-    from bnstudy import config as config_lib
+    from bnstudy.app import config as config_lib
 
     with pytest.raises(ConfigError, match=r"`train.batch_size` must be at least 2"):
         config_lib.parse({"dataset": {"name": "mnist"}, "train": {"batch_size": 1}})
@@ -365,14 +365,14 @@ def test_norm_kind_keys_default_to_pytorch_batch_norm_and_are_validated_before_a
 
 @pytest.mark.parametrize("name", ["cnn", "vgg"])
 def test_a_models_own_has_batch_norm_agrees_with_the_collections_of_its_init(name):
-    from bnstudy import evaluate, reference
+    from bnstudy.core import evaluate, reference
 
     for norm, kind in [("none", "batch"), ("before_relu", "batch"), ("after_relu", "batch"), ("before_relu", "layer")]:
         kw = dict(norm_kind=kind, norm_groups=4) if kind != "batch" else {}
-        program = reference.program(reference.build_model(name, norm=norm, width=0.125, **kw))
+        setup = reference.setup(reference.build_model(name, norm=norm, width=0.125, **kw))
         shape = (32, 32, 3) if name == "vgg" else (28, 28, 1)
         assert (
-            program.model.has_batch_norm
-            == evaluate.batch_stats_in_init(program, shape)
+            setup.model.has_batch_norm
+            == evaluate.batch_stats_in_init(setup, shape)
             == (norm != "none" and kind == "batch")
         )

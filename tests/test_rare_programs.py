@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bnstudy import engine, reference, xla_flags
-from bnstudy.evaluate import pack_permutation
+from bnstudy.core import engine, reference
+from bnstudy.core.evaluate import pack_permutation
+from bnstudy.perf import xla_flags
 from conftest import build_model, cnn_program, hparams
 
 
@@ -21,16 +22,16 @@ def same_bits(a, b) -> bool:
     [
         (cnn_program("before_relu"), (28, 28, 1)),
         pytest.param(
-            reference.program(build_model("vgg", norm="after_relu", width=0.125), batch_size=8),
+            reference.setup(build_model("vgg", norm="after_relu", width=0.125), batch_size=8),
             (32, 32, 3),
             marks=pytest.mark.slow,  # ~20 s: the default compilation of VGG's initializers
         ),
     ],
     ids=["cnn", "vgg"],
 )
-def test_initial_states_of_a_pack_are_bit_identical_to_the_default_compilation(program, shape):
+def test_initial_states_of_a_pack_are_bit_identical_to_the_default_compilation(setup, shape):
     hp = hparams([{"seed": 3, "init_scale": 0.5}, {"seed": 7, "init_scale": 2.0, "lr": 0.3}])
-    init = jax.vmap(partial(engine.init_state, program, shape))
+    init = jax.vmap(partial(engine.init_state, setup, shape))
     assert same_bits(xla_flags.jit_rare(init)(hp), jax.jit(init)(hp))
 
 

@@ -1,6 +1,8 @@
-"""bnstudy.reference writes out the config schema's defaults: check that it holds the same values."""
+"""bnstudy.core.reference writes out the config schema's defaults: check that it holds the same values."""
 
-from bnstudy import config, data, reference, train
+from bnstudy.app import config, data
+from bnstudy.app import main as train
+from bnstudy.core import reference
 
 
 def default_config() -> config.Config:
@@ -28,7 +30,7 @@ def test_reference_hparams_are_the_config_defaults():
 def test_reference_program_is_what_the_app_builds_by_default():
     mean, std = data.STATS["mnist_t10k"]
     dataset = data.Dataset("mnist_t10k", None, data.NUM_CLASSES["mnist_t10k"], mean, std, data.AUGMENT["mnist_t10k"])
-    assert reference.program() == train.build_program(default_config(), dataset)
-    assert reference.program(batch_size=32) != train.build_program(default_config(), dataset)
+    assert reference.setup() == train.build_program(default_config(), dataset)
+    assert reference.setup(batch_size=32) != train.build_program(default_config(), dataset)
     # Module equality compares every setting: a model differing in one of them is told apart.
-    assert reference.program(reference.build_model(bn_epsilon=1e-3)) != train.build_program(default_config(), dataset)
+    assert reference.setup(reference.build_model(bn_epsilon=1e-3)) != train.build_program(default_config(), dataset)

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from bnstudy import checkpoints
-from bnstudy import runs as runs_lib
+from bnstudy.app import checkpoints
+from bnstudy.app import runs as runs_lib
 from conftest import NO_NETWORK, PREPARE_AND_CHECK, subprocess_env
 
 # One worker runs this module: its tests share the session's prepared data and the module's uninterrupted sweep.
@@ -150,7 +150,7 @@ def write_done_result(out: Path, tfds_dir: Path, *overrides: str) -> Path:
     """A finished run folder of exactly the config these overrides give, written by bnstudy's own writer."""
     from hydra import compose, initialize_config_dir
 
-    from bnstudy import config as config_lib
+    from bnstudy.app import config as config_lib
 
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         raw = compose("config", overrides=command(out, tfds_dir, *overrides)[3:])

@@ -1,6 +1,6 @@
 """bnstudy.report on synthetic run folders with known values: aggregates, intervals and verdicts are the
 hand-computed ones; diverged, running, failed and corrupt runs are counted, listed or skipped. Groups that hold
-the same seeds are compared paired (t on per-seed differences); bnstudy.stats' own rules are in test_stats.py."""
+the same seeds are compared paired (t on per-seed differences); bnstudy.analysis.stats' own rules are in test_stats.py."""
 
 from __future__ import annotations
 
@@ -16,12 +16,13 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from bnstudy import analysis, report
-from bnstudy import runs as runs_lib
-from bnstudy import stats as bstats
+from bnstudy.analysis import report
+from bnstudy.analysis import stats as bstats
+from bnstudy.analysis import study as analysis
+from bnstudy.app import runs as runs_lib
 
 # Synthetic runs log only what each test needs; the report's "no run has metric" warnings are expected here.
-pytestmark = pytest.mark.filterwarnings("ignore:study .*no run has metric:bnstudy.analysis.ReportWarning")
+pytestmark = pytest.mark.filterwarnings("ignore:study .*no run has metric:bnstudy.analysis.study.ReportWarning")
 
 T975_DF2 = 4.302652729911275  # t quantile 0.975 with 2 degrees of freedom (statistical tables)
 T975_DF4 = 2.7764451051977987  # ... with 4 degrees of freedom
@@ -581,8 +582,8 @@ def test_wandb_failure_is_a_clear_error(monkeypatch):
 
 def test_report_module_does_not_import_the_training_stack():
     code = (
-        "import sys, bnstudy.report, bnstudy.analysis; "
-        "bad = {'jax', 'flax', 'hydra', 'tensorflow_datasets', 'tensorflow', 'wandb', 'bnstudy.train'} "
+        "import sys, bnstudy.report, bnstudy.analysis.study; "
+        "bad = {'jax', 'flax', 'hydra', 'tensorflow_datasets', 'tensorflow', 'wandb', 'bnstudy.train', 'bnstudy.app.main'} "
         "& set(sys.modules); "
         "assert not bad, bad"
     )
@@ -856,7 +857,7 @@ def experiment_placement_spec() -> dict:
 def test_the_margins_section_words_a_trend_comparison_and_an_arm_comparison():
     from types import SimpleNamespace
 
-    from bnstudy import report
+    from bnstudy.analysis import report
 
     spec = {
         "compare": [

@@ -11,14 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from bnstudy import sharding
+from bnstudy.core import sharding
 
 REPO = Path(__file__).resolve().parents[1]
 
 TWO_DEVICE_PACK = """
 import json, jax, numpy as np
 import conftest
-from bnstudy import sharding, trainer
+from bnstudy.core import sharding
+from bnstudy.core import trainer
 
 assert jax.local_device_count() == 2, jax.devices()
 data = conftest.make_arrays(n_train=128, n_test=64)

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from bnstudy import runs, sinks
+from bnstudy.app import runs, sinks
 from conftest import REPO, subprocess_env
 
 FAKE_WANDB = """
@@ -160,7 +160,8 @@ def test_the_training_process_never_imports_wandb_and_the_offline_run_is_complet
         f"""
         import sys
         from types import SimpleNamespace
-        from bnstudy import runs, sinks
+        from bnstudy.app import runs
+        from bnstudy.app import sinks
         settings = SimpleNamespace(mode="offline", project="p", entity=None, tags=[], init_timeout=15.0)
         job = sinks.WandbJob(settings, sync_hint="")
         folder = runs.RunFolder(runs.Path({str(tmp_path / "run")!r}), {{"seed": 0}}, {{"config_hash": "h"}})
@@ -197,7 +198,7 @@ def test_the_wandb_process_finishes_a_summary_with_nulls_without_importing_panda
     code = textwrap.dedent(
         f"""
         import sys, wandb
-        from bnstudy.wandb_process import Runs
+        from bnstudy.app.wandb_process import Runs
         runs = Runs(wandb, "offline", 15.0)
         runs.init(1, dict(project="p", name="r0", config={{"seed": 0}}, dir={str(tmp_path)!r}))
         answer = runs.finish(1, {{"status": "done", "steps_to_target": None, "data": {{"note": None}}}}, 0)

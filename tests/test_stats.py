@@ -1,4 +1,4 @@
-"""bnstudy.stats: each rule against a hand-computed case or scipy's own test, the per-arm selection and the
+"""bnstudy.analysis.stats: each rule against a hand-computed case or scipy's own test, the per-arm selection and the
 `trained` rule on synthetic run folders, and a seeded simulation of the false-contradiction rate."""
 
 from __future__ import annotations
@@ -10,10 +10,11 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from bnstudy import analysis, report, stats
+from bnstudy.analysis import report, stats
+from bnstudy.analysis import study as analysis
 from tests.test_report import write_run
 
-pytestmark = pytest.mark.filterwarnings("ignore:study .*no run has metric:bnstudy.analysis.ReportWarning")
+pytestmark = pytest.mark.filterwarnings("ignore:study .*no run has metric:bnstudy.analysis.study.ReportWarning")
 
 T975_DF2 = 4.302652729911275  # t quantile 0.975 with 2 degrees of freedom (statistical tables)
 

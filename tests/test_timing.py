@@ -1,4 +1,4 @@
-"""The run's time breakdown (bnstudy.timing) and the command line's process settings around it."""
+"""The run's time breakdown (bnstudy.perf.timing) and the command line's process settings around it."""
 
 import gc
 import subprocess
@@ -8,9 +8,9 @@ import time
 import psutil
 import pytest
 
-from bnstudy import timing
+from bnstudy.perf import timing
 
-CHILD = "import time; from bnstudy import timing; print(timing.process_start_time(), time.time())"
+CHILD = "import time; from bnstudy.perf import timing; print(timing.process_start_time(), time.time())"
 
 
 def test_a_process_start_time_lies_between_its_spawn_and_its_first_question():
@@ -54,6 +54,7 @@ def test_startup_is_everything_from_the_process_start_to_its_mark():
 
 def test_the_command_line_freezes_the_collector_after_the_job_and_keeps_its_exit_code(monkeypatch):
     from bnstudy import train
+    from bnstudy.app import main as app
 
     calls = []
     monkeypatch.setattr(gc, "freeze", lambda: calls.append("freeze"))
@@ -62,8 +63,8 @@ def test_the_command_line_freezes_the_collector_after_the_job_and_keeps_its_exit
         calls.append("main")
         sys.exit(2)
 
-    monkeypatch.setattr(train, "main", job)
+    monkeypatch.setattr(app, "main", job)
     with pytest.raises(SystemExit) as e:
         train.cli()
     assert e.value.code == 2
-    assert calls == ["main", "freeze"]
+    assert calls == ["freeze", "main", "freeze"]  # the imports frozen, the job, the exit

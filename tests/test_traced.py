@@ -1,4 +1,4 @@
-"""Stored traces (bnstudy.traced): a program compiled from its stored export computes exactly what the
+"""Stored traces (bnstudy.perf.traced): a program compiled from its stored export computes exactly what the
 directly jitted program computes, keeps its donation and compiler options, is keyed by its label and
 argument shapes, and any case the store does not cover falls back to the direct compile."""
 
@@ -10,9 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bnstudy import engine, evaluate, traced, xla_flags
-from bnstudy.evaluate import CompileCache
-from bnstudy.trainer import PackTrainer
+from bnstudy.core import engine, evaluate
+from bnstudy.core.evaluate import CompileCache
+from bnstudy.core.trainer import PackTrainer
+from bnstudy.perf import traced, xla_flags
 from conftest import cnn_program, hparams, make_arrays, schedule
 
 SHAPE = (12, 12, 1)  # two 2x2 pools: 12 -> 6 -> 3
@@ -33,10 +34,10 @@ def test_a_stored_program_donates_the_leaves_of_its_donated_arguments(tmp_path):
     def update(state, data):
         return {"w": state["w"] + data["x"], "n": state["n"] + 1}, data["x"].sum()
 
-    program = traced.jit(update, label="update", donate_argnums=0)
+    setup = traced.jit(update, label="update", donate_argnums=0)
     state, data = {"w": jnp.zeros(3), "n": jnp.int32(0)}, {"x": jnp.ones(3)}
     expected = update(copy(state), data)
-    compiled = traced.TracedStore(tmp_path).compile(program, (state, data))
+    compiled = traced.TracedStore(tmp_path).compile(setup, (state, data))
     assert same_bits(compiled(state, data), expected)
     assert all(leaf.is_deleted() for leaf in jax.tree.leaves(state))
     assert not data["x"].is_deleted()
@@ -45,14 +46,14 @@ def test_a_stored_program_donates_the_leaves_of_its_donated_arguments(tmp_path):
 def test_the_key_is_the_label_and_the_argument_shapes_and_weak_types(tmp_path):
     fn = lambda x: x * 2
     store = traced.TracedStore(tmp_path)
-    for program, x in [
+    for setup, x in [
         (traced.jit(fn, label="double"), jnp.ones(3)),
         (traced.jit(fn, label="double"), jnp.ones(4)),  # another shape
         (traced.jit(fn, label="twice"), jnp.ones(3)),  # another label
         (traced.jit(fn, label="double"), jnp.asarray(1.0)),  # weak-typed scalar
         (traced.jit(fn, label="double"), jnp.float32(1.0)),  # the same value, strongly typed
     ]:
-        np.testing.assert_array_equal(store.compile(program, (x,))(x), x * 2)
+        np.testing.assert_array_equal(store.compile(setup, (x,))(x), x * 2)
     assert store.stores == 5 and len(list(tmp_path.rglob("*.jaxexport"))) == 5
     store.compile(traced.jit(fn, label="double"), (jnp.zeros(3),))  # same label and shape: found
     assert store.hits == 1
@@ -71,14 +72,14 @@ def test_programs_outside_the_store_fall_back_to_the_direct_compile(tmp_path):
 
 
 def test_a_torn_stored_file_is_traced_again_and_replaced(tmp_path):
-    program, x = traced.jit(lambda x: x - 1, label="minus one"), jnp.arange(3.0)
-    traced.TracedStore(tmp_path).compile(program, (x,))
+    setup, x = traced.jit(lambda x: x - 1, label="minus one"), jnp.arange(3.0)
+    traced.TracedStore(tmp_path).compile(setup, (x,))
     (path,) = tmp_path.rglob("*.jaxexport")
     path.write_bytes(path.read_bytes()[:20])
     store = traced.TracedStore(tmp_path)
-    np.testing.assert_array_equal(store.compile(program, (x,))(x), x - 1)
+    np.testing.assert_array_equal(store.compile(setup, (x,))(x), x - 1)
     assert store.stores == 1 and store.hits == 0
-    assert traced.TracedStore(tmp_path).compile(program, (x,)) is not None
+    assert traced.TracedStore(tmp_path).compile(setup, (x,)) is not None
 
 
 def test_a_trainer_with_a_traced_folder_trains_the_same_numbers_and_a_second_one_traces_nothing(tmp_path):
@@ -103,8 +104,8 @@ def test_a_trainer_with_a_traced_folder_trains_the_same_numbers_and_a_second_one
 
 
 def test_jit_rare_programs_are_recorded_with_their_compiler_options():
-    program = xla_flags.jit_rare(jax.vmap(partial(engine.init_state, cnn_program(), SHAPE)), label="init")
-    spec = traced.spec_of(program)
+    setup = xla_flags.jit_rare(jax.vmap(partial(engine.init_state, cnn_program(), SHAPE)), label="init")
+    spec = traced.spec_of(setup)
     assert spec.label == "init"
     assert spec.jit_kwargs["compiler_options"] == (xla_flags.rare_program_options(jax.default_backend()) or None)
 

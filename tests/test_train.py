@@ -96,7 +96,7 @@ def test_diverging_run_ends_with_status_diverged(small_data, run_app):
 
 def test_library_info_lines_are_silenced_and_warnings_kept():
     """orbax logs each checkpoint through absl at INFO (~30 lines), which Hydra's INFO console would print."""
-    from bnstudy import train
+    from bnstudy.app import main as train
 
     absl = logging.getLogger("absl")
     before = absl.level
@@ -143,7 +143,7 @@ def test_bad_input_exits_nonzero_with_a_clear_message_and_no_folder(
 @pytest.mark.parametrize("set_data_dir", [True, False])
 @imports_tensorflow
 def test_missing_dataset_advises_only_options_not_already_set(run_app, tmp_path, capsys, monkeypatch, set_data_dir):
-    from bnstudy import data
+    from bnstudy.app import data
 
     data._load_numpy_cached.cache_clear()
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "empty"))
@@ -168,7 +168,7 @@ def test_no_bn_run_logs_validation_and_training_subset_and_writes_trained_and_ge
     assert not any(k.startswith(("disc/", "bn/")) or k.endswith("_running") for k in summary)  # no BN: one mode
     assert summary["num_val"] == 40 and summary["num_train"] == 256 - 40
     assert summary["gen_gap"] == pytest.approx(summary["train_subset/acc"] - summary["test/acc"])
-    from bnstudy import stats
+    from bnstudy.analysis import stats
 
     losses = [m["train/loss"] for m in read_metrics(folder) if "train/loss" in m]
     assert summary["trained"] == stats.is_trained(losses[0], losses[-1], summary["test/acc"], 10)

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from bnstudy import engine, trainer
+from bnstudy.core import engine, trainer
 from conftest import build_model, cnn_program, hparams, init_states, initial_state, make_arrays, permutations, schedule
 
 K = 2
@@ -22,8 +22,8 @@ def arrays():
     return make_arrays(n_train=64, n_test=24, shape=(10, 10, 1))
 
 
-def single_steps(program, state, hp, arrays, perm):
-    step = jax.jit(partial(engine.train_step, program))
+def single_steps(setup, state, hp, arrays, perm):
+    step = jax.jit(partial(engine.train_step, setup))
     history = []
     for i in range(K):
         state, metrics = step(state, hp, arrays, perm, i)
@@ -38,12 +38,12 @@ def assert_close(a, b):
 
 @pytest.mark.xdist_group("measures_dropout_cnn")  # after tests/test_measures.py on its worker
 def test_chunk_of_k_steps_equals_k_single_steps(arrays):
-    program = cnn_program(batch_size=16, dropout_placement="before_classifier")  # one mask: faster compiles
+    setup = cnn_program(batch_size=16, dropout_placement="before_classifier")  # one mask: faster compiles
     hp = jax.tree.map(lambda v: v[0], hparams([{"lr": 0.05, "weight_decay": 1e-4, "dropout_rate": 0.2, "seed": 3}]))
-    state = initial_state(program, arrays.train_images.shape[1:], hp)
+    state = initial_state(setup, arrays.train_images.shape[1:], hp)
     perm = jax.jit(engine.epoch_permutation, static_argnums=2)(hp.seed, 0, arrays.train_images.shape[0])
-    alone, alone_metrics = single_steps(program, state, hp, arrays, perm)
-    chunk, chunk_metrics = jax.jit(partial(engine.train_steps, program, K))(state, hp, arrays, perm, 0)
+    alone, alone_metrics = single_steps(setup, state, hp, arrays, perm)
+    chunk, chunk_metrics = jax.jit(partial(engine.train_steps, setup, K))(state, hp, arrays, perm, 0)
     assert int(chunk.step) == K
     assert chunk_metrics["loss"].shape == (K,)
     assert_close(chunk_metrics, alone_metrics)
@@ -52,16 +52,16 @@ def test_chunk_of_k_steps_equals_k_single_steps(arrays):
 
 @pytest.mark.slow  # compiles a vmapped chunk and the single step: ~8 s
 def test_chunk_vmaps_over_a_pack(arrays):
-    program = cnn_program(batch_size=16)
+    setup = cnn_program(batch_size=16)
     hp = hparams([{"lr": 0.05, "seed": 0}, {"lr": 0.1, "seed": 1}])
-    state = init_states(program, arrays.train_images.shape[1:], hp)
+    state = init_states(setup, arrays.train_images.shape[1:], hp)
     perm = permutations(hp, arrays.train_images.shape[0])
-    chunk = jax.jit(jax.vmap(partial(engine.train_steps, program, K), in_axes=(0, 0, None, 0, None)))
+    chunk = jax.jit(jax.vmap(partial(engine.train_steps, setup, K), in_axes=(0, 0, None, 0, None)))
     _, metrics = chunk(state, hp, arrays, perm, 0)
     assert metrics["loss"].shape == (2, K)
     for k in range(2):
         one = jax.tree.map(lambda v, k=k: v[k], (state, hp, perm))
-        _, alone = single_steps(program, one[0], one[1], arrays, one[2])
+        _, alone = single_steps(setup, one[0], one[1], arrays, one[2])
         # vmap turns the convs into grouped convs: a pack agrees with solo training to float32 round-off.
         np.testing.assert_allclose(metrics["loss"][k], alone["loss"], rtol=2e-4)
 
@@ -90,7 +90,7 @@ def test_python_loop_in_chunks_logs_and_trains_as_one_step_per_call():
     fused differently). Chunks of 2: the chunk's steps are unrolled, and each one more costs seconds of compile."""
     data = make_arrays(n_train=8 * 8, n_test=8, shape=(8, 8, 1))
     model = build_model("cnn")  # the loop is under test: 8x8 images keep the steps cheap (the CNN has no width)
-    program = engine.Program(model=model, batch_size=8, input_mean=(0.13,), input_std=(0.31,))
+    setup = engine.Setup(model=model, batch_size=8, input_mean=(0.13,), input_std=(0.31,))
     hp = hparams([{"lr": 0.05, "seed": 0}])
 
     def run(k):
@@ -105,7 +105,7 @@ def test_python_loop_in_chunks_logs_and_trains_as_one_step_per_call():
             probe_every=3,
             probe_multipliers=(1.0,),
         )
-        result = trainer.PackTrainer(program, data, sched).train(hp, lambda s, e, m: logs.append((s, e, m)))
+        result = trainer.PackTrainer(setup, data, sched).train(hp, lambda s, e, m: logs.append((s, e, m)))
         return logs, result.state
 
     logs1, state1 = run(1)

@@ -4,7 +4,7 @@ compiled programs are reused, and pack sizing follows device memory."""
 import numpy as np
 import pytest
 
-from bnstudy import trainer
+from bnstudy.core import trainer
 from conftest import cnn_program, hparams, make_arrays, schedule
 
 SCHEDULE = schedule(epochs=2, log_every=1, max_steps_per_epoch=4, eval_batch_size=64)
@@ -94,7 +94,7 @@ def test_batch_larger_than_training_set_is_refused(arrays):
 def test_auto_pack_size_follows_measured_device_memory(arrays, monkeypatch):
     import jax
 
-    from bnstudy import pack_size
+    from bnstudy.core import pack_size
 
     pt = trainer.PackTrainer(cnn_program(batch_size=32), arrays, SCHEDULE)
     assert pack_size.resolve_pack_size("auto", 50, pt) == 1  # CPU: one model per program

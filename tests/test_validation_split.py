@@ -4,8 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-from bnstudy import data
-from bnstudy.config import ConfigError
+from bnstudy.app import data
+from bnstudy.app.config import ConfigError
 from conftest import imports_tensorflow
 
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from bnstudy import xla_flags
+from bnstudy.perf import xla_flags
 
 FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
 
@@ -30,7 +30,7 @@ def test_no_flags_on_a_jaxlib_they_were_not_measured_on(monkeypatch):
 
 
 CONV_HLO = """
-from bnstudy import xla_flags
+from bnstudy.perf import xla_flags
 xla_flags.add_xla_flags()
 import jax, jax.numpy as jnp
 conv = jax.jit(lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))

@@ -18,7 +18,7 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
 
-from bnstudy.models import BN_RUNNING_VARS, DROPOUT_PLACEMENTS, MODELS, NORM_KINDS, NORMS, norm_groups_problem
+from bnstudy.core.models import BN_RUNNING_VARS, DROPOUT_PLACEMENTS, MODELS, NORM_KINDS, NORMS, norm_groups_problem
 
 DATASETS = ("mnist_t10k", "mnist", "cifar10")
 OPTIMIZERS = ("sgd", "adam")

@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from bnstudy.engine import TrainState
-from bnstudy.runs import checkpoint_dir
+from bnstudy.app.runs import checkpoint_dir
+from bnstudy.core.engine import TrainState
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,7 +6,7 @@ wandb crash, hang or outage reaches training only as a warning.
 
 `WandbProcess` is the training process's side: requests go out in order through a writer thread (a
 pack of hundreds of runs never blocks the trainer on a full pipe), replies come back through a
-reader thread as resolved futures. The child (`python -m bnstudy.wandb_process FD`) reads pickled
+reader thread as resolved futures. The child (`python -m bnstudy.app.wandb_process FD`) reads pickled
 requests from its stdin and writes pickled replies to file descriptor FD (not stdout, which wandb may
 print to):
 
@@ -48,7 +48,7 @@ class WandbProcess:
         _exiting[:] = [p for p in _exiting if p.poll() is None]
         replies_r, replies_w = os.pipe()
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "bnstudy.wandb_process", str(replies_w), mode, repr(float(init_timeout))],
+            [sys.executable, "-m", "bnstudy.app.wandb_process", str(replies_w), mode, repr(float(init_timeout))],
             stdin=subprocess.PIPE,
             pass_fds=(replies_w,),
             env=env,

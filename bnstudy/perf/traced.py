@@ -36,7 +36,7 @@ import jax
 
 log = logging.getLogger("bnstudy")
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parent.parent  # bnstudy/: its sources salt the stored traces
 VERSIONED = ("jax", "jaxlib", "flax", "optax", "numpy")
 # JAX settings that change what a trace produces.
 TRACE_FLAGS = ("jax_enable_x64", "jax_default_matmul_precision", "jax_default_prng_impl", "jax_threefry_partitionable")

@@ -3,7 +3,7 @@
 Every split in `splits` (name -> (uint8 images, int32 labels)) is evaluated with BN on its running
 averages, giving `<name>/loss` and `<name>/acc` ([K] arrays). For a model with BN, every split in
 `bn_mode_splits` is also evaluated with BN on each batch's own statistics (training batch size) and
-on population statistics recomputed over training batches (`bnstudy.metrics`), giving
+on population statistics recomputed over training batches (`bnstudy.core.metrics`), giving
 `<name>/{loss,acc}_{running,batch,population}`, `disc/*` (test split) and `bn/<layer>/*`; a split in
 both gets its running-mode numbers from that pass. Models without BN log no `disc/*` or `bn/*`.
 With `units_split` set, that split's running-mode pass also counts, per hidden block and ReLU unit, the
@@ -27,9 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bnstudy import engine, metrics, traced
-from bnstudy.engine import ArrayData, HParams, Program, TrainState
-from bnstudy.xla_flags import jit_rare
+from bnstudy.core import engine, metrics
+from bnstudy.core.engine import ArrayData, HParams, Setup, TrainState
+from bnstudy.perf import traced
+from bnstudy.perf.xla_flags import jit_rare
 
 Split = tuple[jax.Array, jax.Array]  # uint8 images [N, ...], int32 labels [N]
 
@@ -65,8 +66,8 @@ class CompileCache:
             shared = _COMPILED.setdefault(fn, {})
             if (store, *shapes) not in shared:
                 t0 = time.perf_counter()
-                program = self.traced_store.compile(fn, args) if self.traced_store is not None else None
-                shared[(store, *shapes)] = program if program is not None else fn.lower(*args).compile()
+                setup = self.traced_store.compile(fn, args) if self.traced_store is not None else None
+                shared[(store, *shapes)] = setup if setup is not None else fn.lower(*args).compile()
                 self.compile_seconds += time.perf_counter() - t0
             self._programs[key] = shared[(store, *shapes)]
         return self._programs[key]
@@ -103,11 +104,11 @@ def pack_permutation(num_examples: int) -> Callable:
 
 
 @functools.lru_cache(maxsize=16)
-def build_eval_programs(program: Program, bn_mode_splits: tuple[str, ...], units: bool = False) -> EvalPrograms:
+def build_eval_programs(setup: Setup, bn_mode_splits: tuple[str, ...], units: bool = False) -> EvalPrograms:
     """The evaluation's jitted programs; memoized, so equal arguments give the same functions (and with
     them `CompileCache`'s compiled programs)."""
-    p = program
-    settings = f"{p!r} {bn_mode_splits=} {units=}"  # everything the programs close over (bnstudy.traced)
+    p = setup
+    settings = f"{p!r} {bn_mode_splits=} {units=}"  # everything the programs close over (bnstudy.perf.traced)
     jit = lambda fn, name: traced.jit(fn, label=f"eval {settings} {name}")
     sums = jit(jax.vmap(partial(engine.eval_batch, p), in_axes=(0, 0, None, None, None)), "sums")
     unit_programs = {}
@@ -136,17 +137,17 @@ def build_eval_programs(program: Program, bn_mode_splits: tuple[str, ...], units
     )
 
 
-def has_batch_norm(program: Program, input_shape: tuple[int, ...]) -> bool:
+def has_batch_norm(setup: Setup, input_shape: tuple[int, ...]) -> bool:
     """Whether the model has BN running statistics: its own `has_batch_norm` when it says (tracing its
     init costs ~0.3 s of every start), else from the shapes of its init."""
-    known = getattr(program.model, "has_batch_norm", None)
+    known = getattr(setup.model, "has_batch_norm", None)
     if isinstance(known, bool):
         return known
-    return batch_stats_in_init(program, input_shape)
+    return batch_stats_in_init(setup, input_shape)
 
 
-def batch_stats_in_init(program: Program, input_shape: tuple[int, ...]) -> bool:
-    shapes = jax.eval_shape(partial(program.model.init, train=False), jax.random.key(0), jnp.zeros((1, *input_shape)))
+def batch_stats_in_init(setup: Setup, input_shape: tuple[int, ...]) -> bool:
+    shapes = jax.eval_shape(partial(setup.model.init, train=False), jax.random.key(0), jnp.zeros((1, *input_shape)))
     return bool(jax.tree.leaves(shapes.get("batch_stats", {})))
 
 
@@ -189,7 +190,7 @@ class PackEvaluator:
 
     def __init__(
         self,
-        program: Program,
+        setup: Setup,
         data: ArrayData,
         splits: dict[str, Split],
         bn_mode_splits: dict[str, Split],
@@ -204,21 +205,21 @@ class PackEvaluator:
         if units_split is not None and units_split not in splits:
             raise ValueError(f"units_split {units_split!r} is not one of the evaluated splits {sorted(splits)}")
         self.units_split = units_split
-        self.program, self.data = program, data
+        self.setup, self.data = setup, data
         self.cache = cache or CompileCache()
         self.num_train = int(data.train_images.shape[0])
         input_shape = tuple(data.train_images.shape[1:])
-        self.bn_modes_on = bool(bn_mode_splits) and has_batch_norm(program, input_shape)
+        self.bn_modes_on = bool(bn_mode_splits) and has_batch_norm(setup, input_shape)
         self.bn_mode_splits = dict(bn_mode_splits) if self.bn_modes_on else {}
-        self.population_batches = max(1, min(population_batches, self.num_train // program.batch_size))
+        self.population_batches = max(1, min(population_batches, self.num_train // setup.batch_size))
         # name -> ([B, batch, ...] images, labels, mask) for the running mode; split sizes by name
         self.running_batches = {name: padded_batches(x, y, batch_size) for name, (x, y) in splits.items()}
         self.sizes = {name: int(y.shape[0]) for name, (_, y) in {**splits, **self.bn_mode_splits}.items()}
         self._mode_batches = {  # name -> (inference batches, batch-mode batches, labels)
-            name: (padded_batches(x, y, batch_size)[0], wrapped_batches(x, program.batch_size), y)
+            name: (padded_batches(x, y, batch_size)[0], wrapped_batches(x, setup.batch_size), y)
             for name, (x, y) in self.bn_mode_splits.items()
         }
-        self.programs = build_eval_programs(program, tuple(self.bn_mode_splits), units=units_split is not None)
+        self.programs = build_eval_programs(setup, tuple(self.bn_mode_splits), units=units_split is not None)
 
     def compile(self, state: TrainState) -> None:
         """Compile the running-mode program for these splits ahead of time (no-op once done)."""

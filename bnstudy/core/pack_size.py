@@ -12,8 +12,8 @@ import logging
 import jax
 import jax.numpy as jnp
 
-from bnstudy.engine import HParams
-from bnstudy.trainer import PackTrainer
+from bnstudy.core.engine import HParams
+from bnstudy.core.trainer import PackTrainer
 
 log = logging.getLogger("bnstudy")
 

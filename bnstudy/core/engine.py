@@ -3,7 +3,7 @@
 Everything a sweep varies numerically (learning rate, weight decay, init scale, dropout rate, seed)
 arrives as a traced `HParams` leaf, never as a Python constant, so a pack of runs is one
 `jax.vmap` of these same functions. Everything that changes the program (model, optimizer kind,
-batch size, augmentation) lives in the static `Program`.
+batch size, augmentation) lives in the static `Setup`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import optax
 from flax import struct
 
 # Independent random streams derived from a run's seed. STREAM_METRICS feeds measurements only
-# (bnstudy.metrics), so turning a measurement on or off never shifts a training stream.
+# (bnstudy.core.metrics), so turning a measurement on or off never shifts a training stream.
 STREAM_INIT, STREAM_DROPOUT, STREAM_AUGMENT, STREAM_DATA, STREAM_METRICS = range(5)
 
 
@@ -52,7 +52,7 @@ class ArrayData(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
-class Program:
+class Setup:
     """The static part of a run: whatever, when changed, needs a new compiled program."""
 
     model: nn.Module
@@ -77,20 +77,20 @@ def run_key(seed: jax.Array, stream: int) -> jax.Array:
     return jax.random.fold_in(jax.random.key(seed), stream)
 
 
-def make_optimizer(program: Program, lr, weight_decay) -> optax.GradientTransformation:
+def make_optimizer(setup: Setup, lr, weight_decay) -> optax.GradientTransformation:
     """The optimizer of one run, built from its (traced) lr and weight decay.
 
     `train_step` rebuilds it from `hp` at every step, so `hp.lr` is the one source of the learning
     rate: the value logged, the value that scales the probes and the value the update uses. The
     optimizer state holds only what the update accumulates (momentum, Adam's moments), never the lr.
     """
-    if program.optimizer == "sgd":
+    if setup.optimizer == "sgd":
         # Coupled L2 (added to the gradient before momentum), as in torch.optim.SGD.
-        momentum = program.momentum or None
+        momentum = setup.momentum or None
         return optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(lr, momentum=momentum))
-    if program.optimizer == "adam":
+    if setup.optimizer == "adam":
         return optax.adamw(lr, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {program.optimizer!r}; expected 'sgd' or 'adam'")
+    raise ValueError(f"unknown optimizer {setup.optimizer!r}; expected 'sgd' or 'adam'")
 
 
 def scale_kernels(params, scale):
@@ -100,23 +100,23 @@ def scale_kernels(params, scale):
     )
 
 
-def init_state(program: Program, input_shape: tuple[int, ...], hp: HParams) -> TrainState:
+def init_state(setup: Setup, input_shape: tuple[int, ...], hp: HParams) -> TrainState:
     """A fresh model and optimizer for one run."""
-    variables = program.model.init(run_key(hp.seed, STREAM_INIT), jnp.zeros((1, *input_shape)), train=False)
+    variables = setup.model.init(run_key(hp.seed, STREAM_INIT), jnp.zeros((1, *input_shape)), train=False)
     params = scale_kernels(variables["params"], hp.init_scale)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         batch_stats=variables.get("batch_stats", {}),
-        opt_state=make_optimizer(program, hp.lr, hp.weight_decay).init(params),
+        opt_state=make_optimizer(setup, hp.lr, hp.weight_decay).init(params),
         diverged=jnp.zeros((), bool),
         diverged_step=jnp.full((), -1, jnp.int32),
     )
 
 
-def normalize(program: Program, images_uint8: jax.Array) -> jax.Array:
+def normalize(setup: Setup, images_uint8: jax.Array) -> jax.Array:
     x = images_uint8.astype(jnp.float32) / 255.0
-    return (x - jnp.asarray(program.input_mean)) / jnp.asarray(program.input_std)
+    return (x - jnp.asarray(setup.input_mean)) / jnp.asarray(setup.input_std)
 
 
 def augment(images: jax.Array, key: jax.Array) -> jax.Array:
@@ -135,45 +135,45 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
-def forward_train(program, params, batch_stats, x, y, dropout_rate, dropout_key):
+def forward_train(setup, params, batch_stats, x, y, dropout_rate, dropout_key):
     """Loss in train mode (batch statistics) and the updated running statistics."""
     variables = {"params": params, "batch_stats": batch_stats}
-    logits, updates = program.model.apply(
+    logits, updates = setup.model.apply(
         variables, x, train=True, dropout_rate=dropout_rate, dropout_rng=dropout_key, mutable=["batch_stats"]
     )
     return cross_entropy(logits, y).mean(), (logits, updates.get("batch_stats", {}))
 
 
-def batch_at(program: Program, data: ArrayData, perm: jax.Array, index: jax.Array):
+def batch_at(setup: Setup, data: ArrayData, perm: jax.Array, index: jax.Array):
     """The `index`-th training batch of an epoch ordered by `perm`."""
-    idx = jax.lax.dynamic_slice_in_dim(perm, index * program.batch_size, program.batch_size)
+    idx = jax.lax.dynamic_slice_in_dim(perm, index * setup.batch_size, setup.batch_size)
     return data.train_images[idx], data.train_labels[idx]
 
 
-def train_inputs(program: Program, data: ArrayData, perm: jax.Array, index, augment_key: jax.Array):
+def train_inputs(setup: Setup, data: ArrayData, perm: jax.Array, index, augment_key: jax.Array):
     """Normalized (and, where the dataset asks for it, augmented) training batch `index` with its labels."""
-    images, labels = batch_at(program, data, perm, index)
-    x = normalize(program, images)
-    if program.augment:
+    images, labels = batch_at(setup, data, perm, index)
+    x = normalize(setup, images)
+    if setup.augment:
         x = augment(x, augment_key)
     return x, labels
 
 
-def step_inputs(program: Program, state: TrainState, hp: HParams, data: ArrayData, perm: jax.Array, index):
+def step_inputs(setup: Setup, state: TrainState, hp: HParams, data: ArrayData, perm: jax.Array, index):
     """Exactly what the step at `state.step` sees: its batch, labels and dropout key (shared with the probes)."""
     augment_key = jax.random.fold_in(run_key(hp.seed, STREAM_AUGMENT), state.step)
-    x, labels = train_inputs(program, data, perm, index, augment_key)
+    x, labels = train_inputs(setup, data, perm, index, augment_key)
     return x, labels, jax.random.fold_in(run_key(hp.seed, STREAM_DROPOUT), state.step)
 
 
-def train_step(program: Program, state: TrainState, hp: HParams, data: ArrayData, perm: jax.Array, index):
+def train_step(setup: Setup, state: TrainState, hp: HParams, data: ArrayData, perm: jax.Array, index):
     """One SGD/Adam step on batch `index` of the epoch order `perm`; frozen once diverged."""
-    x, labels, dropout_key = step_inputs(program, state, hp, data, perm, index)
+    x, labels, dropout_key = step_inputs(setup, state, hp, data, perm, index)
     grad_fn = jax.value_and_grad(forward_train, argnums=1, has_aux=True)
     (loss, (logits, batch_stats)), grads = grad_fn(
-        program, state.params, state.batch_stats, x, labels, hp.dropout_rate, dropout_key
+        setup, state.params, state.batch_stats, x, labels, hp.dropout_rate, dropout_key
     )
-    tx = make_optimizer(program, hp.lr, hp.weight_decay)
+    tx = make_optimizer(setup, hp.lr, hp.weight_decay)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
 
@@ -201,7 +201,7 @@ def train_step(program: Program, state: TrainState, hp: HParams, data: ArrayData
     return new_state, metrics
 
 
-def train_steps(program: Program, k: int, state: TrainState, hp: HParams, data: ArrayData, perm: jax.Array, index):
+def train_steps(setup: Setup, k: int, state: TrainState, hp: HParams, data: ArrayData, perm: jax.Array, index):
     """`k` consecutive `train_step`s on batches `index`, ..., `index + k - 1`; metrics stacked to [k, ...].
 
     A `lax.scan` unrolled completely, so one jitted call runs a chunk of k steps as straight-line code: on
@@ -210,7 +210,7 @@ def train_steps(program: Program, k: int, state: TrainState, hp: HParams, data: 
     """
 
     def one_step(state, i):
-        return train_step(program, state, hp, data, perm, index + i)
+        return train_step(setup, state, hp, data, perm, index + i)
 
     return jax.lax.scan(one_step, state, jnp.arange(k), unroll=True)
 
@@ -220,14 +220,14 @@ def epoch_permutation(seed: jax.Array, epoch: jax.Array, num_examples: int) -> j
     return jax.random.permutation(jax.random.fold_in(run_key(seed, STREAM_DATA), epoch), num_examples)
 
 
-def eval_logits(program: Program, params, batch_stats, images):
+def eval_logits(setup: Setup, params, batch_stats, images):
     """Inference-mode logits: BN normalizes with `batch_stats` (running averages, or any stats put there)."""
-    return program.model.apply({"params": params, "batch_stats": batch_stats}, normalize(program, images), train=False)
+    return setup.model.apply({"params": params, "batch_stats": batch_stats}, normalize(setup, images), train=False)
 
 
-def eval_batch(program: Program, params, batch_stats, images, labels, mask):
+def eval_batch(setup: Setup, params, batch_stats, images, labels, mask):
     """Sums of loss and correct predictions over the masked examples, BN with running averages."""
-    logits = eval_logits(program, params, batch_stats, images)
+    logits = eval_logits(setup, params, batch_stats, images)
     loss = cross_entropy(logits, labels)
     correct = jnp.argmax(logits, -1) == labels
     return {"loss_sum": jnp.sum(loss * mask), "correct_sum": jnp.sum(correct * mask)}

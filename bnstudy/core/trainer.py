@@ -2,7 +2,7 @@
 
 It knows nothing of Hydra, wandb or files: it calls `on_log(step, epoch, metrics)` with [K]-shaped
 numpy arrays and returns a `PackResult`; the app layer turns those into run folders and wandb runs.
-The measurements of `bnstudy.metrics` ride along: smoothness probes every `probe_every` steps and
+The measurements of `bnstudy.core.metrics` ride along: smoothness probes every `probe_every` steps and
 internal-covariate-shift probes every `ics_every` steps (each logged at the number of steps done when
 probed, i.e. on the state before that step), and at each evaluation the three-mode BN evaluation and
 the dead-unit fractions. Evaluations happen every `eval_every_steps` steps when that is set, else at
@@ -23,10 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bnstudy import engine, metrics, sharding, traced
-from bnstudy.engine import ArrayData, HParams, Program
-from bnstudy.evaluate import CompileCache, PackEvaluator, Split, pack_permutation
-from bnstudy.xla_flags import jit_rare
+from bnstudy.core import engine, metrics, sharding
+from bnstudy.core.engine import ArrayData, HParams, Setup
+from bnstudy.core.evaluate import CompileCache, PackEvaluator, Split, pack_permutation
+from bnstudy.perf import traced
+from bnstudy.perf.xla_flags import jit_rare
 
 LogFn = Callable[[int, float, dict[str, np.ndarray]], None]
 EpochEndFn = Callable[[engine.TrainState, int], None]  # (state after the epoch, epoch index from 0)
@@ -122,7 +123,7 @@ def chunk_plan(start: int, stop: int, k: int, starts_chunk: Callable[[int], bool
 
 @dataclasses.dataclass(frozen=True)
 class TrainPrograms:
-    """The jitted, pack-vmapped training programs of one `Program` (see `build_train_programs`)."""
+    """The jitted, pack-vmapped training programs of one `Setup` (see `build_train_programs`)."""
 
     init: Callable  # (hp) -> TrainState
     step: Callable  # (state, hp, data, perm, index) -> (state, metrics); donates the state
@@ -138,7 +139,7 @@ PROBE_PREFIXES = ("smooth/", "ics/")  # keys of the probes taken before a step
 
 @functools.lru_cache(maxsize=16)
 def build_train_programs(
-    program: Program,
+    setup: Setup,
     input_shape: tuple[int, ...],
     steps_per_epoch: int,
     probe_every: int,
@@ -151,9 +152,9 @@ def build_train_programs(
     arguments give the same functions, and a later trainer of the same program in this process reuses
     their traces and `CompileCache`'s compiled programs. With a `mesh`, step/probe/epoch run per
     device on its slice of the models (`sharding.per_device`)."""
-    p = program
+    p = setup
     vectorize = jax.default_backend() != "cpu"  # vmap over eta, except where grouped convs are slow
-    # Everything the programs close over, for bnstudy.traced's store; none with a mesh (it keeps
+    # Everything the programs close over, for bnstudy.perf.traced's store; none with a mesh (it keeps
     # single-device programs only).
     settings = (
         f"{p!r} {input_shape=} {steps_per_epoch=} {probe_every=} {tuple(multipliers)=} {ics_every=} "
@@ -229,7 +230,7 @@ def evaluation_splits(data: ArrayData, schedule: Schedule) -> tuple[dict[str, Sp
 
 
 class PackTrainer:
-    """Trains a pack of K runs of one `Program` on one dataset; `evaluator` evaluates it.
+    """Trains a pack of K runs of one `Setup` on one dataset; `evaluator` evaluates it.
 
     With a `mesh` (`sharding.pack_mesh`), the pack's models are split over its devices (K a multiple of
     their number) and the data replicated on each; the same compiled programs then run SPMD.
@@ -237,20 +238,20 @@ class PackTrainer:
 
     def __init__(
         self,
-        program: Program,
+        setup: Setup,
         data: ArrayData,
         schedule: Schedule,
         mesh: jax.sharding.Mesh | None = None,
         traced_dir: str | None = None,
     ):
-        """`traced_dir`: a folder where the programs' traces are kept for later processes (bnstudy.traced);
+        """`traced_dir`: a folder where the programs' traces are kept for later processes (bnstudy.perf.traced);
         None: every process traces them."""
         data = sharding.replicate(data, mesh)
-        self.program, self.data, self.schedule, self.mesh = program, data, schedule, mesh
+        self.setup, self.data, self.schedule, self.mesh = setup, data, schedule, mesh
         self.num_train = int(data.train_images.shape[0])
-        if program.batch_size > self.num_train:
-            raise ValueError(f"batch size {program.batch_size} exceeds the {self.num_train} training examples")
-        self.steps_per_epoch = self.num_train // program.batch_size
+        if setup.batch_size > self.num_train:
+            raise ValueError(f"batch size {setup.batch_size} exceeds the {self.num_train} training examples")
+        self.steps_per_epoch = self.num_train // setup.batch_size
         if schedule.max_steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, schedule.max_steps_per_epoch)
         self.loop = resolve_loop(schedule.loop)
@@ -260,7 +261,7 @@ class PackTrainer:
         self.cache = CompileCache(traced.TracedStore(traced_dir) if traced_dir else None)
         splits, bn_mode_splits = evaluation_splits(data, schedule)
         self.evaluator = PackEvaluator(
-            program,
+            setup,
             data,
             splits,
             bn_mode_splits,
@@ -270,7 +271,7 @@ class PackTrainer:
             units_split=units_split(splits) if schedule.dead_units else None,
         )
         self.programs = build_train_programs(
-            program,
+            setup,
             self.input_shape,
             self.steps_per_epoch,
             schedule.probe_every,
@@ -407,7 +408,7 @@ class PackTrainer:
             "eval_time": eval_time,
             "wall_time": time.perf_counter() - t_start,
             "step_time": train_time / max(steps, 1),
-            "examples_per_s": steps * self.program.batch_size / max(train_time, 1e-9),
+            "examples_per_s": steps * self.setup.batch_size / max(train_time, 1e-9),
         }
         return PackResult(state, final, np.asarray(jax.device_get(state.diverged_step)), timings)
 

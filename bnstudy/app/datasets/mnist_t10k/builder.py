@@ -15,7 +15,7 @@ from typing import ClassVar
 import numpy as np
 import tensorflow_datasets as tfds
 
-from bnstudy.datasets.notes import MNIST_T10K_NOTE, MNIST_T10K_SPLIT_SEED
+from bnstudy.app.datasets.notes import MNIST_T10K_NOTE, MNIST_T10K_SPLIT_SEED
 
 HERE = Path(__file__).resolve().parent
 MD5 = {

@@ -18,7 +18,7 @@ finished result trains into a hidden staging folder (`.<run id>.staging`) and sw
 so a finished result is never deleted before its replacement exists (see `RunFolder.commit`).
 
 An unfinished run (`interrupted`, or `running` whose writer is gone) with a checkpoint in
-`<run folder>/checkpoint/` (bnstudy.checkpoints) is resumed: `claim()` says so, `RunFolder(..., resume=...)`
+`<run folder>/checkpoint/` (bnstudy.app.checkpoints) is resumed: `claim()` says so, `RunFolder(..., resume=...)`
 reopens the folder instead of recreating it, cuts metrics.jsonl back to the checkpoint (`truncate_metrics`) and
 keeps the summary's `wandb_id`, under which the wandb run continues.
 

@@ -4,11 +4,11 @@ Runs come from run folders (`config.yaml`, `metrics.jsonl`, `summary.json`, writ
 wandb API. The study's `report:` block (experiments/<study>.yaml, also stored in every run's
 config.yaml) names the claim, the metrics, an optional per-arm selection and the comparisons that decide it.
 Nothing here writes files or draws; bnstudy.report does. The statistics and verdict rules live in
-bnstudy.stats. Only numpy, pandas, scipy and yaml are imported: no training stack, no GPU.
+bnstudy.analysis.stats. Only numpy, pandas, scipy and yaml are imported: no training stack, no GPU.
 
 What is counted where:
 - a group is every run with the same config apart from the seed; its value is the mean over the runs
-  that finished `done` and trained (bnstudy.stats.is_trained) with a finite value. Diverged and
+  that finished `done` and trained (bnstudy.analysis.stats.is_trained) with a finite value. Diverged and
   not-trained runs are counted per group and never averaged in, except in the stability metrics that are
   defined on them: `diverged` (the fraction of runs that diverged or did not train) and the derived
   `max_stable` (the largest setting that trained) and `range` (a failed run counts as `diverged_value`).
@@ -34,11 +34,12 @@ import pandas as pd
 import yaml
 from scipy import stats as scipy_stats
 
-from bnstudy import config_tree, convergence, stats
-from bnstudy import runs as runs_lib
-from bnstudy.stats import CONFIDENCE  # noqa: F401  (re-exported: bnstudy.report reads it from here)
+from bnstudy.analysis import convergence, stats
+from bnstudy.analysis.stats import CONFIDENCE  # noqa: F401  (re-exported: bnstudy.report reads it from here)
+from bnstudy.app import config_tree
+from bnstudy.app import runs as runs_lib
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 EXPERIMENTS_DIR = config_tree.experiments_dir()
 FINISHED = (*runs_lib.FINISHED, "not_trained")
 FAILED = ("diverged", "not_trained")  # counted as failures by the stability metrics
@@ -420,7 +421,7 @@ def add_run_metrics(frame: pd.DataFrame, runs: Runs, names: list[str], dataset: 
     """Add a column per metric the study names; returns the names no run has.
 
     A final metric missing from summary.json is taken as its last value in metrics.jsonl. Derived ones:
-    `diverged` (1 if the run diverged or did not train, else 0), `gen_gap` (bnstudy.stats.gen_gap:
+    `diverged` (1 if the run diverged or did not train, else 0), `gen_gap` (bnstudy.analysis.stats.gen_gap:
     train_subset/acc - test/acc; missing for a run that lacks train_subset/acc), `a/*/b` (mean over the
     layers that have it, e.g. `bn/*/kl`, `relu/*/dead_frac`), `epochs_to_target` (first epoch with
     test/acc >= target_acc), `steps_to_target` and `reached_target` (see `steps_to_target_columns`),
@@ -486,7 +487,7 @@ def run_function(frame: pd.DataFrame, runs: Runs, fn: str, arg: str, dataset: st
 
 def steps_to_target_columns(frame: pd.DataFrame, runs: Runs, spec: dict, dataset: str) -> tuple[pd.Series, pd.Series]:
     """(steps_to_target, reached_target) per run: the first logged step whose `target_key` (default val/acc)
-    is >= `target_acc` (bnstudy.convergence.steps_to_target). A run that never reaches it is censored at
+    is >= `target_acc` (bnstudy.analysis.convergence.steps_to_target). A run that never reaches it is censored at
     its last logged step (a lower bound of its true value) and has reached_target 0."""
     target = float(for_dataset(spec["target_acc"], dataset))
     key = spec.get("target_key", "val/acc")
@@ -538,7 +539,7 @@ NUM_CLASSES = {"mnist": 10, "cifar10": 10}
 
 
 def trained_flags(frame: pd.DataFrame, runs: Runs, dataset: str) -> pd.Series:
-    """Per run: did it learn (bnstudy.stats.is_trained)? A `trained` the run wrote in summary.json wins;
+    """Per run: did it learn (bnstudy.analysis.stats.is_trained)? A `trained` the run wrote in summary.json wins;
     otherwise the first and last logged train/loss and the final test/acc decide."""
     hist = history_frame(runs, frame["run_id"], "train/loss").sort_values("step", kind="stable")
     first = hist.groupby("run_id")["value"].first()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parent.parent  # bnstudy/
 SCHEMA_NAME = "bnstudy_schema"  # the first entry of configs/config.yaml's defaults list
 EXPERIMENT_GROUP = "experiment"
 
@@ -41,11 +41,11 @@ def study_files(directory: Path | None = None) -> dict[str, Path]:
 
 
 def schema_defaults() -> dict:
-    """Every key of the typed schema with its default, untyped, so that `bnstudy.config.parse` (not
+    """Every key of the typed schema with its default, untyped, so that `bnstudy.app.config.parse` (not
     Hydra's merge) is what checks the values and words the errors."""
     from omegaconf import OmegaConf
 
-    from bnstudy.config import Config
+    from bnstudy.app.config import Config
 
     return OmegaConf.to_container(OmegaConf.structured(Config))
 

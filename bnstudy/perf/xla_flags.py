@@ -75,10 +75,10 @@ def rare_program_options(backend: str) -> dict:
 
 def jit_rare(fn, label: str | None = None, **jit_kwargs):
     """`jax.jit(fn, **jit_kwargs)` compiled with `rare_program_options` of JAX's default backend (through
-    `bnstudy.traced.jit`, which may keep its trace under `label`)."""
+    `bnstudy.perf.traced.jit`, which may keep its trace under `label`)."""
     import jax
 
-    from bnstudy import traced
+    from bnstudy.perf import traced
 
     options = rare_program_options(jax.default_backend()) or None
     return traced.jit(fn, label=label, compiler_options=options, **jit_kwargs)

@@ -1,6 +1,6 @@
 """TFDS splits -> uint8 numpy -> device arrays, once per process, with the dataset's normalization constants.
 
-A split read through TFDS is also kept as a numpy copy in the data_dir (`bnstudy.numpy_cache`), so later
+A split read through TFDS is also kept as a numpy copy in the data_dir (`bnstudy.perf.numpy_cache`), so later
 processes load it without importing TensorFlow (which alone costs seconds of every run's start).
 
 The validation split is held out of the official training split first, by a permutation with a fixed
@@ -20,8 +20,8 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from bnstudy import numpy_cache
-from bnstudy.engine import ArrayData
+from bnstudy.core.engine import ArrayData
+from bnstudy.perf import numpy_cache
 
 # Per-channel mean/std of the training images in [0, 1]; normalization itself happens on device.
 STATS = {
@@ -37,7 +37,7 @@ EMBEDDED = ("mnist_t10k",)  # prepared from package data on first use, no networ
 def data_note(name: str) -> str | None:
     """What a reader must know about a dataset's split (None for the official splits)."""
     if name == "mnist_t10k":
-        from bnstudy.datasets.notes import MNIST_T10K_NOTE  # a string: no TFDS import for it
+        from bnstudy.app.datasets.notes import MNIST_T10K_NOTE  # a string: no TFDS import for it
 
         return MNIST_T10K_NOTE
     return None
@@ -55,7 +55,7 @@ def validation_count(val_size: int | float, num_train: int) -> int:
     (rounded), or a count. Raises ConfigError when too few training examples would be left."""
     n_val = round(val_size * num_train) if isinstance(val_size, float) else int(val_size)
     if not 0 <= n_val < num_train:
-        from bnstudy.config import ConfigError
+        from bnstudy.app.config import ConfigError
 
         raise ConfigError(
             f"Invalid config: `dataset.val_size` must be a fraction in (0, 1) or a count below the {num_train} "
@@ -149,7 +149,7 @@ def _read_tfds_split(name: str, split: str, data_dir: str | None, download: bool
     import tensorflow_datasets as tfds  # app-layer only: the core never needs TFDS
 
     if name in EMBEDDED:
-        import bnstudy.datasets.mnist_t10k  # noqa: F401  registers the builder; preparing it needs no network
+        import bnstudy.app.datasets.mnist_t10k  # noqa: F401  registers the builder; preparing it needs no network
 
         download = True
         tfds.disable_progress_bar()  # the first-use preparation takes seconds; its bars would flood the log

@@ -15,7 +15,7 @@ PACKAGES = ("bnstudy", "jax", "jaxlib", "flax", "optax", "numpy", "tensorflow-da
 @functools.lru_cache(maxsize=1)
 def git_sha() -> str | None:
     """The checkout's commit, with `-dirty` when it has uncommitted changes; None outside git."""
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parents[2]
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True, timeout=10
@@ -46,7 +46,7 @@ def package_versions() -> dict[str, str | None]:
 def device_info() -> dict:
     import jax
 
-    from bnstudy import allocator
+    from bnstudy.perf import allocator
 
     devices = jax.devices()
     return {

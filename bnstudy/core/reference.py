@@ -11,8 +11,8 @@ from typing import Any
 
 from flax import linen as nn
 
-from bnstudy import engine, models
-from bnstudy.trainer import Schedule
+from bnstudy.core import engine, models
+from bnstudy.core.trainer import Schedule
 
 IMAGE_SHAPE = (28, 28, 1)
 NUM_CLASSES = 10
@@ -31,7 +31,7 @@ MODEL: dict[str, Any] = dict(
     bn_running_var="unbiased",
 )
 
-# engine.Program's fields from the `optimizer` and `train` groups.
+# engine.Setup's fields from the `optimizer` and `train` groups.
 OPTIMIZER, MOMENTUM, BATCH_SIZE = "sgd", 0.9, 128
 
 # One run's hyperparameters (engine.HParams): optimizer.lr, optimizer.weight_decay, model.init_scale,
@@ -64,12 +64,12 @@ def build_model(name: str = "cnn", **overrides: Any) -> nn.Module:
     return models.build_model(name, **{**MODEL, **overrides})
 
 
-def program(model: nn.Module | None = None, **overrides: Any) -> engine.Program:
+def setup(model: nn.Module | None = None, **overrides: Any) -> engine.Setup:
     """The reference CNN (or `model`) with SGD momentum 0.9, batch 128 and MNIST's normalization."""
     fields = dict(
         optimizer=OPTIMIZER, momentum=MOMENTUM, batch_size=BATCH_SIZE, input_mean=MNIST_MEAN, input_std=MNIST_STD
     )
-    return engine.Program(model=build_model() if model is None else model, **{**fields, **overrides})
+    return engine.Setup(model=build_model() if model is None else model, **{**fields, **overrides})
 
 
 def hparams(rows: list[dict[str, Any]] | None = None) -> engine.HParams:

@@ -1,7 +1,7 @@
-"""Where one trained model's numbers go: its run folder (always, see bnstudy.runs) and its wandb run.
+"""Where one trained model's numbers go: its run folder (always, see bnstudy.app.runs) and its wandb run.
 
 Run folder layout: docs/design.md §6.1 and bnstudy/runs.py. wandb runs in a child process of the job
-(bnstudy.wandb_process), so its import, inits and finishes overlap the compilation and the steps, and
+(bnstudy.app.wandb_process), so its import, inits and finishes overlap the compilation and the steps, and
 a wandb failure never stops training: an online init that fails (no server, no login, timeout) falls
 back to offline mode so the history is kept for `wandb sync`; a job warns once, and after the first
 failure its other models go offline at once instead of waiting again. Every use of a run that needs its
@@ -17,8 +17,8 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from bnstudy.runs import FINISHED, RunFolder, clean
-from bnstudy.wandb_process import WandbProcess
+from bnstudy.app.runs import FINISHED, RunFolder, clean
+from bnstudy.app.wandb_process import WandbProcess
 
 log = logging.getLogger("bnstudy")
 
@@ -35,7 +35,7 @@ class WandbJob:
         self._keys = 0
 
     def open(self, kwargs: dict) -> tuple[int, Future]:
-        """A new run's key and the future of its init's answer (see bnstudy.wandb_process)."""
+        """A new run's key and the future of its init's answer (see bnstudy.app.wandb_process)."""
         if self.process is None:
             self.process = WandbProcess(self.mode, self.settings.init_timeout, env=self.env)
         self._keys += 1

@@ -41,8 +41,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from bnstudy import engine, models
-from bnstudy.engine import ArrayData, HParams, Program, TrainState
+from bnstudy.core import engine, models
+from bnstudy.core.engine import ArrayData, HParams, Setup, TrainState
 
 SMOOTH_KEYS = (
     "smooth/loss_min",
@@ -90,7 +90,7 @@ def smoothness(loss_fn: Callable, params, etas: jax.Array, vectorize: bool = Tru
 
 
 def smoothness_probe(
-    program: Program,
+    setup: Setup,
     multipliers: Sequence[float],
     vectorize: bool,
     state: TrainState,
@@ -104,10 +104,10 @@ def smoothness_probe(
     The loss is the data loss the step differentiates (weight decay is the optimizer's, not the
     loss's). The running statistics forward_train would update are dropped, so nothing changes.
     """
-    x, labels, dropout_key = engine.step_inputs(program, state, hp, data, perm, index)
+    x, labels, dropout_key = engine.step_inputs(setup, state, hp, data, perm, index)
 
     def loss_fn(params):
-        return engine.forward_train(program, params, state.batch_stats, x, labels, hp.dropout_rate, dropout_key)[0]
+        return engine.forward_train(setup, params, state.batch_stats, x, labels, hp.dropout_rate, dropout_key)[0]
 
     out = smoothness(loss_fn, state.params, jnp.asarray(multipliers, jnp.float32) * hp.lr, vectorize)
     # A diverged run is frozen at its last finite weights: that landscape is not the one it diverged on.
@@ -138,7 +138,7 @@ def bn_layers(batch_stats) -> dict[str, dict]:
     return found
 
 
-def batch_statistics(program: Program, params, batch_stats, x, dropout_rate=0.0, dropout_key=None):
+def batch_statistics(setup: Setup, params, batch_stats, x, dropout_rate=0.0, dropout_key=None):
     """Each BN layer's mean and biased variance (what BN normalizes by) of its input over the batch `x`, train mode.
 
     Runs a copy of the model with BN momentum 0 and the biased running variance on zeroed running
@@ -146,25 +146,25 @@ def batch_statistics(program: Program, params, batch_stats, x, dropout_rate=0.0,
     no rounding. Biased, so that `pool` gives the exact variance over all the pooled examples.
     """
     # A model on flax's own nn.BatchNorm has no such field: its running variance is the biased one already.
-    biased = {"bn_running_var": "biased"} if hasattr(program.model, "bn_running_var") else {}
-    model = program.model.clone(bn_momentum=0.0, **biased)
-    stats_program = dataclasses.replace(program, model=model)
+    biased = {"bn_running_var": "biased"} if hasattr(setup.model, "bn_running_var") else {}
+    model = setup.model.clone(bn_momentum=0.0, **biased)
+    stats_program = dataclasses.replace(setup, model=model)
     zeros = jax.tree.map(jnp.zeros_like, batch_stats)
     no_labels = jnp.zeros(x.shape[0], jnp.int32)  # forward_train wants labels; its loss is not used
     _, (_, stats) = engine.forward_train(stats_program, params, zeros, x, no_labels, dropout_rate, dropout_key)
     return stats
 
 
-def population_batch(program: Program, with_dropout: bool, params, batch_stats, hp: HParams, data, perm, index):
+def population_batch(setup: Setup, with_dropout: bool, params, batch_stats, hp: HParams, data, perm, index):
     """BN input statistics of training batch `index` with dropout off, and (if asked) with it on.
 
     Keys come from the measurement stream, so measuring never shifts a training stream.
     """
     key = jax.random.fold_in(engine.run_key(hp.seed, engine.STREAM_METRICS), index)
     augment_key, dropout_key = jax.random.split(key)
-    x, _ = engine.train_inputs(program, data, perm, index, augment_key)
-    off = batch_statistics(program, params, batch_stats, x)
-    on = batch_statistics(program, params, batch_stats, x, hp.dropout_rate, dropout_key) if with_dropout else None
+    x, _ = engine.train_inputs(setup, data, perm, index, augment_key)
+    off = batch_statistics(setup, params, batch_stats, x)
+    on = batch_statistics(setup, params, batch_stats, x, hp.dropout_rate, dropout_key) if with_dropout else None
     return off, on
 
 
@@ -224,11 +224,11 @@ def bn_metrics(dropout_layers: Sequence[str], eps: float, running, pop, pop_drop
 # ---------------------------------------------------------------------------------------------
 
 
-def batch_mode_logits(program: Program, params, batch_stats, images):
+def batch_mode_logits(setup: Setup, params, batch_stats, images):
     """Logits with BN normalizing by this batch's own statistics (train mode, dropout off); nothing kept."""
-    x = engine.normalize(program, images)
+    x = engine.normalize(setup, images)
     no_labels = jnp.zeros(x.shape[0], jnp.int32)
-    _, (logits, _) = engine.forward_train(program, params, batch_stats, x, no_labels, 0.0, None)
+    _, (logits, _) = engine.forward_train(setup, params, batch_stats, x, no_labels, 0.0, None)
     return logits
 
 
@@ -288,25 +288,25 @@ def internal_covariate_shift(
     return out
 
 
-def optimizer_update(program: Program, state: TrainState, hp: HParams, grads):
+def optimizer_update(setup: Setup, state: TrainState, hp: HParams, grads):
     """The parameter update the train step takes from `state` with gradient `grads`: its optimizer,
     learning rate, weight decay and momentum buffers (engine.train_step's `updates`)."""
-    tx = engine.make_optimizer(program, hp.lr, hp.weight_decay)
+    tx = engine.make_optimizer(setup, hp.lr, hp.weight_decay)
     return tx.update(grads, state.opt_state, state.params)[0]
 
 
-def ics_probe(program: Program, state: TrainState, hp: HParams, data: ArrayData, perm, index) -> dict[str, jax.Array]:
+def ics_probe(setup: Setup, state: TrainState, hp: HParams, data: ArrayData, perm, index) -> dict[str, jax.Array]:
     """ICS at the step `state` is about to take: its batch, its dropout mask, BN on batch statistics
     (running statistics not updated), and that step's own optimizer update. Call it with the state
     *before* the step, on the same (perm, index) as the step."""
-    x, labels, dropout_key = engine.step_inputs(program, state, hp, data, perm, index)
+    x, labels, dropout_key = engine.step_inputs(setup, state, hp, data, perm, index)
 
     def loss_fn(params):
-        return engine.forward_train(program, params, state.batch_stats, x, labels, hp.dropout_rate, dropout_key)[0]
+        return engine.forward_train(setup, params, state.batch_stats, x, labels, hp.dropout_rate, dropout_key)[0]
 
     grads = jax.grad(loss_fn)(state.params)
-    update = optimizer_update(program, state, hp, grads)
-    model = program.model
+    update = optimizer_update(setup, state, hp, grads)
+    model = setup.model
     out = internal_covariate_shift(loss_fn, state.params, update, model.param_order(), model.weight_layers(), grads)
     return {k: jnp.where(state.diverged, jnp.nan, v) for k, v in out.items()}
 
@@ -326,13 +326,13 @@ def relu_positive_counts_from(sown, mask) -> dict[str, jax.Array]:
     return {name: jnp.sum((m > 0) * mask[:, None], axis=0) for name, m in _relu_maxima(sown).items()}
 
 
-def eval_batch_with_units(program: Program, params, batch_stats, images, labels, mask) -> dict:
+def eval_batch_with_units(setup: Setup, params, batch_stats, images, labels, mask) -> dict:
     """engine.eval_batch's sums plus, from the same inference pass, `relu_positive`: per hidden block
     and ReLU unit, the number of masked examples on which it fired. Counts add up over batches
     like the sums do; `dead_unit_fractions` turns the totals into relu/<layer>/dead_frac."""
     variables = {"params": params, "batch_stats": batch_stats}
-    x = engine.normalize(program, images)
-    logits, sown = program.model.apply(variables, x, train=False, mutable=[models.RELU_COLLECTION])
+    x = engine.normalize(setup, images)
+    logits, sown = setup.model.apply(variables, x, train=False, mutable=[models.RELU_COLLECTION])
     loss = engine.cross_entropy(logits, labels)
     correct = jnp.argmax(logits, -1) == labels
     return {
