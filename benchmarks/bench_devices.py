@@ -37,21 +37,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bnstudy.core import reference, sharding, trainer
+from bnstudy.core import sharding, trainer
 
 STEPS_PER_EPOCH = 4
 
 
 def pack_trainer(devices: int) -> trainer.PackTrainer:
     data = common.random_data(args.batch * STEPS_PER_EPOCH, args.batch)
-    setup = reference.setup(batch_size=args.batch)
+    setup = common.setup(batch_size=args.batch)
     schedule = common.timing_schedule(STEPS_PER_EPOCH, loop="python", steps_per_call=1, eval_batch=args.batch)
     mesh = sharding.pack_mesh(devices) if devices > 1 else None
     return trainer.PackTrainer(setup, data, schedule, mesh=mesh)
 
 
 def timed_steps(pack: trainer.PackTrainer, state, hp, perm) -> tuple[object, float]:
-    step = pack.compiled_step(state, hp, perm)
+    step = pack.compiled.step(state, hp, perm)
     t0 = time.perf_counter()
     for i in range(args.steps):
         state, _ = step(state, hp, pack.data, perm, jnp.int32(i % pack.steps_per_epoch))
@@ -62,7 +62,7 @@ def timed_steps(pack: trainer.PackTrainer, state, hp, perm) -> tuple[object, flo
 def main() -> None:
     available = jax.local_device_count()
     counts = [n for n in (1, 2, 4, 8, 16) if n <= available and args.pack % n == 0]
-    hp = reference.hparams([{"lr": 0.01, "seed": k} for k in range(args.pack)])
+    hp = common.hparams([{"lr": 0.01, "seed": k} for k in range(args.pack)])
     runs = {}
     for n in counts:
         pack = pack_trainer(n)

@@ -14,9 +14,9 @@
             eval): a fresh subprocess compiles against a new, empty persistent-cache directory, then a
             second subprocess against the same directory.
 
-The MNIST CNN of `bnstudy.core.reference` (BN before ReLU, batch 128, SGD momentum 0.9) on random MNIST-shaped
-data (speed, not accuracy). The per-model train step against PyTorch is `step_vs_torch.py`. Needs only
-jax, flax, optax and numpy.
+The default run's MNIST CNN (`common.setup`: BN before ReLU, batch 128, SGD momentum 0.9) on random
+MNIST-shaped data (speed, not accuracy). The per-model train step against PyTorch is `step_vs_torch.py`.
+Needs only jax, flax, optax and numpy.
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ import common
 import jax
 import jax.numpy as jnp
 
-from bnstudy.core import reference
 from bnstudy.core.engine import HParams
 from bnstudy.core.trainer import PackTrainer, resolve_loop
 
@@ -140,7 +139,7 @@ def measure_pack(setup, data, steps, ks, budget_s) -> tuple[list[dict], list[dic
 
 def compile_programs(k: int, steps: int) -> dict[str, dict[str, float]]:
     """Trace+lower and compile seconds of each program of a pack of K (done in a fresh process)."""
-    setup = reference.setup()
+    setup = common.setup()
     data = common.random_data(steps * BATCH)
     trainer = PackTrainer(setup, data, common.timing_schedule(steps, "python"))
     hp = HParams.stack(common.hparam_rows(k))
@@ -310,7 +309,7 @@ def main(argv=None) -> dict:
     print(f"  steps/measurement {cfg['steps']}, Ks {cfg['ks']}, budget {cfg['budget_s']:.0f} s per packed run")
     results: dict = {"machine": info, "config": cfg}
     if "pack" not in cfg["skip"]:
-        setup, data = reference.setup(), common.random_data(cfg["steps"] * BATCH)
+        setup, data = common.setup(), common.random_data(cfg["steps"] * BATCH)
         results["pack"], results["pack_skipped"] = measure_pack(setup, data, cfg["steps"], cfg["ks"], cfg["budget_s"])
     if "compile" not in cfg["skip"]:
         results["compile"] = measure_compile(cfg["compile_ks"], cfg["steps"])

@@ -1,12 +1,12 @@
 """What every benchmark script shares: provenance header, generated data, timing loops and JSON output.
 
-Needs only jax, flax, optax and numpy (bnstudy's core, `bnstudy.app.provenance` and `bnstudy.core.reference`),
-so that the benchmarks run on a bare JAX GPU machine: nothing here imports Hydra, wandb, TFDS,
+Needs only jax, flax, optax and numpy (bnstudy's core, `bnstudy.schema` and `bnstudy.app.provenance`), so that the benchmarks run on a bare JAX GPU machine: nothing here imports Hydra, wandb, TFDS,
 omegaconf, orbax, pandas or TensorFlow.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -25,13 +25,40 @@ if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import linen as nn
 
+from bnstudy import schema
 from bnstudy.app import provenance
-from bnstudy.core import reference
-from bnstudy.core.engine import ArrayData
+from bnstudy.core import from_config, models
+from bnstudy.core.datasets import DIGITS
+from bnstudy.core.engine import ArrayData, HParams, Setup
 from bnstudy.core.trainer import Schedule
 
-BATCH = reference.BATCH_SIZE
+# The default run: the schema's defaults on the embedded digits, what the app trains without overrides.
+DEFAULT = schema.Config(dataset=schema.DatasetConfig(name="mnist_t10k"))
+BATCH = DEFAULT.train.batch_size
+
+
+def build_model(name: str = "cnn", **overrides: Any) -> nn.Module:
+    """`models.build_model(name)` with the default run's settings, `overrides` replacing some."""
+    return models.build_model(name, **{**from_config.model_kwargs(DEFAULT.model, DIGITS.num_classes), **overrides})
+
+
+def setup(model: nn.Module | None = None, **overrides: Any) -> Setup:
+    """The default run's Setup (the CNN, SGD momentum 0.9, batch 128, MNIST's normalization) around `model`
+    (default: the default CNN), `overrides` replacing some fields."""
+    default = from_config.setup_from_config(DEFAULT, DIGITS.num_classes, DIGITS.mean, DIGITS.std, DIGITS.augment)
+    return dataclasses.replace(default, **({} if model is None else {"model": model}), **overrides)
+
+
+def schedule(**overrides: Any) -> Schedule:
+    """The default run's schedule, `overrides` replacing some fields."""
+    return dataclasses.replace(from_config.schedule_from_config(DEFAULT), **overrides)
+
+
+def hparams(rows: list[dict[str, Any]] | None = None) -> HParams:
+    """A pack of runs: each row's values over the default run's hyperparameters (default: one run)."""
+    return from_config.hparams_from_config(DEFAULT, rows)
 
 
 def load() -> list[float]:
@@ -79,13 +106,13 @@ def print_header(title: str, info: dict[str, Any]) -> None:
 def random_data(num_train: int, num_test: int = BATCH, seed: int = 0) -> ArrayData:
     """Random uint8 MNIST-shaped images and labels, generated on the default device (speed, not accuracy)."""
     k1, k2, k3, k4 = jax.random.split(jax.random.key(seed), 4)
-    shape = reference.IMAGE_SHAPE
+    shape = DIGITS.image_shape
 
     def images(k, n):
         return jax.random.randint(k, (n, *shape), 0, 256, jnp.int32).astype(jnp.uint8)
 
     def labels(k, n):
-        return jax.random.randint(k, (n,), 0, reference.NUM_CLASSES, jnp.int32)
+        return jax.random.randint(k, (n,), 0, DIGITS.num_classes, jnp.int32)
 
     data = ArrayData(images(k1, num_train), labels(k2, num_train), images(k3, num_test), labels(k4, num_test))
     return jax.block_until_ready(data)
@@ -95,7 +122,7 @@ def timing_schedule(
     steps: int, loop: str = "auto", steps_per_call: int | str = "auto", eval_batch: int = BATCH
 ) -> Schedule:
     """One epoch of `steps` train steps with every measurement off: `train_time` is train steps alone."""
-    return reference.schedule(
+    return schedule(
         epochs=1,
         eval_every=0,
         log_every=steps,
@@ -114,7 +141,7 @@ def timing_schedule(
 def hparam_rows(k: int, offset: int = 0) -> list[dict]:
     """K distinct runs: seeds offset.., learning rates log-spaced in [0.01, 0.1]."""
     lrs = np.geomspace(0.01, 0.1, max(k, 2))
-    return [{**reference.HPARAMS, "lr": float(lrs[i]), "seed": offset + i} for i in range(k)]
+    return [{**from_config.hparams_row(DEFAULT), "lr": float(lrs[i]), "seed": offset + i} for i in range(k)]
 
 
 def no_log(*_) -> None:

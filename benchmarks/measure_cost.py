@@ -41,7 +41,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bnstudy.core import engine, metrics, models, reference
+from bnstudy.core import engine, kernels, metrics, models
 from bnstudy.core.engine import ArrayData, HParams, Setup
 
 
@@ -51,18 +51,20 @@ class _FlaxBatchNormBlock(models.Block):
     @nn.compact
     def __call__(self, h, train):
         bn = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum, epsilon=self.bn_epsilon, name="bn")
-        return nn.relu(bn(h))
+        out = nn.relu(bn(kernels.computed(h)))  # flax's BN takes only a computed activation, not a deferred conv
+        return kernels.max_pool_2x2(out) if self.pool else out
 
 
 class _FlaxBatchNormNet(models._Net):
     """The CNN with `_FlaxBatchNormBlock`s: what bnstudy's BN was before its own BatchNorm."""
 
-    def _block(self, h, name, train):
-        return _FlaxBatchNormBlock(self.norm, self.bn_momentum, self.bn_epsilon, name=f"{name}_norm")(h, train)
+    def _block(self, h, name, train, pool=False):
+        block = _FlaxBatchNormBlock(self.norm, self.bn_momentum, self.bn_epsilon, pool=pool, name=f"{name}_norm")
+        return block(h, train)
 
 
 def program_for(norm_kind: str, batch_size: int) -> Setup:
-    return reference.setup(reference.build_model(norm_kind=norm_kind), batch_size=batch_size)
+    return common.setup(common.build_model(norm_kind=norm_kind), batch_size=batch_size)
 
 
 def calls(args, data: ArrayData) -> dict:
@@ -126,13 +128,13 @@ def job_cost(args) -> dict:
     from bnstudy.core.trainer import PackTrainer
 
     dataset = data_lib.load("mnist_t10k")
-    setup = reference.setup(batch_size=args.batch_size, input_mean=dataset.mean, input_std=dataset.std)
-    base = reference.schedule(epochs=args.epochs, dead_units=False)  # the default job, new measurements off
+    setup = common.setup(batch_size=args.batch_size, input_mean=dataset.mean, input_std=dataset.std)
+    base = common.schedule(epochs=args.epochs, dead_units=False)  # the default job, new measurements off
     trainers = {
         name: PackTrainer(setup, dataset.arrays, dataclasses.replace(base, **kw))
         for name, kw in job_variants(args.ics_every).items()
     }
-    hp = reference.hparams([{"lr": 0.01}])
+    hp = common.hparams([{"lr": 0.01}])
     seconds = {name: [] for name in trainers}
     cpu_seconds = {name: [] for name in trainers}  # this process's CPU time: less hit by other jobs' load
     for t in trainers.values():  # compile (and warm up) every variant first

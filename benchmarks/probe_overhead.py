@@ -37,7 +37,7 @@ import common
 import jax
 import jax.numpy as jnp
 
-from bnstudy.core import engine, metrics, reference
+from bnstudy.core import engine, metrics
 from bnstudy.core.engine import ArrayData, HParams, Setup
 from bnstudy.core.trainer import PackTrainer, Schedule
 
@@ -69,7 +69,7 @@ def time_calls(fn, n: int) -> float:
 
 def schedule(**kw) -> Schedule:
     """The app's default schedule with the discrepancy evaluation off (the `disc` variant turns it on)."""
-    return reference.schedule(**{"discrepancy": False, "discrepancy_train_subset": 0, **kw})
+    return common.schedule(**{"discrepancy": False, "discrepancy_train_subset": 0, **kw})
 
 
 def probe_vs_step(setup: Setup, data: ArrayData, hp: HParams, n: int) -> dict:
@@ -106,8 +106,8 @@ def main() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
     data, source = load_data(args)
-    setup = reference.setup()
-    hp = reference.hparams()
+    setup = common.setup()
+    hp = common.hparams()
     device = common.machine(extra_packages=())
     common.print_header("bnstudy probe overhead", device)
     print(

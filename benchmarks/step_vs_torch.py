@@ -83,24 +83,24 @@ def reshape_max_pool(x):
 
 
 def unfolded_batch_norm(conv, scale, bias, epsilon):
-    """`models.batch_norm_train_one_channel_conv` without the folding: BN on the computed first conv map."""
-    from bnstudy.core import models
+    """`kernels.batch_norm_train_one_channel_conv` without the folding: BN on the computed first conv map."""
+    from bnstudy.core import kernels
 
-    return models.batch_norm_train(conv.output(), scale, bias, epsilon)
+    return kernels.batch_norm_train(conv.output(), scale, bias, epsilon)
 
 
 def autodiff_batch_norm_train(x, scale, bias, epsilon):
-    """`models.batch_norm_train` without its closed-form gradient: JAX differentiates the formula."""
+    """`kernels.batch_norm_train` without its closed-form gradient: JAX differentiates the formula."""
     import jax
 
-    from bnstudy.core import models
+    from bnstudy.core import kernels
 
-    mean, var = models.batch_stats(x)
+    mean, var = kernels.batch_stats(x)
     return (x - mean) * jax.lax.rsqrt(var + epsilon) * scale + bias, mean, var
 
 
 def xla_conv3x3(x, kernel, bias):
-    """`models.conv3x3_one_channel` as XLA's own convolution."""
+    """`kernels.conv3x3_one_channel` as XLA's own convolution."""
     import jax
 
     dims = ("NHWC", "HWIO", "NHWC")
@@ -113,19 +113,19 @@ def swap_core_functions(pool: str, bn: str, conv: str) -> None:
     or its one-channel convolution ("xla"); the models look each up when they trace."""
     import flax.linen as nn
 
-    from bnstudy.core import models
+    from bnstudy.core import kernels
 
     if conv == "xla":
-        models.conv3x3_one_channel = xla_conv3x3
+        kernels.conv3x3_one_channel = xla_conv3x3
 
     if pool == "flax":
-        models.max_pool_2x2 = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))
+        kernels.max_pool_2x2 = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))
     elif pool == "reshape":
-        models.max_pool_2x2 = reshape_max_pool
+        kernels.max_pool_2x2 = reshape_max_pool
     if bn in ("unfolded", "autodiff"):
-        models.batch_norm_train_one_channel_conv = unfolded_batch_norm
+        kernels.batch_norm_train_one_channel_conv = unfolded_batch_norm
     if bn == "autodiff":
-        models.batch_norm_train = autodiff_batch_norm_train
+        kernels.batch_norm_train = autodiff_batch_norm_train
 
 
 def app_step_run(steps: int, steps_per_call: int | str):
@@ -133,12 +133,11 @@ def app_step_run(steps: int, steps_per_call: int | str):
     run() trains one epoch of `steps` steps and returns its train-step seconds."""
     import common
 
-    from bnstudy.core import reference
     from bnstudy.core.trainer import PackTrainer
 
     data = common.random_data(steps * common.BATCH)
-    trainer = PackTrainer(reference.setup(), data, common.timing_schedule(steps, "python", steps_per_call))
-    hp = reference.hparams([{"lr": 0.05}])
+    trainer = PackTrainer(common.setup(), data, common.timing_schedule(steps, "python", steps_per_call))
+    hp = common.hparams([{"lr": 0.05}])
     compile_s = trainer.train(hp, common.no_log).timings["compile_time"]
     return (lambda: trainer.train(hp, common.no_log).timings["train_time"]), compile_s, trainer.steps_per_call
 
@@ -280,7 +279,7 @@ def main(argv=None) -> dict:
     from bnstudy.core.trainer import resolve_steps_per_call
 
     # Every bnstudy row trains in a worker process of its own: torch's OpenMP threads keep spinning after
-    # each torch op and slowed a jax step sharing their process by ~10% (benchmarks/README.md).
+    # each torch op and slowed a jax step sharing their process (measured: benchmarks/README.md).
     runs: dict = {}
     workers: dict[str, Worker] = {}
     for k in args.ks:

@@ -1,6 +1,6 @@
-"""`python -m bnstudy.report` / `bnstudy-report`: a study's report (bnstudy.analysis.report)."""
+"""`python -m bnstudy.report` / `bnstudy-report`: a study's report (bnstudy.analysis.cli)."""
 
-from bnstudy.analysis.report import main
+from bnstudy.analysis.cli import main
 
 if __name__ == "__main__":
     main()

@@ -33,6 +33,7 @@ from bnstudy.perf import (
 xla_flags.add_xla_flags()
 allocator.keep_freed_memory()
 
+import dataclasses  # noqa: E402
 from functools import partial  # noqa: E402
 
 import jax  # noqa: E402
@@ -40,7 +41,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from bnstudy.core import engine, reference  # noqa: E402
+from bnstudy import schema  # noqa: E402
+from bnstudy.core import engine, from_config, models  # noqa: E402
+from bnstudy.core.datasets import DIGITS  # noqa: E402
 from bnstudy.core.evaluate import pack_permutation  # noqa: E402
 
 # The libraries' objects live as long as the worker, yet every full collection scans them all again:
@@ -90,8 +93,11 @@ def make_arrays(n_train=256, n_test=64, shape=(28, 28, 1), seed=0) -> engine.Arr
     return engine.ArrayData(jnp.asarray(a), jnp.asarray(b), jnp.asarray(c), jnp.asarray(d))
 
 
-# What the core tests change in the reference schedule (bnstudy.core.reference: the config schema's defaults);
-# each test overrides what it is about with `schedule(...)`.
+# The default run: the schema's defaults on the embedded digits, what the app trains without overrides.
+DEFAULT = schema.Config(dataset=schema.DatasetConfig(name="mnist_t10k"))
+
+# What the core tests change in the default run's schedule; each test overrides what it is about with
+# `schedule(...)`.
 TEST_SCHEDULE = dict(
     epochs=1,
     eval_batch_size=64,
@@ -104,16 +110,23 @@ TEST_SCHEDULE = dict(
 
 
 def build_model(name="cnn", **kw):
-    return reference.build_model(name, **kw)
+    """`models.build_model(name)` with the default run's settings, `kw` replacing some."""
+    return models.build_model(name, **{**from_config.model_kwargs(DEFAULT.model, DIGITS.num_classes), **kw})
 
 
 def schedule(**kw):
-    return reference.schedule(**{**TEST_SCHEDULE, **kw})
+    return dataclasses.replace(from_config.schedule_from_config(DEFAULT), **{**TEST_SCHEDULE, **kw})
+
+
+def setup_of(model=None, **kw) -> engine.Setup:
+    """The default run's Setup around `model` (default: the default CNN), `kw` replacing some fields."""
+    setup = from_config.setup_from_config(DEFAULT, DIGITS.num_classes, DIGITS.mean, DIGITS.std, DIGITS.augment)
+    return dataclasses.replace(setup, **({} if model is None else {"model": model}), **kw)
 
 
 def cnn_program(norm="before_relu", batch_size=32, dropout_placement="none", **kw) -> engine.Setup:
     model = build_model("cnn", norm=norm, dropout_placement=dropout_placement)
-    return reference.setup(model, batch_size=batch_size, input_mean=(0.13,), input_std=(0.31,), **kw)
+    return setup_of(model, batch_size=batch_size, input_mean=(0.13,), input_std=(0.31,), **kw)
 
 
 def hparams(rows) -> engine.HParams:

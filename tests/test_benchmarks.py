@@ -1,4 +1,5 @@
-"""The benchmark scripts: step_vs_torch's table arithmetic, and its smallest run end to end (slow)."""
+"""The benchmark scripts: step_vs_torch's table arithmetic, common's helpers, and every script's
+smallest run end to end (those that compile train programs are marked slow)."""
 
 import json
 import os
@@ -86,6 +87,7 @@ def test_step_vs_torch_smallest_run_writes_every_row(tmp_path):
     names = [r["variant"] for r in result["rows"]]
     assert names[0].startswith("bnstudy app, steps_per_call=1")
     assert any(n.startswith("lever: nn.max_pool") for n in names)
+    assert any(n.startswith("lever: BN not folded into the one-channel conv1") for n in names)
     assert all(
         r["ms_per_step"] > 0 and len(result["seconds"][r["variant"].removesuffix(" (auto)")]) == 1
         for r in result["rows"]
@@ -104,3 +106,83 @@ def test_benchmarks_import_none_of_the_app_stack():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def run_script(name: str, *args: str, timeout: int = 600) -> str:
+    """Run benchmarks/<name> with `args`; its stdout (it must exit 0)."""
+    cmd = [sys.executable, str(BENCHMARKS / name), *args]
+    return subprocess.run(cmd, check=True, timeout=timeout, capture_output=True, text=True).stdout
+
+
+def positive_numbers(mapping: dict) -> bool:
+    return bool(mapping) and all(isinstance(v, float) and v > 0 for v in mapping.values())
+
+
+def test_common_helpers_give_medians_ratios_and_round_robin_seconds(tmp_path):
+    import common
+
+    assert common.median([3.0, 1.0, 2.0]) == 2.0
+    assert common.paired_ratio([2.0, 6.0, 3.0], [1.0, 2.0, 3.0]) == pytest.approx(2.0)
+    seconds = common.round_robin({"a": lambda: 0.5, "b": lambda: 0.25}, repeats=2, report=False)
+    assert seconds == {"a": [0.5, 0.5], "b": [0.25, 0.25]}
+    assert common.timed(lambda: sum(range(1000))) > 0
+    data = common.random_data(8, 4)
+    assert data.train_images.shape[0] == 8 and data.test_images.shape[0] == 4
+    info = common.machine(extra_packages=())
+    assert info["versions"]["jax"] and common.cpus_usable() >= 1
+    common.write_json(tmp_path / "r.json", {"x": 1.5})
+    assert json.loads((tmp_path / "r.json").read_text()) == {"x": 1.5}
+
+
+def test_torch_reference_loss_falls_over_its_steps():
+    pytest.importorskip("torch")
+    out = run_script("torch_reference.py", timeout=300)
+    assert out.startswith("torch ") and "(falls)" in out
+
+
+@pytest.mark.slow  # compiles the step, the probes and four more train steps
+def test_measure_cost_smallest_run_times_every_call(tmp_path):
+    out = tmp_path / "cost.json"
+    text = run_script("measure_cost.py", "--repeats", "1", "--batch-size", "8", "--eval-batch", "8", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert {"step", "ics", "eval", "eval+units", "step[flax BatchNorm]"} <= set(result["median_s"])
+    assert positive_numbers(result["median_s"]) and result["ratio"]["step"] == pytest.approx(1.0)
+    assert "step[flax BatchNorm]" in text and result["machine"]["versions"]["jax"]
+
+
+@pytest.mark.slow  # compiles a packed train step per device count
+def test_bench_devices_smallest_run_prints_each_device_count():
+    args = ["--fake-cpu-devices", "2", "--pack", "2", "--steps", "1", "--repeats", "1", "--batch", "8"]
+    text = run_script("bench_devices.py", *args)
+    assert "backend=cpu devices=2 pack=2" in text
+
+
+@pytest.mark.slow  # compiles K=1 and K=2 packs and runs the compile-cache probe
+def test_bench_pack_quick_run_writes_a_positive_rate_per_pack_size(tmp_path):
+    out = tmp_path / "pack.json"
+    run_script("bench_pack.py", "--quick", "--ks", "1,2", "--steps", "1", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert result["config"]["ks"] == [1, 2] and result["machine"]["versions"]["jax"]
+    assert result["pack"] and result["compile"]
+
+
+@pytest.mark.slow  # compiles two train programs
+def test_cost_study_quick_run_finishes_its_run_folders(tmp_path):
+    text = run_script("cost_study.py", "--quick", "--norms", "none", "--batch-sizes", "8", "--out-dir", str(tmp_path))
+    summaries = list((tmp_path / "quick" / "cost").glob("*/summary.json"))
+    assert len(summaries) == 2 and "ms/step" in text
+    for path in summaries:
+        summary = json.loads(path.read_text())
+        assert summary["status"] == "done" and summary["step_time"] > 0
+
+
+@pytest.mark.slow  # compiles the train programs of two variants and the probes
+def test_probe_overhead_smallest_run_writes_each_variant(tmp_path):
+    out = tmp_path / "probe.json"
+    args = ["--train", "256", "--test", "128", "--epochs", "1", "--repeats", "1", "--variants", "base,probe"]
+    args += ["--population-batches", "1", "--train-subset", "128", "--calls", "1", "--out", str(out)]
+    run_script("probe_overhead.py", *args)
+    result = json.loads(out.read_text())
+    assert set(result["variants"]) == {"base", "probe"} and result["device"]["versions"]["jax"]
+    assert all(row["train_plus_eval"] > 0 for row in result["variants"].values())
+    assert positive_numbers(result["one_call"])

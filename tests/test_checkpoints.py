@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from bnstudy.app import checkpoints
-from bnstudy.core.engine import HParams, Setup
+from bnstudy.core.engine import HParams
 from bnstudy.core.trainer import build_train_programs
-from conftest import build_model
+from conftest import build_model, setup_of
 
 
 def assert_same_tree(a, b):
@@ -24,7 +24,7 @@ def assert_same_tree(a, b):
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_a_restored_model_slice_equals_the_saved_one_and_only_the_last_is_kept(tmp_path, optimizer):
-    setup = Setup(model=build_model(), optimizer=optimizer, batch_size=8)
+    setup = setup_of(build_model(), optimizer=optimizer, batch_size=8)
     programs = build_train_programs(setup, (28, 28, 1), steps_per_epoch=1, probe_every=0, multipliers=(), ics_every=0)
     hp = HParams.stack([dict(lr=0.1, weight_decay=0.0, init_scale=1.0, dropout_rate=0.0, seed=s) for s in (3, 4)])
     pack = jax.device_get(programs.init(hp))
@@ -51,7 +51,7 @@ def test_a_restored_model_slice_equals_the_saved_one_and_only_the_last_is_kept(t
 
 def test_a_run_folder_given_relative_to_the_working_directory_checkpoints_and_restores(tmp_path, monkeypatch):
     """`out_dir=outputs/...` is relative; orbax itself refuses relative paths."""
-    setup = Setup(model=build_model(), optimizer="sgd", batch_size=8)
+    setup = setup_of(build_model(), optimizer="sgd", batch_size=8)
     programs = build_train_programs(setup, (28, 28, 1), steps_per_epoch=1, probe_every=0, multipliers=(), ics_every=0)
     hp = HParams.stack([dict(lr=0.1, weight_decay=0.0, init_scale=1.0, dropout_rate=0.0, seed=0)])
     state = checkpoints.model_slice(jax.device_get(programs.init(hp)), 0)
@@ -83,7 +83,7 @@ def test_a_reopened_run_folder_keeps_the_records_before_the_checkpoint_and_its_w
 def test_a_signal_during_a_checkpoint_waits_for_it_then_interrupts():
     import signal
 
-    from bnstudy.app.main import RunInterrupted, interrupts_as_exceptions, signals_deferred
+    from bnstudy.app.signals import RunInterrupted, interrupts_as_exceptions, signals_deferred
 
     finished = []
     with pytest.raises(RunInterrupted) as stopped, interrupts_as_exceptions():

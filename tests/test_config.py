@@ -113,11 +113,9 @@ def test_repeated_pack_values_are_refused():
 
 
 def test_group_choices_return_every_chosen_option_so_only_those_studies_are_loaded():
-    from pathlib import Path
-
-    from bnstudy.app import main as train
+    from bnstudy.app.cli import check_group_choices
 
     overrides = ["-m", "experiment=placement,ics", "optimizer=adam", "seed=[0,1]"]
-    chosen = train.check_group_choices(overrides, Path(train.CONFIG_DIR))
+    chosen = check_group_choices(overrides, config_tree.config_dir())
     assert chosen == {"experiment": ["placement", "ics"], "optimizer": ["adam"]}
-    assert train.check_group_choices(["seed=1"], Path(train.CONFIG_DIR)) == {}
+    assert check_group_choices(["seed=1"], config_tree.config_dir()) == {}

@@ -34,7 +34,8 @@ def test_core_imports_none_of_the_app_stack():
 
     code = (
         "import sys, bnstudy.core.models, bnstudy.core.engine, bnstudy.core.trainer, bnstudy.core.evaluate, bnstudy.core.metrics, "
-        "bnstudy.core.pack_size, bnstudy.core.reference, bnstudy.app.provenance, bnstudy.perf.xla_flags; "
+        "bnstudy.core.pack_size, bnstudy.core.from_config, bnstudy.core.datasets, bnstudy.schema, bnstudy.app.provenance, "
+        "bnstudy.perf.xla_flags; "
         "bad = {'hydra', 'omegaconf', 'wandb', 'tensorflow_datasets', 'tensorflow', 'tqdm', 'orbax', 'pandas'} "
         "& set(sys.modules); "
         "assert not bad, bad"

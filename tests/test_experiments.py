@@ -11,8 +11,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf, open_dict
 
-from bnstudy.analysis import report
-from bnstudy.analysis import study as analysis
+from bnstudy.analysis import cli
+from bnstudy.analysis.spec import experiment_spec, validate_spec
 from bnstudy.app import config as config_lib
 from bnstudy.app import config_tree
 
@@ -76,14 +76,14 @@ def job_configs(study: str, base: list[str], composed, jobs: list[list[str]], ch
 
 def cases():
     for study in STUDIES:
-        spec = analysis.experiment_spec(study)
+        spec = experiment_spec(study)
         for dataset in spec["datasets"]:
             for preset in ([], ["+preset=quick"]):
                 yield pytest.param(study, dataset, preset, id=f"{study}-{dataset}{'-quick' if preset else ''}")
 
 
 def test_there_is_one_experiment_file_per_study():
-    assert analysis.known_studies() == sorted(STUDIES)
+    assert config_tree.known_studies() == sorted(STUDIES)
 
 
 @pytest.mark.parametrize("study, dataset, preset", list(cases()))
@@ -96,7 +96,7 @@ def test_study_composes_and_every_sweep_job_validates(study, dataset, preset):
     assert len(jobs) >= 2
     # The shortcut is checked against Hydra once per study and preset: the dataset is a defaults-list choice,
     # made before any sweep value is set, so it cannot change what the shortcut does (a compose is ~0.3 s).
-    check = dataset == analysis.experiment_spec(study)["datasets"][0]
+    check = dataset == experiment_spec(study)["datasets"][0]
     for job_cfg in job_configs(study, base, study_cfg, jobs, check_first=check):
         cfg = config_lib.parse(job_cfg)
         assert cfg.study == study and cfg.dataset.name == dataset
@@ -110,8 +110,8 @@ def test_study_composes_and_every_sweep_job_validates(study, dataset, preset):
 @pytest.mark.parametrize("study", STUDIES)
 def test_report_block_is_complete_and_names_real_axes(study):
     cfg = compose_study(study)
-    spec = analysis.validate_spec(OmegaConf.to_container(cfg.report), study)
-    assert spec == analysis.experiment_spec(study)  # what the runs carry equals what the file says
+    spec = validate_spec(OmegaConf.to_container(cfg.report), study)
+    assert spec == experiment_spec(study)  # what the runs carry equals what the file says
     assert spec["claim"].endswith(".") and spec.get("source")
     assert spec["compare"], f"{study}: a study needs at least one deciding comparison"
     params = compose_study(study, hydra_config=True).hydra.sweeper.params
@@ -155,7 +155,7 @@ def test_quick_placement_runs_end_to_end_through_train_and_report(small_data, ru
         assert {"val/acc", "train_subset/acc", "test/acc", "trained", "gen_gap"} <= set(s)
         assert s["num_val"] == round(0.1 * 256)
     results = tmp_path / "results"
-    report.main(["placement", "--runs", str(runs_dir), "--out", str(results)])
+    cli.main(["placement", "--runs", str(runs_dir), "--out", str(results)])
     text = (results / "README.md").read_text()
     assert "## Verdict: **" in text and "quick (2 seeds" in text and "Runs by status: done 24" in text
     assert "Per-arm selection of optimizer.lr (on `val/acc`" in text

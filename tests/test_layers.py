@@ -46,7 +46,7 @@ def test_a_subpackage_imports_none_of_what_its_layer_forbids(subpackage):
     assert not bad, f"bnstudy.{subpackage} imports {sorted(bad)}"
 
 
-def test_the_top_level_holds_only_the_launchers():
+def test_the_top_level_holds_at_most_six_modules_the_launchers_among_them():
     top = sorted(m.name for m in pkgutil.iter_modules(bnstudy.__path__) if not m.ispkg)
     assert len(top) <= 6, top
     assert {"train", "report"} <= set(top)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from bnstudy.core import engine, metrics, models, trainer
-from conftest import cnn_program, hparams, make_arrays, schedule, serve_generated_data
+from conftest import cnn_program, hparams, make_arrays, schedule, serve_generated_data, setup_of
 
 SHAPE = (10, 10, 1)  # small images: these tests are about exactness, not accuracy
 
@@ -86,7 +86,7 @@ def test_python_loop_probe_leaves_params_opt_state_and_running_stats_bit_identic
     hp = hparams([{"dropout_rate": 0.3}])
     state, _ = pt.compile(hp)
     perm = pt.permutation(hp, 0)
-    step = pt.compiled_step(state, hp, perm)  # the same compiled step, with no probe anywhere
+    step = pt.compiled.step(state, hp, perm)  # the same compiled step, with no probe anywhere
     for i in range(3):
         state, _ = step(state, hp, pt.data, perm, jnp.int32(i))
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(probed.state), strict=True):
@@ -193,7 +193,7 @@ def test_dropout_variance_shift_matches_li_et_al_closed_form():
     z = np.random.default_rng(0).normal(size=(8192, 32))
     z = (z - z.mean(0)) / z.std(0)  # exactly mean 0, variance 1 per channel
     x = jnp.asarray(c + np.sqrt(v) * z, jnp.float32)
-    setup = engine.Setup(model=DropoutThenBN())
+    setup = setup_of(DropoutThenBN())
     variables = setup.model.init(jax.random.key(0), x[:2], train=False)
     stats = lambda *drop: metrics.batch_statistics(setup, variables["params"], variables["batch_stats"], x, *drop)
     # Off-dropout and on-dropout statistics of one batch, through the same pooling the trainer uses.

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bnstudy.core import engine, models
-from conftest import build_model, hparams, init_states, init_variables, initial_state, normal
+from bnstudy.core import kernels, models
+from conftest import build_model, hparams, init_states, init_variables, initial_state, normal, setup_of
 
 X = normal(0, (64, 8, 8, 4), loc=1.5, scale=3.0)
 
@@ -67,7 +67,7 @@ def test_bn_running_stats_move_by_one_minus_momentum():
 
 @pytest.mark.parametrize("scale", [0.1, 3.0])
 def test_init_scale_multiplies_kernel_std_exactly(scale):
-    setup = engine.Setup(build_model("cnn"))
+    setup = setup_of(build_model("cnn"))
     states = init_states(setup, (28, 28, 1), hparams([{}, {"init_scale": scale}]))
     base, scaled = (jax.tree.map(lambda a, k=k: a[k], states) for k in range(2))
     for name in ("conv1", "conv2", "dense1", "classifier"):
@@ -79,7 +79,7 @@ def test_init_scale_multiplies_kernel_std_exactly(scale):
 
 
 def test_he_normal_std_matches_fan_in():
-    setup = engine.Setup(build_model("cnn"))
+    setup = setup_of(build_model("cnn"))
     state = initial_state(setup, (28, 28, 1), jax.tree.map(lambda a: a[0], hparams([{}])))
     kernel = state.params["dense1"]["kernel"]  # fan-in 7*7*64 = 3136
     np.testing.assert_allclose(float(kernel.std()), np.sqrt(2.0 / 3136), rtol=0.05)
@@ -136,7 +136,7 @@ WITH_TIES = [jnp.round(normal(2, (3, 8, 6, 5))), jnp.round(normal(3, (2, 7, 9, 3
 @pytest.mark.parametrize("x", TIE_FREE)
 def test_max_pool_2x2_equals_nn_max_pool_in_value_and_gradient_without_ties(x):
     cotangent = normal(4, nn_max_pool(x).shape)
-    ours, ours_vjp = jax.vjp(models.max_pool_2x2, x)
+    ours, ours_vjp = jax.vjp(kernels.max_pool_2x2, x)
     ref, ref_vjp = jax.vjp(nn_max_pool, x)
     np.testing.assert_array_equal(ours, ref)
     np.testing.assert_array_equal(ours_vjp(cotangent)[0], ref_vjp(cotangent)[0])
@@ -144,15 +144,15 @@ def test_max_pool_2x2_equals_nn_max_pool_in_value_and_gradient_without_ties(x):
 
 @pytest.mark.parametrize("x", WITH_TIES)
 def test_max_pool_2x2_equals_nn_max_pool_in_value_with_ties_and_passes_the_whole_gradient_on(x):
-    np.testing.assert_array_equal(models.max_pool_2x2(x), nn_max_pool(x))
+    np.testing.assert_array_equal(kernels.max_pool_2x2(x), nn_max_pool(x))
     cotangent = normal(4, nn_max_pool(x).shape)
-    ours = jax.vjp(models.max_pool_2x2, x)[1](cotangent)[0]
+    ours = jax.vjp(kernels.max_pool_2x2, x)[1](cotangent)[0]
     ref = jax.vjp(nn_max_pool, x)[1](cotangent)[0]
     np.testing.assert_allclose(ours.sum(), ref.sum(), rtol=1e-5)  # the same total reaches the inputs
 
 
 def test_max_pool_2x2_splits_a_tied_windows_gradient_pairwise():
-    grad = lambda window: jax.grad(lambda v: models.max_pool_2x2(v).sum())(jnp.asarray(window).reshape(1, 2, 2, 1))
+    grad = lambda window: jax.grad(lambda v: kernels.max_pool_2x2(v).sum())(jnp.asarray(window).reshape(1, 2, 2, 1))
     np.testing.assert_array_equal(grad([[1.0, 3.0], [3.0, 0.0]]).ravel(), [0, 0.5, 0.5, 0])
     np.testing.assert_array_equal(grad([[1.0, 1.0], [1.0, 1.0]]).ravel(), [0.25, 0.25, 0.25, 0.25])
     # Three tied: the top pair halves its share, the bottom winner keeps its own.
@@ -178,7 +178,7 @@ def test_a_pooled_block_is_the_block_then_its_pool_in_values_gradients_and_relu_
         return grads, sown
 
     (gx, gp), sown = run(pooled, lambda out: out)
-    (rx, rp), ref_sown = run(plain, models.max_pool_2x2)
+    (rx, rp), ref_sown = run(plain, kernels.max_pool_2x2)
     np.testing.assert_allclose(gx, rx, atol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), gp, rp)
     jax.tree.map(np.testing.assert_array_equal, sown, ref_sown)

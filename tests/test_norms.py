@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bnstudy.core import models
-from conftest import build_model, init_variables, normal
+from bnstudy.core import kernels, models
+from conftest import build_model, init_variables, normal, setup_of
 
 EPS = 1e-5
 
@@ -133,11 +133,11 @@ def test_batchnorm_closed_form_gradient_equals_autodiff_of_the_formula(shape):
     outs = autodiff_bn(x, scale, bias)
     cotangents = [jnp.asarray(rng.normal(size=o.shape), jnp.float32) for o in outs]
     pairing = lambda fn: lambda *a: sum(jnp.vdot(o, ct) for o, ct in zip(fn(*a), cotangents))
-    closed = jax.grad(pairing(lambda *a: models.batch_norm_train(*a, EPS)), argnums=(0, 1, 2))(x, scale, bias)
+    closed = jax.grad(pairing(lambda *a: kernels.batch_norm_train(*a, EPS)), argnums=(0, 1, 2))(x, scale, bias)
     reference = jax.grad(pairing(autodiff_bn), argnums=(0, 1, 2))(x, scale, bias)
     for ours, ref in zip(closed, reference):
         np.testing.assert_allclose(ours, ref, rtol=2e-5, atol=2e-6)
-    for ours, ref in zip(models.batch_norm_train(x, scale, bias, EPS), outs):
+    for ours, ref in zip(kernels.batch_norm_train(x, scale, bias, EPS), outs):
         np.testing.assert_array_equal(ours, ref)
 
 
@@ -147,7 +147,7 @@ def test_batchnorm_gradient_matches_torch():
     x = rng.normal(size=(6, 5, 5, 3)).astype(np.float32) * 2.0 + 0.5
     dy = rng.normal(size=x.shape).astype(np.float32)
     scale, bias = np.float32([0.5, 1.0, 2.0]), np.float32([0.1, -0.2, 0.3])
-    loss = lambda x, s, b: jnp.vdot(models.batch_norm_train(x, s, b, EPS)[0], dy)
+    loss = lambda x, s, b: jnp.vdot(kernels.batch_norm_train(x, s, b, EPS)[0], dy)
     ours = jax.grad(loss, argnums=(0, 1, 2))(jnp.asarray(x), jnp.asarray(scale), jnp.asarray(bias))
     tx = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).requires_grad_()
     tbn = torch.nn.BatchNorm2d(3, eps=EPS)
@@ -183,11 +183,11 @@ def one_channel_case(seed, shape=(6, 9, 7, 1), channels=5):
 
 
 def folded_bn(x, kernel, bias, scale, beta):
-    return models.batch_norm_train_one_channel_conv(models.OneChannelConv(x, kernel, bias), scale, beta, EPS)
+    return kernels.batch_norm_train_one_channel_conv(kernels.OneChannelConv(x, kernel, bias), scale, beta, EPS)
 
 
 def unfolded_bn(x, kernel, bias, scale, beta):
-    return models.batch_norm_train(models.conv3x3_one_channel(x, kernel, bias), scale, beta, EPS)
+    return kernels.batch_norm_train(kernels.conv3x3_one_channel(x, kernel, bias), scale, beta, EPS)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -247,12 +247,12 @@ def test_the_cnn_folds_its_first_bn_only_in_train_mode_and_matches_the_unfolded_
 
     eval_mode = lambda: jax.jit(lambda v: net.apply(v, x, train=False))(variables)
     calls = []
-    fold = models.batch_norm_train_one_channel_conv
-    monkeypatch.setattr(models, "batch_norm_train_one_channel_conv", lambda *a: calls.append(1) or fold(*a))
+    fold = kernels.batch_norm_train_one_channel_conv
+    monkeypatch.setattr(kernels, "batch_norm_train_one_channel_conv", lambda *a: calls.append(1) or fold(*a))
     folded, folded_eval = train_mode(), eval_mode()
     assert len(calls) == 1  # one trace of the train-mode model; none in eval mode
-    unfold = lambda conv, *a: models.batch_norm_train(conv.output(), *a)
-    monkeypatch.setattr(models, "batch_norm_train_one_channel_conv", unfold)
+    unfold = lambda conv, *a: kernels.batch_norm_train(conv.output(), *a)
+    monkeypatch.setattr(kernels, "batch_norm_train_one_channel_conv", unfold)
     for ours, ref in zip(jax.tree.leaves(folded), jax.tree.leaves(train_mode())):
         np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(folded_eval, eval_mode())
@@ -365,11 +365,11 @@ def test_norm_kind_keys_default_to_pytorch_batch_norm_and_are_validated_before_a
 
 @pytest.mark.parametrize("name", ["cnn", "vgg"])
 def test_a_models_own_has_batch_norm_agrees_with_the_collections_of_its_init(name):
-    from bnstudy.core import evaluate, reference
+    from bnstudy.core import evaluate
 
     for norm, kind in [("none", "batch"), ("before_relu", "batch"), ("after_relu", "batch"), ("before_relu", "layer")]:
         kw = dict(norm_kind=kind, norm_groups=4) if kind != "batch" else {}
-        setup = reference.setup(reference.build_model(name, norm=norm, width=0.125, **kw))
+        setup = setup_of(build_model(name, norm=norm, width=0.125, **kw))
         shape = (32, 32, 3) if name == "vgg" else (28, 28, 1)
         assert (
             setup.model.has_batch_norm

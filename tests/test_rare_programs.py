@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bnstudy.core import engine, reference
+from bnstudy.core import engine
 from bnstudy.core.evaluate import pack_permutation
 from bnstudy.perf import xla_flags
-from conftest import build_model, cnn_program, hparams
+from conftest import build_model, cnn_program, hparams, setup_of
 
 
 def same_bits(a, b) -> bool:
@@ -18,11 +18,11 @@ def same_bits(a, b) -> bool:
 
 
 @pytest.mark.parametrize(
-    "program, shape",
+    "setup, shape",
     [
         (cnn_program("before_relu"), (28, 28, 1)),
         pytest.param(
-            reference.setup(build_model("vgg", norm="after_relu", width=0.125), batch_size=8),
+            setup_of(build_model("vgg", norm="after_relu", width=0.125), batch_size=8),
             (32, 32, 3),
             marks=pytest.mark.slow,  # ~20 s: the default compilation of VGG's initializers
         ),

@@ -198,8 +198,8 @@ def test_the_wandb_process_finishes_a_summary_with_nulls_without_importing_panda
     code = textwrap.dedent(
         f"""
         import sys, wandb
-        from bnstudy.app.wandb_process import Runs
-        runs = Runs(wandb, "offline", 15.0)
+        from bnstudy.app.wandb_process import ChildRuns
+        runs = ChildRuns(wandb, "offline", 15.0)
         runs.init(1, dict(project="p", name="r0", config={{"seed": 0}}, dir={str(tmp_path)!r}))
         answer = runs.finish(1, {{"status": "done", "steps_to_target": None, "data": {{"note": None}}}}, 0)
         print("warning:", answer["warning"], "pandas imported:", "pandas" in sys.modules)

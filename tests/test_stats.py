@@ -10,11 +10,13 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from bnstudy.analysis import report, stats
-from bnstudy.analysis import study as analysis
-from tests.test_report import write_run
+from bnstudy.analysis import cli, stats
+from bnstudy.analysis.analyse import analyse
+from bnstudy.analysis.errors import ReportWarning
+from bnstudy.analysis.load import load_local
+from tests.report_runs import write_run
 
-pytestmark = pytest.mark.filterwarnings("ignore:study .*no run has metric:bnstudy.analysis.study.ReportWarning")
+pytestmark = pytest.mark.filterwarnings("ignore:study .*no run has metric:bnstudy.analysis.errors.ReportWarning")
 
 T975_DF2 = 4.302652729911275  # t quantile 0.975 with 2 degrees of freedom (statistical tables)
 
@@ -222,7 +224,7 @@ def select_runs(root, spec=SELECT_SPEC):
 
 
 def test_per_arm_selection_chooses_on_validation_and_compares_there(tmp_path):
-    a = analysis.analyse("select", analysis.load_local(select_runs(tmp_path / "runs")))
+    a = analyse("select", load_local(select_runs(tmp_path / "runs")))
     chosen = a.selection[a.selection["selected"]].set_index("model.norm")["optimizer.lr"].to_dict()
     assert chosen == {"before_relu": 0.1, "none": 0.01}
     not_learning = a.selection.query("`model.norm` == 'none' and `optimizer.lr` == 0.1").iloc[0]
@@ -248,7 +250,7 @@ def test_per_arm_selection_chooses_on_validation_and_compares_there(tmp_path):
 def test_report_shows_the_selection_table_interval_kind_and_margins(tmp_path):
     root = select_runs(tmp_path / "runs")
     out = tmp_path / "out"
-    report.main(["select", "--runs", str(root), "--out", str(out)])
+    cli.main(["select", "--runs", str(root), "--out", str(out)])
     text = (out / "README.md").read_text()
     assert "Per-arm selection of optimizer.lr (on `val/acc`, never on the test split)" in text
     assert "**selected**" in text and "paired (3 seeds)" in text
@@ -270,7 +272,7 @@ def test_report_shows_the_selection_table_interval_kind_and_margins(tmp_path):
 def test_bad_report_block_is_a_clear_error_with_exit_code_2(tmp_path, capsys, change, message):
     root = select_runs(tmp_path / "runs", {**SELECT_SPEC, **change})
     with pytest.raises(SystemExit) as e:
-        report.main(["select", "--runs", str(root), "--out", str(tmp_path / "out")])
+        cli.main(["select", "--runs", str(root), "--out", str(tmp_path / "out")])
     assert e.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
@@ -287,7 +289,7 @@ def test_gen_gap_is_missing_for_runs_without_train_subset_accuracy(tmp_path):
             summary={"test/acc": 0.9, "train_subset/acc": 0.95 + seed / 100, "train/epoch_acc": 0.8},
         )
     write_run(root, study="gap", seed=2, spec=spec, summary={"test/acc": 0.9, "train/epoch_acc": 0.8})
-    with pytest.warns(analysis.ReportWarning, match="1 finished run.* lack train_subset/acc"):
-        a = analysis.analyse("gap", analysis.load_local(root))
+    with pytest.warns(ReportWarning, match="1 finished run.* lack train_subset/acc"):
+        a = analyse("gap", load_local(root))
     row = a.summary.query("metric == 'gen_gap'").iloc[0]
     assert (row["n"], row["mean"]) == (2, pytest.approx(0.055))

@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bnstudy.core import engine, evaluate
-from bnstudy.core.evaluate import CompileCache
+from bnstudy.core import compiled, engine
+from bnstudy.core.compiled import CompileCache
 from bnstudy.core.trainer import PackTrainer
 from bnstudy.perf import traced, xla_flags
 from conftest import cnn_program, hparams, make_arrays, schedule
@@ -90,7 +90,7 @@ def test_a_trainer_with_a_traced_folder_trains_the_same_numbers_and_a_second_one
     results = []
     for traced_dir in (None, tmp_path, tmp_path):
         if results and traced_dir is not None:  # as a fresh process: the store, not this process, has them
-            evaluate.forget_compiled_programs()
+            compiled.forget_compiled_programs()
         trainer = PackTrainer(cnn_program(batch_size=16), data, sched, traced_dir=traced_dir)
         records = []
         result = trainer.train(hp, logs(records))
@@ -114,7 +114,7 @@ def test_a_later_trainer_of_the_same_program_in_this_process_compiles_nothing_an
     hp = hparams([dict(seed=0)])
     data = make_arrays(n_train=64, n_test=32, shape=SHAPE)
     sched = schedule(max_steps_per_epoch=2)
-    evaluate.forget_compiled_programs()  # whatever earlier tests of this process compiled
+    compiled.forget_compiled_programs()  # whatever earlier tests of this process compiled
     first, second = (PackTrainer(cnn_program(batch_size=16), data, sched) for _ in range(2))
     assert first.programs is second.programs  # equal programs: the same jitted functions
     a = first.train(hp, lambda *a: None)

@@ -7,7 +7,18 @@ import numpy as np
 import pytest
 
 from bnstudy.core import engine, trainer
-from conftest import build_model, cnn_program, hparams, init_states, initial_state, make_arrays, permutations, schedule
+from bnstudy.core import schedule as schedule_lib
+from conftest import (
+    build_model,
+    cnn_program,
+    hparams,
+    init_states,
+    initial_state,
+    make_arrays,
+    permutations,
+    schedule,
+    setup_of,
+)
 
 K = 2
 # The chunk is compiled as one program, so XLA may fuse and order the float32 arithmetic of k steps
@@ -68,19 +79,23 @@ def test_chunk_vmaps_over_a_pack(arrays):
 
 def test_chunk_plan_starts_a_call_at_every_probe_step_and_runs_the_tail_singly():
     due = {4, 8}.__contains__
-    assert trainer.chunk_plan(0, 7, 3, due) == [(0, 3), (3, 1), (4, 3)]
-    assert trainer.chunk_plan(7, 14, 3, due) == [(7, 1), (8, 3), (11, 3)]
-    assert trainer.chunk_plan(0, 5, 1, due) == [(i, 1) for i in range(5)]
-    plan = trainer.chunk_plan(0, 62, 4, lambda j: False)
+    assert schedule_lib.chunk_plan(0, 7, 3, due) == [(0, 3), (3, 1), (4, 3)]
+    assert schedule_lib.chunk_plan(7, 14, 3, due) == [(7, 1), (8, 3), (11, 3)]
+    assert schedule_lib.chunk_plan(0, 5, 1, due) == [(i, 1) for i in range(5)]
+    plan = schedule_lib.chunk_plan(0, 62, 4, lambda j: False)
     assert [n for _, n in plan] == [4] * 15 + [1, 1]
-    assert trainer.resolve_steps_per_call(8, 5) == 5
+    assert schedule_lib.resolve_steps_per_call(8, 5) == 5
 
 
 def test_auto_steps_per_call_is_one_step_on_cpu_and_a_chunk_on_an_accelerator():
-    assert trainer.resolve_steps_per_call("auto", 62, backend="cpu") == 1
-    assert trainer.resolve_steps_per_call("auto", 62, backend="gpu") == trainer.AUTO_STEPS_PER_CALL_ACCELERATOR > 1
-    assert trainer.resolve_steps_per_call("auto", 3, backend="gpu") == 3
-    assert trainer.resolve_steps_per_call("auto", 62) == trainer.auto_steps_per_call(jax.default_backend())
+    assert schedule_lib.resolve_steps_per_call("auto", 62, backend="cpu") == 1
+    assert (
+        schedule_lib.resolve_steps_per_call("auto", 62, backend="gpu")
+        == schedule_lib.AUTO_STEPS_PER_CALL_ACCELERATOR
+        > 1
+    )
+    assert schedule_lib.resolve_steps_per_call("auto", 3, backend="gpu") == 3
+    assert schedule_lib.resolve_steps_per_call("auto", 62) == schedule_lib.auto_steps_per_call(jax.default_backend())
 
 
 def test_python_loop_in_chunks_logs_and_trains_as_one_step_per_call():
@@ -90,7 +105,7 @@ def test_python_loop_in_chunks_logs_and_trains_as_one_step_per_call():
     fused differently). Chunks of 2: the chunk's steps are unrolled, and each one more costs seconds of compile."""
     data = make_arrays(n_train=8 * 8, n_test=8, shape=(8, 8, 1))
     model = build_model("cnn")  # the loop is under test: 8x8 images keep the steps cheap (the CNN has no width)
-    setup = engine.Setup(model=model, batch_size=8, input_mean=(0.13,), input_std=(0.31,))
+    setup = setup_of(model, batch_size=8, input_mean=(0.13,), input_std=(0.31,))
     hp = hparams([{"lr": 0.05, "seed": 0}])
 
     def run(k):

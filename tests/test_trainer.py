@@ -117,12 +117,20 @@ def test_auto_pack_size_follows_measured_device_memory(arrays, monkeypatch):
 
 
 def test_later_packs_of_the_same_shape_reuse_the_compiled_programs(arrays):
+    from bnstudy.core import compiled
+
+    compiled.forget_compiled_programs()  # what earlier tests of this process compiled
     pt = trainer.PackTrainer(cnn_program(), arrays, SCHEDULE)
     pt.train(hparams([{"seed": 0}]), lambda *a: None)
-    programs = pt.cache.snapshot()
+    held, seconds = compiled.programs_held(), pt.cache.compile_seconds
+    assert held > 0 and seconds > 0
     pt.train(hparams([{"seed": 1}]), lambda *a: None)
-    assert pt.cache.snapshot().keys() == programs.keys()
-    assert all(pt.cache.snapshot()[k] is programs[k] for k in programs)
+    assert compiled.programs_held() == held and pt.cache.compile_seconds == seconds
+    # A second trainer of the same setup in this process gets the same jitted functions, nothing compiled anew.
+    again = trainer.PackTrainer(cnn_program(), arrays, SCHEDULE)
+    assert again.programs is pt.programs
+    again.train(hparams([{"seed": 2}]), lambda *a: None)
+    assert compiled.programs_held() == held and again.cache.compile_seconds == 0
 
 
 def test_training_resumes_from_a_state_handed_to_on_epoch_end(arrays):

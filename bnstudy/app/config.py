@@ -1,9 +1,9 @@
-"""The typed config schema, its validation (before any compute), and pack expansion.
+"""The config's validation (before any compute), parsing onto the schema, and pack expansion.
 
-A config arrives from Hydra (or a plain dict in tests), is merged onto the dataclass schema, checked
-value by value, and expanded into one fully resolved config per trained model: a list in a packable
-key (seed, lr, init scale, dropout rate, weight decay) means "train each of these", and the pack is
-the Cartesian product of those lists.
+A config arrives from Hydra (or a plain dict in tests), is merged onto the dataclass schema
+(bnstudy.schema, the one home of defaults), checked value by value, and expanded into one fully
+resolved config per trained model: a list in a packable key (seed, lr, init scale, dropout rate,
+weight decay) means "train each of these", and the pack is the Cartesian product of those lists.
 """
 
 from __future__ import annotations
@@ -12,27 +12,29 @@ import dataclasses
 import functools
 import itertools
 import math
-from dataclasses import dataclass, field
 from typing import Any
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
 
-from bnstudy.core.models import BN_RUNNING_VARS, DROPOUT_PLACEMENTS, MODELS, NORM_KINDS, NORMS, norm_groups_problem
+from bnstudy.core.datasets import FACTS
+from bnstudy.core.from_config import hparams_row  # noqa: F401  (re-exported: the app stacks a pack's HParams)
+from bnstudy.core.models import (
+    BN_RUNNING_VARS,
+    DROPOUT_PLACEMENTS,
+    MODELS,
+    NORM_KINDS,
+    NORMS,
+    depth_problem,
+    norm_groups_problem,
+)
+from bnstudy.schema import PACKABLE, Config, get  # Config re-exported: the app's modules type with it
 
-DATASETS = ("mnist_t10k", "mnist", "cifar10")
+DATASETS = tuple(FACTS)
 OPTIMIZERS = ("sgd", "adam")
 WANDB_MODES = ("offline", "online", "disabled")
 LOOPS = ("auto", "python", "scan")
 
-# Packable key -> the HParams field it feeds.
-PACKABLE = {
-    "optimizer.lr": "lr",
-    "optimizer.weight_decay": "weight_decay",
-    "model.init_scale": "init_scale",
-    "model.dropout.rate": "dropout_rate",
-    "seed": "seed",
-}
 # Keys that change the compiled program: a list here is a mistake, Hydra's -m is the way.
 STRUCTURAL = (
     "dataset.name",
@@ -42,6 +44,7 @@ STRUCTURAL = (
     "model.norm_groups",
     "model.bn_running_var",
     "model.width",
+    "model.depth",
     "model.bn_momentum",
     "model.dropout.placement",
     "optimizer.name",
@@ -61,141 +64,9 @@ class ConfigError(ValueError):
     """A config value that cannot be trained; the message says which key, what is expected, what was given."""
 
 
-@dataclass
-class DatasetConfig:
-    name: str = MISSING  # chosen by the defaults list: dataset=mnist_t10k (embedded), mnist or cifar10
-    data_dir: str | None = None  # TFDS data_dir; None = TFDS's default (~/tensorflow_datasets)
-    download: bool = False
-    # Held out of the training split for choices (select on val/acc), the same examples in every arm and seed:
-    # a fraction in (0, 1) of the training split, or a count of examples; 0 = no validation split.
-    val_size: Any = 0.1
-    train_subset: int | None = None  # then use only the first N remaining training examples (quick runs, tests)
-    test_subset: int | None = None
-
-
-@dataclass
-class DropoutConfig:
-    placement: str = "none"
-    rate: Any = 0.0  # packable
-
-
-@dataclass
-class ModelConfig:
-    name: str = "cnn"
-    norm: str = "before_relu"  # placement: none | before_relu | after_relu
-    norm_kind: str = "batch"  # batch | layer | group; layer and group norm keep no running statistics
-    norm_groups: int = 8  # group norm's groups; must divide every block's channels (dense: features)
-    bn_momentum: float = 0.9  # running = momentum * running + (1 - momentum) * batch (PyTorch's 0.1)
-    bn_epsilon: float = 1e-5  # also layer and group norm's epsilon
-    # What BN's running variance averages: unbiased = batch variance x n/(n-1) (PyTorch's BatchNorm),
-    # biased = the batch variance (flax.linen.BatchNorm); n = values per channel in the batch.
-    bn_running_var: str = "unbiased"
-    init_scale: Any = 1.0  # packable
-    width: float = 1.0  # vgg channel multiplier
-    dropout: DropoutConfig = field(default_factory=DropoutConfig)
-
-
-@dataclass
-class OptimizerConfig:
-    name: str = "sgd"
-    lr: Any = 0.1  # packable
-    momentum: float = 0.9
-    weight_decay: Any = 0.0  # packable
-
-
-@dataclass
-class TrainConfig:
-    batch_size: int = 128
-    epochs: int = 3
-    eval_every: int = 1  # epochs; 0 = only at the end
-    eval_every_steps: int = 0  # steps between evaluations (convergence speed); 0 = use eval_every (epochs)
-    # steps_to_target in summary.json: the first evaluated step whose val/acc (test/acc without a
-    # validation split) reaches this accuracy; null = not computed
-    target_acc: float | None = None
-    log_every: int = 50  # steps
-    eval_batch_size: int = 1000
-    max_steps_per_epoch: int | None = None
-    pack_size: Any = "auto"  # models per compiled program: an int, or "auto"
-    devices: Any = "auto"  # local devices a pack is split over: an int, or "auto" (all on accelerators, 1 on CPU)
-    loop: str = "auto"
-    steps_per_call: Any = "auto"  # python loop: steps unrolled into one compiled call (int; "auto": 1 on CPU, 8 else)
-    rerun: bool = False  # retrain runs whose folder already holds a finished result of the same config
-    checkpoint_every: int = 1  # epochs between checkpoints (the last one kept; a re-run resumes from it); 0 = off
-
-
-@dataclass
-class ProbeConfig:
-    every: int = 0  # steps between loss-smoothness probes (docs/design.md §4.1); 0 = off
-    step_multipliers: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0])  # x lr
-
-
-@dataclass
-class IcsConfig:
-    every: int = 0  # steps between internal-covariate-shift probes (Santurkar et al. 2018 sec. 2.2); 0 = off
-
-
-@dataclass
-class DeadUnitsConfig:
-    enabled: bool = True  # relu/<layer>/dead_frac at each evaluation (docs/design.md §4.5)
-
-
-@dataclass
-class DiscrepancyConfig:
-    enabled: bool = True  # train/inference discrepancy (docs/design.md §4.2); BN models only
-    # Measured at every evaluation, or (false) only at the last one of training: the three BN modes and the
-    # population pass cost about three times a plain evaluation, and the studies decide on final values.
-    every_eval: bool = False
-    population_batches: int = 20  # training batches for the population statistics (capped at one epoch)
-    # When > 0: pool the population statistics over this many training examples instead, i.e.
-    # ceil(population_examples / batch size) batches (capped at one epoch), the same for every batch size.
-    population_examples: int = 0
-    train_subset: int = 2000  # first N training examples, also evaluated in the three modes; 0 = none
-
-
-@dataclass
-class WandbConfig:
-    mode: str = "offline"
-    project: str = "bnstudy"
-    entity: str | None = None
-    group: str | None = None  # default: the study name
-    tags: list[str] = field(default_factory=list)
-    init_timeout: float = 15.0  # seconds an online wandb.init may take before the run falls back to offline
-
-
-@dataclass
-class LoggerConfig:
-    wandb: WandbConfig = field(default_factory=WandbConfig)
-    progress: bool = True  # progress bar on a terminal (never in non-interactive logs)
-
-
-@dataclass
-class Config:
-    dataset: DatasetConfig = field(default_factory=DatasetConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
-    probe: ProbeConfig = field(default_factory=ProbeConfig)
-    ics: IcsConfig = field(default_factory=IcsConfig)
-    dead_units: DeadUnitsConfig = field(default_factory=DeadUnitsConfig)
-    discrepancy: DiscrepancyConfig = field(default_factory=DiscrepancyConfig)
-    seed: Any = 0  # packable
-    out_dir: str = "outputs"
-    study: str | None = None
-    report: Any = None  # free-form study description (claim, decision rule) read by bnstudy.report
-    compile_cache_dir: str | None = "~/.cache/bnstudy/jax"
-
-
 def _fail(key: str, expected: str, given: Any, hint: str = "") -> None:
     msg = f"Invalid config: `{key}` must be {expected}; got {given!r} ({type(given).__name__})."
     raise ConfigError(msg + (" " + hint if hint else ""))
-
-
-def _get(cfg: Config, key: str) -> Any:
-    value = cfg
-    for part in key.split("."):
-        value = getattr(value, part)
-    return value
 
 
 def _set(cfg: Config, key: str, value: Any) -> None:
@@ -211,7 +82,7 @@ def _number(x: Any) -> bool:
 
 
 def _check_choice(cfg, key, choices):
-    value = _get(cfg, key)
+    value = get(cfg, key)
     if isinstance(value, (list, tuple)):
         _fail(key, f"a single value from {list(choices)}", value, _SWEEP_HINT.format(key=key))
     if value not in choices:
@@ -284,7 +155,7 @@ _SCALAR_RULES = {
 
 def _check_packable(cfg: Config, key: str) -> None:
     ok, expected = _PACKABLE_RULES[key]
-    value = _get(cfg, key)
+    value = get(cfg, key)
     values = list(value) if isinstance(value, (list, tuple)) else [value]
     if not values:
         _fail(key, f"{expected}, or a non-empty list of them to pack", value)
@@ -309,11 +180,13 @@ def validate(cfg: Config) -> Config:
     _check_choice(cfg, "logger.wandb.mode", WANDB_MODES)
     _check_choice(cfg, "train.loop", LOOPS)
     for key, (ok, expected) in _SCALAR_RULES.items():
-        if not ok(_get(cfg, key)):
-            _fail(key, expected, _get(cfg, key))
+        if not ok(get(cfg, key)):
+            _fail(key, expected, get(cfg, key))
     for key in PACKABLE:
         _check_packable(cfg, key)
     _check_dropout_has_a_placement(cfg)
+    if cfg.model.depth is not None and (expected := depth_problem(cfg.model.name, cfg.model.depth)):
+        _fail("model.depth", expected, cfg.model.depth, "Leave it unset (null) for the model's standard depth.")
     _check_norm(cfg)
     return cfg
 
@@ -337,7 +210,7 @@ def _check_norm(cfg: Config) -> None:
     m = cfg.model
     if m.norm == "none":
         return
-    if m.norm_kind == "group" and (problem := norm_groups_problem(m.name, m.width, m.norm_groups)):
+    if m.norm_kind == "group" and (problem := norm_groups_problem(m.name, m.width, m.norm_groups, m.depth)):
         _fail("model.norm_groups", f"a number of groups that fits model {m.name!r}", m.norm_groups, problem + ".")
     if m.norm_kind == "batch" and m.bn_running_var == "unbiased" and cfg.train.batch_size < 2:
         _fail(
@@ -351,8 +224,8 @@ def _check_norm(cfg: Config) -> None:
 
 @functools.cache
 def typed_schema() -> DictConfig:
-    """The schema as a typed OmegaConf tree, built once: building it from the dataclasses took ~0.02 s of
-    every ~0.05 s parse. `OmegaConf.merge` copies its first argument, so merges never change it."""
+    """The schema as a typed OmegaConf tree, built once: building it from the dataclasses is a large part
+    of a parse. `OmegaConf.merge` copies its first argument, so merges never change it."""
     return OmegaConf.structured(Config)
 
 
@@ -396,7 +269,7 @@ def pack_axes(cfg: Config) -> dict[str, list]:
     """Packable key -> the list of values it takes in this job (a scalar is a list of one)."""
     axes = {}
     for key in PACKABLE:
-        value = _get(cfg, key)
+        value = get(cfg, key)
         axes[key] = list(value) if isinstance(value, (list, tuple)) else [value]
     return axes
 
@@ -415,8 +288,3 @@ def expand_pack(cfg: Config) -> list[Config]:
 
 def from_dict(d: dict) -> Config:
     return OmegaConf.to_object(OmegaConf.merge(typed_schema(), d))
-
-
-def hparams_row(run: Config) -> dict:
-    """The HParams fields of a resolved (scalar) run config."""
-    return {field_name: _get(run, key) for key, field_name in PACKABLE.items()}

@@ -40,6 +40,11 @@ def study_files(directory: Path | None = None) -> dict[str, Path]:
     return {p.stem: p for p in sorted(directory.glob("*.yaml"))}
 
 
+def known_studies(directory: Path | None = None) -> list[str]:
+    """The study names, sorted: the stems of the experiment files."""
+    return sorted(study_files(directory))
+
+
 def schema_defaults() -> dict:
     """Every key of the typed schema with its default, untyped, so that `bnstudy.app.config.parse` (not
     Hydra's merge) is what checks the values and words the errors."""

@@ -20,17 +20,11 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
+from bnstudy.core.datasets import FACTS
 from bnstudy.core.engine import ArrayData
 from bnstudy.perf import numpy_cache
 
-# Per-channel mean/std of the training images in [0, 1]; normalization itself happens on device.
-STATS = {
-    "mnist_t10k": ((0.1307,), (0.3081,)),  # MNIST's constants: the two sets differ in the third decimal
-    "mnist": ((0.1307,), (0.3081,)),
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-}
-AUGMENT = {"mnist_t10k": False, "mnist": False, "cifar10": True}
-NUM_CLASSES = {"mnist_t10k": 10, "mnist": 10, "cifar10": 10}
+NUM_CLASSES = {name: facts.num_classes for name, facts in FACTS.items()}
 EMBEDDED = ("mnist_t10k",)  # prepared from package data on first use, no network
 
 
@@ -203,7 +197,7 @@ def load(
         train_x, train_y = train_x[:train_subset], train_y[:train_subset]
     if test_subset:
         test_x, test_y = test_x[:test_subset], test_y[:test_subset]
-    mean, std = STATS[name]
+    facts = FACTS[name]
     val = (jnp.asarray(val_x), jnp.asarray(val_y)) if len(val_y) else (None, None)
     arrays = ArrayData(jnp.asarray(train_x), jnp.asarray(train_y), jnp.asarray(test_x), jnp.asarray(test_y), *val)
-    return Dataset(name, arrays, num_classes=NUM_CLASSES[name], mean=mean, std=std, augment=AUGMENT[name])
+    return Dataset(name, arrays, facts.num_classes, mean=facts.mean, std=facts.std, augment=facts.augment)

@@ -45,6 +45,8 @@ from typing import Any
 import filelock
 import yaml
 
+from bnstudy.schema import STANDARD_DEPTHS
+
 RUNNING, DONE, DIVERGED, INTERRUPTED, FAILED, STALE = "running", "done", "diverged", "interrupted", "failed", "stale"
 FINISHED = (DONE, DIVERGED)
 HEARTBEAT_EVERY_S = 30.0  # at most one summary rewrite per this many seconds from log points
@@ -91,6 +93,9 @@ def identity(run: Any) -> dict:
         for part in parents:
             node = node.get(part) or {}
         node.pop(last, None)
+    model = d.get("model") or {}
+    if "depth" in model and model["depth"] in (None, STANDARD_DEPTHS.get(model.get("name"))):
+        del model["depth"]  # the standard depth is the network from before the key existed: the same id
     return d
 
 

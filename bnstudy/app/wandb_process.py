@@ -1,7 +1,7 @@
 """wandb in a child process: the training process never imports wandb, and wandb never runs on its threads.
 
-wandb's import (~1 s on a 2-core CPU), each run's `wandb.init` (~0.7 s offline, seconds online) and
-`finish` run in one child process per job, beside the training process's compilation and steps. A
+wandb's import, each run's `wandb.init` and `finish` (seconds of a job on a CPU host; docs/design.md §7) run in
+one child process per job, beside the training process's compilation and steps. A
 wandb crash, hang or outage reaches training only as a warning.
 
 `WandbProcess` is the training process's side: requests go out in order through a writer thread (a
@@ -133,7 +133,7 @@ class WandbProcess:
 # ------------------------------------------------------------------------------------------ the child
 
 
-class Runs:
+class ChildRuns:
     """The child's wandb runs by key, and the job's mode (online falls back to offline once)."""
 
     def __init__(self, wandb, mode: str, init_timeout: float):
@@ -209,7 +209,7 @@ def first_line(error: Exception) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def serve(requests, replies, runs: Runs) -> None:
+def serve(requests, replies, runs: ChildRuns) -> None:
     """Answer requests until the end of input, then finish every run still open."""
     try:
         while True:
@@ -234,7 +234,7 @@ def main(argv: list[str]) -> None:
     import wandb
 
     with os.fdopen(reply_fd, "wb") as replies:
-        serve(sys.stdin.buffer, replies, Runs(wandb, mode, init_timeout))
+        serve(sys.stdin.buffer, replies, ChildRuns(wandb, mode, init_timeout))
 
 
 if __name__ == "__main__":

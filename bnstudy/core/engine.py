@@ -53,15 +53,16 @@ class ArrayData(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class Setup:
-    """The static part of a run: whatever, when changed, needs a new compiled program."""
+    """The static part of a run: whatever, when changed, needs a new compiled program. No defaults here:
+    `bnstudy.core.from_config.setup_from_config` fills every field from the config schema."""
 
     model: nn.Module
-    optimizer: str = "sgd"  # sgd | adam
-    momentum: float = 0.9
-    batch_size: int = 128
-    input_mean: tuple[float, ...] = (0.0,)
-    input_std: tuple[float, ...] = (1.0,)
-    augment: bool = False  # random crop (pad 4) + horizontal flip
+    optimizer: str  # sgd | adam
+    momentum: float
+    batch_size: int
+    input_mean: tuple[float, ...]  # per channel, of images in [0, 1]
+    input_std: tuple[float, ...]
+    augment: bool  # random crop (pad 4) + horizontal flip
 
 
 class TrainState(struct.PyTreeNode):

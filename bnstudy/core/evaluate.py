@@ -8,8 +8,8 @@ on population statistics recomputed over training batches (`bnstudy.core.metrics
 both gets its running-mode numbers from that pass. Models without BN log no `disc/*` or `bn/*`.
 With `units_split` set, that split's running-mode pass also counts, per hidden block and ReLU unit, the
 examples it fired on, giving `relu/<layer>/dead_frac` (the fraction never positive; inference mode).
-Compiled programs are built once in `build_eval_programs`; `CompileCache` compiles them ahead of
-time per argument shape and counts the seconds spent, so evaluation time excludes compilation.
+Compiled programs are built once in `build_eval_programs`; `CompileCache` (bnstudy.core.compiled) compiles
+them ahead of time per argument shape and counts the seconds spent, so evaluation time excludes compilation.
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import time
-import weakref
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -27,57 +25,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bnstudy.core import engine, metrics
+from bnstudy.core import compiled, engine, metrics
+from bnstudy.core.compiled import CompileCache
 from bnstudy.core.engine import ArrayData, HParams, Setup, TrainState
 from bnstudy.perf import traced
 from bnstudy.perf.xla_flags import jit_rare
 
 Split = tuple[jax.Array, jax.Array]  # uint8 images [N, ...], int32 labels [N]
-
-
-# Every CompileCache's compiled programs in this process, by jitted function (weakly: they go when it
-# does), then traced-store folder and argument shapes. The programs are memoized by what they compute
-# (`build_eval_programs`, `trainer.build_train_programs`, `pack_permutation`), so a later trainer of the
-# same program in this process (the next job of a sweep, the next test) neither traces nor compiles.
-_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def forget_compiled_programs() -> None:
-    """Drop this process's shared compiled programs: later CompileCaches compile (or load from their
-    traced store) again, as in a fresh process."""
-    _COMPILED.clear()
-
-
-class CompileCache:
-    """Jitted functions compiled ahead of time, once per argument structure and shapes (in this process)."""
-
-    def __init__(self, traced_store: traced.TracedStore | None = None):
-        """`traced_store`: where programs made with `traced.jit` keep their traces across processes."""
-        self._programs: dict = {}
-        self.traced_store = traced_store
-        self.compile_seconds = 0.0  # total time spent compiling in `compiled`
-
-    def compiled(self, fn, *args):
-        """`fn` compiled for these arguments' shapes (reused for any later call of the same shapes)."""
-        shapes = (jax.tree.structure(args), tuple((a.shape, a.dtype) for a in jax.tree.leaves(args)))
-        key = (fn, *shapes)
-        if key not in self._programs:
-            store = None if self.traced_store is None else self.traced_store.folder
-            shared = _COMPILED.setdefault(fn, {})
-            if (store, *shapes) not in shared:
-                t0 = time.perf_counter()
-                setup = self.traced_store.compile(fn, args) if self.traced_store is not None else None
-                shared[(store, *shapes)] = setup if setup is not None else fn.lower(*args).compile()
-                self.compile_seconds += time.perf_counter() - t0
-            self._programs[key] = shared[(store, *shapes)]
-        return self._programs[key]
-
-    def call(self, fn, *args):
-        return self.compiled(fn, *args)(*args)
-
-    def snapshot(self) -> dict:
-        """The compiled programs held now, by key (a copy)."""
-        return dict(self._programs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +49,7 @@ class EvalPrograms:
     dead_fractions: Callable | None = None  # relu_positive totals -> relu/<layer>/dead_frac
 
 
-@functools.cache
+@compiled.memoized
 def pack_permutation(num_examples: int) -> Callable:
     """(seed [K], epoch) -> [K, num_examples]: each run's order of the training set in an epoch. One
     jitted function per training-set size for the trainer and the evaluator, so each compiles once."""
@@ -103,7 +57,7 @@ def pack_permutation(num_examples: int) -> Callable:
     return jit_rare(jax.vmap(permutation, in_axes=(0, None)), label=f"permutation {num_examples=}")
 
 
-@functools.lru_cache(maxsize=16)
+@compiled.memoized
 def build_eval_programs(setup: Setup, bn_mode_splits: tuple[str, ...], units: bool = False) -> EvalPrograms:
     """The evaluation's jitted programs; memoized, so equal arguments give the same functions (and with
     them `CompileCache`'s compiled programs)."""
@@ -124,7 +78,7 @@ def build_eval_programs(setup: Setup, bn_mode_splits: tuple[str, ...], units: bo
     return EvalPrograms(
         sums,
         logits=jit(jax.vmap(partial(engine.eval_logits, p), in_axes=(0, 0, None)), "logits"),
-        # One call per batch: vmapping several batches into one call ran 3x slower on XLA:CPU.
+        # One call per batch: vmapping several batches into one call is slower on XLA:CPU.
         batch_logits=jit(jax.vmap(partial(metrics.batch_mode_logits, p), in_axes=(0, 0, None)), "batch_logits"),
         population_batch=jit(jax.vmap(population_batch, in_axes=(0, 0, 0, None, 0, None)), "population_batch"),
         population=jit(jax.vmap(metrics.population), "population"),
@@ -139,7 +93,7 @@ def build_eval_programs(setup: Setup, bn_mode_splits: tuple[str, ...], units: bo
 
 def has_batch_norm(setup: Setup, input_shape: tuple[int, ...]) -> bool:
     """Whether the model has BN running statistics: its own `has_batch_norm` when it says (tracing its
-    init costs ~0.3 s of every start), else from the shapes of its init."""
+    init would cost every start a trace), else from the shapes of its init."""
     known = getattr(setup.model, "has_batch_norm", None)
     if isinstance(known, bool):
         return known

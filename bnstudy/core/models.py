@@ -12,140 +12,65 @@ Each block sows, into the `relu` collection and only when a caller makes it muta
 maximum of its ReLU output over the spatial positions ([N, channels]): what the dead-unit measurement
 reads, at no cost to ordinary training or evaluation. (Where the ReLU runs after the pool, see
 `Block`, that maximum is over the pooled map: the same number, as the windows tile the map.)
+
+The hand-written kernels these layers call (pooling, the one-channel conv, BN's train-mode forms) live
+in bnstudy.core.kernels; this module is the architecture.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from functools import partial
-from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from bnstudy.core import kernels
+from bnstudy.schema import STANDARD_DEPTHS
 
 NORMS = ("none", "before_relu", "after_relu")
 NORM_KINDS = ("batch", "layer", "group")
 BN_RUNNING_VARS = ("unbiased", "biased")
 RELU_COLLECTION = "relu"
 DROPOUT_PLACEMENTS = ("none", "after_block", "before_classifier")
-MODELS = ("cnn", "vgg")
+MODELS = ("cnn", "vgg", "resnet")
+PADDED_SIZE = 32  # vgg and resnet zero-pad smaller inputs (28x28 digits) to 32x32, centered
 
 # He-normal on fan-in; the study's init scale multiplies these kernels afterwards (engine.scale_kernels).
 HE_NORMAL = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 
-# VGG-11 ("A" in Simonyan & Zisserman); "M" is a 2x2 max-pool.
-VGG11_LAYOUT = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
-
-
-def max_pool_2x2(x: jax.Array) -> jax.Array:
-    """2x2 max-pool with stride 2 over an NHWC batch: `nn.max_pool(x, (2, 2), strides=(2, 2))`, faster.
-
-    The maximum of each window's four corners, as three elementwise `maximum`s of strided views, so
-    that value and derivative are each one loop fusion: `nn.max_pool`'s backward (select_and_scatter)
-    was about a third of a CPU train step; a reshape + `max` reduction's backward counts ties by a
-    reduction that took ~14% of a profiled one-step call (before BN's closed-form gradient; on today's
-    app step the two forms are within noise, benchmarks/step_vs_torch.py). Values equal `nn.max_pool`'s; so do gradients
-    wherever a window has one maximum. Ties split pairwise, by JAX's rule for `maximum` (equal inputs
-    share equally): (top-left, top-right) and (bottom-left, bottom-right) first, then the two winners,
-    so a window of four equal values gives each a quarter, and the whole gradient reaches the window
-    either way; `nn.max_pool` gives it all to the first. In these CNNs exact ties are windows of ReLU
-    zeros, whose gradient the ReLU stops either way.
-    An odd height or width drops its last row or column, as `nn.max_pool`'s VALID padding does.
-    """
-    b, h, w, c = x.shape
-    x = x[:, : h - h % 2, : w - w % 2].reshape(b, h // 2, 2, w // 2, 2, c)
-    top = jnp.maximum(x[:, :, 0, :, 0], x[:, :, 0, :, 1])
-    bottom = jnp.maximum(x[:, :, 1, :, 0], x[:, :, 1, :, 1])
-    return jnp.maximum(top, bottom)
-
-
-def _taps(x: jax.Array) -> list[jax.Array]:
-    """The nine 3x3 SAME-padded neighbours of each position of an NHWC batch, in kernel (row, column) order."""
-    h, w = x.shape[1], x.shape[2]
-    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    return [padded[:, i : i + h, j : j + w] for i in range(3) for j in range(3)]
-
-
-@jax.custom_vjp
-def conv3x3_one_channel(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-    """A 3x3 SAME convolution of a one-channel NHWC batch plus bias, as nine broadcast multiply-adds.
-
-    XLA:CPU's convolution kernels are slow at one input channel (MNIST's first layer: forward
-    5-6 ms at batch 128 on a 2-core CPU, against ~0.7 ms here, one loop over the output). The kernel
-    gradient is one matrix product of the 9 taps with the output gradient (forward and kernel
-    gradient 8.1 -> 4.0 ms); the input gradient is the transposed stencil.
-    """
-    taps = _taps(x)
-    out = bias
-    for t, tap in enumerate(taps):
-        out = out + tap * kernel[t // 3, t % 3, 0]
-    return out
-
-
-def _conv3x3_one_channel_fwd(x, kernel, bias):
-    return conv3x3_one_channel(x, kernel, bias), (x, kernel)
-
-
-def _conv3x3_one_channel_bwd(residuals, dout):
-    x, kernel = residuals
-    patches = jnp.stack(_taps(x)).reshape(9, -1)  # [taps, positions]: each tap one contiguous copy
-    flat = dout.reshape(-1, dout.shape[-1])
-    dkernel = (patches @ flat).reshape(kernel.shape)
-    dbias = flat.sum(0)
-    # Input gradient: each output position hands dout . kernel[tap] back to the input its tap read.
-    h, w = x.shape[1], x.shape[2]
-    padded = jnp.pad(dout, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    dx = sum(padded[:, 2 - i : 2 - i + h, 2 - j : 2 - j + w] @ kernel[i, j].T for i in range(3) for j in range(3))
-    return dx, dkernel, dbias
-
-
-conv3x3_one_channel.defvjp(_conv3x3_one_channel_fwd, _conv3x3_one_channel_bwd)
-
-
-class OneChannelConv(NamedTuple):
-    """A 3x3 SAME convolution of a one-channel batch, not computed yet (`Conv3x3(deferred=True)`): a
-    train-mode BN right after it folds its normalization into the kernel
-    (`batch_norm_train_one_channel_conv`); everything else takes `output()`."""
-
-    x: jax.Array
-    kernel: jax.Array
-    bias: jax.Array
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return (*self.x.shape[:-1], self.kernel.shape[-1])
-
-    @property
-    def ndim(self) -> int:
-        return self.x.ndim
-
-    def output(self) -> jax.Array:
-        return conv3x3_one_channel(self.x, self.kernel, self.bias)
-
-
-def computed(h: jax.Array | OneChannelConv) -> jax.Array:
-    """A layer's output as an array (a deferred convolution computed)."""
-    return h.output() if isinstance(h, OneChannelConv) else h
+# VGG-11/13/16/19 (configurations A, B, D, E in Simonyan & Zisserman); "M" is a 2x2 max-pool.
+VGG_LAYOUTS = {
+    11: (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
+    13: (64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
+    16: (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"),
+    19: (64, 64, "M", 128, 128, "M", *(256,) * 4, "M", *(512,) * 4, "M", *(512,) * 4, "M"),
+}
+VGG11_LAYOUT = VGG_LAYOUTS[11]
+CNN_WIDTH = 32  # the deep CNN's first stage; each pooled stage doubles it
 
 
 class Conv3x3(nn.Module):
     """`nn.Conv(features, (3, 3), kernel_init=HE_NORMAL)`: the same parameters (`kernel` [3, 3, in, out],
     `bias`), initialization and function; a one-channel input takes `conv3x3_one_channel`, or with
-    `deferred` is returned uncomputed (`OneChannelConv`) for the norm after it."""
+    `deferred` is returned uncomputed (`OneChannelConv`) for the norm after it. With `strides` 2 it pads one
+    row and column on each side, as PyTorch's `padding=1` does (XLA's SAME would pad only after)."""
 
     features: int
+    strides: int = 1
 
     @nn.compact
-    def __call__(self, x: jax.Array, deferred: bool = False) -> jax.Array | OneChannelConv:
+    def __call__(self, x: jax.Array, deferred: bool = False) -> jax.Array | kernels.OneChannelConv:
         kernel = self.param("kernel", HE_NORMAL, (3, 3, x.shape[-1], self.features))
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
-        if x.shape[-1] == 1:
-            conv = OneChannelConv(x, kernel, bias)
+        if x.shape[-1] == 1 and self.strides == 1:
+            conv = kernels.OneChannelConv(x, kernel, bias)
             return conv if deferred else conv.output()
         dims = ("NHWC", "HWIO", "NHWC")
-        return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=dims) + bias
+        s = self.strides
+        padding = "SAME" if s == 1 else ((1, 1), (1, 1))
+        return jax.lax.conv_general_dilated(x, kernel, (s, s), padding, dimension_numbers=dims) + bias
 
 
 def dropout(x: jax.Array, rate: jax.Array, rng: jax.Array | None) -> jax.Array:
@@ -155,78 +80,6 @@ def dropout(x: jax.Array, rate: jax.Array, rng: jax.Array | None) -> jax.Array:
     keep = 1.0 - rate
     mask = jax.random.bernoulli(rng, keep, x.shape)
     return jnp.where(mask, x / keep, 0.0)
-
-
-def batch_stats(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Per-channel (last axis) mean and biased variance over every other axis, two-pass."""
-    axes = tuple(range(x.ndim - 1))
-    mean = x.mean(axes)
-    return mean, jnp.square(x - mean).mean(axes)
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(3,))
-def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float):
-    """Train-mode BN: (y, batch mean, batch variance), y = (x - mean) / sqrt(var + epsilon) * scale + bias.
-
-    The same function as autodiff of the formula, with its gradient written in closed form:
-        dx = scale / sqrt(var + eps) * (dy - mean(dy) - xhat * mean(dy * xhat)),  xhat = normalized x,
-        dscale = sum(dy * xhat), dbias = sum(dy)
-    (plus the mean's and variance's own cotangents, zero where they only feed the running averages).
-    Autodiff of the two-pass variance reads the activation some six times more in the backward pass;
-    on a 2-core CPU this form made the MNIST CNN's train step 1.25x faster (benchmarks/step_vs_torch.py).
-    """
-    return _batch_norm_train_fwd(x, scale, bias, epsilon)[0]
-
-
-def _batch_norm_train_fwd(x, scale, bias, epsilon):
-    mean, var = batch_stats(x)
-    inv_std = jax.lax.rsqrt(var + epsilon)
-    y = (x - mean) * inv_std * scale + bias
-    return (y, mean, var), (x, mean, inv_std, scale)
-
-
-def _batch_norm_train_bwd(epsilon, residuals, cotangents):
-    x, mean, inv_std, scale = residuals
-    dy, dmean, dvar = cotangents
-    axes = tuple(range(x.ndim - 1))
-    n = x.size // x.shape[-1]
-    centered = x - mean
-    xhat = centered * inv_std
-    dbias = dy.sum(axes)
-    dscale = (dy * xhat).sum(axes)
-    dx = (scale * inv_std) * (dy - dbias / n - xhat * (dscale / n)) + dmean / n + centered * (dvar * (2.0 / n))
-    return dx, dscale, dbias
-
-
-batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
-
-
-def batch_norm_train_one_channel_conv(conv: OneChannelConv, scale: jax.Array, bias: jax.Array, epsilon: float):
-    """`batch_norm_train(conv.output(), scale, bias, epsilon)` with the normalization folded into the stencil.
-
-    The convolution is linear in its nine taps t (shifted copies of the input): c = sum_t k_t t + b. So
-    its batch moments per channel come from the taps' own, mean = sum_t k_t mean(t) + b and
-    var = k^T Cov k, Cov the 9x9 covariance of the taps over all positions, taken two-pass (centered
-    taps, no cancellation from the mean); and BN's output is itself one stencil, with kernel k * g and
-    bias beta - (mean - b) * g, g = scale / sqrt(var + eps). XLA fuses it with the pool after it, so
-    the [batch, 28, 28, channels] map that BN would read three times and write once is written once.
-    The gradient is autodiff of this form (the conv bias gets exactly zero, its true gradient through
-    BN). Against float64 on MNIST digits, He-normal and zero-mean kernels: variance within 9e-7
-    relative (the two-pass variance of the computed map: 3e-7), mean within 2e-8 standard deviations.
-    """
-    n, h, w, _ = conv.x.shape
-    taps = jnp.stack(_taps(conv.x)).reshape(9, n * h, w)  # [taps, image rows, columns]
-    tap_mean = taps.mean((1, 2))
-    centered = taps - tap_mean[:, None, None]
-    # Summed row by row, then over the rows: one [9, P] x [P, 9] product (and XLA's reduction of the
-    # elementwise products) lost ~1e-5 relative on MNIST digits, this form ~2e-7.
-    cov = jnp.einsum("trw,srw->rts", centered, centered).mean(0) / w
-    k = conv.kernel.reshape(9, -1)
-    shift = (tap_mean[:, None] * k).sum(0)  # the map's mean minus the conv bias
-    var = jnp.maximum(jnp.einsum("tf,ts,sf->f", k, cov, k), 0.0)
-    gain = scale * jax.lax.rsqrt(var + epsilon)
-    y = conv3x3_one_channel(conv.x, (k * gain).reshape(conv.kernel.shape), bias - shift * gain)
-    return y, shift + conv.bias, var
 
 
 class BatchNorm(nn.Module):
@@ -251,19 +104,19 @@ class BatchNorm(nn.Module):
     running_var: str = "unbiased"
 
     @nn.compact
-    def __call__(self, x: jax.Array | OneChannelConv) -> jax.Array:
+    def __call__(self, x: jax.Array | kernels.OneChannelConv) -> jax.Array:
         features = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (features,))
         bias = self.param("bias", nn.initializers.zeros, (features,))
         running_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,))
         running_var = self.variable("batch_stats", "var", jnp.ones, (features,))
         if self.use_running_average:
-            x = computed(x)
+            x = kernels.computed(x)
             return (x - running_mean.value) * jax.lax.rsqrt(running_var.value + self.epsilon) * scale + bias
-        if isinstance(x, OneChannelConv):
-            y, mean, var = batch_norm_train_one_channel_conv(x, scale, bias, self.epsilon)
+        if isinstance(x, kernels.OneChannelConv):
+            y, mean, var = kernels.batch_norm_train_one_channel_conv(x, scale, bias, self.epsilon)
         else:
-            y, mean, var = batch_norm_train(x, scale, bias, self.epsilon)
+            y, mean, var = kernels.batch_norm_train(x, scale, bias, self.epsilon)
         if not self.is_initializing():
             n = math.prod(x.shape[:-1])
             if self.running_var == "unbiased":
@@ -310,7 +163,10 @@ def make_norm(
 
 class Block(nn.Module):
     """Wraps a layer's output in the norm/activation order given by `norm`, the norm's kind by `norm_kind`,
-    and ends it with the 2x2 max-pool when `pool` is set."""
+    and ends it with the 2x2 max-pool when `pool` is set.
+
+    A `residual` (a residual block's shortcut) is added just before the ReLU: layer -> norm -> (+) -> ReLU
+    (before_relu), layer -> (+) -> ReLU -> norm (after_relu), layer -> (+) -> ReLU (none)."""
 
     norm: str
     bn_momentum: float
@@ -327,18 +183,21 @@ class Block(nn.Module):
         return out
 
     @nn.compact
-    def __call__(self, h: jax.Array | OneChannelConv, train: bool) -> jax.Array:
-        pool = max_pool_2x2 if self.pool else (lambda x: x)
+    def __call__(
+        self, h: jax.Array | kernels.OneChannelConv, train: bool, residual: jax.Array | None = None
+    ) -> jax.Array:
+        pool = kernels.max_pool_2x2 if self.pool else (lambda x: x)
+        add = (lambda x: x) if residual is None else (lambda x: x + residual)
         if not (self.norm == "before_relu" and self.norm_kind == "batch"):
-            h = computed(h)  # only BN right after the layer takes a deferred convolution
+            h = kernels.computed(h)  # only BN right after the layer takes a deferred convolution
         norm = None
         if self.norm != "none":
             norm = make_norm(
                 self.norm_kind, h.ndim, train, self.bn_momentum, self.bn_epsilon, self.norm_groups, self.bn_running_var
             )
         if self.norm == "after_relu":
-            return pool(norm(self._relu(h)))
-        h = h if norm is None else norm(h)
+            return pool(norm(self._relu(add(h))))
+        h = add(h if norm is None else norm(h))
         # ReLU and max commute exactly (values and gradients, ties included), so the ReLU runs on the
         # pooled quarter of the map; its per-unit maximum is the same wherever the windows tile the map.
         if self.pool and h.shape[1] % 2 == 0 and h.shape[2] % 2 == 0:
@@ -346,43 +205,26 @@ class Block(nn.Module):
         return pool(self._relu(h))
 
 
-class _Net(nn.Module):
-    """Conv blocks (each optionally followed by a 2x2 max-pool), dense blocks, then a classifier."""
+def pad_input(x: jax.Array, size: int) -> jax.Array:
+    """Zero-pad an NHWC batch smaller than size x size to size x size, centered (28 -> 32: 2 on each side).
 
-    conv_blocks: Sequence[tuple[int, bool]]  # (channels, pool after the block)
-    dense_widths: Sequence[int]
-    num_classes: int
-    norm: str
-    dropout_placement: str
-    bn_momentum: float
-    bn_epsilon: float
-    norm_kind: str = "batch"
-    norm_groups: int = 8
-    bn_running_var: str = "unbiased"
+    The padding is added after the input's normalization, so it is the dataset mean, the value a SAME
+    convolution pads with too; inputs already that large pass unchanged."""
+    pad_h, pad_w = max(0, size - x.shape[1]), max(0, size - x.shape[2])
+    if not (pad_h or pad_w):
+        return x
+    return jnp.pad(x, ((0, 0), (pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2), (0, 0)))
+
+
+class NamedBlocks:
+    """What the probes read of a model with blocks named by `block_names()` (each block's layer is the
+    top-level params group `<block>`, its norm `<block>_norm`) and fields norm, norm_kind, dropout_placement."""
 
     @property
     def has_batch_norm(self) -> bool:
         """Whether the model keeps BN running statistics (a `batch_stats` collection), read from its
         settings instead of tracing its init."""
         return self.norm != "none" and self.norm_kind == "batch"
-
-    def _block(self, h, name, train, pool=False):
-        block = Block(
-            self.norm,
-            self.bn_momentum,
-            self.bn_epsilon,
-            self.norm_kind,
-            self.norm_groups,
-            self.bn_running_var,
-            pool,
-            name=f"{name}_norm",
-        )
-        return block(h, train)
-
-    def block_names(self) -> tuple[str, ...]:
-        return tuple(f"conv{i + 1}" for i in range(len(self.conv_blocks))) + tuple(
-            f"dense{j + 1}" for j in range(len(self.dense_widths))
-        )
 
     def weight_layers(self) -> tuple[str, ...]:
         """The layers with weights (kernel and bias), input to output: every block's layer, then the classifier."""
@@ -402,12 +244,46 @@ class _Net(nn.Module):
             return ()  # before_classifier dropout feeds only the classifier, which has no BN
         return self.block_names()[1:]
 
+
+class _Net(NamedBlocks, nn.Module):
+    """Conv blocks (each optionally followed by a 2x2 max-pool), dense blocks, then a classifier."""
+
+    conv_blocks: Sequence[tuple[int, bool]]  # (channels, pool after the block)
+    dense_widths: Sequence[int]
+    num_classes: int
+    norm: str
+    dropout_placement: str
+    bn_momentum: float
+    bn_epsilon: float
+    norm_kind: str = "batch"
+    norm_groups: int = 8
+    bn_running_var: str = "unbiased"
+    pad_to: int = 0  # inputs smaller than pad_to x pad_to are zero-padded to it (pad_input); 0 = never
+
+    def _block(self, h, name, train, pool=False):
+        block = Block(
+            self.norm,
+            self.bn_momentum,
+            self.bn_epsilon,
+            self.norm_kind,
+            self.norm_groups,
+            self.bn_running_var,
+            pool,
+            name=f"{name}_norm",
+        )
+        return block(h, train)
+
+    def block_names(self) -> tuple[str, ...]:
+        return tuple(f"conv{i + 1}" for i in range(len(self.conv_blocks))) + tuple(
+            f"dense{j + 1}" for j in range(len(self.dense_widths))
+        )
+
     @nn.compact
     def __call__(self, x, *, train: bool, dropout_rate=0.0, dropout_rng=None):
         n_blocks = len(self.conv_blocks) + len(self.dense_widths)
         rngs = [None] * n_blocks if dropout_rng is None else list(jax.random.split(dropout_rng, n_blocks))
         after_block = self.dropout_placement == "after_block"
-        h = x
+        h = pad_input(x, self.pad_to) if self.pad_to else x
         for i, (channels, pool) in enumerate(self.conv_blocks):
             name = f"conv{i + 1}"
             h = self._block(Conv3x3(channels, name=name)(h, deferred=True), name, train, pool)
@@ -434,26 +310,61 @@ def conv_blocks_from_layout(layout: Sequence[int | str]) -> tuple[tuple[int, boo
     return tuple(blocks)
 
 
-def _layout(name: str, width: float) -> tuple[tuple[int | str, ...], tuple[int, ...]]:
-    """(conv layout, dense widths) of model `name`."""
+def cnn_layout(depth: int) -> tuple[int | str, ...]:
+    """The deep CNN's conv layout: `depth` 3x3 conv blocks in pooled stages of CNN_WIDTH x 2^stage channels.
+
+    One stage per two blocks, at least 2 (the depth-2 network is conv32-pool-conv64-pool) and at most 3
+    (a 28x28 input is 3x3 after three pools); the later stages take the blocks left over. E.g. depth 6:
+    32, 32, M, 64, 64, M, 128, 128, M."""
+    stages = min(3, max(2, depth // 2))
+    per_stage = [depth // stages + (s >= stages - depth % stages) for s in range(stages)]
+    return tuple(item for s, n in enumerate(per_stage) for item in (*(CNN_WIDTH * 2**s,) * n, "M"))
+
+
+def depth_problem(name: str, depth: int) -> str | None:
+    """What depth model `name` takes, if `depth` is not one of them; None if it is."""
+    if name == "cnn" and not (isinstance(depth, int) and depth >= 2):
+        return "an integer >= 2 for model 'cnn' (its conv blocks)"
+    if name == "vgg" and depth not in VGG_LAYOUTS:
+        return f"one of {list(VGG_LAYOUTS)} for model 'vgg' (VGG-11/13/16/19)"
+    if name == "resnet" and not (isinstance(depth, int) and depth >= 8 and (depth - 2) % 6 == 0):
+        return "6n+2 for an integer n >= 1 for model 'resnet' (20, 32, 44, 56, 110, ...)"
+    return None
+
+
+def resolved_depth(name: str, depth: int | None) -> int:
+    """`depth`, or model `name`'s standard depth when it is None; raises ValueError for a depth it lacks."""
+    depth = STANDARD_DEPTHS[name] if depth is None else depth
+    if problem := depth_problem(name, depth):
+        raise ValueError(f"model {name!r} cannot have depth {depth!r}: the depth must be {problem}")
+    return depth
+
+
+def _layout(name: str, width: float, depth: int) -> tuple[tuple[int | str, ...], tuple[int, ...]]:
+    """(conv layout, dense widths) of model `name` ("cnn" or "vgg")."""
     if name == "cnn":
-        return (32, "M", 64, "M"), (128,)
-    layout = tuple(c if c == "M" else max(1, round(c * width)) for c in VGG11_LAYOUT)
+        return cnn_layout(depth), (128,)
+    layout = tuple(c if c == "M" else max(1, round(c * width)) for c in VGG_LAYOUTS[depth])
     return layout, (max(1, round(512 * width)),)
 
 
-def block_channels(name: str, width: float = 1.0) -> dict[str, int]:
+def block_channels(name: str, width: float = 1.0, depth: int | None = None) -> dict[str, int]:
     """{block: channels (conv) or features (dense)} of model `name`, input to output."""
-    layout, dense_widths = _layout(name, width)
+    depth = resolved_depth(name, depth)
+    if name == "resnet":
+        from bnstudy.core import resnet  # resnet builds on this module's blocks
+
+        return resnet.block_channels(depth)
+    layout, dense_widths = _layout(name, width, depth)
     convs = [c for c, _ in conv_blocks_from_layout(layout)]
     return {f"conv{i + 1}": c for i, c in enumerate(convs)} | {f"dense{j + 1}": w for j, w in enumerate(dense_widths)}
 
 
-def norm_groups_problem(name: str, width: float, groups: int) -> str | None:
+def norm_groups_problem(name: str, width: float, groups: int, depth: int | None = None) -> str | None:
     """Why group norm with `groups` groups cannot be built for this model, or None if it can."""
     if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
         return f"the number of groups must be an integer >= 1, got {groups!r}"
-    channels = block_channels(name, width)
+    channels = block_channels(name, width, depth)
     bad = {block: c for block, c in channels.items() if c % groups}
     if bad:
         divisors = sorted(d for d in range(1, min(channels.values()) + 1) if all(c % d == 0 for c in channels.values()))
@@ -462,6 +373,18 @@ def norm_groups_problem(name: str, width: float, groups: int) -> str | None:
             f"every block must split into equal groups, so choose one of {divisors}"
         )
     return None
+
+
+def _check_choices(name, norm, norm_kind, bn_running_var, dropout_placement) -> None:
+    for value, choices, what in (
+        (name, MODELS, "model"),
+        (norm, NORMS, "norm"),
+        (norm_kind, NORM_KINDS, "norm kind"),
+        (bn_running_var, BN_RUNNING_VARS, "BN running variance"),
+        (dropout_placement, DROPOUT_PLACEMENTS, "dropout placement"),
+    ):
+        if value not in choices:
+            raise ValueError(f"unknown {what} {value!r}; expected one of {choices}")
 
 
 def build_model(
@@ -473,31 +396,22 @@ def build_model(
     bn_momentum: float,
     bn_epsilon: float,
     width: float,
+    depth: int | None,
     norm_kind: str,
     norm_groups: int,
     bn_running_var: str,
 ) -> nn.Module:
-    """The model named `name` ("cnn" for MNIST, "vgg" for CIFAR-10) with the given norm placement and kind.
+    """The model named `name` ("cnn" for MNIST, "vgg" and "resnet" for CIFAR-10, both padding the digits to
+    32x32) with the given depth (None: the model's standard one), norm placement and kind.
 
-    No defaults: the app passes the config's values, whose defaults live in the schema (bnstudy/config.py).
-    norm_groups is used by norm_kind "group" only.
+    No defaults: `bnstudy.core.from_config` passes the config's values, whose defaults live in bnstudy.schema.
+    norm_groups is used by norm_kind "group" only; width by vgg only.
     """
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; expected one of {MODELS}")
-    if norm not in NORMS:
-        raise ValueError(f"unknown norm {norm!r}; expected one of {NORMS}")
-    if norm_kind not in NORM_KINDS:
-        raise ValueError(f"unknown norm kind {norm_kind!r}; expected one of {NORM_KINDS}")
-    if bn_running_var not in BN_RUNNING_VARS:
-        raise ValueError(f"unknown BN running variance {bn_running_var!r}; expected one of {BN_RUNNING_VARS}")
-    if dropout_placement not in DROPOUT_PLACEMENTS:
-        raise ValueError(f"unknown dropout placement {dropout_placement!r}; expected one of {DROPOUT_PLACEMENTS}")
-    if norm_kind == "group" and (problem := norm_groups_problem(name, width, norm_groups)):
+    _check_choices(name, norm, norm_kind, bn_running_var, dropout_placement)
+    depth = resolved_depth(name, depth)
+    if norm_kind == "group" and (problem := norm_groups_problem(name, width, norm_groups, depth)):
         raise ValueError(f"group norm for model {name!r}: {problem}")
-    layout, dense_widths = _layout(name, width)
-    return _Net(
-        conv_blocks=conv_blocks_from_layout(layout),
-        dense_widths=dense_widths,
+    common = dict(
         num_classes=num_classes,
         norm=norm,
         dropout_placement=dropout_placement,
@@ -507,3 +421,10 @@ def build_model(
         norm_groups=norm_groups,
         bn_running_var=bn_running_var,
     )
+    if name == "resnet":
+        from bnstudy.core import resnet
+
+        return resnet.ResNet(depth=depth, **common)
+    layout, dense_widths = _layout(name, width, depth)
+    pad_to = PADDED_SIZE if name == "vgg" else 0
+    return _Net(conv_blocks=conv_blocks_from_layout(layout), dense_widths=dense_widths, pad_to=pad_to, **common)

@@ -1,10 +1,10 @@
 """glibc malloc settings that keep XLA:CPU's freed buffers mapped, set by the app before JAX starts.
 
 XLA:CPU takes every buffer of a call from malloc: its outputs, and one temporary buffer that holds all
-its intermediates (about 90 MB for the MNIST CNN's train step at batch 128). glibc serves a request
-above its mmap threshold (adaptive, but never above 32 MB) with a fresh mmap and unmaps it on free,
-so every call touches new pages and the kernel faults each one in: ~23,000 page faults per train step,
-measured with `getrusage` on a 2-core CPU. With all requests served from one heap that is never
+its intermediates (tens of MB for the MNIST CNN's train step). glibc serves a request above its mmap
+threshold (adaptive, but capped well below that size) with a fresh mmap and unmaps it on free, so every
+call touches new pages and the kernel faults each one in: thousands of page faults per train step
+(`getrusage`; the count is in docs/design.md §7). With all requests served from one heap that is never
 trimmed, a step reuses the pages of the step before and faults none (benchmarks/step_vs_torch.py:
 the allocator lever).
 

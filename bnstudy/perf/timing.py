@@ -23,7 +23,7 @@ def process_start_time() -> float:
 
     On Linux, from the process's start in clock ticks since boot and the boot-time clock now. psutil's
     `create_time` adds those ticks to the boot time, which Linux gives in whole seconds (/proc/stat
-    btime): up to a second early, and the startup bucket as much too long (0.8 s on a test machine).
+    btime): up to a second early, and the startup bucket as much too long.
     """
     try:
         age = time.clock_gettime(time.CLOCK_BOOTTIME) - linux_start_ticks() / os.sysconf("SC_CLK_TCK")

@@ -1,8 +1,8 @@
 """Traced programs kept on disk, so that a process compiles a program it has seen before without tracing it.
 
 JAX's persistent compilation cache (the app's `compile_cache_dir`) skips XLA's compile, but each process
-still traces and lowers every program in Python: ~3 s of the default job's start on a 2-core CPU, most
-of its compile time. `TracedStore` keeps each labeled program's lowered StableHLO (`jax.export`) under a
+still traces and lowers every program in Python, most of a warm start's compile time (docs/design.md
+has the numbers). `TracedStore` keeps each labeled program's lowered StableHLO (`jax.export`) under a
 key of everything that shapes the trace: the program's label (what it computes and its static settings,
 given where it is built), its arguments' tree structure, shapes, dtypes and weak types, the bnstudy
 source, the versions of jax, jaxlib, flax, optax and numpy, the backend and JAX's numerics flags. A

@@ -15,13 +15,12 @@ from collections.abc import Iterable, MutableMapping
 from importlib import metadata
 
 CPU_FLAGS: tuple[str, ...] = (
-    # Convolutions through XLA's own (Eigen) kernels instead of YNNPACK's, which jaxlib 0.10 picks by default;
-    # YNNPACK keeps the reductions, where it is faster. MNIST CNN train step on a 2-core AVX-512 CPU: 47 -> 36 ms
-    # with one call per step, 34 -> 24 ms with chunks of 4 steps.
+    # Convolutions through XLA's own (Eigen) kernels instead of YNNPACK's, which jaxlib 0.10 picks by default:
+    # the MNIST CNN's train step runs faster with them on CPU. YNNPACK keeps the reductions, where it is faster.
+    # (Measured: benchmarks/README.md, the XLA-flag levers.)
     "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",
     # Fused elementwise kernels from XLA's elemental LLVM emitter instead of its MLIR fusion emitters: the same
-    # step, alternated in one run, 69.9 -> 63.0 ms (median of 10), and its cold compile 8.6 -> 6.5 s; the test
-    # CNN's train step compiles in 3.1 -> 2.5 s, its initial state in 1.3 -> 0.7 s.
+    # step runs a little faster and compiles faster cold, and so do the test CNN's programs (docs/design.md §7).
     "--xla_cpu_use_fusion_emitters=false",
 )
 # An unknown flag aborts XLA, and experimental flags come and go: set them only on the jaxlib minor
@@ -59,11 +58,11 @@ def add_xla_flags(flags: Iterable[str] | None = None, environ: MutableMapping[st
     return environ.get("XLA_FLAGS", "")
 
 
-# LLVM at optimization level 1 instead of XLA's default, for programs that run once per pack or epoch.
-# Measured on a 2-core CPU, cold: the MNIST CNN's initial state of a pack of 8 compiled in 8.4 s -> 1.2 s
-# (VGG: 17.0 -> 3.9 s), the epoch permutation of 8000 examples in 0.91 -> 0.62 s, with bit-identical
-# outputs (tests/test_rare_programs.py checks that) and no slower runs. Level 0 changed the initializers'
-# float bits; the train step at level 1 compiled only 25% faster and ran 10% slower, so it keeps the default.
+# LLVM at optimization level 1 instead of XLA's default, for programs that run once per pack or epoch:
+# they compile several times faster cold, run no slower, and give bit-identical outputs
+# (tests/test_rare_programs.py checks that; numbers in docs/design.md §7). Level 0 changed the
+# initializers' float bits; the train step at level 1 compiled little faster and ran slower, so it keeps
+# the default.
 RARE_PROGRAM_OPTIONS = {"xla_backend_optimization_level": 1}
 
 

@@ -1,0 +1,246 @@
+"""Aggregates over seeds and the comparisons that decide a claim: per-group means with 95% intervals, contrasts
+between arms (paired or Welch), trend slopes along a grid axis, and the Holm-adjusted verdict of every row.
+The statistical rules themselves live in bnstudy.analysis.stats."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from scipy import stats as scipy_stats
+
+from bnstudy.analysis import stats
+from bnstudy.analysis.errors import ReportError
+from bnstudy.analysis.spec import for_dataset
+
+
+def aggregate(frame: pd.DataFrame, metric: str, by: list[str]) -> pd.DataFrame:
+    """Per group: runs, diverged, not trained, n used, mean, std, the 95% interval and the median of one metric.
+
+    The interval is the t-interval of the mean (clipped to the metric's range when it has one, e.g. [0, 1] for
+    accuracies); for `diverged`, a proportion, the exact Clopper-Pearson interval.
+    """
+    f = frame.assign(_v=pd.to_numeric(frame[metric], errors="coerce"), _all=0)
+    use = f["status"].eq("done") | (metric == "diverged")
+    f["_v"] = f["_v"].where(use)
+    g = f.groupby(by or ["_all"], dropna=False, sort=True)
+    out = g["_v"].agg(["count", "mean", "std", "median"]).rename(columns={"count": "n"})
+    out["runs"] = g.size()
+    out["diverged"] = g["status"].agg(lambda s: int((s == "diverged").sum()))
+    out["not_trained"] = g["status"].agg(lambda s: int((s == "not_trained").sum()))
+    half = stats.t_half_width(out["std"], out["n"])
+    out["ci_low"], out["ci_high"] = stats.clip_to_bounds(out["mean"] - half, out["mean"] + half, metric)
+    if metric == "diverged":  # a proportion: exact (Clopper-Pearson) binomial interval instead
+        cis = [stats.proportion_interval(round(m * n), n) for m, n in zip(out["mean"].fillna(0), out["n"])]
+        out["ci_low"], out["ci_high"] = [c[0] for c in cis], [c[1] for c in cis]
+    out = out.reset_index().drop(columns=["_all"], errors="ignore")
+    out.insert(len(by), "metric", metric)
+    return out[[*by, "metric", "runs", "diverged", "not_trained", "n", "mean", "std", "ci_low", "ci_high", "median"]]
+
+
+def matches(frame: pd.DataFrame, filters: dict) -> pd.Series:
+    mask = pd.Series(True, index=frame.index)
+    for key, value in filters.items():
+        if key not in frame:
+            known = sorted(c for c in frame if "." in c)
+            raise ReportError(f"comparison filter on unknown config key {key!r}; known: {known}")
+        col = frame[key]
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and pd.api.types.is_numeric_dtype(col):
+            mask &= np.isclose(col.astype(float), float(value))
+        else:
+            mask &= col.astype(str) == str(value)
+    return mask
+
+
+def filters_label(filters: dict) -> str:
+    return ", ".join(f"{k.split('.')[-1]}={v}" for k, v in filters.items())
+
+
+def _seed_values(sel: pd.DataFrame, metric: str) -> pd.Series:
+    """The metric's values of the runs used (done, or any finished run for `diverged`), indexed by seed."""
+    used = sel["status"].eq("done") | (metric == "diverged")
+    part = sel.loc[used]
+    values = pd.to_numeric(part[metric], errors="coerce")
+    index = part["seed"] if "seed" in part else pd.RangeIndex(len(part))
+    return pd.Series(values.to_numpy(), index=pd.Index(index, name="seed")).dropna()
+
+
+def _expect_text(expect: str, margin: float) -> str:
+    if expect == "equivalent":
+        return f"within +-{margin:g}"
+    return f"{'above' if expect == 'greater' else 'below'} {margin:g}"
+
+
+def compare(frame: pd.DataFrame, grid: list[str], comp: dict, dataset: str, n_seeds: int | None = None) -> list[dict]:
+    """One row per context (every combination of the grid columns the comparison does not fix): the contrast,
+    its 95% interval, which interval (paired or Welch) and the unadjusted one-sided p-values of support and
+    contradiction. The verdicts come later, over all of a study's rows at once (`decide_rows`). With `n_seeds`
+    (a look of the sequential design), only the first n seeds that every group holds are used."""
+    if "trend" in comp:
+        return compare_trend(frame, grid, comp, dataset, n_seeds)
+    where, ref = comp.get("where") or {}, comp.get("relative_to")
+    fixed = {*comp["a"], *comp["b"], *where, *(ref or {})}
+    context_cols = [c for c in grid if c not in fixed]
+    contexts = frame[context_cols].drop_duplicates().to_dict("records") if context_cols else [{}]
+    margin = float(for_dataset(comp.get("margin", 0.0), dataset) or 0.0)
+    sides = [(comp["a"], 1.0), (comp["b"], -1.0)]
+    if ref:
+        sides += [({**comp["a"], **ref}, -1.0), ({**comp["b"], **ref}, 1.0)]
+    results = []
+    for ctx in sorted(contexts, key=lambda d: [str(v) for v in d.values()]):
+        groups, notes, rows = [], [], []
+        for filters, _ in sides:
+            sel = frame[matches(frame, {**where, **ctx, **filters})]
+            groups.append(_seed_values(sel, comp["metric"]))
+            notes.append(f"{len(groups[-1])} of {len(sel)}")
+            rows.append(sel)
+        a_label, b_label = filters_label(comp["a"]), filters_label(comp["b"])
+        row = {
+            "metric": comp["metric"],
+            "comparison": f"({a_label}) - ({b_label})" + (f" minus the same at {filters_label(ref)}" if ref else ""),
+            "context": filters_label({**where, **ctx}) or "all runs",
+            "expect": _expect_text(comp["expect"], margin),
+            "margin": margin,
+            "margin_reason": comp.get("margin_reason", ""),
+            "mean_a": float(groups[0].mean()) if len(groups[0]) else np.nan,
+            "mean_b": float(groups[1].mean()) if len(groups[1]) else np.nan,
+            "n": " / ".join(notes),
+            "_runs": rows,
+        }
+        results.append(with_contrast(row, groups, [coef for _, coef in sides], comp["expect"], margin, n_seeds))
+    return results
+
+
+def first_paired_seeds(groups: list[pd.Series], n_seeds: int) -> tuple[list[pd.Series], int]:
+    """Each group at the first `n_seeds` seeds (sorted) that every group holds; and how many such seeds exist."""
+    common = sorted(set.intersection(*(set(g.index) for g in groups)))
+    return [g.loc[common[:n_seeds]] for g in groups], len(common)
+
+
+def with_contrast(
+    row: dict, groups: list[pd.Series], coefs: list[float], expect: str, margin: float, n_seeds: int | None = None
+) -> dict:
+    """The row with its contrast, 95% interval and one-sided p-values (none when a group has < 2 values)."""
+    if n_seeds is not None:
+        groups, row["_paired_seeds"] = first_paired_seeds(groups, n_seeds)
+        row["n"] = f"{min(n_seeds, row['_paired_seeds'])} paired seeds (first of {row['_paired_seeds']})"
+    row["_smallest"] = min(len(g) for g in groups)
+    c = stats.contrast(groups, coefs) if row["_smallest"] >= 2 else None
+    if c is None:
+        row.update(
+            method="-",
+            estimate=np.nan,
+            ci_low=np.nan,
+            ci_high=np.nan,
+            df=np.nan,
+            p=np.nan,
+            p_support=np.nan,
+            p_contra=np.nan,
+        )
+    else:
+        low, high = c.interval()
+        p_support, p_contra = stats.one_sided_pvalues(c, expect, margin)
+        row.update(
+            method=c.method,
+            estimate=c.estimate,
+            ci_low=low,
+            ci_high=high,
+            df=c.df,
+            p=c.p_two_sided(),
+            p_support=p_support,
+            p_contra=p_contra,
+        )
+    row["_contrast"], row["_expect"] = c, expect
+    return row
+
+
+def seed_slopes(sel: pd.DataFrame, metric: str, axis: str, logx: bool, logy: bool, n_axis: int) -> pd.Series:
+    """Per seed (index): the least-squares slope of the metric (log10 if `logy`) against the axis (log10 if
+    `logx`) over that seed's runs (scipy.stats.linregress). A seed counts only when every one of the
+    context's `n_axis` axis values has a finished, trained run with a usable value (> 0 on a log scale):
+    a slope over part of the axis would not estimate the same thing."""
+    done = sel[sel["status"].eq("done")]
+    x = pd.to_numeric(done[axis], errors="coerce")
+    y = pd.to_numeric(done[metric], errors="coerce") if metric in done else pd.Series(np.nan, index=done.index)
+    ok = np.isfinite(x) & np.isfinite(y) & ((x > 0) if logx else True) & ((y > 0) if logy else True)
+    part = pd.DataFrame({"seed": done["seed"], "x": x, "y": y})[ok]
+    slopes = {}
+    for seed, g in part.groupby("seed", sort=True):
+        if g["x"].nunique() == n_axis >= 3 and len(g) == n_axis:
+            gx, gy = np.log10(g["x"]) if logx else g["x"], np.log10(g["y"]) if logy else g["y"]
+            slopes[seed] = scipy_stats.linregress(gx.to_numpy(float), gy.to_numpy(float)).slope
+    return pd.Series(slopes, dtype=float).rename_axis("seed")
+
+
+def tied_to(frame: pd.DataFrame, col: str, axis: str) -> bool:
+    """Whether a grid column takes one value per value of the axis (e.g. an lr scaled with the batch size):
+    it moves along the axis, so it is part of the trend, not a context to split it by."""
+    return bool(frame.groupby(axis)[col].nunique(dropna=False).max() <= 1)
+
+
+def compare_trend(
+    frame: pd.DataFrame, grid: list[str], comp: dict, dataset: str, n_seeds: int | None = None
+) -> list[dict]:
+    """A trend over the whole axis: per context, each seed's slope of the metric against `trend` (both on log10
+    scales by default for x, `logy` for y); the estimate is the mean slope over seeds with its t-interval, or
+    with `a` and `b` the mean per-seed difference of the two arms' slopes (paired by seed when they hold the
+    same seeds, Welch otherwise). The slope is in units of y (or log10 y) per unit (per decade) of x."""
+    axis, where = comp["trend"], comp.get("where") or {}
+    logx, logy = comp.get("logx", True), comp.get("logy", False)
+    if axis not in frame:
+        raise ReportError(f"trend comparison on {comp['metric']!r}: `trend: {axis}` is not a config key of the runs.")
+    arms = [(comp["a"], 1.0), (comp["b"], -1.0)] if "a" in comp else [({}, 1.0)]
+    fixed = {axis, *where, *(k for arm, _ in arms for k in arm)}
+    context_cols = [c for c in grid if c not in fixed and not tied_to(frame, c, axis)]
+    contexts = frame[context_cols].drop_duplicates().to_dict("records") if context_cols else [{}]
+    margin = float(for_dataset(comp.get("margin", 0.0), dataset) or 0.0)
+    y_name = f"log10 {comp['metric']}" if logy else comp["metric"]
+    x_name = f"log10 {axis}" if logx else axis
+    results = []
+    for ctx in sorted(contexts, key=lambda d: [str(v) for v in d.values()]):
+        groups, notes, rows = [], [], []
+        for filters, _ in arms:
+            sel = frame[matches(frame, {**where, **ctx, **filters})]
+            rows.append(sel)
+            n_axis = int(pd.to_numeric(sel[axis], errors="coerce").nunique())
+            groups.append(seed_slopes(sel, comp["metric"], axis, logx, logy, n_axis))
+            notes.append(f"{len(groups[-1])} of {sel['seed'].nunique() if 'seed' in sel else 0} seeds")
+        label = f"slope of {y_name} vs {x_name}"
+        if len(arms) == 2:
+            label = f"({filters_label(comp['a'])}) - ({filters_label(comp['b'])}): {label}"
+        row = {
+            "metric": comp["metric"],
+            "comparison": label,
+            "context": filters_label({**where, **ctx}) or "all runs",
+            "expect": _expect_text(comp["expect"], margin),
+            "margin": margin,
+            "margin_reason": comp.get("margin_reason", ""),
+            "mean_a": float(groups[0].mean()) if len(groups[0]) else np.nan,
+            "mean_b": float(groups[1].mean()) if len(groups) > 1 and len(groups[1]) else np.nan,
+            "n": " / ".join(notes),
+            "_runs": rows,
+        }
+        results.append(with_contrast(row, groups, [coef for _, coef in arms], comp["expect"], margin, n_seeds))
+    return results
+
+
+def decide_rows(rows: list[dict]) -> pd.DataFrame:
+    """Verdicts of all of a study's comparison rows: Holm-Bonferroni over the rows, support and contradiction."""
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    verdicts, ps, pc = stats.decide_family(frame["p_support"], frame["p_contra"])
+    frame["p_support_holm"], frame["p_contra_holm"], frame["verdict"] = ps, pc, verdicts
+    frame["note"] = [
+        stats.why(c, e, m, v)
+        for c, e, m, v in zip(frame["_contrast"], frame["_expect"], frame["margin"], frame["verdict"])
+    ]
+    return frame.drop(columns=PRIVATE, errors="ignore")
+
+
+PRIVATE = [
+    "_contrast",
+    "_expect",
+    "_runs",
+    "_paired_seeds",
+    "_smallest",
+]  # row fields the deciding step reads, never written

@@ -1,0 +1,121 @@
+"""A study's runs, from run folders or the wandb API, as one table: a frame of runs and their logged histories.
+
+Run folders (`config.yaml`, `metrics.jsonl`, `summary.json`) are written and read by bnstudy.app.runs; a wandb
+group is read through its public API into the same frame. Nothing here interprets a metric.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import pandas as pd
+
+from bnstudy.analysis.errors import ReportError, ReportWarning
+from bnstudy.app import runs as runs_lib
+
+
+@dataclass
+class LoadedRuns:
+    """A study's runs as read: one frame row per run, each run's history on demand, what could not be read."""
+
+    frame: pd.DataFrame  # one row per run: flattened config, summary metrics, status, path
+    history: dict[str, Callable[[], list[dict]]]  # run_id -> its logged records (metrics.jsonl)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    specs: list[dict] = field(default_factory=list)  # the runs' `report:` blocks
+    config_columns: list[str] = field(default_factory=list)  # the frame's columns that come from config.yaml
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists become JSON strings so that columns stay hashable."""
+    out = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        elif isinstance(value, (list, tuple)):
+            out[name] = json.dumps(value)
+        else:
+            out[name] = value
+    return out
+
+
+def run_row(config: dict, summary: dict, path: str) -> dict:
+    row = {**flatten(summary), **config_row(config)}
+    row["run_id"] = summary.get("run_id") or Path(path).name
+    row["status"] = summary.get("status") or "unknown"
+    row["path"] = path
+    return row
+
+
+def config_row(config: dict) -> dict:
+    return flatten({k: v for k, v in config.items() if k != "report"})
+
+
+def read_history(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl (bnstudy.app.runs.read_metrics); lines that do not parse (a run killed
+    mid-write) are skipped with a warning."""
+    records, bad = runs_lib.read_metrics(path)
+    if bad:
+        warnings.warn(f"{path}: skipped {bad} line(s) that are not JSON", ReportWarning, stacklevel=2)
+    return records
+
+
+def load_local(runs_dir: Path) -> LoadedRuns:
+    """Every run folder directly under `runs_dir`; corrupt ones are skipped with a warning. A `running`
+    folder whose writer is gone reads as `stale`."""
+    if not runs_dir.is_dir():
+        raise ReportError(f"no runs directory {runs_dir}: expected one run folder per trained model there.")
+    rows, history, skipped, specs, config_cols = [], {}, [], [], {}
+    for path in runs_lib.run_folders(runs_dir):
+        try:
+            config, summary = runs_lib.read_run_folder(path)
+        except (OSError, ValueError) as e:
+            skipped.append((str(path), str(e)))
+            warnings.warn(f"skipping corrupt run folder {path}: {e}", ReportWarning, stacklevel=2)
+            continue
+        summary = {**summary, "status": runs_lib.effective_status(summary)}
+        row = run_row(config, summary, str(path))
+        rows.append(row)
+        config_cols.update(dict.fromkeys(config_row(config)))
+        history[row["run_id"]] = partial(read_history, path / "metrics.jsonl")
+        if isinstance(config.get("report"), dict):
+            specs.append(config["report"])
+    return LoadedRuns(pd.DataFrame(rows), history, skipped, specs, list(config_cols))
+
+
+WANDB_STATES = {"finished": "done", "running": "running", "crashed": "failed", "failed": "failed", "killed": "failed"}
+
+
+def load_wandb(entity: str | None, project: str, group: str) -> LoadedRuns:
+    """The runs of one wandb group through the public API, into the same frame as run folders."""
+    where = f"{entity + '/' if entity else ''}{project}, group {group!r}"
+    try:
+        import wandb
+
+        path = f"{entity}/{project}" if entity else project
+        api_runs = list(wandb.Api(timeout=60).runs(path, filters={"group": group}))
+    except Exception as e:  # no login, no network, no such project: all end here
+        raise ReportError(
+            f"could not read wandb runs of {where}: {type(e).__name__}: {e}. Check `wandb login`, the network "
+            f"and --entity/--project/--group, or report from run folders with --source local."
+        ) from None
+    if not api_runs:
+        raise ReportError(f"wandb has no runs in {where}.")
+    rows, history, specs, config_cols = [], {}, [], {}
+    for r in api_runs:
+        config = {k: v for k, v in dict(r.config).items() if not k.startswith("_")}
+        summary = {k: v for k, v in dict(r.summary_metrics).items() if not k.startswith("_")}
+        summary.setdefault("status", WANDB_STATES.get(r.state, r.state))
+        summary.setdefault("run_id", r.name)
+        row = run_row(config, summary, r.url)
+        rows.append(row)
+        config_cols.update(dict.fromkeys(config_row(config)))
+        history[row["run_id"]] = lambda r=r: [dict(rec) for rec in r.scan_history()]
+        if isinstance(config.get("report"), dict):
+            specs.append(config["report"])
+    return LoadedRuns(pd.DataFrame(rows), history, [], specs, list(config_cols))

@@ -1,0 +1,91 @@
+"""bnstudy.analysis.figures on synthetic run folders: at most MAX_LINES lines per panel whatever the grid, each arm
+at its selected lr, and runs that diverged or did not train drawn as marked points at the panel's bottom."""
+
+from __future__ import annotations
+
+import pytest
+from matplotlib.container import ErrorbarContainer
+
+from bnstudy.analysis import figures
+from bnstudy.analysis.load import load_local
+from tests.report_runs import analyse_dir, write_run
+
+pytestmark = pytest.mark.filterwarnings("ignore:study .*no run has metric:bnstudy.analysis.errors.ReportWarning")
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """The figures drawn (not saved), by name."""
+    out = {}
+
+    def keep(fig, folder, name):
+        out[name] = fig
+        return [f"{name}.png", f"{name}.svg"]
+
+    monkeypatch.setattr(figures, "_save", keep)
+    return out
+
+
+def lines_per_panel(fig) -> list[int]:
+    return [sum(isinstance(c, ErrorbarContainer) for c in ax.containers) for ax in fig.axes if ax.get_visible()]
+
+
+def failed_marks(fig):
+    """Per panel, the (x, y) offsets of the points labelled as failed runs, and the panel's bottom."""
+    out = []
+    for ax in fig.axes:
+        for coll in ax.collections:
+            if coll.get_label() == figures.FAILED_LABEL:
+                out.append((coll.get_offsets().tolist(), ax.get_ylim()[0]))
+    return out
+
+
+def test_a_figure_of_27_arms_has_at_most_8_lines_per_panel(tmp_path, drawn):
+    spec = {
+        "claim": "x.",
+        "metrics": ["test/acc"],
+        "figures": [{"name": "acc", "x": "train.batch_size", "y": "test/acc", "hue": "model.norm", "logx": True}],
+    }
+    root = tmp_path / "runs"
+    for norm in ("none", "before_relu", "after_relu"):
+        for scale in (0.5, 1.0, 2.0):
+            for lr in (0.01, 0.1, 1.0):
+                for batch in (8, 128):
+                    for seed in range(2):
+                        acc = 0.8 + 0.01 * seed + 0.001 * batch / 128
+                        write_run(root, norm=norm, init_scale=scale, lr=lr, batch_size=batch, seed=seed, spec=spec,
+                                  summary={"test/acc": acc})  # fmt: skip
+    a = analyse_dir("placement", root)
+    figures.write_figures(a, load_local(root), tmp_path)
+    counts = lines_per_panel(drawn["acc"])
+    assert sum(counts) == 27 and max(counts) <= figures.MAX_LINES
+    assert all(len(ax.get_legend().get_texts()) == 3 for ax in drawn["acc"].axes if ax.get_visible())
+
+
+def test_diverged_and_not_trained_runs_are_marked_at_the_bottom_and_arms_shown_at_their_lr(tmp_path, drawn):
+    spec = {
+        "claim": "x.",
+        "metrics": ["test/acc", "val/acc"],
+        "select": {"by": "val/acc", "over": ["optimizer.lr"]},
+        "figures": [
+            {"name": "by_lr", "x": "optimizer.lr", "y": "test/acc", "hue": "model.norm", "logx": True},
+            {"name": "by_norm", "x": "model.norm", "y": "test/acc"},
+        ],
+    }
+    root = tmp_path / "runs"
+    for norm in ("none", "before_relu"):
+        for lr in (0.01, 0.1, 0.3):
+            for seed in range(2):
+                failed = norm == "none" and lr > 0.05
+                status = ("diverged" if lr == 0.3 else "done") if failed else "done"
+                acc = 0.105 if failed else 0.9 + 0.01 * seed + 0.01 * lr
+                summary = {} if status == "diverged" else {"test/acc": acc, "val/acc": acc}
+                write_run(root, norm=norm, lr=lr, seed=seed, spec=spec, status=status, summary=summary)
+    a = analyse_dir("placement", root)
+    assert set(a.runs["status"]) == {"done", "diverged", "not_trained"}
+    figures.write_figures(a, load_local(root), tmp_path)
+    ((points, bottom),) = failed_marks(drawn["by_lr"])
+    assert sorted(x for x, _ in points) == [0.1, 0.1, 0.3, 0.3]  # no-BN at lr 0.1 (not trained) and 0.3
+    assert all(y == pytest.approx(bottom) for _, y in points)
+    assert lines_per_panel(drawn["by_norm"]) == [1]  # each arm once, at its selected lr
+    assert failed_marks(drawn["by_norm"]) == []  # the selected lrs trained
