@@ -50,7 +50,9 @@ def test_an_installed_wheel_carries_the_configs_and_studies(tmp_path):
     install = [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)]
     subprocess.run(install, check=True, timeout=300)
     code = (
-        "import bnstudy.app.main as t; from hydra import compose, initialize_config_dir\n"
+        "import bnstudy.app.main as t; from bnstudy.app import config_tree\n"
+        "from hydra import compose, initialize_config_dir\n"
+        "config_tree.register(studies=['dropout'])\n"
         "with initialize_config_dir(config_dir=t.CONFIG_DIR, version_base='1.3'):\n"
         "    c = compose('config', overrides=['experiment=dropout'])\n"
         f"assert t.CONFIG_DIR.startswith({str(target)!r}) and c.study == 'dropout', t.CONFIG_DIR"

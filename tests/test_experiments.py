@@ -163,8 +163,9 @@ def test_quick_placement_runs_end_to_end_through_train_and_report(small_data, ru
     assert "margin_reason" not in text and "binomial standard error" in text  # margins are stated with reasons
     assert (results / "test_acc_by_norm.svg").is_file() and (results / "learning_curves_train_loss.png").is_file()
     comparisons = (results / "comparisons.csv").read_text()
-    assert comparisons.count("2 of 2 / 2 of 2") == 3  # each arm at its selected lr: both seeds
+    assert comparisons.count("2 paired seeds (first of 2)") == 3  # each arm at its selected lr: the first look
     assert comparisons.count("paired (2 seeds)") == 3 and "within +-0.005" in comparisons  # paired; equivalence
+    assert comparisons.count("open: the next look needs 3 seeds") == 3  # the quick schedule: looks at 2 and 3 seeds
 
 
 def test_batch_size_study_scales_the_lr_and_pools_a_fixed_number_of_examples():

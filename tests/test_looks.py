@@ -147,6 +147,8 @@ def test_an_along_comparison_is_decided_per_value_and_named_in_a_sentence(tmp_pa
     out = write_report(a, load_local(root), tmp_path / "results" / "placement", "cmd")
     assert json.loads((out / "verdict.json").read_text())["verdict_sentence"] == a.verdict_sentence
     assert "crossover between 2 and 8" in index_table(tmp_path / "results")
+    text = (out / "README.md").read_text()
+    assert "## Verdict: **depends**" in text and "**depends** when some values support it" in text
 
 
 def test_spec_checks_the_schedule_the_bounds_and_along():

@@ -112,7 +112,7 @@ def test_optimizer_update_is_the_train_steps_parameter_change_and_ics_probe_repo
         np.testing.assert_allclose(old + u, new, rtol=1e-6, atol=1e-7)
 
     out = probe(state, hp, arrays, perm, 1)
-    assert set(out) == {f"ics/{layer}/{m}" for layer in CNN_LAYERS for m in ("l2", "cos")}
+    assert set(out) == {f"ics/{layer}/{m}" for layer in CNN_LAYERS for m in ("l2", "rel", "cos")}
     assert float(out["ics/conv1/l2"]) == 0.0
     for layer in CNN_LAYERS[1:]:
         assert float(out[f"ics/{layer}/l2"]) > 0.0 and -1.0 <= float(out[f"ics/{layer}/cos"]) <= 1.0 + 1e-6

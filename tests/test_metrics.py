@@ -259,3 +259,34 @@ def test_app_logs_probe_keys_and_without_bn_no_disc_or_bn_keys(small_mnist, run_
     keys = set().union(*records) | set(summary)
     assert not [k for k in keys if k.startswith(("disc/", "bn/"))]
     assert "test/acc" in summary
+
+
+# --------------------------------------------------------------------------- internal covariate shift (4.4)
+
+
+def test_ics_rel_is_l2_over_the_gradient_norm_and_a_gradient_scale_moves_only_l2():
+    """A two-layer linear net with closed-form gradients: rel = ||G - G'|| / ||G||, and scaling the loss by c
+    (every gradient, G and G' alike, times c) multiplies l2 by c and leaves rel and cos unchanged."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(3, 16)), rng.normal(size=(2, 16))
+    p = {"w1": rng.normal(size=(4, 3)), "w2": rng.normal(size=(2, 4))}
+    u = {"w1": 0.3 * rng.normal(size=(4, 3)), "w2": 0.3 * rng.normal(size=(2, 4))}
+
+    def grad_w2(w1, w2):  # of 0.5 * ||w2 w1 x - y||^2 / n
+        return (w2 @ w1 @ x - y) @ (w1 @ x).T / x.shape[1]
+
+    g_old, g_new = grad_w2(p["w1"], p["w2"]), grad_w2(p["w1"] + u["w1"], p["w2"])
+    params, update = ({k: jnp.asarray(v, jnp.float32) for k, v in d.items()} for d in (p, u))
+
+    def measured(scale):
+        loss = lambda q: scale * 0.5 * jnp.sum((q["w2"] @ q["w1"] @ x - y) ** 2) / x.shape[1]
+        return metrics.internal_covariate_shift(loss, params, update, ("w1", "w2"), ("w1", "w2"))
+
+    out, scaled = measured(1.0), measured(40.0)
+    np.testing.assert_allclose(out["ics/w2/l2"], np.linalg.norm(g_new - g_old), rtol=1e-4)
+    np.testing.assert_allclose(out["ics/w2/rel"], np.linalg.norm(g_new - g_old) / np.linalg.norm(g_old), rtol=1e-4)
+    assert float(out["ics/w2/rel"]) > 0.05  # a real shift
+    np.testing.assert_allclose(scaled["ics/w2/l2"], 40.0 * out["ics/w2/l2"], rtol=1e-4)
+    np.testing.assert_allclose(scaled["ics/w2/rel"], out["ics/w2/rel"], rtol=1e-4)
+    np.testing.assert_allclose(scaled["ics/w2/cos"], out["ics/w2/cos"], rtol=1e-4)
+    assert float(out["ics/w1/rel"]) == 0.0  # nothing precedes the first layer

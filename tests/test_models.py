@@ -121,7 +121,9 @@ def test_unknown_choices_are_rejected():
     with pytest.raises(ValueError, match="norm"):
         build_model("cnn", norm="middle")
     with pytest.raises(ValueError, match="model"):
-        build_model("resnet")
+        build_model("alexnet")
+    with pytest.raises(ValueError, match="6n"):
+        build_model("resnet", depth=21)
 
 
 def nn_max_pool(x):

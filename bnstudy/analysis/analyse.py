@@ -8,8 +8,11 @@ What is counted where:
   defined on them: `diverged` (the fraction of runs that diverged or did not train) and the derived
   `max_stable` (the largest setting that trained) and `range` (a failed run counts as `diverged_value`).
 - with `select: {by: val/acc, over: [optimizer.lr]}`, each arm (a combination of the other grid columns)
-  is compared at its own setting of `over` with the best mean validation score over seeds; the test split
-  never chooses anything.
+  is compared at its own setting of `over` (the largest share of trained runs, then the best mean validation
+  score over seeds); the test split never chooses anything. Where that setting sits in what the arm searched
+  is in `edges` (bnstudy.analysis.edges).
+- comparisons are decided on every seed at once (the fixed design), or look by look under the study's seed
+  schedule (bnstudy.analysis.looks); an `along:` comparison once per axis value (bnstudy.analysis.verdicts).
 """
 
 from __future__ import annotations
@@ -137,23 +140,9 @@ def analyse(
     verdict = study_verdict(comparisons)
     edges = arm_edges(selection, grid, spec["select"]) if selection is not None else []
     return Analysis(
-        study,
-        spec,
-        dataset,
-        frame,
-        grid,
-        summary,
-        comparisons,
-        verdict,
-        missing,
-        runs.skipped,
-        frames,
-        selection,
-        edges,
-        compared,
-        verdict_sentence(comparisons, verdict),
-        pending,
-    )
+        study, spec, dataset, frame, grid, summary, comparisons, verdict, missing, runs.skipped, frames, selection,
+        edges=edges, compared=compared, verdict_sentence=verdict_sentence(comparisons, verdict), pending_look=pending,
+    )  # fmt: skip
 
 
 def comparison_rows(spec: dict, compared: dict, dataset: str, n_seeds: int | None) -> list[dict]:

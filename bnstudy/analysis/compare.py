@@ -223,6 +223,10 @@ def compare_trend(
     return results
 
 
+# Row fields the deciding steps read (the contrast, the runs of each group, seed counts), never written out.
+PRIVATE = ["_contrast", "_expect", "_runs", "_paired_seeds", "_smallest"]
+
+
 def decide_rows(rows: list[dict]) -> pd.DataFrame:
     """Verdicts of all of a study's comparison rows: Holm-Bonferroni over the rows, support and contradiction."""
     frame = pd.DataFrame(rows)
@@ -235,12 +239,3 @@ def decide_rows(rows: list[dict]) -> pd.DataFrame:
         for c, e, m, v in zip(frame["_contrast"], frame["_expect"], frame["margin"], frame["verdict"])
     ]
     return frame.drop(columns=PRIVATE, errors="ignore")
-
-
-PRIVATE = [
-    "_contrast",
-    "_expect",
-    "_runs",
-    "_paired_seeds",
-    "_smallest",
-]  # row fields the deciding step reads, never written

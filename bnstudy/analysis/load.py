@@ -79,6 +79,14 @@ def load_local(runs_dir: Path) -> LoadedRuns:
             warnings.warn(f"skipping corrupt run folder {path}: {e}", ReportWarning, stacklevel=2)
             continue
         summary = {**summary, "status": runs_lib.effective_status(summary)}
+        missing = runs_lib.missing_files(path)
+        if missing and summary["status"] in runs_lib.FINISHED:
+            warnings.warn(
+                f"{path}: {summary['status']}, but {', '.join(missing)} is missing; counted as incomplete",
+                ReportWarning,
+                stacklevel=2,
+            )
+            summary["status"] = runs_lib.INCOMPLETE
         row = run_row(config, summary, str(path))
         rows.append(row)
         config_cols.update(dict.fromkeys(config_row(config)))

@@ -111,14 +111,24 @@ def verdict_rules(a: Analysis) -> list[str]:
         "matters. *equivalent* is decided by two one-sided tests (TOST) within +-margin. A comparison with no "
         "variation across seeds (a zero-width interval) or fewer than 2 runs in a group is inconclusive. The "
         "claim is **supported** when every comparison supports it, **contradicted** when any contradicts it, "
-        "otherwise **inconclusive**. A comparison declared `along:` an axis is decided at each axis value (each "
-        "value one comparison of the Holm family) and counts once for the claim: supported or contradicted when "
-        "every value agrees, **depends** when some values support it and others contradict it (the sentence "
-        "above names each region and brackets the crossover between two searched values), else inconclusive.",
+        "otherwise **inconclusive**." + along_rule(a),
         "",
         *sequential_rules(a),
         trained,
     ]
+
+
+def along_rule(a: Analysis) -> str:
+    """How a comparison declared `along:` an axis counts, when the study has one."""
+    if not any("along" in c for c in a.spec.get("compare") or []):
+        return ""
+    return (
+        " A comparison declared `along:` an axis is decided at each axis value (each value one comparison of the "
+        "family) and counts once for the claim: supported or contradicted when every value agrees, **depends** "
+        "when some values support it and others contradict it (the sentence above names each region and "
+        "brackets the crossover between two searched values), else inconclusive; the claim **depends** when "
+        "such a comparison does and none contradicts it."
+    )
 
 
 def sequential_rules(a: Analysis) -> list[str]:

@@ -45,15 +45,21 @@ class Writer:
     """Writes the checkpoints of one run folder (synchronously: a save is done when `save` returns)."""
 
     def __init__(self, folder: Path):
-        self.manager = _manager(Path(folder), create=True)
+        self.folder = Path(folder)
+        self.manager = _manager(self.folder, create=True)
 
     def save(self, state: TrainState, progress: Progress) -> None:
-        """`state`: this model's slice, on the host (see `model_slice`)."""
+        """`state`: this model's slice, on the host (see `model_slice`). A save that fails (a full disk)
+        leaves no half-written temporary folder; the previous checkpoint stays."""
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(dataclasses.asdict(progress))
         )
-        self.manager.save(progress.epoch, args=args, force=True)
-        self.manager.wait_until_finished()
+        try:
+            self.manager.save(progress.epoch, args=args, force=True)
+            self.manager.wait_until_finished()
+        except BaseException:
+            remove_temporary(self.folder)
+            raise
 
     def close(self) -> None:
         self.manager.close()
@@ -87,6 +93,12 @@ def restore(folder: Path, target: TrainState) -> tuple[TrainState, Progress]:
         return restored.state, Progress(**restored.progress)
     finally:
         manager.close()
+
+
+def remove_temporary(folder: Path) -> None:
+    """Drop the temporary folders of unfinished saves (orbax names them `<step>.orbax-checkpoint-tmp-*`)."""
+    for tmp in checkpoint_dir(Path(folder)).glob("*tmp*"):
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def remove(folder: Path) -> None:

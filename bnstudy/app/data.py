@@ -48,12 +48,14 @@ def validation_count(val_size: int | float, num_train: int) -> int:
     """How many training examples `dataset.val_size` holds out: a fraction in (0, 1) of the training split
     (rounded), or a count. Raises ConfigError when too few training examples would be left."""
     n_val = round(val_size * num_train) if isinstance(val_size, float) else int(val_size)
-    if not 0 <= n_val < num_train:
+    if not 0 <= n_val < num_train or (val_size and not n_val):
         from bnstudy.app.config import ConfigError
 
+        held = f", which holds out {n_val} of them" if val_size and not n_val else ""
         raise ConfigError(
-            f"Invalid config: `dataset.val_size` must be a fraction in (0, 1) or a count below the {num_train} "
-            f"examples of the training split (some must be left to train on); got {val_size!r}."
+            f"Invalid config: `dataset.val_size` must be 0 (no validation split), or a fraction in (0, 1) or a "
+            f"count that holds out at least one and fewer than the {num_train} examples of the training split "
+            f"(some must be left to train on); got {val_size!r}{held}."
         )
     return n_val
 
@@ -105,7 +107,7 @@ def _unavailable_message(name: str, data_dir: str | None, download: bool, cause:
             f"(the folder that contains '{name}/'; prepare it once on a connected machine)"
         )
     else:
-        advice.append(f"check that {data_dir} holds a prepared '{name}/' folder")
+        advice.append(f"check that `dataset.data_dir` ({data_dir}) holds a prepared '{name}/' folder")
     if not download:
         advice.append("set `dataset.download=true` to let TFDS download it (needs internet)")
     else:
@@ -147,6 +149,7 @@ def _read_tfds_split(name: str, split: str, data_dir: str | None, download: bool
 
         download = True
         tfds.disable_progress_bar()  # the first-use preparation takes seconds; its bars would flood the log
+    check_prepared(name, data_dir, download)
     try:
         with preparation_lock(name, data_dir, download):
             ds, info = tfds.load(
@@ -159,6 +162,19 @@ def _read_tfds_split(name: str, split: str, data_dir: str | None, download: bool
     images = np.concatenate([c[0] for c in chunks]).astype(np.uint8, copy=False)
     labels = np.concatenate([c[1] for c in chunks]).astype(np.int32, copy=False)
     return images, labels, str(info.data_dir)
+
+
+def check_prepared(name: str, data_dir: str | None, download: bool) -> None:
+    """Without download, a given `dataset.data_dir` must hold the prepared dataset: said before TFDS, whose
+    own errors (an AssertionError about a variant folder) do not name the key."""
+    if download or not data_dir or (tfds_root(data_dir) / name).is_dir():
+        return
+    state = "does not exist" if not tfds_root(data_dir).exists() else f"has no '{name}/' folder"
+    raise DataUnavailableError(
+        f"Invalid config: `dataset.data_dir` must be a TFDS folder holding a prepared '{name}/' dataset; got "
+        f"{data_dir!r}, which {state}. Point it at the folder that contains '{name}/' (prepare it once on a "
+        f"connected machine), or set `dataset.download=true` to let TFDS download it (needs internet)."
+    )
 
 
 def preparation_lock(name: str, data_dir: str | None, download: bool):

@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 from bnstudy.app import cli, config_tree, plan
 from bnstudy.app import config as config_lib
 from bnstudy.app import data as data_lib
+from bnstudy.app import runs as runs_lib
 from bnstudy.app.config import Config, ConfigError
 from bnstudy.app.pack_run import train_pack
 from bnstudy.app.signals import RunInterrupted, interrupts_as_exceptions
@@ -75,6 +76,10 @@ def run_from_hydra(raw: DictConfig) -> list[dict]:
         return run_job(cfg)
     except (ConfigError, data_lib.DataUnavailableError) as e:
         cli.exit_bad_input(e)
+    except runs_lib.WriteFailed as e:
+        cli.exit_write_failed(e.error, e.folders)
+    except OSError as e:  # a run folder that could not be made or started (nothing to mark)
+        cli.exit_write_failed(e, [])
 
 
 def run_job(cfg: Config) -> list[dict]:

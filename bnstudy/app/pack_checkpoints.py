@@ -51,8 +51,25 @@ class PackCheckpointer:
             writer.close()
 
 
+class DamagedCheckpoints(Exception):
+    """Some claimed runs' checkpoints cannot be read back (a save cut short): `damaged` maps each such claim's
+    position in the pack to the reason."""
+
+    def __init__(self, damaged: dict[int, str]):
+        super().__init__(f"{len(damaged)} unreadable checkpoint(s)")
+        self.damaged = damaged
+
+
 def restored_pack(trainer: PackTrainer, hp: HParams, claims: list[runs_lib.Claim], pack_size: int):
-    """The pack's state stacked from each claimed run's checkpoint (padding repeats the last run, as `hp` does)."""
+    """The pack's state stacked from each claimed run's checkpoint (padding repeats the last run, as `hp` does);
+    raises DamagedCheckpoints naming every run whose checkpoint does not restore."""
     target = checkpoints.model_shape(jax.eval_shape(trainer.programs.init, hp))
-    states = [checkpoints.restore(c.work_dir, target)[0] for c in claims]
+    states, damaged = [], {}
+    for k, c in enumerate(claims):
+        try:
+            states.append(checkpoints.restore(c.work_dir, target)[0])
+        except Exception as e:  # orbax and tensorstore raise many kinds for a truncated file
+            damaged[k] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+    if damaged:
+        raise DamagedCheckpoints(damaged)
     return checkpoints.stack(states + [states[-1]] * (pack_size - len(states)))

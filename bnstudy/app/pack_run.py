@@ -11,8 +11,9 @@ from bnstudy.app import checkpoints
 from bnstudy.app import config as config_lib
 from bnstudy.app import data as data_lib
 from bnstudy.app import runs as runs_lib
+from bnstudy.app.cli import os_error_in
 from bnstudy.app.config import Config
-from bnstudy.app.pack_checkpoints import PackCheckpointer, restored_pack
+from bnstudy.app.pack_checkpoints import DamagedCheckpoints, PackCheckpointer, restored_pack
 from bnstudy.app.pack_log import PackLogger, convergence, learned, without_results_if_diverged
 from bnstudy.app.provenance import provenance
 from bnstudy.app.signals import RunInterrupted
@@ -40,16 +41,20 @@ def train_pack(
     progress = progress or [None] * len(claims)
     start_epoch = progress[0].epoch if progress[0] else 0
     padded = runs + [runs[-1]] * (pack_size - len(runs))
+    hp = HParams.stack([config_lib.hparams_row(r) for r in padded])
+    try:
+        state = restored_pack(trainer, hp, claims, pack_size) if start_epoch else None
+    except DamagedCheckpoints as e:
+        args = (trainer, pack_size, pack_index, cfg, wandb_job, times)
+        return train_without_damaged(claims, progress, e.damaged, *args)
     prov = provenance()
     with times.measure("logging"):
         sinks = [
             open_sinks(c, {"size": len(runs), "index": pack_index, "position": k}, prov, wandb_job, progress[k])
             for k, c in enumerate(claims)
         ]
-    hp = HParams.stack([config_lib.hparams_row(r) for r in padded])
     saver = PackCheckpointer(cfg, sinks, trainer.steps_per_epoch)
     try:
-        state = restored_pack(trainer, hp, claims, pack_size) if start_epoch else None
         # A model that diverged before the checkpoint logged its last record then: it stays silent.
         stopped = None if state is None else [bool(d) for d in jax.device_get(state.diverged)[: len(claims)]]
         pack_logger = PackLogger(sinks, times, stopped)
@@ -57,14 +62,14 @@ def train_pack(
             hp, pack_logger, progress_factory(cfg), state=state, start_epoch=start_epoch, on_epoch_end=saver
         )
     except RunInterrupted as e:
-        for s in sinks:
-            s.finish({"status": runs_lib.INTERRUPTED, "error": f"interrupted by {e.name}"})
-            e.folders.append(str(s.folder.path))
+        e.folders += mark(sinks, {"status": runs_lib.INTERRUPTED, "error": f"interrupted by {e.name}"})
         raise
     except BaseException as e:
-        for s in sinks:
-            s.finish({"status": runs_lib.FAILED, "error": f"{type(e).__name__}: {e}"})
-        raise
+        failed = mark(sinks, {"status": runs_lib.FAILED, "error": f"{type(e).__name__}: {e}"})
+        write_error = os_error_in(e)
+        if write_error is None:
+            raise
+        raise runs_lib.WriteFailed(write_error, failed) from None
     finally:
         saver.close()
     for bucket, key in (("compile", "compile_time"), ("train_steps", "train_time"), ("evaluation", "eval_time")):
@@ -98,6 +103,32 @@ def train_pack(
         summaries.append(sink.folder.summary)
     log.info("%s", breakdown_line(times.snapshot()))
     return summaries
+
+
+def train_without_damaged(claims, progress, damaged: dict[int, str], *args) -> list[dict]:
+    """The runs whose checkpoints restore resume as a pack; the damaged ones, their checkpoints dropped, train
+    from the start in a pack of their own (the rest of the sweep goes on)."""
+    for k, why in damaged.items():
+        log.warning("%s: checkpoint unreadable (%s); training it from the start", claims[k].work_dir, why)
+        checkpoints.remove(claims[k].work_dir)
+    whole = [k for k in range(len(claims)) if k not in damaged]
+    summaries = (
+        train_pack(args[0], [claims[k] for k in whole], *args[1:], [progress[k] for k in whole]) if whole else []
+    )
+    return summaries + train_pack(args[0], [claims[k] for k in damaged], *args[1:])
+
+
+def mark(sinks: list[RunSinks], fields: dict) -> list[str]:
+    """Each run's final summary with `fields`; returns the folders marked. A folder whose summary cannot be
+    written (a full disk) keeps its last one, `running` (a reader sees it as stale once this process ends)."""
+    marked = []
+    for s in sinks:
+        try:
+            s.finish(fields)
+        except OSError:
+            continue
+        marked.append(str(s.folder.path))
+    return marked
 
 
 def open_sinks(

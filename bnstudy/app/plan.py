@@ -16,11 +16,15 @@ def unfinished_runs(runs: list[Config], rerun: bool) -> tuple[list[Config], list
     """Runs still to train, and a line for each run whose folder already holds its finished result."""
     todo, skipped = [], []
     for run in runs:
-        status = None if rerun else runs_lib.finished_status(runs_lib.run_dir(run), runs_lib.config_hash(run))
+        folder, expected = runs_lib.run_dir(run), runs_lib.config_hash(run)
+        status = None if rerun else runs_lib.finished_status(folder, expected)
         if status:
             skipped.append(skipped_row(run, status))
-        else:
-            todo.append(run)
+            continue
+        missing = runs_lib.finished_but_missing(folder, expected)
+        if missing and not rerun:
+            log.warning("%s: finished, but %s is missing; training it again", folder, ", ".join(missing))
+        todo.append(run)
     return todo, skipped
 
 
@@ -35,8 +39,7 @@ def skipped_row(run: Config, why: str) -> dict:
         line["status"] = "skipped: another process is training it"
     else:
         line["status"] = f"skipped: already {why} (train.rerun=true retrains)"
-    log.info("%s: %s", line["name"], line["status"])
-    return line
+    return line  # printed once, in the job's closing table
 
 
 def claimed_packs(

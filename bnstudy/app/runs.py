@@ -11,7 +11,8 @@ sits, how it is logged, packed or compiled), its id is a readable name plus that
 
 Status values: `running`, `done`, `diverged` (finished: weights frozen before the divergence),
 `interrupted` (SIGTERM/SIGINT), `failed` (an exception). A reader reports a `running` folder whose writer is
-gone (its pid is dead on this host, or its heartbeat is older than STALE_AFTER_S) as `stale`.
+gone (its pid is dead on this host, or its heartbeat is older than STALE_AFTER_S) as `stale`, and a finished
+folder missing one of FOLDER_FILES as `incomplete` (a re-run trains it again).
 
 One writer per folder: `claim()` takes a file lock next to the folder (`.<run id>.lock`). A re-run over a
 finished result trains into a hidden staging folder (`.<run id>.staging`) and swaps it in when it finishes,
@@ -48,7 +49,9 @@ import yaml
 from bnstudy.schema import STANDARD_DEPTHS
 
 RUNNING, DONE, DIVERGED, INTERRUPTED, FAILED, STALE = "running", "done", "diverged", "interrupted", "failed", "stale"
+INCOMPLETE = "incomplete"  # how a reader reports a finished folder that lacks one of its files
 FINISHED = (DONE, DIVERGED)
+FOLDER_FILES = ("config.yaml", "metrics.jsonl", "summary.json")  # every file a finished folder holds
 HEARTBEAT_EVERY_S = 30.0  # at most one summary rewrite per this many seconds from log points
 STALE_AFTER_S = 600.0  # a heartbeat this old means the writer is gone (other hosts, where pids say nothing)
 CHECKPOINT_DIR = "checkpoint"
@@ -206,11 +209,16 @@ class RunFolder:
                 shutil.rmtree(self.path)
             self.path.mkdir(parents=True)
             self.records = 0
-        write_text_atomic(self.path / "config.yaml", yaml.safe_dump(clean(config), sort_keys=False))
-        self._metrics = open(self.path / "metrics.jsonl", "a", buffering=1)
-        self.summary = dict(summary, status=RUNNING, **writer_fields())
-        self._beat = time.monotonic()
-        write_json_atomic(self.path / "summary.json", self.summary)
+        try:
+            write_text_atomic(self.path / "config.yaml", yaml.safe_dump(clean(config), sort_keys=False))
+            self._metrics = open(self.path / "metrics.jsonl", "a", buffering=1)
+            self.summary = dict(summary, status=RUNNING, **writer_fields())
+            self._beat = time.monotonic()
+            write_json_atomic(self.path / "summary.json", self.summary)
+        except OSError:  # a full disk: no folder without a summary is left behind (a resumed one keeps its files)
+            if resume is None:
+                shutil.rmtree(self.path, ignore_errors=True)
+            raise
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         self._metrics.write(json.dumps(clean({"step": step, **metrics})) + "\n")
@@ -251,13 +259,20 @@ class RunFolder:
 
 
 def recover(folder: Path) -> None:
-    """Finish or undo a swap that a crash cut short (call under the folder's lock)."""
+    """Finish or undo a swap that a crash cut short, and drop the staging folder of a killed re-run (call
+    under the folder's lock: no live writer uses either)."""
     old = folder.parent / f".{folder.name}.old"
     if old.exists():
         if folder.exists():
             shutil.rmtree(old)
         else:
             os.rename(old, folder)
+    shutil.rmtree(staging_dir(folder), ignore_errors=True)
+
+
+def missing_files(folder: Path) -> list[str]:
+    """The FOLDER_FILES a run folder lacks."""
+    return [name for name in FOLDER_FILES if not (Path(folder) / name).is_file()]
 
 
 def truncate_metrics(folder: Path, last_step: int, records: int | None = None) -> int:
@@ -268,6 +283,15 @@ def truncate_metrics(folder: Path, last_step: int, records: int | None = None) -
     kept = [r for r in read_jsonl(path) if r.get("step", -1) <= last_step][:records]
     write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
     return len(kept)
+
+
+class WriteFailed(Exception):
+    """A run's file could not be written (`error`: the OSError, e.g. no space left on device); `folders`:
+    the run folders marked `failed` (as far as the disk allowed)."""
+
+    def __init__(self, error: OSError, folders: list[str]):
+        super().__init__(str(error))
+        self.error, self.folders = error, folders
 
 
 # ------------------------------------------------------------------------------------------------ claim
@@ -296,14 +320,27 @@ class Claim:
 
 
 def finished_status(folder: Path, expected_hash: str) -> str | None:
-    """`done`/`diverged` when the folder holds a finished result of this config hash, else None."""
+    """`done`/`diverged` when the folder holds a finished result of this config hash with all its files,
+    else None."""
+    summary = _summary_of(folder, expected_hash)
+    if summary.get("status") in FINISHED and not missing_files(folder):
+        return summary["status"]
+    return None
+
+
+def finished_but_missing(folder: Path, expected_hash: str) -> list[str]:
+    """The files a folder whose summary says finished (this config hash) lacks; such a result is trained
+    again."""
+    return missing_files(folder) if _summary_of(folder, expected_hash).get("status") in FINISHED else []
+
+
+def _summary_of(folder: Path, expected_hash: str) -> dict:
+    """The folder's summary when it is a readable run folder of this config hash, else {}."""
     try:
         _, summary = read_run_folder(folder)
     except (OSError, ValueError):
-        return None
-    if summary.get("config_hash") == expected_hash and summary.get("status") in FINISHED:
-        return summary["status"]
-    return None
+        return {}
+    return summary if summary.get("config_hash") == expected_hash else {}
 
 
 def resumable(folder: Path, expected_hash: str) -> bool:

@@ -26,8 +26,8 @@ Keys (each a scalar per model):
                                 input, dropout off / on, only for layers downstream of a dropout
 Population statistics are collected as precise BN does: the network in train mode (every BN layer on
 its batch's statistics, dropout off) over whole training batches, pooled exactly across batches.
-  ics/<layer>/l2, ics/<layer>/cos   ||G - G'|| and cos(G, G') for every layer with weights (conv*,
-                                    dense*, classifier); see `internal_covariate_shift`
+  ics/<layer>/l2, ics/<layer>/rel,  ||G - G'||, ||G - G'|| / ||G|| and cos(G, G') for every layer with
+  ics/<layer>/cos                   weights (conv*, dense*, classifier); see `internal_covariate_shift`
   relu/<layer>/dead_frac            fraction of a hidden block's ReLU units (a conv's channels, a dense
                                     layer's features) never positive over the evaluated examples
 """
@@ -267,9 +267,12 @@ def internal_covariate_shift(
     G = grad of loss_fn w.r.t. params[layer]; G' = the same gradient once every parameter group that
     comes before `layer` in `order` (top-level keys of `params`, input to output) has taken its
     update (params + update, as optax.apply_updates does), the layer itself and all later groups
-    unchanged. Returns ics/<layer>/l2 = ||G - G'||_2 and ics/<layer>/cos = cos(G, G'), each over the
-    layer's whole subtree (kernel and bias). The first group has nothing before it: G' = G exactly.
-    `grads` = grad loss_fn(params) when the caller already has it.
+    unchanged. Returns ics/<layer>/l2 = ||G - G'||_2, ics/<layer>/rel = ||G - G'||_2 / ||G||_2 and
+    ics/<layer>/cos = cos(G, G'), each over the layer's whole subtree (kernel and bias). The first group
+    has nothing before it: G' = G exactly. `grads` = grad loss_fn(params) when the caller already has it.
+
+    BN rescales the gradients themselves, so l2 compares arms on different scales; rel and cos do not move
+    when a layer's G and G' are scaled by the same factor (docs/design.md §4.4), and the studies decide on them.
     """
     g = jax.grad(loss_fn)(params) if grads is None else grads
     present = [k for k in order if k in params]
@@ -283,8 +286,10 @@ def internal_covariate_shift(
             g_new = g[layer]
         g_old = g[layer]
         dot = sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(g_old), jax.tree.leaves(g_new), strict=True))
-        out[f"ics/{layer}/l2"] = optax.global_norm(jax.tree.map(jnp.subtract, g_new, g_old))
-        out[f"ics/{layer}/cos"] = dot / (optax.global_norm(g_old) * optax.global_norm(g_new))
+        l2, norm_old = optax.global_norm(jax.tree.map(jnp.subtract, g_new, g_old)), optax.global_norm(g_old)
+        out[f"ics/{layer}/l2"] = l2
+        out[f"ics/{layer}/rel"] = l2 / norm_old
+        out[f"ics/{layer}/cos"] = dot / (norm_old * optax.global_norm(g_new))
     return out
 
 

@@ -1,0 +1,304 @@
+"""`bnstudy-study STUDY [overrides]`: one resumable command per study. It trains the study's plan, then what the
+analysis asks for next (an arm's grid extended past an edge, the seeds of the next sequential look), round after
+round until nothing is pending, and writes the report.
+
+Every round trains through the real app in a subprocess (`python -m bnstudy.train -m experiment=STUDY ...`), so a
+finished run is skipped and an interrupted one resumes: re-running the same command continues where it stopped.
+An extension trains only its arm: the arm's keys and the new value are overrides after the study's own, and a
+command-line value of a key in `hydra.sweeper.params` replaces that sweep. A SIGTERM or SIGINT is passed on to the
+training in progress, which marks its runs interrupted; the command then exits 128 + the signal's number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import subprocess
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from bnstudy.app import config_tree
+from bnstudy.app import runs as runs_lib
+from bnstudy.schema import PACKABLE
+
+PROG = "bnstudy-study"
+MAX_ROUNDS = 100  # each round moves an edge or adds a look; a study needs a handful
+
+
+class StudyError(Exception):
+    """Bad input or a round that could not make progress: one line, then exit `code`."""
+
+    def __init__(self, message: str, code: int = 2):
+        super().__init__(message)
+        self.code = code
+
+
+class Interrupted(BaseException):
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@dataclass
+class Study:
+    """The study as the command line sets it: its name, the user's overrides, where its runs go, its dataset."""
+
+    name: str
+    overrides: list[str]
+    out_dir: Path
+    dataset: str
+    out: Path | None = None  # report folder (None: bnstudy-report's default)
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.out_dir / self.name
+
+
+@dataclass
+class Round:
+    """What one round trains (override lists, each one training job) and why, in one line."""
+
+    why: str
+    jobs: list[list[str]] = field(default_factory=list)
+
+    def key(self) -> tuple:
+        return tuple(map(tuple, self.jobs))
+
+
+# ------------------------------------------------------------------------------------------- the command line
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Train a study until its edges are searched and its looks decided, then write its report.",
+    )
+    p.add_argument("study", help="study name, e.g. placement (experiments/<study>.yaml)")
+    p.add_argument("--out", type=Path, help="report folder (default: as bnstudy-report's)")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides for every round, e.g. +preset=quick")
+    return p.parse_intermixed_args(argv)
+
+
+def compose_settings(study: str, overrides: list[str]) -> tuple[Path, str]:
+    """(out_dir, dataset name) of the study under these overrides, from Hydra's compose; a sweep's first value
+    stands for it (a sweep of the dataset is refused: each dataset is its own report)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as e:
+        raise StudyError(f"bad override: {e}".splitlines()[0]) from None
+    plain = []
+    for text, o in zip(overrides, parsed):
+        if o.is_sweep_override():
+            if o.key_or_group == "dataset":
+                raise StudyError(f"{text}: one dataset per command (each dataset is its own report)")
+            text = f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}"
+        plain.append(text)
+    config_tree.register(studies=[study])
+    try:
+        with initialize_config_dir(config_dir=str(config_tree.config_dir()), version_base="1.3"):
+            cfg = compose("config", overrides=[f"experiment={study}", *plain])
+    except (HydraException, OmegaConfBaseException) as e:
+        raise StudyError(str(e).splitlines()[0]) from None
+    return Path(str(cfg.out_dir)), str(cfg.dataset.name)
+
+
+def study_from(args: argparse.Namespace) -> Study:
+    known = config_tree.known_studies()
+    if args.study not in known:
+        raise StudyError(f"unknown study {args.study!r} (known: {', '.join(known)})")
+    out_dir, dataset = compose_settings(args.study, args.overrides)
+    return Study(args.study, list(args.overrides), out_dir, dataset, args.out)
+
+
+# ------------------------------------------------------------------------------------------- what to train next
+
+
+def value_text(value) -> str:
+    """A config value as Hydra's override grammar reads it back."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if value is None:
+        return "null"
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def override(key: str, value) -> str:
+    """`key=value`; a packable key as a one-value list (`optimizer.lr=[0.3]`), which trains that value only."""
+    return f"{key}=[{value_text(value)}]" if key in PACKABLE else f"{key}={value_text(value)}"
+
+
+def seed_list(seeds) -> str:
+    return f"seed=[{','.join(str(int(s)) for s in sorted(seeds))}]"
+
+
+def matching(frame, filters: dict):
+    """The rows of `frame` at the arm's setting (numbers compared with a tolerance)."""
+    mask = np.ones(len(frame), bool)
+    for key, value in filters.items():
+        column = frame[key]
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            mask &= np.isclose(column.astype(float), float(value))
+        else:
+            mask &= column.astype(str).eq(str(value)).to_numpy()
+    return frame[mask]
+
+
+def arm_seeds(analysis, filters: dict) -> list[int]:
+    """The seeds the arm's finished runs hold: an extension trains the same ones."""
+    runs = analysis.runs
+    finished = runs[runs["status"].isin(runs_lib.FINISHED)]
+    return sorted({int(s) for s in matching(finished, filters)["seed"]})
+
+
+def extension_round(analysis, extensions: list[dict]) -> Round:
+    jobs, parts = [], []
+    for ext in extensions:
+        arm = ext["filters"]
+        jobs.append([*(override(k, v) for k, v in arm.items()), override(ext["axis"], ext["value"])])
+        jobs[-1].append(seed_list(arm_seeds(analysis, arm)))
+        where = ", ".join(f"{k}={v}" for k, v in arm.items()) or "the study"
+        parts.append(f"{where} at {ext['axis']}={ext['value']} (its selection sits at the {ext['edge']} edge)")
+    return Round("extend " + "; ".join(parts), jobs)
+
+
+def seed_round(pending: dict) -> Round:
+    """One job per setting that lacks seeds; settings that differ only in a packable key and lack the same
+    seeds share a job when together they make a full grid of that key (one compiled pack)."""
+    batches: dict[tuple, list[dict]] = {}
+    for group in pending["groups"]:
+        fixed = tuple((k, v) for k, v in group["filters"].items() if k not in PACKABLE)
+        batches.setdefault((fixed, tuple(group["missing"])), []).append(group["filters"])
+    jobs = []
+    for (fixed, missing), settings in batches.items():
+        packed = [{k: v for k, v in s.items() if k in PACKABLE} for s in settings]
+        keys = sorted(packed[0])
+        values = {k: sorted({p[k] for p in packed}) for k in keys}
+        full_grid = all(sorted(p) == keys for p in packed) and len(packed) == int(
+            np.prod([len(v) for v in values.values()])
+        )
+        head = [override(k, v) for k, v in fixed]
+        if full_grid:
+            lists = [f"{k}=[{','.join(value_text(v) for v in values[k])}]" for k in keys]
+            jobs.append([*head, *lists, seed_list(missing)])
+        else:
+            jobs += [[*head, *(override(k, v) for k, v in p.items()), seed_list(missing)] for p in packed]
+    n = pending["seeds"]
+    return Round(
+        f"seeds for {len(pending['groups'])} setting(s): the next look of the open comparisons needs {n}", jobs
+    )
+
+
+def next_round(analysis) -> Round | None:
+    """Extensions first (they can change which runs are compared), then the next look's seeds; None when done."""
+    from bnstudy.analysis.edges import pending_extensions
+    from bnstudy.analysis.looks import pending_seeds
+
+    extensions = pending_extensions(analysis)
+    if extensions:
+        return extension_round(analysis, extensions)
+    pending = pending_seeds(analysis)
+    return seed_round(pending) if pending else None
+
+
+def load_analysis(study: Study):
+    from bnstudy.analysis.analyse import analyse
+    from bnstudy.analysis.errors import ReportError
+    from bnstudy.analysis.load import load_local
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the report prints them once, at the end
+        try:
+            return analyse(study.name, load_local(study.runs_dir), study.dataset)
+        except ReportError as e:
+            raise StudyError(f"the runs in {study.runs_dir} cannot be analysed: {e}", code=1) from None
+
+
+# ------------------------------------------------------------------------------------------- training, rounds
+
+
+class Trainer:
+    """Runs the training app in a child process; a SIGTERM or SIGINT is passed on to it once and, when it has
+    stopped, ends the study (`Interrupted`)."""
+
+    def __init__(self, study: Study):
+        self.study, self.child, self.signum = study, None, None
+
+    def command(self, extra: list[str]) -> list[str]:
+        base = [sys.executable, "-m", "bnstudy.train", "-m", f"experiment={self.study.name}"]
+        return [*base, *self.study.overrides, *extra]
+
+    def handle(self, signum, frame) -> None:
+        self.signum = signum
+        if self.child is not None and self.child.poll() is None:
+            self.child.send_signal(signum)
+        else:
+            raise Interrupted(signum)
+
+    def train(self, extra: list[str]) -> None:
+        # Its own session: a Ctrl-C reaches the child only through `handle`, once (a second one ends it at once).
+        self.child = subprocess.Popen(self.command(extra), start_new_session=True)
+        try:
+            rc = self.child.wait()
+        finally:
+            self.child = None
+        if self.signum is not None:
+            raise Interrupted(self.signum)
+        if rc != 0:
+            raise StudyError(f"training exited with status {rc}; re-run the same command to continue", code=rc)
+
+
+def run_rounds(study: Study, trainer: Trainer) -> int:
+    """Train the plan, then every pending round; returns the number of rounds."""
+    print(f"{PROG} {study.name} round 1: the study's plan ({study.dataset}, runs in {study.runs_dir})", flush=True)
+    trainer.train([])
+    done: set[tuple] = set()
+    for number in range(2, MAX_ROUNDS + 1):
+        todo = next_round(load_analysis(study))
+        if todo is None:
+            return number - 1
+        if todo.key() in done:
+            raise StudyError(f"round {number} would train again what a past round trained: {todo.why}", code=1)
+        done.add(todo.key())
+        print(f"{PROG} {study.name} round {number}: {todo.why} ({len(todo.jobs)} job(s))", flush=True)
+        for job in todo.jobs:
+            trainer.train(job)
+    raise StudyError(f"still pending after {MAX_ROUNDS} rounds", code=1)
+
+
+def write_report(study: Study) -> None:
+    from bnstudy.analysis import cli as report_cli
+
+    argv = [study.name, "--out-dir", str(study.out_dir), "--dataset", study.dataset]
+    report_cli.main(argv + (["--out", str(study.out)] if study.out else []))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`bnstudy-study`: bad input exits 2 before any compute; a signal exits 128 + its number."""
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        study = study_from(args)
+        trainer = Trainer(study)
+        previous = {s: signal.signal(s, trainer.handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            rounds = run_rounds(study, trainer)
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+        print(f"{PROG} {study.name}: nothing pending after {rounds} round(s); writing the report", flush=True)
+        write_report(study)
+    except StudyError as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        sys.exit(e.code)
+    except Interrupted as e:
+        name = signal.Signals(e.signum).name
+        print(f"{PROG}: stopped by {name}; re-run the same command to continue", file=sys.stderr)
+        sys.exit(128 + e.signum)
