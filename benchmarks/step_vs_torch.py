@@ -23,6 +23,10 @@ folded into the one-channel convolution, BN's gradient by autodiff instead of it
 convolution for the one-channel first layer, and the pool as a reshape + max reduction or `nn.max_pool`.
 Their ratio is to the subprocess with bnstudy's defaults. Needs jax, flax, optax, numpy; torch optional
 (`pip install -e '.[bench]'`).
+
+Deeper networks (`--models`, default the depth-6 CNN `cnn6` and ResNet-20 `resnet20`; `<cnn|resnet><depth>`):
+rows `[<model>] bnstudy app` (steps_per_call auto) and `[<model>] PyTorch eager` (torch_reference.build, the
+same layers), the ratio between those two; with `--deep-levers` each model's levers too, as `[<model>] lever: ...`.
 """
 
 from __future__ import annotations
@@ -51,13 +55,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--no-levers", action="store_true", help="skip the XLA-flag and pool subprocesses")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch row")
     ap.add_argument("--no-app-job", action="store_true", help="skip the default-job row (python -m bnstudy.train)")
+    ap.add_argument("--models", default="cnn6,resnet20", help="deeper models timed too, comma-separated ('' = none)")
+    ap.add_argument("--deep-levers", action="store_true", help="time every lever on the deeper models as well")
     ap.add_argument("--out", help="write the results as JSON here")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # "flags=on,pool=reshape"
     args = ap.parse_args(argv)
     args.steps = args.steps or (8 if args.quick else 16)
     args.repeats = args.repeats or (3 if args.quick else 7)
     args.ks = [int(k) for k in (args.ks or ("1,4" if args.quick else "1,2,4,8")).split(",")]
+    args.models = [m for m in args.models.split(",") if m]
+    for tag in args.models:
+        model_of(tag)  # an unknown model fails here, before any worker starts
     return args
+
+
+def model_of(tag: str) -> tuple[str, int | None]:
+    """'cnn6' -> ('cnn', 6), 'resnet20' -> ('resnet', 20), 'cnn' -> ('cnn', None): model.name and model.depth."""
+    name = tag.rstrip("0123456789")
+    if name not in ("cnn", "resnet"):
+        raise SystemExit(f"unknown model {tag!r}: expected cnn<depth> or resnet<depth>, e.g. cnn6, resnet20")
+    return name, int(tag[len(name) :]) if tag != name else None
 
 
 def set_process_settings(flags: str = "on", malloc_on: bool = True) -> None:
@@ -128,15 +145,17 @@ def swap_core_functions(pool: str, bn: str, conv: str) -> None:
         kernels.batch_norm_train = autodiff_batch_norm_train
 
 
-def app_step_run(steps: int, steps_per_call: int | str):
-    """A warmed-up pack-of-1 `PackTrainer` with loop=python; returns (run, compile seconds), where
-    run() trains one epoch of `steps` steps and returns its train-step seconds."""
+def app_step_run(steps: int, steps_per_call: int | str, model: str = "cnn"):
+    """A warmed-up pack-of-1 `PackTrainer` of `model` (model_of) with loop=python; returns (run, compile
+    seconds), where run() trains one epoch of `steps` steps and returns its train-step seconds."""
     import common
 
     from bnstudy.core.trainer import PackTrainer
 
+    name, depth = model_of(model)
     data = common.random_data(steps * common.BATCH)
-    trainer = PackTrainer(common.setup(), data, common.timing_schedule(steps, "python", steps_per_call))
+    setup = common.setup(common.build_model(name, depth=depth))
+    trainer = PackTrainer(setup, data, common.timing_schedule(steps, "python", steps_per_call))
     hp = common.hparams([{"lr": 0.05}])
     compile_s = trainer.train(hp, common.no_log).timings["compile_time"]
     return (lambda: trainer.train(hp, common.no_log).timings["train_time"]), compile_s, trainer.steps_per_call
@@ -177,7 +196,7 @@ def worker_main(spec: str, steps: int) -> None:
     set_process_settings(opts["flags"], opts["malloc"] == "on")
     swap_core_functions(opts["pool"], opts["bn"], opts["conv"])
     k = opts.get("k", "auto")
-    run, compile_s, _ = app_step_run(steps, int(k) if k.isdigit() else k)
+    run, compile_s, _ = app_step_run(steps, int(k) if k.isdigit() else k, opts.get("model", "cnn"))
     print(f"RESULT {compile_s}", flush=True)
     for line in sys.stdin:
         if line.strip() != "run":
@@ -209,8 +228,8 @@ class Worker:
         self.proc.wait(timeout=60)
 
 
-def torch_run(steps: int, data):
-    """The PyTorch reference on the same data, warmed up; None without torch."""
+def torch_run(steps: int, data, model: str = "cnn"):
+    """The PyTorch reference of `model` (model_of) on the same data, warmed up; None without torch."""
     try:
         import torch
         import torch_reference
@@ -218,7 +237,9 @@ def torch_run(steps: int, data):
         return None
     import numpy as np
 
-    trainer = torch_reference.TorchTrainer(np.array(data.train_images), np.array(data.train_labels), lr=0.05)
+    name, depth = model_of(model)
+    images, labels = np.array(data.train_images), np.array(data.train_labels)
+    trainer = torch_reference.TorchTrainer(images, labels, lr=0.05, model=name, depth=depth)
     n = len(trainer.labels)
     trainer.steps(torch.randperm(n), 128, min(2, steps))  # warm-up
 
@@ -244,8 +265,9 @@ def worker_spec(**change: str) -> str:
     return ",".join(f"{k}={v}" for k, v in (DEFAULT_SPEC | change).items())
 
 
-def lever_specs(flags_measured: bool) -> dict[str, str]:
-    """Row name -> worker spec; the first is bnstudy's defaults, each other changes one lever."""
+def lever_specs(flags_measured: bool, model: str | None = None) -> dict[str, str]:
+    """Row name -> worker spec (of `model`, when given); the first is bnstudy's defaults, each other changes
+    one lever."""
     levers = {"defaults": {}}
     if flags_measured:
         for flag, what in FLAG_LEVERS.items():
@@ -256,7 +278,38 @@ def lever_specs(flags_measured: bool) -> dict[str, str]:
     levers["XLA convolution for the one-channel conv1"] = {"conv": "xla"}
     levers["reshape-max pool (max reduction)"] = {"pool": "reshape"}
     levers["nn.max_pool (select_and_scatter)"] = {"pool": "flax"}
-    return {name: worker_spec(**change) for name, change in levers.items()}
+    on = {} if model is None else {"model": model}
+    return {name: worker_spec(**change, **on) for name, change in levers.items()}
+
+
+def add_deep_rows(args, runs: dict, workers: dict, flags_measured: bool) -> dict:
+    """Each of `args.models`: its bnstudy worker, its PyTorch row (whose loss must fall: {model: check}),
+    and with `--deep-levers` its lever workers; rows named `[<model>] ...`."""
+    checks = {}
+    for tag in args.models:
+        workers[f"[{tag}] bnstudy app"] = Worker(worker_spec(model=tag), args.steps)
+        runs[f"[{tag}] bnstudy app"] = workers[f"[{tag}] bnstudy app"].run
+        trun = None if args.no_torch else torch_run(args.steps, common_data(args.steps), tag)
+        if trun is not None:
+            import torch_reference
+
+            name, depth = model_of(tag)
+            first, last = torch_reference.loss_falls(model=name, depth=depth)
+            checks[tag] = {"loss_first": first, "loss_last": last, "falls": last < first}
+            print(
+                f"  [{tag}] torch reference loss {first:.3f} -> {last:.3f} ({'falls' if last < first else 'DOES NOT FALL'})"
+            )
+            runs[f"[{tag}] PyTorch eager"] = trun
+        for lever, spec in lever_specs(flags_measured, tag).items() if args.deep_levers else ():
+            workers[f"[{tag}] lever: {lever}"] = Worker(spec, args.steps)
+            runs[f"[{tag}] lever: {lever}"] = workers[f"[{tag}] lever: {lever}"].run
+    return checks
+
+
+def common_data(steps: int):
+    import common
+
+    return common.random_data(steps * common.BATCH)
 
 
 def main(argv=None) -> dict:
@@ -311,6 +364,7 @@ def main(argv=None) -> dict:
         for name, spec in lever_specs(flags_measured).items():
             workers[f"lever: {name}"] = Worker(spec, args.steps)
             runs[f"lever: {name}"] = workers[f"lever: {name}"].run
+    deep_checks = add_deep_rows(args, runs, workers, flags_measured)
     load_before = common.load()
     seconds = common.round_robin(runs, args.repeats)
     load_after = common.load()
@@ -327,6 +381,7 @@ def main(argv=None) -> dict:
         "auto_steps_per_call": auto_k,
         "compile_s": {n: w.compile_s for n, w in workers.items()},
         "torch_loss_check": torch_check,
+        "deep_torch_loss_checks": deep_checks,
         "load_before": load_before,
         "load_after": load_after,
         "seconds": seconds,
@@ -343,11 +398,12 @@ def table(seconds: dict[str, list[float]], steps: int, auto_k: int) -> list[dict
     import common
 
     ms = {name: 1e3 * common.median(s) / steps for name, s in seconds.items()}
-    torch_ms = next((v for n, v in ms.items() if n.startswith("PyTorch")), None)
-    lever_base = next((v for n, v in ms.items() if n.startswith("lever: defaults")), None)
     rows = []
     for name, v in ms.items():
-        ref = lever_base if name.startswith("lever:") else torch_ms
+        model = name[: name.index("] ") + 2] if name.startswith("[") else ""  # "[resnet20] " or the CNN's ""
+        base = name.removeprefix(model)
+        torch_ms = next((t for n, t in ms.items() if n.startswith(model + "PyTorch")), None)
+        ref = ms.get(model + "lever: defaults") if base.startswith("lever:") else torch_ms
         label = name + (" (auto)" if name == f"bnstudy app, steps_per_call={auto_k}" else "")
         rows.append(
             {

@@ -4,15 +4,17 @@
 #
 #   bash results/regenerate.sh [--force] [STUDY ...]      # default: every study
 #
-# Resumable: re-running it continues where it stopped. Phase 1 trains each study's grid; the training app
-# skips every run whose folder already holds a finished result of the same config (config hash), and
-# benchmarks/cost_study.py skips a finished cost grid. Phase 2 writes each study's report (results/<study>/
-# is replaced as a whole) and then the verdict table atop results/README.md (bnstudy-report --index).
-# Reports come after all training so that writing them cannot make later runs' git SHA `-dirty`.
+# Resumable: re-running it continues where it stopped. Phase 1 runs `bnstudy-study STUDY` for each study: its
+# grid, then every arm extended past an unexplained edge and the seeds of each sequential look, until nothing is
+# pending (the training app skips every run whose folder already holds a finished result of the same config);
+# its own report goes to $RUNS_ROOT/reports/<study>, outside the tracked tree. benchmarks/cost_study.py skips a
+# finished cost grid. Phase 2 writes each study's report into results/<study>/ (replaced as a whole) and then
+# the verdict table atop results/README.md (bnstudy-report --index). Reports land in results/ only after all
+# training, so that writing them cannot make later runs' git SHA `-dirty`.
 #
 # Refuses to start on a checkout with uncommitted changes to tracked files (each run records the git SHA
 # it was trained with; a report of `-dirty` runs cannot be traced to code), unless --force is given.
-# Run folders go to $RUNS_ROOT (default outputs/results). Prints the wall time of each study's grid.
+# Run folders go to $RUNS_ROOT (default outputs/results). Prints the wall time of each study's training.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,7 +25,7 @@ studies=()
 for arg in "$@"; do
   case $arg in
     --force) force=1 ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     -*) echo "regenerate.sh: unknown option $arg (known: --force)" >&2; exit 2 ;;
     *) studies+=("$arg") ;;
   esac
@@ -33,7 +35,7 @@ for study in "${studies[@]}"; do
   [ -f "experiments/$study.yaml" ] || { echo "regenerate.sh: unknown study $study (known: ${all_studies[*]})" >&2; exit 2; }
 done
 
-sha=$(python -c "from bnstudy.provenance import git_sha; print(git_sha())")
+sha=$(python -c "from bnstudy.app.provenance import git_sha; print(git_sha())")
 if [[ $sha == *-dirty || $sha == None ]]; then
   if [ $force -eq 0 ]; then
     echo "regenerate.sh: the checkout has uncommitted changes (git SHA $sha); commit them first, or pass --force" \
@@ -50,9 +52,9 @@ for study in "${studies[@]}"; do
   if [ "$study" = cost ]; then  # interleaved timing rounds in one process (see experiments/cost.yaml)
     python benchmarks/cost_study.py --out-dir "$runs_root"
   else
-    python -m bnstudy.train -m "experiment=$study" "out_dir=$runs_root" logger.wandb.mode=disabled logger.progress=false
+    python -m bnstudy.study "$study" --out "$runs_root/reports/$study" "out_dir=$runs_root" logger.wandb.mode=disabled logger.progress=false
   fi
-  echo "== $study: grid trained in $(( $(date +%s) - start )) s"
+  echo "== $study: trained in $(( $(date +%s) - start )) s"
 done
 
 for study in "${studies[@]}"; do

@@ -49,7 +49,7 @@ def test_ics_and_dead_units_are_logged_at_their_steps_and_match_each_run_alone(a
     assert sorted(ics) == [0, 2, 4, 6]  # probed before those steps, logged at the steps done
     assert sorted(dead) == [3, 6, 8] == sorted(logged(packed_logs, "test/acc"))
     layers = ("conv1", "conv2", "dense1", "classifier")
-    assert set(ics[2]) == {f"ics/{name}/{m}" for name in layers for m in ("l2", "cos")}
+    assert set(ics[2]) == {f"ics/{name}/{m}" for name in layers for m in ("l2", "rel", "cos")}
     assert set(dead[8]) == {f"relu/{name}/dead_frac" for name in ("conv1", "conv2", "dense1")}
     # The first weight layer has nothing before it: G' = G exactly.
     np.testing.assert_array_equal(ics[2]["ics/conv1/l2"], 0.0)

@@ -16,6 +16,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from test_dashboard import decoded_run
 
 from bnstudy.app import runs, sinks
 from conftest import REPO, subprocess_env
@@ -59,7 +60,7 @@ class Run:
 def init(mode, name, **kwargs):
     while not GATE.exists():
         time.sleep(0.01)
-    record(op="init", name=name, mode=mode, pid=os.getpid())
+    record(op="init", name=name, mode=mode, pid=os.getpid(), config=kwargs.get("config"), job_type=kwargs.get("job_type"))
     if BEHAVIOUR == "die":
         os._exit(3)
     if BEHAVIOUR == "no-server" and mode == "online":
@@ -89,9 +90,42 @@ def calls(fake_wandb: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def new_sink(job: sinks.WandbJob, folder_path: Path, name: str) -> sinks.RunSinks:
-    folder = runs.RunFolder(folder_path, {"seed": 0}, {"config_hash": "h"})
-    return sinks.RunSinks(folder, sinks.WandbRun(job, folder.path, name, "g", {"seed": 0}))
+def new_sink(job: sinks.WandbJob, folder_path: Path, name: str, config: dict | None = None) -> sinks.RunSinks:
+    config = config or {"seed": 0}
+    folder = runs.RunFolder(folder_path, config, {"config_hash": "h"})
+    return sinks.RunSinks(folder, sinks.WandbRun(job, folder.path, name, "g", config))
+
+
+NESTED = {
+    "model": {"norm": "before_relu", "dropout": {"placement": "none", "rate": 0.0}},
+    "optimizer": {"lr": 0.1},
+    "train": {"batch_size": 64},
+    "logger": {"wandb": {"tags": ["a"]}},
+    "seed": 1,
+    "study": "placement",
+    "report": {"claim": "c", "compare": [{"a": {"model.norm": "before_relu"}}]},
+}
+FLAT = {
+    "model.norm": "before_relu",
+    "model.dropout.placement": "none",
+    "model.dropout.rate": 0.0,
+    "optimizer.lr": 0.1,
+    "train.batch_size": 64,
+    "logger.wandb.tags": ["a"],
+    "seed": 1,
+    "study": "placement",
+    "report": NESTED["report"],  # the study's spec stays one value: `bnstudy-report --source wandb` reads it
+}
+
+
+def test_the_wandb_config_has_every_key_flat_for_the_dashboards_group_by(tmp_path, fake_wandb):
+    job = fake_job(fake_wandb)
+    sink = new_sink(job, tmp_path / "run", "r0", NESTED)
+    sink.finish({"status": "done"})
+    job.close()
+    (init,) = [c for c in calls(fake_wandb) if c["op"] == "init"]
+    assert init["config"] == FLAT and init["job_type"] == "train"
+    assert runs.read_run_folder(tmp_path / "run")[0]["model"]["norm"] == "before_relu"  # the run folder stays nested
 
 
 def test_wandb_init_runs_in_the_child_process_and_every_use_waits_for_it(tmp_path, fake_wandb):
@@ -165,9 +199,9 @@ def test_the_training_process_never_imports_wandb_and_the_offline_run_is_complet
         settings = SimpleNamespace(mode="offline", project="p", entity=None, tags=[], init_timeout=15.0)
         job = sinks.WandbJob(settings, sync_hint="")
         folder = runs.RunFolder(runs.Path({str(tmp_path / "run")!r}), {{"seed": 0}}, {{"config_hash": "h"}})
-        sink = sinks.RunSinks(folder, sinks.WandbRun(job, folder.path, "r0", "g", {{"seed": 0}}))
+        sink = sinks.RunSinks(folder, sinks.WandbRun(job, folder.path, "r0", "g", {NESTED!r}))
         sink.log(1, {{"train/loss": 1.0}})
-        sink.finish({{"status": "done"}})
+        sink.finish({{"status": "done", "study": "placement", "trained": True}})
         job.close()
         print("wandb imported:", "wandb" in sys.modules, "id:", folder.summary.get("wandb_id"))
         """
@@ -178,7 +212,15 @@ def test_the_training_process_never_imports_wandb_and_the_offline_run_is_complet
     assert out.returncode == 0, out.stderr
     assert "wandb imported: False id: " in out.stdout and "id: None" not in out.stdout
     (offline,) = (tmp_path / "run" / "wandb").glob("offline-run-*")
-    assert list(offline.glob("run-*.wandb")), "wandb offline run file missing"
+    (run_file,) = offline.glob("run-*.wandb")
+    run = decoded_run(run_file)  # read back with wandb's own record format
+    assert (run["run"].job_type, run["run"].run_group) == ("train", "g")
+    assert {k: v for k, v in run["config"].items() if k != "_wandb"} == FLAT
+    assert (run["summary"]["study"], run["summary"]["trained"], run["summary"]["train/loss"]) == (
+        "placement",
+        True,
+        1.0,
+    )
 
 
 def test_a_null_in_the_summary_is_removed_from_the_wandb_summary_not_sent(tmp_path, fake_wandb):

@@ -152,7 +152,7 @@ def test_missing_dataset_advises_only_options_not_already_set(run_app, tmp_path,
         run_app("dataset=mnist", *extra)
     assert info.value.code == 2
     err = capsys.readouterr().err
-    assert "'mnist'" in err and "`dataset.download=true`" in err
+    assert "'mnist" in err and "`dataset.download=true`" in err
     assert ("`dataset.data_dir=" in err) is not set_data_dir  # never suggests what the user already set
     assert "mnist_t10k" in err  # the offline alternative
     assert not (tmp_path / "out").exists()

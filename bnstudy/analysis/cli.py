@@ -3,6 +3,7 @@
     python -m bnstudy.report STUDY [--runs DIR] [--out DIR] [--dataset NAME]
     python -m bnstudy.report STUDY --source wandb [--entity E] [--project P] [--group G]
     python -m bnstudy.report --index results/     # the verdict table atop results/README.md
+    python -m bnstudy.report STUDY ... [--wandb-mode offline|online|disabled | --no-wandb]  # also a wandb run
 
 Writes `results/<study>/` (or --out): summary.csv, runs.csv, comparisons.csv, table.md, table.tex, figures
 (PNG and SVG), verdict.json (the verdict in brief, for --index) and README.md with the claim, the verdict, the
@@ -20,6 +21,7 @@ import warnings
 from pathlib import Path
 
 from bnstudy.analysis.analyse import Analysis, analyse
+from bnstudy.analysis.dashboard import MODES, log_report, report_run
 from bnstudy.analysis.errors import ReportError
 from bnstudy.analysis.index import write_index
 from bnstudy.analysis.load import load_local, load_wandb
@@ -56,6 +58,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--entity", help="wandb entity (--source wandb)")
     p.add_argument("--project", default="bnstudy", help="wandb project (--source wandb; default bnstudy)")
     p.add_argument("--group", help="wandb group (--source wandb; default: the study name)")
+    p.add_argument(
+        "--wandb-mode",
+        choices=MODES,
+        default="offline",
+        help="log the report as one wandb run (job_type report) in the runs' project and group: offline "
+        "(default; upload later with `wandb sync`), online, or disabled",
+    )
+    p.add_argument(
+        "--no-wandb", dest="wandb_mode", action="store_const", const="disabled", help="= --wandb-mode disabled"
+    )
     return p.parse_args(argv)
 
 
@@ -128,6 +140,18 @@ def run(args: argparse.Namespace) -> None:
         print(f"bnstudy-report: {e}", file=sys.stderr)
         sys.exit(2)
     print(f"{args.study}: {analysis.verdict} ({len(analysis.runs)} runs) -> {out / 'README.md'}")
+    log_to_wandb(args, analysis, out)
+
+
+def log_to_wandb(args: argparse.Namespace, analysis: Analysis, out: Path) -> None:
+    """The report as one wandb run (bnstudy.analysis.dashboard), after its folder is written."""
+    if args.wandb_mode == "disabled":
+        return
+    project = args.project if args.source == "wandb" else None
+    run = report_run(analysis, out, project, args.entity)
+    offline = log_report(run, args.wandb_mode)
+    if offline is not None:
+        print(f"wandb report run {run.id} (offline) -> {offline}; upload it with `wandb sync {offline}`")
 
 
 if __name__ == "__main__":

@@ -90,6 +90,19 @@ def check_group_choices(overrides: list[str], config_dir: Path) -> dict[str, lis
     return chosen
 
 
+INFO_TOPICS = ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")
+
+
+def hydra_arguments(arguments: list[str]) -> list[str]:
+    """The command line for Hydra, with a bare `--info` moved last: its optional topic would otherwise take
+    the override after it (`--info experiment=placement`)."""
+    out = list(arguments)
+    for i, a in enumerate(out[:-1]):
+        if a in ("--info", "-i") and out[i + 1] not in INFO_TOPICS:
+            return out[:i] + out[i + 1 :] + [a]
+    return out
+
+
 def override_arguments(arguments: list[str]) -> list[str]:
     """The `key=value` (and `~key`) arguments: Hydra's flags and their values (`--cfg job`, `--info
     defaults`, `-cn NAME`) are not overrides."""

@@ -112,8 +112,12 @@ def _unavailable_message(name: str, data_dir: str | None, download: bool, cause:
         advice.append("set `dataset.download=true` to let TFDS download it (needs internet)")
     else:
         advice.append("check the internet connection (TFDS download was on)")
-    hint = " `dataset=mnist_t10k` trains offline on real digits shipped with bnstudy." if name == "mnist" else ""
-    return f"{what} To fix: " + "; or ".join(advice) + "." + hint
+    return f"{what} To fix: " + "; or ".join(advice) + "." + offline_hint(name)
+
+
+def offline_hint(name: str) -> str:
+    """The offline alternative to a missing MNIST: the real digits shipped in the package."""
+    return " `dataset=mnist_t10k` trains offline on real digits shipped with bnstudy." if name == "mnist" else ""
 
 
 def _quiet_tensorflow() -> None:
@@ -174,6 +178,7 @@ def check_prepared(name: str, data_dir: str | None, download: bool) -> None:
         f"Invalid config: `dataset.data_dir` must be a TFDS folder holding a prepared '{name}/' dataset; got "
         f"{data_dir!r}, which {state}. Point it at the folder that contains '{name}/' (prepare it once on a "
         f"connected machine), or set `dataset.download=true` to let TFDS download it (needs internet)."
+        + offline_hint(name)
     )
 
 

@@ -56,6 +56,7 @@ def main() -> None:
     # Only the studies named: loading all of them would slow every start. A submitit job gets the
     # ConfigStore from this process.
     config_tree.register(studies=chosen.get(config_tree.EXPERIMENT_GROUP, []))
+    sys.argv[1:] = cli.hydra_arguments(sys.argv[1:])
     try:
         with interrupts_as_exceptions():
             hydra_main()

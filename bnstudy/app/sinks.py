@@ -6,6 +6,11 @@ a wandb failure never stops training: an online init that fails (no server, no l
 back to offline mode so the history is kept for `wandb sync`; a job warns once, and after the first
 failure its other models go offline at once instead of waiting again. Every use of a run that needs its
 wandb id (the first log, a checkpoint, the finish) waits for its init first.
+
+A run's wandb config is shaped for the dashboard's group-by and filters: every config key flat at the top level
+(`model.norm`, `optimizer.lr`, `train.batch_size`, ...; `dashboard_config`), the study's `report:` spec as one
+value; `job_type` is "train" (a study's report run is "report", bnstudy.analysis.dashboard). The summary holds
+the study and the run's `trained` flag.
 """
 
 from __future__ import annotations
@@ -21,6 +26,22 @@ from bnstudy.app.runs import FINISHED, RunFolder, clean
 from bnstudy.app.wandb_process import WandbProcess
 
 log = logging.getLogger("bnstudy")
+
+
+NESTED_KEYS = ("report",)  # config values kept whole: the study's spec, read back by `bnstudy-report --source wandb`
+
+
+def dashboard_config(config: dict, prefix: str = "") -> dict:
+    """{"model": {"norm": "bn"}} -> {"model.norm": "bn"}: flat keys a dashboard groups and filters by, the
+    same column names the report reads from run folders."""
+    flat = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and name not in NESTED_KEYS:
+            flat.update(dashboard_config(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
 
 
 class WandbJob:
@@ -85,9 +106,10 @@ class WandbRun:
             project=s.project,
             entity=s.entity,
             group=group,
+            job_type="train",
             name=name,
             tags=list(s.tags),
-            config=config,
+            config=dashboard_config(config),
             notes=notes,
             dir=str(run_dir),
             **resume,

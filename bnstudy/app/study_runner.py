@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 
 from bnstudy.app import config_tree
-from bnstudy.app import runs as runs_lib
 from bnstudy.schema import PACKABLE
 
 PROG = "bnstudy-study"
@@ -38,6 +37,8 @@ class StudyError(Exception):
 
 
 class Interrupted(BaseException):
+    """SIGTERM or SIGINT: the training in progress has stopped; exit 128 + the signal's number."""
+
     def __init__(self, signum: int):
         super().__init__(signum)
         self.signum = signum
@@ -133,6 +134,8 @@ def value_text(value) -> str:
 
 def override(key: str, value) -> str:
     """`key=value`; a packable key as a one-value list (`optimizer.lr=[0.3]`), which trains that value only."""
+    if isinstance(value, float) and value.is_integer() and key not in PACKABLE:
+        value = int(value)  # a run frame's column with a gap reads as float: train.batch_size=128, not 128.0
     return f"{key}=[{value_text(value)}]" if key in PACKABLE else f"{key}={value_text(value)}"
 
 
@@ -152,11 +155,27 @@ def matching(frame, filters: dict):
     return frame[mask]
 
 
-def arm_seeds(analysis, filters: dict) -> list[int]:
-    """The seeds the arm's finished runs hold: an extension trains the same ones."""
-    runs = analysis.runs
-    finished = runs[runs["status"].isin(runs_lib.FINISHED)]
-    return sorted({int(s) for s in matching(finished, filters)["seed"]})
+def arm_seeds(analysis, filters: dict) -> list[str]:
+    """`seed=[...]` of the seeds the arm's runs were trained with (whatever their outcome): an extension trains
+    the same ones; none when the arm has no runs (the study's own seeds then)."""
+    seeds = {int(s) for s in matching(analysis.runs, filters)["seed"].dropna()}
+    return [seed_list(seeds)] if seeds else []
+
+
+def merged(jobs: list[list[str]]) -> list[list[str]]:
+    """Jobs that differ only in one structural key's value, as one Hydra sweep over it (`model.norm=a,b`):
+    one training process instead of one per value."""
+    split = [[o.split("=", 1) for o in job] for job in jobs]
+    if len(jobs) < 2 or len({tuple(k for k, _ in job) for job in split}) != 1:
+        return jobs
+    for i, (key, _) in enumerate(split[0]):
+        if key in PACKABLE or key == "seed":
+            continue
+        rest = {tuple(o for j, o in enumerate(job) if j != i) for job in jobs}
+        if len(rest) == 1:
+            values = ",".join(dict.fromkeys(job[i][1] for job in split))
+            return [[*jobs[0][:i], f"{key}={values}", *jobs[0][i + 1 :]]]
+    return jobs
 
 
 def extension_round(analysis, extensions: list[dict]) -> Round:
@@ -164,10 +183,10 @@ def extension_round(analysis, extensions: list[dict]) -> Round:
     for ext in extensions:
         arm = ext["filters"]
         jobs.append([*(override(k, v) for k, v in arm.items()), override(ext["axis"], ext["value"])])
-        jobs[-1].append(seed_list(arm_seeds(analysis, arm)))
+        jobs[-1] += arm_seeds(analysis, arm)
         where = ", ".join(f"{k}={v}" for k, v in arm.items()) or "the study"
         parts.append(f"{where} at {ext['axis']}={ext['value']} (its selection sits at the {ext['edge']} edge)")
-    return Round("extend " + "; ".join(parts), jobs)
+    return Round("extend " + "; ".join(parts), merged(jobs))
 
 
 def seed_round(pending: dict) -> Round:
@@ -192,9 +211,8 @@ def seed_round(pending: dict) -> Round:
         else:
             jobs += [[*head, *(override(k, v) for k, v in p.items()), seed_list(missing)] for p in packed]
     n = pending["seeds"]
-    return Round(
-        f"seeds for {len(pending['groups'])} setting(s): the next look of the open comparisons needs {n}", jobs
-    )
+    why = f"seeds for {len(pending['groups'])} setting(s): the next look of the open comparisons needs {n}"
+    return Round(why, merged(jobs))
 
 
 def next_round(analysis) -> Round | None:

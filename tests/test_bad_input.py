@@ -1,0 +1,237 @@
+"""Every bad value and failed write ends in one clear paragraph and a documented exit code, with no traceback and
+nothing marked `done`: bad input (exit 2) through the real `python -m bnstudy.train`, a full disk (exit 3) on a
+1 MB tmpfs, a damaged checkpoint, a finished folder missing a file, a killed re-run's staging folder, signals
+(130/143 on every try), and Hydra's own flags with a chosen study."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+from test_reliability import LONG, folders, start, summary, train, wait_for_logged_steps, write_done_result
+
+from bnstudy.app import data as data_lib
+from bnstudy.app import plan
+from bnstudy.app import runs as runs_lib
+from bnstudy.app.config import ConfigError
+from conftest import subprocess_env
+
+pytestmark = pytest.mark.xdist_group("prepared_digits")
+
+
+def bnstudy_train(tmp_path: Path, *args: str, timeout=120, **env) -> subprocess.CompletedProcess:
+    """The app without training data prepared: the input is refused before any is needed."""
+    return subprocess.run(
+        [sys.executable, "-m", "bnstudy.train", *args],
+        env=subprocess_env(TFDS_DATA_DIR=str(tmp_path / "tfds"), **env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=tmp_path,
+    )
+
+
+def done_folder(tmp_path: Path, tfds_dir: Path) -> Path:
+    """A finished run folder written by bnstudy's own writer (the schema registered for Hydra first)."""
+    from bnstudy.app import config_tree
+
+    config_tree.register(studies=[])
+    return write_done_result(tmp_path / "out", tfds_dir)
+
+
+def one_paragraph(stderr: str) -> str:
+    """bnstudy's own lines of stderr (TF's import notices aside), checked to be one line and no traceback."""
+    ours = [line for line in stderr.splitlines() if line.startswith("bnstudy")]
+    assert "Traceback" not in stderr and len(ours) == 1, stderr[-3000:]
+    return ours[0]
+
+
+@pytest.mark.parametrize(
+    "override, key, says",
+    [
+        ("out_dir=/proc/x", "out_dir", "creating it in /proc failed"),
+        ("foo=1", "foo", "unknown key"),
+        ("dataset.dropout=1", "dataset.dropout", "unknown key"),
+        ("dataset=mnist", "dataset.data_dir", "which does not exist"),
+    ],
+)
+def test_bad_input_exits_2_with_one_paragraph_naming_the_key(tmp_path, override, key, says):
+    args = [f"out_dir={tmp_path / 'out'}", "logger.wandb.mode=disabled", override]
+    if override == "dataset=mnist":
+        args.append(f"dataset.data_dir={tmp_path / 'missing'}")
+    result = bnstudy_train(tmp_path, *args)
+    assert result.returncode == 2, result.stderr[-2000:]
+    line = one_paragraph(result.stderr)
+    assert f"`{key}`" in line and says in line, line
+    assert "Variant folder" not in result.stderr and "AssertionError" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written
+
+
+@pytest.mark.parametrize(
+    "args, shows",
+    [
+        (["experiment=placement", "--cfg", "job"], "study: placement"),
+        (["--cfg", "job", "experiment=placement"], "study: placement"),
+        (["experiment=placement", "--cfg", "all"], "hydra:"),
+        (["--info", "experiment=placement"], "Defaults List"),
+        (["experiment=placement", "--help"], "experiment: placement"),
+    ],
+)
+def test_hydra_flags_work_with_a_chosen_study_in_either_order(tmp_path, args, shows):
+    result = bnstudy_train(tmp_path, *args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert shows in result.stdout and "Traceback" not in result.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_a_validation_fraction_that_rounds_to_no_example_is_refused():
+    with pytest.raises(ConfigError, match=r"`dataset.val_size`.*got 1e-05, which holds out 0 of them"):
+        data_lib.validation_count(0.00001, 8000)
+    assert data_lib.validation_count(0.0, 8000) == 0  # no validation split, as asked
+    assert data_lib.validation_count(0.0002, 8000) == 2
+
+
+def test_a_done_folder_missing_its_metrics_is_trained_again_and_reported_incomplete(tmp_path, tfds_dir, caplog):
+    from bnstudy.analysis.load import load_local
+
+    folder = done_folder(tmp_path, tfds_dir)
+    run = runs_lib.read_run_folder(folder)
+    assert runs_lib.finished_status(folder, run[1]["config_hash"]) == "done"
+    (folder / "metrics.jsonl").unlink()
+    assert runs_lib.finished_status(folder, run[1]["config_hash"]) is None
+    assert runs_lib.finished_but_missing(folder, run[1]["config_hash"]) == ["metrics.jsonl"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = load_local(folder.parent)
+    assert loaded.frame["status"].tolist() == ["incomplete"]
+    assert any("metrics.jsonl is missing" in str(w.message) and str(folder) in str(w.message) for w in caught)
+    from bnstudy.app import config as config_lib
+
+    (again,) = config_lib.expand_pack(config_lib.parse(run[0]))
+    with caplog.at_level("INFO", logger="bnstudy"):
+        todo, skipped = plan.unfinished_runs([again], rerun=False)
+    assert todo == [again] and skipped == []  # trained again, with the missing file named
+    assert f"{folder}: finished, but metrics.jsonl is missing; training it again" in caplog.text
+
+
+def test_a_killed_reruns_staging_folder_is_dropped_at_the_next_claim(tmp_path, tfds_dir):
+    folder = done_folder(tmp_path, tfds_dir)
+    staging = runs_lib.staging_dir(folder)
+    (staging / "checkpoint").mkdir(parents=True)  # what a killed `train.rerun=true` leaves
+    (staging / "summary.json").write_text("{}")
+    config, _ = runs_lib.read_run_folder(folder)
+    from bnstudy.app import config as config_lib
+
+    (run,) = config_lib.expand_pack(config_lib.parse(config))
+    claim = runs_lib.claim(run)  # a plain re-run: skipped as done, and the staging folder is gone
+    assert claim.skip == "done" and not staging.exists() and summary(folder)["status"] == "done"
+
+
+def test_skipped_runs_are_named_once(tmp_path, tfds_dir, caplog):
+    folder = done_folder(tmp_path, tfds_dir)
+    config, _ = runs_lib.read_run_folder(folder)
+    from bnstudy.app import config as config_lib
+
+    (run,) = config_lib.expand_pack(config_lib.parse(config))
+    with caplog.at_level("INFO", logger="bnstudy"):
+        todo, skipped = plan.unfinished_runs([run], rerun=False)
+    assert todo == [] and len(skipped) == 1 and "skipped" not in caplog.text  # the table names it, once
+
+
+# ------------------------------------------------------------------------------------ a full disk (tmpfs)
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 1 MB tmpfs; skipped where this process may not mount one (not root, or no CAP_SYS_ADMIN)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip() or 'mount failed'}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def assert_write_failed(result: subprocess.CompletedProcess, disk: Path) -> str:
+    assert result.returncode == 3, result.stderr[-3000:]
+    line = one_paragraph(result.stderr)
+    assert "no space left on device" in line and str(disk) in line, line
+    assert not [f for f in disk.rglob("summary.json") if json.loads(f.read_text() or "{}").get("status") == "done"]
+    assert not list(disk.rglob("*tmp*")), list(disk.rglob("*"))  # no half-written checkpoint or temp file
+    return line
+
+
+@pytest.mark.slow  # subprocesses that train
+def test_a_disk_full_while_checkpointing_exits_3_naming_the_folder(tiny_disk, tfds_dir):
+    out = tiny_disk / "out"
+    result = train(out, tfds_dir, "train.epochs=3", "train.max_steps_per_epoch=3", "train.checkpoint_every=1")
+    line = assert_write_failed(result, tiny_disk)
+    (folder,) = folders(out)
+    assert summary(folder)["status"] in ("failed", "running") and "marked failed" in line
+
+
+@pytest.mark.slow  # subprocesses that train
+def test_a_disk_already_full_exits_3_and_leaves_no_half_folder(tiny_disk, tfds_dir):
+    filler = tiny_disk / "filler"
+    subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=4k"], capture_output=True)  # until ENOSPC
+    result = train(tiny_disk / "out", tfds_dir)
+    assert_write_failed(result, tiny_disk)
+    assert folders(tiny_disk / "out") == [] and not list((tiny_disk / "out").rglob("config.yaml"))
+
+
+# ------------------------------------------------------------------------------------------ signals, damage
+
+
+@pytest.mark.slow  # six subprocesses that train
+def test_signals_exit_130_or_143_on_every_try(tmp_path, tfds_dir):
+    for attempt, sig in enumerate([signal.SIGTERM, signal.SIGINT] * 3):
+        out = tmp_path / f"out{attempt}"
+        proc = start(out, tfds_dir, *LONG)
+        folder = wait_for_logged_steps(out)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 128 + sig, (attempt, proc.returncode, err[-2000:])
+        assert sig.name in one_paragraph(err) and summary(folder)["status"] == "interrupted"
+
+
+@pytest.mark.slow  # two subprocesses that train
+def test_a_truncated_checkpoint_restarts_that_run_alone_and_the_pack_goes_on(tmp_path, tfds_dir):
+    out = tmp_path / "out"
+    pack = ("seed=[0,1]", "train.epochs=30", "train.max_steps_per_epoch=3", "train.checkpoint_every=1")
+    proc = start(out, tfds_dir, *pack)
+    wait_for_logged_steps(out, n=8)  # two epochs logged: each run has a checkpoint
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    damaged, whole = folders(out)
+    for f in (p for p in (damaged / "checkpoint").rglob("*") if p.is_file() and p.stat().st_size > 64):
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])  # a save cut short
+    again = train(out, tfds_dir, *pack)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "Traceback" not in again.stderr and "Event loop is closed" not in again.stderr
+    unreadable = [line for line in again.stdout.splitlines() if "checkpoint unreadable" in line]
+    assert len(unreadable) == 1 and str(damaged) in unreadable[0]
+    assert summary(damaged)["status"] == summary(whole)["status"] == "done"
+    assert "resumed_from_epoch" not in summary(damaged) and summary(whole)["resumed_from_epoch"] >= 1
+
+
+def test_the_write_failure_line_names_the_file_and_the_reason(capsys):
+    from bnstudy.app import cli
+
+    error = OSError(28, "No space left on device", "/disk/out/default/run/summary.json")
+    with pytest.raises(SystemExit) as stop:
+        cli.exit_write_failed(error, ["/disk/out/default/run"])
+    assert stop.value.code == cli.EXIT_WRITE_FAILED == 3
+    line = capsys.readouterr().err.strip()
+    assert line == (
+        "bnstudy: could not write /disk/out/default/run/summary.json: no space left on device ([Errno 28]); "
+        "marked failed: /disk/out/default/run"
+    )
+    wrapped = RuntimeError("orbax save failed")
+    wrapped.__cause__ = error
+    assert cli.os_error_in(wrapped) is error and cli.os_error_in(ValueError("x")) is None

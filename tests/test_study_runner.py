@@ -1,0 +1,150 @@
+"""The study runner (`bnstudy-study`): bad input before any compute, how rounds become training jobs, signals
+passed on to the training in progress, and a quick study trained to the end (an edge extended, a seed round,
+the report) that a re-run finds complete."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from bnstudy.analysis.load import load_local
+from bnstudy.app import study_runner
+
+
+def test_an_unknown_study_exits_2_with_one_line_before_any_compute(capsys):
+    with pytest.raises(SystemExit) as e:
+        study_runner.main(["placment", "+preset=quick"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown study 'placment'" in err[0] and "placement" in err[0]
+
+
+def test_a_bad_override_exits_2_before_any_training(capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        study_runner.main(["placement", "dataset=nosuchdata", f"out_dir={tmp_path}"])
+    assert e.value.code == 2
+    assert "nosuchdata" in capsys.readouterr().err and not any(tmp_path.iterdir())
+
+
+def test_overrides_pin_an_arm_and_packable_keys_train_one_value():
+    assert study_runner.override("model.norm", "none") == "model.norm=none"
+    assert study_runner.override("optimizer.lr", 0.0333333) == "optimizer.lr=[0.0333333]"
+    assert study_runner.override("model.dropout.rate", 0.5) == "model.dropout.rate=[0.5]"
+    assert study_runner.override("train.batch_size", 8) == "train.batch_size=8"
+
+
+def test_a_seed_round_packs_a_full_grid_of_a_packable_key_and_sweeps_a_structural_one():
+    pending = {
+        "seeds": 5,
+        "groups": [
+            {"filters": {"model.norm": "none", "optimizer.lr": 0.1}, "missing": [3, 4]},
+            {"filters": {"model.norm": "before_relu", "optimizer.lr": 0.1}, "missing": [3, 4]},
+            {"filters": {"model.norm": "none", "optimizer.lr": 0.3}, "missing": [3, 4]},
+            {"filters": {"model.norm": "before_relu", "optimizer.lr": 0.3}, "missing": [3, 4]},
+        ],
+    }
+    assert study_runner.seed_round(pending).jobs == [
+        ["model.norm=none,before_relu", "optimizer.lr=[0.1,0.3]", "seed=[3,4]"]
+    ]
+    # Not a full grid: one job per setting (packing 0.1 and 0.3 would also train the missing pair).
+    pending["groups"] = pending["groups"][:3]
+    jobs = study_runner.seed_round(pending).jobs
+    assert sorted(map(tuple, jobs)) == [
+        ("model.norm=before_relu", "optimizer.lr=[0.1]", "seed=[3,4]"),
+        ("model.norm=none", "optimizer.lr=[0.1,0.3]", "seed=[3,4]"),
+    ]
+
+
+SIGNAL_SCRIPT = """
+import sys
+from bnstudy.app import study_runner
+
+CHILD = '''
+import signal, sys, time
+def stop(signum, frame):
+    open(sys.argv[1], "a").write(f"{signum}\\\\n")
+    sys.exit(128 + signum)
+signal.signal(signal.SIGTERM, stop)
+signal.signal(signal.SIGINT, stop)
+print("child ready", flush=True)
+time.sleep(60)
+'''
+study_runner.Trainer.command = lambda self, extra: [sys.executable, "-c", CHILD, sys.argv[1]]
+study_runner.main(["placement", "+preset=quick"])
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_is_passed_on_to_the_training_once_and_the_runner_exits_128_plus_it(tmp_path, signum):
+    got = tmp_path / "child_signals"
+    runner = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(SIGNAL_SCRIPT), str(got)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    for line in runner.stdout:
+        if line.startswith("child ready"):
+            break
+    runner.send_signal(signum)
+    _, err = runner.communicate(timeout=60)
+    assert runner.returncode == 128 + signum
+    assert got.read_text().split() == [str(int(signum))]  # the child got it, once
+    assert f"stopped by {signal.Signals(signum).name}" in err and "re-run" in err
+
+
+QUICK = [
+    "+preset=quick",
+    "logger.wandb.mode=disabled",
+    "logger.progress=false",
+    "train.max_steps_per_epoch=8",
+    "optimizer.lr=[0.1,0.3]",
+    # Two seeds, then one more look at three: an open comparison gets exactly one seed round.
+    "report.seeds={start:2,step:1,max:3}",
+    # One grid step either side of [0.1, 0.3] is inside the bounds, two steps are not: each arm whose
+    # selection sits at an edge is extended once, whichever edge it is.
+    "report.select.bounds={optimizer.lr:[0.03,0.9]}",
+]
+
+
+def run_study(tmp_path, *extra):
+    cmd = [sys.executable, "-m", "bnstudy.study", "regularization", *QUICK, f"out_dir={tmp_path}"]
+    out = subprocess.run([*cmd, "--out", str(tmp_path / "report"), *extra], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_a_quick_study_is_extended_at_an_edge_gets_a_seed_round_and_a_report_and_a_rerun_trains_nothing(tmp_path):
+    start = time.monotonic()
+    stdout = run_study(tmp_path)
+    rounds = re.findall(r"^bnstudy-study regularization round (\d+): (.*)$", stdout, re.M)
+    kinds = [why.split()[0] for _, why in rounds]
+    assert kinds[0] == "the" and "extend" in kinds and kinds[-1] == "seeds", rounds
+    assert kinds.index("extend") < kinds.index("seeds")
+    frame = load_local(tmp_path / "regularization").frame
+    base = frame[frame["optimizer.lr"].isin([0.1, 0.3]) & (frame["seed"] < 2)]
+    assert len(base) == 2 * 2 * 2  # two arms, two lrs, seeds 0 and 1
+    extended = frame[~frame["optimizer.lr"].isin([0.1, 0.3])]
+    named = {
+        m for why in (w for _, w in rounds if w.startswith("extend")) for m in re.findall(r"model\.norm=(\w+)", why)
+    }
+    # Only the named arms were trained at the new value (the override replaced the study's sweep of model.norm),
+    # with the arm's own seeds, and the new value is one grid step past an edge.
+    assert set(extended["model.norm"]) == named
+    assert set(extended[extended["seed"] < 2]["optimizer.lr"].round(7)) <= {0.0333333, 0.9}
+    seed_two = frame[frame["seed"] == 2]
+    assert 1 <= len(seed_two) <= 2  # the next look's seed, at each arm's selected lr only
+    assert (tmp_path / "report" / "README.md").is_file() and (tmp_path / "report" / "verdict.json").is_file()
+    first_run = time.monotonic() - start
+
+    again = run_study(tmp_path)
+    assert "done test/acc" not in again  # every run skipped
+    assert re.findall(r"round (\d+):", again) == ["1"] and "nothing pending after 1 round(s)" in again
+    assert len(load_local(tmp_path / "regularization").frame) == len(frame)
+    assert first_run < 300
