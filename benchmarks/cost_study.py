@@ -38,6 +38,7 @@ import jax.numpy as jnp
 
 from bnstudy import schema
 from bnstudy.analysis.spec import experiment_spec
+from bnstudy.app import claims as claims_lib
 from bnstudy.app import config as config_lib
 from bnstudy.app import provenance
 from bnstudy.app import runs as runs_lib
@@ -160,7 +161,7 @@ def main(argv=None) -> None:
     root = Path(args.out_dir) / "cost"
     folders = {c: root / runs_lib.run_id(cfg) for c, cfg in runs.items()}
     if not args.rerun and all(
-        runs_lib.finished_status(f, runs_lib.config_hash(runs[c])) == "done" for c, f in folders.items()
+        claims_lib.finished_status(f, runs_lib.config_hash(runs[c])) == "done" for c, f in folders.items()
     ):
         print(f"cost: all {len(configs)} runs already finished in {root} (--rerun to measure again)")
         return

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from test_reliability import LONG, folders, start, summary, train, wait_for_logged_steps, write_done_result
 
+from bnstudy.app import claims as claims_lib
 from bnstudy.app import data as data_lib
 from bnstudy.app import plan
 from bnstudy.app import runs as runs_lib
@@ -101,10 +102,10 @@ def test_a_done_folder_missing_its_metrics_is_trained_again_and_reported_incompl
 
     folder = done_folder(tmp_path, tfds_dir)
     run = runs_lib.read_run_folder(folder)
-    assert runs_lib.finished_status(folder, run[1]["config_hash"]) == "done"
+    assert claims_lib.finished_status(folder, run[1]["config_hash"]) == "done"
     (folder / "metrics.jsonl").unlink()
-    assert runs_lib.finished_status(folder, run[1]["config_hash"]) is None
-    assert runs_lib.finished_but_missing(folder, run[1]["config_hash"]) == ["metrics.jsonl"]
+    assert claims_lib.finished_status(folder, run[1]["config_hash"]) is None
+    assert claims_lib.finished_but_missing(folder, run[1]["config_hash"]) == ["metrics.jsonl"]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         loaded = load_local(folder.parent)
@@ -128,7 +129,7 @@ def test_a_killed_reruns_staging_folder_is_dropped_at_the_next_claim(tmp_path, t
     from bnstudy.app import config as config_lib
 
     (run,) = config_lib.expand_pack(config_lib.parse(config))
-    claim = runs_lib.claim(run)  # a plain re-run: skipped as done, and the staging folder is gone
+    claim = claims_lib.claim(run)  # a plain re-run: skipped as done, and the staging folder is gone
     assert claim.skip == "done" and not staging.exists() and summary(folder)["status"] == "done"
 
 
@@ -203,7 +204,13 @@ def test_signals_exit_130_or_143_on_every_try(tmp_path, tfds_dir):
 @pytest.mark.slow  # two subprocesses that train
 def test_a_truncated_checkpoint_restarts_that_run_alone_and_the_pack_goes_on(tmp_path, tfds_dir):
     out = tmp_path / "out"
-    pack = ("seed=[0,1]", "train.epochs=30", "train.max_steps_per_epoch=3", "train.checkpoint_every=1")
+    pack = (
+        "seed=[0,1]",
+        "train.pack_size=2",
+        "train.epochs=30",
+        "train.max_steps_per_epoch=3",
+        "train.checkpoint_every=1",
+    )
     proc = start(out, tfds_dir, *pack)
     wait_for_logged_steps(out, n=8)  # two epochs logged: each run has a checkpoint
     proc.send_signal(signal.SIGTERM)
@@ -235,3 +242,60 @@ def test_the_write_failure_line_names_the_file_and_the_reason(capsys):
     wrapped = RuntimeError("orbax save failed")
     wrapped.__cause__ = error
     assert cli.os_error_in(wrapped) is error and cli.os_error_in(ValueError("x")) is None
+
+
+# ------------------------------------------------------------------------------------------ pack vs alone
+
+
+TIMING_KEYS = ("time", "_s", "per_s", "_at")  # wall-clock fields: the only ones that may differ run to run
+
+
+def numbers(folder: Path) -> list[dict]:
+    """metrics.jsonl without its wall-clock fields."""
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not any(t in k for t in TIMING_KEYS)} for r in records]
+
+
+def test_a_sweep_in_packs_of_one_is_bit_identical_and_a_larger_pack_records_its_size(small_data, run_app):
+    from test_train import read_summary, run_folders
+
+    swept = run_folders(run_app("seed=[0,1]", "train.pack_size=1"))
+    in_sweep = numbers(swept[1])
+    before = (swept[1] / "summary.json").stat().st_mtime_ns
+    run_app("seed=1", "train.rerun=true")  # the same run id, trained again alone into the same folder
+    assert (swept[1] / "summary.json").stat().st_mtime_ns != before  # a new result, not a skip
+    assert read_summary(swept[1])["pack"]["size"] == 1
+    assert numbers(swept[1]) == in_sweep and len(in_sweep) > 1  # bits, record by record
+    packed = run_folders(run_app("seed=[0,1]", "train.pack_size=2", "train.rerun=true"))
+    assert [read_summary(f)["pack"]["size"] for f in packed] == [2, 2]  # the result says it was packed
+
+
+def test_a_checkpoint_that_cannot_fit_is_refused_before_orbax_writes_anything(tmp_path, monkeypatch):
+    import errno
+    import shutil
+
+    import numpy as np
+
+    from bnstudy.app import checkpoints
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    writer = checkpoints.Writer(folder)
+    state = {"kernel": np.zeros((64, 64), np.float32)}  # 16 KiB + the overhead allowance
+    free = checkpoints.SAVE_OVERHEAD_BYTES + state["kernel"].nbytes - 1
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - free, free))
+    with pytest.raises(OSError) as refused:
+        writer.save(state, checkpoints.Progress(1, 3, 3))
+    assert refused.value.errno == errno.ENOSPC and refused.value.filename == str(folder / "checkpoint")
+    assert not list(folder.rglob("*tmp*"))
+
+    def full_midway(*args, **kwargs):  # what tensorstore reports when the disk fills during a save
+        (folder / "checkpoint" / "1.orbax-checkpoint-tmp").mkdir(parents=True)
+        raise ValueError("RESOURCE_EXHAUSTED: Failed to write 485340 bytes: No space left on device [os_error_code=28]")
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 0, 10**12))
+    monkeypatch.setattr(writer.manager, "save", full_midway)
+    with pytest.raises(OSError) as midway:
+        writer.save(state, checkpoints.Progress(1, 3, 3))
+    assert midway.value.errno == errno.ENOSPC and not list(folder.rglob("*tmp*"))
+    writer.close()

@@ -239,8 +239,8 @@ def test_a_resnet_without_norm_ends_done_or_diverged(lr):
 # --------------------------------------------------------------------------- the PyTorch references of the benchmark
 
 
-@pytest.mark.parametrize(("name", "depth"), [("cnn", 6), ("resnet", 20)])
-def test_torch_reference_has_the_deep_models_parameter_shapes_and_its_loss_falls(name, depth):
+@pytest.mark.parametrize(("name", "depth", "trained_depth"), [("cnn", 6, 3), ("resnet", 20, 8)])
+def test_torch_reference_has_the_deep_models_parameter_shapes_and_its_loss_falls(name, depth, trained_depth):
     pytest.importorskip("torch")
     import pathlib
     import sys
@@ -252,5 +252,6 @@ def test_torch_reference_has_the_deep_models_parameter_shapes_and_its_loss_falls
     ours = sorted(int(np.prod(v.shape)) for v in jax.tree.leaves(variables["params"]))
     theirs = sorted(p.numel() for p in torch_reference.build(name, depth).parameters())
     assert ours == theirs
-    first, last = torch_reference.loss_falls(steps=12, batch_size=32, model=name, depth=depth)
+    # The loss check on a shallower member of the same family: the same layers, a fraction of the CPU time.
+    first, last = torch_reference.loss_falls(steps=12, batch_size=32, model=name, depth=trained_depth)
     assert last < first

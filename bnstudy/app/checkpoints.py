@@ -10,6 +10,8 @@ after that: a kill at any moment leaves the last complete checkpoint readable. O
 from __future__ import annotations
 
 import dataclasses
+import errno
+import os
 import shutil
 from pathlib import Path
 
@@ -51,18 +53,37 @@ class Writer:
     def save(self, state: TrainState, progress: Progress) -> None:
         """`state`: this model's slice, on the host (see `model_slice`). A save that fails (a full disk)
         leaves no half-written temporary folder; the previous checkpoint stays."""
+        check_space(self.folder, state)
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(dataclasses.asdict(progress))
         )
         try:
             self.manager.save(progress.epoch, args=args, force=True)
             self.manager.wait_until_finished()
-        except BaseException:
+        except BaseException as e:
             remove_temporary(self.folder)
+            if "No space left on device" in str(e):  # orbax reports ENOSPC as a ValueError from tensorstore
+                raise no_space(self.folder) from e
             raise
 
     def close(self) -> None:
         self.manager.close()
+
+
+SAVE_OVERHEAD_BYTES = 256 * 1024  # orbax's metadata files and the progress record, generously
+
+
+def check_space(folder: Path, state: TrainState) -> None:
+    """Refuse a save that cannot fit before it starts: a save that fails midway makes orbax's background
+    writers print tracebacks we cannot silence, and the previous checkpoint is kept until the new one is in."""
+    needed = sum(np.asarray(x).nbytes for x in jax.tree.leaves(state)) + SAVE_OVERHEAD_BYTES
+    where = checkpoint_dir(Path(folder))
+    if shutil.disk_usage(where if where.is_dir() else Path(folder)).free < needed:
+        raise no_space(folder)
+
+
+def no_space(folder: Path) -> OSError:
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(checkpoint_dir(Path(folder))))
 
 
 def latest(folder: Path) -> Progress | None:

@@ -25,10 +25,11 @@ def exit_bad_input(error: Exception) -> NoReturn:
     sys.exit(EXIT_BAD_INPUT)
 
 
-def exit_write_failed(error: OSError, marked: list[str]) -> NoReturn:
-    """One line naming the file that could not be written and why (`[Errno 28] No space left on device`) and
-    the run folders marked failed; exit 3."""
-    where = f" {error.filename}" if error.filename else ""
+def exit_write_failed(error: OSError, marked: list[str], folder: str | None = None) -> NoReturn:
+    """One line naming the file that could not be written (or, when the error names none, the `folder` written
+    in) and why (`[Errno 28] No space left on device`) and the run folders marked failed; exit 3."""
+    named = error.filename or folder
+    where = f" {named}" if named else ""
     why = error.strerror or str(error)
     failed = f"; marked failed: {', '.join(marked)}" if marked else ""
     print(f"bnstudy: could not write{where}: {why.lower()} ([Errno {error.errno}]){failed}", file=sys.stderr)

@@ -71,16 +71,18 @@ def hydra_main(raw: DictConfig) -> None:
 
 def run_from_hydra(raw: DictConfig) -> list[dict]:
     """Parse and train; bad input exits non-zero with a one-paragraph message and writes nothing."""
+    out_dir = None
     try:
         cfg = config_lib.parse(raw)
-        cli.check_out_dir(cfg.out_dir)
+        out_dir = cfg.out_dir
+        cli.check_out_dir(out_dir)
         return run_job(cfg)
     except (ConfigError, data_lib.DataUnavailableError) as e:
         cli.exit_bad_input(e)
     except runs_lib.WriteFailed as e:
-        cli.exit_write_failed(e.error, e.folders)
+        cli.exit_write_failed(e.error, e.folders, out_dir)
     except OSError as e:  # a run folder that could not be made or started (nothing to mark)
-        cli.exit_write_failed(e, [])
+        cli.exit_write_failed(e, [], out_dir)
 
 
 def run_job(cfg: Config) -> list[dict]:

@@ -7,7 +7,7 @@ import time
 import jax
 
 from bnstudy.app import checkpoints
-from bnstudy.app import runs as runs_lib
+from bnstudy.app import claims as claims_lib
 from bnstudy.app.config import Config
 from bnstudy.app.signals import signals_deferred
 from bnstudy.app.sinks import RunSinks
@@ -60,7 +60,7 @@ class DamagedCheckpoints(Exception):
         self.damaged = damaged
 
 
-def restored_pack(trainer: PackTrainer, hp: HParams, claims: list[runs_lib.Claim], pack_size: int):
+def restored_pack(trainer: PackTrainer, hp: HParams, claims: list[claims_lib.Claim], pack_size: int):
     """The pack's state stacked from each claimed run's checkpoint (padding repeats the last run, as `hp` does);
     raises DamagedCheckpoints naming every run whose checkpoint does not restore."""
     target = checkpoints.model_shape(jax.eval_shape(trainer.programs.init, hp))

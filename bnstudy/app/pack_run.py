@@ -8,6 +8,7 @@ import time
 import jax
 
 from bnstudy.app import checkpoints
+from bnstudy.app import claims as claims_lib
 from bnstudy.app import config as config_lib
 from bnstudy.app import data as data_lib
 from bnstudy.app import runs as runs_lib
@@ -27,7 +28,7 @@ log = logging.getLogger("bnstudy")
 
 def train_pack(
     trainer: PackTrainer,
-    claims: list[runs_lib.Claim],
+    claims: list[claims_lib.Claim],
     pack_size: int,
     pack_index: int,
     cfg: Config,
@@ -132,7 +133,7 @@ def mark(sinks: list[RunSinks], fields: dict) -> list[str]:
 
 
 def open_sinks(
-    claim: runs_lib.Claim,
+    claim: claims_lib.Claim,
     pack_info: dict,
     prov: dict,
     wandb_job: WandbJob,

@@ -6,6 +6,7 @@ import logging
 from collections.abc import Iterator
 
 from bnstudy.app import checkpoints
+from bnstudy.app import claims as claims_lib
 from bnstudy.app import runs as runs_lib
 from bnstudy.app.config import Config
 
@@ -17,11 +18,11 @@ def unfinished_runs(runs: list[Config], rerun: bool) -> tuple[list[Config], list
     todo, skipped = [], []
     for run in runs:
         folder, expected = runs_lib.run_dir(run), runs_lib.config_hash(run)
-        status = None if rerun else runs_lib.finished_status(folder, expected)
+        status = None if rerun else claims_lib.finished_status(folder, expected)
         if status:
             skipped.append(skipped_row(run, status))
             continue
-        missing = runs_lib.finished_but_missing(folder, expected)
+        missing = claims_lib.finished_but_missing(folder, expected)
         if missing and not rerun:
             log.warning("%s: finished, but %s is missing; training it again", folder, ", ".join(missing))
         todo.append(run)
@@ -44,7 +45,7 @@ def skipped_row(run: Config, why: str) -> dict:
 
 def claimed_packs(
     pending: list[Config], pack_size: int, rerun: bool, skipped: list[dict]
-) -> Iterator[tuple[list[runs_lib.Claim], list[checkpoints.Progress | None]]]:
+) -> Iterator[tuple[list[claims_lib.Claim], list[checkpoints.Progress | None]]]:
     """Each pack's claimed runs (locked; the caller releases them) and their checkpoints, until none is left.
     A pack shares one start epoch: runs are grouped by the epoch of their checkpoint (0: none). Runs locked
     or finished by another process meanwhile are skipped with a line in `skipped`."""
@@ -81,7 +82,7 @@ def resume_progress(run: Config, rerun: bool) -> checkpoints.Progress | None:
     """The checkpoint an unfinished run would resume from (None: it trains from the start). Under the run's
     lock this decides; before it, a hint for grouping runs into packs."""
     folder = runs_lib.run_dir(run)
-    if rerun or not runs_lib.resumable(folder, runs_lib.config_hash(run)):
+    if rerun or not claims_lib.resumable(folder, runs_lib.config_hash(run)):
         return None
     try:
         return checkpoints.latest(folder)
@@ -94,12 +95,12 @@ def start_epoch(progress: checkpoints.Progress | None) -> int:
     return progress.epoch if progress else 0
 
 
-def claim_chunk(pending: list[Config], size: int, rerun: bool, skipped: list[dict]) -> list[runs_lib.Claim]:
+def claim_chunk(pending: list[Config], size: int, rerun: bool, skipped: list[dict]) -> list[claims_lib.Claim]:
     """Lock up to `size` runs from the front of `pending` (removing them); locked or meanwhile finished
     runs are skipped with a line."""
     claims = []
     while pending and len(claims) < size:
-        c = runs_lib.claim(pending.pop(0), rerun=rerun)
+        c = claims_lib.claim(pending.pop(0), rerun=rerun)
         if c.skip:
             skipped.append(skipped_row(c.run, c.skip))
         else:

@@ -14,12 +14,12 @@ Status values: `running`, `done`, `diverged` (finished: weights frozen before th
 gone (its pid is dead on this host, or its heartbeat is older than STALE_AFTER_S) as `stale`, and a finished
 folder missing one of FOLDER_FILES as `incomplete` (a re-run trains it again).
 
-One writer per folder: `claim()` takes a file lock next to the folder (`.<run id>.lock`). A re-run over a
+One writer per folder: `claims.claim()` takes a file lock next to the folder (`.<run id>.lock`). A re-run over a
 finished result trains into a hidden staging folder (`.<run id>.staging`) and swaps it in when it finishes,
 so a finished result is never deleted before its replacement exists (see `RunFolder.commit`).
 
 An unfinished run (`interrupted`, or `running` whose writer is gone) with a checkpoint in
-`<run folder>/checkpoint/` (bnstudy.app.checkpoints) is resumed: `claim()` says so, `RunFolder(..., resume=...)`
+`<run folder>/checkpoint/` (bnstudy.app.checkpoints) is resumed: `claims.claim()` says so, `RunFolder(..., resume=...)`
 reopens the folder instead of recreating it, cuts metrics.jsonl back to the checkpoint (`truncate_metrics`) and
 keeps the summary's `wandb_id`, under which the wandb run continues.
 
@@ -38,12 +38,10 @@ import platform
 import shutil
 import time
 import uuid
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import filelock
 import yaml
 
 from bnstudy.schema import STANDARD_DEPTHS
@@ -171,6 +169,11 @@ def write_text_atomic(path: Path, text: str) -> None:
         with open(tmp, "x") as f:
             f.write(text)
         os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.filename is None:  # a failed write() names no file: say which one (a full disk)
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -292,93 +295,6 @@ class WriteFailed(Exception):
     def __init__(self, error: OSError, folders: list[str]):
         super().__init__(str(error))
         self.error, self.folders = error, folders
-
-
-# ------------------------------------------------------------------------------------------------ claim
-
-
-@dataclass
-class Claim:
-    """The outcome of asking for a run folder: `folder` to train into (lock held), or a reason to skip."""
-
-    run: Any
-    final: Path
-    folder: RunFolder | None = None
-    lock: filelock.BaseFileLock | None = None
-    skip: str | None = None  # "done", "diverged", "locked"
-    rerun: bool = False  # a finished result exists and is being replaced
-    resume: bool = False  # an unfinished attempt with a checkpoint: continue it in place
-
-    @property
-    def work_dir(self) -> Path:
-        return staging_dir(self.final) if self.rerun else self.final
-
-    def release(self) -> None:
-        if self.lock is not None:
-            self.lock.release()
-            self.lock = None
-
-
-def finished_status(folder: Path, expected_hash: str) -> str | None:
-    """`done`/`diverged` when the folder holds a finished result of this config hash with all its files,
-    else None."""
-    summary = _summary_of(folder, expected_hash)
-    if summary.get("status") in FINISHED and not missing_files(folder):
-        return summary["status"]
-    return None
-
-
-def finished_but_missing(folder: Path, expected_hash: str) -> list[str]:
-    """The files a folder whose summary says finished (this config hash) lacks; such a result is trained
-    again."""
-    return missing_files(folder) if _summary_of(folder, expected_hash).get("status") in FINISHED else []
-
-
-def _summary_of(folder: Path, expected_hash: str) -> dict:
-    """The folder's summary when it is a readable run folder of this config hash, else {}."""
-    try:
-        _, summary = read_run_folder(folder)
-    except (OSError, ValueError):
-        return {}
-    return summary if summary.get("config_hash") == expected_hash else {}
-
-
-def resumable(folder: Path, expected_hash: str) -> bool:
-    """The folder holds an unfinished attempt of this config hash (interrupted, or left running) with a
-    checkpoint folder. Read under the folder's lock, where a `running` status means its writer is gone."""
-    try:
-        _, summary = read_run_folder(folder)
-    except (OSError, ValueError):
-        return False
-    return (
-        summary.get("config_hash") == expected_hash
-        and summary.get("status") in RESUMABLE + (STALE,)
-        and checkpoint_dir(folder).is_dir()
-    )
-
-
-def claim(run: Any, rerun: bool = False) -> Claim:
-    """Lock the run's folder and decide: skip a finished result (unless `rerun`), skip a locked one, resume an
-    unfinished attempt that has a checkpoint (unless `rerun`: retrain from scratch), else train (into the
-    folder, or into its staging folder when a finished result is being replaced)."""
-    final = run_dir(run)
-    c = Claim(run, final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    lock = filelock.FileLock(lock_path(final), timeout=0)
-    try:
-        lock.acquire()
-    except filelock.Timeout:
-        c.skip = "locked"
-        return c
-    recover(final)
-    status = finished_status(final, config_hash(run))
-    if status and not rerun:
-        lock.release()
-        c.skip = status
-        return c
-    c.lock, c.rerun = lock, status is not None
-    c.resume = not rerun and resumable(final, config_hash(run))
-    return c
 
 
 # ------------------------------------------------------------------------------------------------- read

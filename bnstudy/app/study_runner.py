@@ -53,6 +53,7 @@ class Study:
     out_dir: Path
     dataset: str
     out: Path | None = None  # report folder (None: bnstudy-report's default)
+    wandb_mode: str = "offline"  # the report's wandb run: logger.wandb.mode of the training runs
 
     @property
     def runs_dir(self) -> Path:
@@ -84,8 +85,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_intermixed_args(argv)
 
 
-def compose_settings(study: str, overrides: list[str]) -> tuple[Path, str]:
-    """(out_dir, dataset name) of the study under these overrides, from Hydra's compose; a sweep's first value
+def compose_settings(study: str, overrides: list[str]) -> tuple[Path, str, str]:
+    """(out_dir, dataset name, logger.wandb.mode) of the study under these overrides, from Hydra's compose; a sweep's first value
     stands for it (a sweep of the dataset is refused: each dataset is its own report)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -109,15 +110,15 @@ def compose_settings(study: str, overrides: list[str]) -> tuple[Path, str]:
             cfg = compose("config", overrides=[f"experiment={study}", *plain])
     except (HydraException, OmegaConfBaseException) as e:
         raise StudyError(str(e).splitlines()[0]) from None
-    return Path(str(cfg.out_dir)), str(cfg.dataset.name)
+    return Path(str(cfg.out_dir)), str(cfg.dataset.name), str(cfg.logger.wandb.mode)
 
 
 def study_from(args: argparse.Namespace) -> Study:
     known = config_tree.known_studies()
     if args.study not in known:
         raise StudyError(f"unknown study {args.study!r} (known: {', '.join(known)})")
-    out_dir, dataset = compose_settings(args.study, args.overrides)
-    return Study(args.study, list(args.overrides), out_dir, dataset, args.out)
+    out_dir, dataset, wandb_mode = compose_settings(args.study, args.overrides)
+    return Study(args.study, list(args.overrides), out_dir, dataset, args.out, wandb_mode)
 
 
 # ------------------------------------------------------------------------------------------- what to train next
@@ -295,7 +296,7 @@ def run_rounds(study: Study, trainer: Trainer) -> int:
 def write_report(study: Study) -> None:
     from bnstudy.analysis import cli as report_cli
 
-    argv = [study.name, "--out-dir", str(study.out_dir), "--dataset", study.dataset]
+    argv = [study.name, "--out-dir", str(study.out_dir), "--dataset", study.dataset, "--wandb-mode", study.wandb_mode]
     report_cli.main(argv + (["--out", str(study.out)] if study.out else []))
 
 
