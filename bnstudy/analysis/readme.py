@@ -70,8 +70,12 @@ def facts(a: Analysis) -> list[str]:
 
 
 def train_command(a: Analysis) -> str:
-    """The training command of this grid, rebuilt from what the runs recorded."""
-    parts = ["python", "-m", "bnstudy.train", "-m", f"experiment={a.study}"]
+    """The training command of this study, rebuilt from what the runs recorded: `bnstudy.study` for a study with
+    a seed schedule (its grid, edge extensions and seed rounds), else the grid through `bnstudy.train`."""
+    if a.spec.get("seeds"):
+        parts = ["python", "-m", "bnstudy.study", a.study]
+    else:
+        parts = ["python", "-m", "bnstudy.train", "-m", f"experiment={a.study}"]
     if a.dataset != DEFAULT_DATASET:
         parts.append(f"dataset={a.dataset}")
     if "quick" in str(a.spec.get("variant", "")):
