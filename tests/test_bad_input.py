@@ -273,6 +273,7 @@ def test_a_sweep_in_packs_of_one_is_bit_identical_and_a_larger_pack_records_its_
 def test_a_checkpoint_that_cannot_fit_is_refused_before_orbax_writes_anything(tmp_path, monkeypatch):
     import errno
     import shutil
+    from types import SimpleNamespace
 
     import numpy as np
 
@@ -283,7 +284,7 @@ def test_a_checkpoint_that_cannot_fit_is_refused_before_orbax_writes_anything(tm
     writer = checkpoints.Writer(folder)
     state = {"kernel": np.zeros((64, 64), np.float32)}  # 16 KiB + the overhead allowance
     free = checkpoints.SAVE_OVERHEAD_BYTES + state["kernel"].nbytes - 1
-    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - free, free))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(total=10**9, used=10**9 - free, free=free))
     with pytest.raises(OSError) as refused:
         writer.save(state, checkpoints.Progress(1, 3, 3))
     assert refused.value.errno == errno.ENOSPC and refused.value.filename == str(folder / "checkpoint")
@@ -293,7 +294,7 @@ def test_a_checkpoint_that_cannot_fit_is_refused_before_orbax_writes_anything(tm
         (folder / "checkpoint" / "1.orbax-checkpoint-tmp").mkdir(parents=True)
         raise ValueError("RESOURCE_EXHAUSTED: Failed to write 485340 bytes: No space left on device [os_error_code=28]")
 
-    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 0, 10**12))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(total=10**12, used=0, free=10**12))
     monkeypatch.setattr(writer.manager, "save", full_midway)
     with pytest.raises(OSError) as midway:
         writer.save(state, checkpoints.Progress(1, 3, 3))

@@ -14,17 +14,17 @@ Status values: `running`, `done`, `diverged` (finished: weights frozen before th
 gone (its pid is dead on this host, or its heartbeat is older than STALE_AFTER_S) as `stale`, and a finished
 folder missing one of FOLDER_FILES as `incomplete` (a re-run trains it again).
 
-One writer per folder: `claims.claim()` takes a file lock next to the folder (`.<run id>.lock`). A re-run over a
-finished result trains into a hidden staging folder (`.<run id>.staging`) and swaps it in when it finishes,
-so a finished result is never deleted before its replacement exists (see `RunFolder.commit`).
+One writer per folder: `bnstudy.app.claims.claim()` takes a file lock next to the folder (`.<run id>.lock`).
+A re-run over a finished result trains into a hidden staging folder (`.<run id>.staging`) and swaps it in when
+it finishes, so a finished result is never deleted before its replacement exists (see `RunFolder.commit`).
 
 An unfinished run (`interrupted`, or `running` whose writer is gone) with a checkpoint in
-`<run folder>/checkpoint/` (bnstudy.app.checkpoints) is resumed: `claims.claim()` says so, `RunFolder(..., resume=...)`
-reopens the folder instead of recreating it, cuts metrics.jsonl back to the checkpoint (`truncate_metrics`) and
-keeps the summary's `wandb_id`, under which the wandb run continues.
+`<run folder>/checkpoint/` (bnstudy.app.checkpoints) is resumed: `claims.claim()` says so,
+`RunFolder(..., resume=...)` reopens the folder instead of recreating it, cuts metrics.jsonl back to the
+checkpoint (`truncate_metrics`) and keeps the summary's `wandb_id`, under which the wandb run continues.
 
-Every file is created with the process umask (0644 by default). Only the standard library, yaml and
-filelock are imported, so the report can read folders without the training stack.
+Every file is created with the process umask (0644 by default). Only the standard library and yaml are
+imported, so the report can read folders without the training stack.
 """
 
 from __future__ import annotations
@@ -169,13 +169,10 @@ def write_text_atomic(path: Path, text: str) -> None:
         with open(tmp, "x") as f:
             f.write(text)
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
-        if e.filename is None:  # a failed write() names no file: say which one (a full disk)
+        if isinstance(e, OSError) and e.filename is None:  # a failed write() names no file: say which (a full disk)
             raise OSError(e.errno, e.strerror, str(path)) from e
-        raise
-    except BaseException:
-        tmp.unlink(missing_ok=True)
         raise
 
 

@@ -86,8 +86,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def compose_settings(study: str, overrides: list[str]) -> tuple[Path, str, str]:
-    """(out_dir, dataset name, logger.wandb.mode) of the study under these overrides, from Hydra's compose; a sweep's first value
-    stands for it (a sweep of the dataset is refused: each dataset is its own report)."""
+    """(out_dir, dataset name, logger.wandb.mode) of the study under these overrides, from Hydra's compose; a
+    sweep's first value stands for it (a sweep of the dataset is refused: each dataset is its own report)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
