@@ -101,7 +101,7 @@ def test_benchmarks_import_none_of_the_app_stack():
     """They must run on a bare JAX machine (jax, flax, optax, numpy)."""
     code = (
         f"import sys; sys.path.insert(0, {str(BENCHMARKS)!r}); "
-        "import common, bench_pack, measure_cost, probe_overhead, step_vs_torch; "
+        "import common, bench_pack, measure_cost, probe_overhead, profile_step, step_vs_torch; "
         "bad = {'hydra', 'omegaconf', 'wandb', 'tensorflow_datasets', 'tensorflow', 'orbax', 'pandas'} & set(sys.modules); "
         "assert not bad, bad"
     )
@@ -132,6 +132,23 @@ def test_common_helpers_give_medians_ratios_and_round_robin_seconds(tmp_path):
     assert info["versions"]["jax"] and common.cpus_usable() >= 1
     common.write_json(tmp_path / "r.json", {"x": 1.5})
     assert json.loads((tmp_path / "r.json").read_text()) == {"x": 1.5}
+
+
+def test_profile_step_sums_the_traced_xla_ops_by_kind(tmp_path):
+    import profile_step
+
+    assert profile_step.op_kind("transpose_copy_fusion.12") == "transpose_copy_fusion"
+    assert profile_step.op_kind("ynn_fusion") == "ynn_fusion" and profile_step.op_kind("dot.1.2") == "dot"
+    assert all(profile_step.NOT_OPS.match(n) for n in ("ThunkExecutor::Execute", "end: dot", "$profiler.py:1 x"))
+    out = tmp_path / "profile.json"
+    text = run_script("profile_step.py", "--model", "cnn", "--steps", "2", "--top", "3", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert result["step_ms"] > 0 and positive_numbers(result["op_ms_per_step"])
+    kinds = result["op_ms_per_step"]
+    assert any("fusion" in k for k in kinds)  # XLA's fused ops of the step were found in the trace
+    assert not [k for k in kinds if profile_step.NOT_OPS.match(k) or k != profile_step.op_kind(k)]
+    assert list(kinds.values()) == sorted(kinds.values(), reverse=True)
+    assert "| unattributed" in text and result["machine"]["versions"]["jax"]
 
 
 def test_torch_reference_loss_falls_over_its_steps():

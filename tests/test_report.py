@@ -109,7 +109,8 @@ def test_index_table_atop_results_readme_keeps_the_notes(tmp_path, capsys):
     cli.main(["--index", str(results)])
     text = (results / "README.md").read_text()
     assert text.index(INDEX_START) < text.index("Notes on how these were made.")
-    assert "| placement |" in text and "**supported**" in text and "[placement](placement/README.md)" in text
+    assert "| placement (mnist) |" in text and "**supported**" in text and "[CNN-2](placement/README.md)" in text
+    assert record["network"] == "CNN-2"  # the tests' runs are the default 2-conv CNN
     deciding = record["deciding"]
     assert f"[{fmt(deciding['ci_low'])}, {fmt(deciding['ci_high'])}]" in text
     cli.main(["--index", str(results)])  # regenerating replaces the table, never duplicates it

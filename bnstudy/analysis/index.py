@@ -13,6 +13,7 @@ import pandas as pd
 from bnstudy.analysis.analyse import Analysis
 from bnstudy.analysis.errors import ReportError
 from bnstudy.analysis.tables import fmt
+from bnstudy.schema import STANDARD_DEPTHS
 
 VERDICT_FILE = "verdict.json"  # one study's verdict in brief, read by `--index`
 FIXED_SEEDS = 5  # the fixed design the compute is weighed against: 5 seeds at every cell of the original grid
@@ -45,6 +46,7 @@ def verdict_record(a: Analysis) -> dict:
         "verdict": a.verdict,
         "dataset": a.dataset,
         "variant": a.spec.get("variant", "default"),
+        "network": network_label(a.runs),
         "verdict_sentence": a.verdict_sentence,
         "runs": int(len(a.runs)),
         "fixed_design_runs": fixed_design_runs(a),
@@ -69,6 +71,22 @@ def verdict_record(a: Analysis) -> dict:
             )
         }
     return record
+
+
+NETWORK_NAMES = {"cnn": "CNN", "resnet": "ResNet", "vgg": "VGG"}
+
+
+def network_label(runs: pd.DataFrame) -> str:
+    """The network of a study's runs, e.g. 'CNN-2' (the default digits CNN), 'CNN-6', 'ResNet-20'; several are
+    joined with '+'."""
+    if "model.name" not in runs or runs.empty:
+        return "unknown"
+    depth = runs["model.depth"] if "model.depth" in runs else pd.Series(np.nan, index=runs.index)
+    labels = set()
+    for name, d in zip(runs["model.name"].astype(str), depth, strict=True):
+        d = STANDARD_DEPTHS.get(name) if d is None or (isinstance(d, float) and math.isnan(d)) else int(d)
+        labels.add(f"{NETWORK_NAMES.get(name, name)}-{d}")
+    return "+".join(sorted(labels))
 
 
 def _finite(x):
@@ -105,33 +123,99 @@ def fixed_design_runs(a: Analysis) -> int:
 INDEX_START, INDEX_END = "<!-- bnstudy-report --index: start -->", "<!-- bnstudy-report --index: end -->"
 
 
-def index_table(results: Path) -> str:
-    """One row per report under `results` (each `<folder>/verdict.json`): claim, verdict, the verdict in words
-    (each region of a claim that depends on an axis), deciding effect with its 95% interval, n and a link."""
-    records = [(json.loads(p.read_text()), p.parent.name) for p in sorted(results.glob(f"*/{VERDICT_FILE}"))]
-    if not records:
+DEFAULT_NETWORK = "CNN-2"  # the network every study is designed on; any other is "the deep network"
+
+
+def effect_cell(r: dict) -> str:
+    d = r.get("deciding") or {}
+    if not d:
+        return "no comparison"
+    return (
+        f"{d['comparison']} on `{d['metric']}` ({d['context']}): {fmt(d['estimate'])} "
+        f"[{fmt(d['ci_low'])}, {fmt(d['ci_high'])}], expected {d['expect']}"
+    )
+
+
+def looks_cell(r: dict) -> str:
+    """The seeds each comparison was decided at and the looks taken, e.g. '7 seeds (looks 3, 5, 7)'."""
+    parts = []
+    for c in r.get("comparisons") or []:
+        looks = c.get("looks") or []
+        seeds = c.get("decided_at") or (looks[-1] if looks else None)
+        open_ = "" if c.get("decided_at") else ", undecided"
+        parts.append(f"{seeds} seeds (looks {', '.join(map(str, looks))}{open_})" if looks else "-")
+    unique = list(dict.fromkeys(parts))
+    return "; ".join(unique) if unique else "-"
+
+
+def selections_cell(r: dict) -> str:
+    """'yes (3 arms)' when every arm's selection is inside what it searched, else each edge and its reason."""
+    selections = r.get("selections") or []
+    if not selections:
+        return "no selection"
+    edges = [s for s in selections if s.get("edge")]
+    if not edges:
+        return f"yes ({len(selections)} arms)"
+    said = [
+        f"{', '.join(f'{k}={v}' for k, v in s['filters'].items()) or 'all'} at the {s['edge']} edge "
+        f"({s.get('edge_reason', 'no reason recorded')})"
+        for s in edges
+    ]
+    return "no: " + "; ".join(said)
+
+
+def verdict_cell(r: dict | None, with_network: bool) -> str:
+    if r is None:
+        return "not run"
+    words = r.get("verdict_sentence") or r["verdict"]
+    network = f" ({r.get('network', 'unknown')})" if with_network else ""
+    return f"**{r['verdict']}**{network}: {words.split(': ', 1)[-1] if ': ' in words else words}"
+
+
+def index_records(results: Path) -> dict[tuple[str, str], dict[str, tuple[dict, str]]]:
+    """(study + variant, dataset) -> network -> (verdict.json record, report folder), for every report."""
+    paths = sorted(results.glob(f"*/{VERDICT_FILE}"))
+    if not paths:
         raise ReportError(f"no reports under {results}: expected <study>/{VERDICT_FILE} written by bnstudy-report.")
-    head = ["study", "claim", "verdict", "in words", "deciding effect [95% CI]", "n", "report"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r, folder in records:
-        d = r.get("deciding") or {}
-        effect = (
-            f"{d['comparison']} on `{d['metric']}` ({d['context']}): {fmt(d['estimate'])} "
-            f"[{fmt(d['ci_low'])}, {fmt(d['ci_high'])}], expected {d['expect']}"
-            if d
-            else "no comparison"
-        )
-        n = f"{d.get('n', '-')} ({d.get('method', '-')})" if d else "-"
+    grouped: dict[tuple[str, str], dict[str, tuple[dict, str]]] = {}
+    for path in paths:
+        r = json.loads(path.read_text())
         variant = "" if r.get("variant", "default") == "default" else f" (variant: {r['variant']})"
-        words = r.get("verdict_sentence") or r["verdict"]
+        network = r.get("network", DEFAULT_NETWORK)  # reports from before the key: the default network
+        grouped.setdefault((r["study"] + variant, r.get("dataset", "")), {})[network] = (r, path.parent.name)
+    return grouped
+
+
+def index_table(results: Path) -> str:
+    """One row per study (and dataset) over the reports under `results` (each `<folder>/verdict.json`): the
+    claim, its verdict on the default CNN and on the deep network (each with the verdict in words, the axis
+    rule's sentence where the claim depends on an axis), the deciding effect with its 95% interval, the seeds
+    and looks, whether every selection is inside its grid, and links to the reports."""
+    head = [
+        "study",
+        "claim",
+        "verdict on the CNN",
+        "verdict on the deep network",
+        "deciding effect [95% CI]",
+        "seeds and looks",
+        "selections interior?",
+        "reports",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (study, dataset), by_network in index_records(results).items():
+        cnn = by_network.get(DEFAULT_NETWORK)
+        deep = [by_network[n] for n in sorted(by_network) if n != DEFAULT_NETWORK]
+        reports = ([cnn] if cnn else []) + deep
+        label = (lambda r: f"{r.get('network', DEFAULT_NETWORK)}: ") if len(reports) > 1 else (lambda r: "")
         cells = [
-            r["study"] + variant,
-            r["claim"],
-            f"**{r['verdict']}**",
-            words,
-            effect,
-            n,
-            f"[{folder}]({folder}/README.md)",
+            study + ("" if dataset in ("", "mnist_t10k") else f" ({dataset})"),
+            reports[0][0]["claim"],
+            verdict_cell(cnn[0] if cnn else None, with_network=False),
+            "; ".join(verdict_cell(r, with_network=True) for r, _ in deep) or "not run",
+            "; ".join(label(r) + effect_cell(r) for r, _ in reports),
+            "; ".join(label(r) + looks_cell(r) for r, _ in reports),
+            "; ".join(label(r) + selections_cell(r) for r, _ in reports),
+            ", ".join(f"[{r.get('network', DEFAULT_NETWORK)}]({folder}/README.md)" for r, folder in reports),
         ]
         lines.append("| " + " | ".join(c.replace("|", "/").replace("\n", " ") for c in cells) + " |")
     return "\n".join(lines)
