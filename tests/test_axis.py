@@ -36,3 +36,34 @@ def test_one_verdict_everywhere_is_said_once_and_mixed_verdicts_are_not_one_word
     assert axis.overall_along(["supported", "supported"]) == "supported"
     assert axis.overall_along(["supported", "contradicted", "inconclusive"]) == "depends"
     assert axis.overall_along(["supported", "inconclusive"]) == "inconclusive"
+
+
+def test_along_an_axis_the_study_rule_holds_at_every_value():
+    """Contradicted at some values and inconclusive elsewhere is contradicted, as a plain contradicted
+    comparison makes the study; negligible where nothing supports it; a failure beside support depends."""
+    assert axis.overall_along(["contradicted", "contradicted", "inconclusive"]) == "contradicted"
+    assert axis.overall_along(["negligible", "inconclusive"]) == "negligible"
+    assert axis.overall_along(["negligible", "contradicted"]) == "contradicted"
+    assert axis.overall_along(["supported", "negligible"]) == "depends"
+    assert axis.crossovers([2, 8], ["supported", "negligible"]) == [(2, 8)]
+
+
+def test_an_along_sentence_names_each_context_beyond_the_axis():
+    import pandas as pd
+
+    from bnstudy.analysis.verdicts import along_sentence
+
+    g = pd.DataFrame(
+        {
+            "comparison": "(norm=layer) - (norm=batch)",
+            "metric": "test/acc",
+            "along_axis": "train.batch_size",
+            "along_value": [2, 32, 2, 32],
+            "along_context": ["init_scale=0.5", "init_scale=0.5", "init_scale=2", "init_scale=2"],
+            "verdict": ["supported", "inconclusive", "inconclusive", "inconclusive"],
+        }
+    )
+    assert along_sentence(g) == (
+        "(norm=layer) - (norm=batch) on `test/acc`: at init_scale=0.5: supported at batch 2, inconclusive at "
+        "batch 32; at init_scale=2: inconclusive at every batch searched (2, 32)"
+    )

@@ -79,12 +79,52 @@ def test_a_low_edge_steps_down_by_the_grid_ratio(tmp_path):
     ]
 
 
-def test_the_study_bound_stops_the_extension(tmp_path):
+def test_the_study_bound_is_tried_before_it_stops_the_extension(tmp_path):
     spec = {**SPEC, "select": {**SPEC["select"], "bounds": {"optimizer.lr": [0.01, 0.15]}}}
-    a = analyse_dir("placement", grid_runs(tmp_path / "runs", spec=spec))
+    root = grid_runs(tmp_path / "runs", spec=spec)
+    a = analyse_dir("placement", root)
     bn = by_arm(a)["before_relu"]
-    assert (bn.edge, bn.edge_reason) == ("high", REASON_BOUND)
+    assert (bn.edge, bn.edge_reason) == ("high", REASON_OPEN)  # 0.2 is past the bound, but 0.15 was never tried
+    assert [e["value"] for e in pending_extensions(a)] == [0.15]
+    for seed in range(3):
+        write_run(root, norm="before_relu", lr=0.15, seed=seed, spec=spec, summary={"val/acc": 0.96, "test/acc": 0.96})
+    a = analyse_dir("placement", root)
+    bn = by_arm(a)["before_relu"]
+    assert (bn.selected, bn.edge, bn.edge_reason) == (0.15, "high", REASON_BOUND)
     assert pending_extensions(a) == []
+
+
+def test_an_arm_where_nothing_trains_has_no_selection_no_extension_and_loses(tmp_path):
+    """No tie-break picks an lr for it, no edge reason claims what the data do not show, and the comparison
+    that needs it to train is lost by it: contradicted, with no confirmation seed spent on it."""
+    root = grid_runs(tmp_path / "runs", values={"before_relu": VAL["before_relu"]})
+    for lr in (0.025, 0.05, 0.1):
+        for seed in range(3):
+            write_run(root, norm="none", lr=lr, seed=seed, spec=SPEC, status="diverged")
+    flipped = {**SPEC, "compare": [{**SPEC["compare"][0], "a": SPEC["compare"][0]["b"], "b": SPEC["compare"][0]["a"]}]}
+    a = analyse_dir("placement", root)
+    none = by_arm(a)["none"]
+    assert (none.selected, none.edge, none.edge_reason) == (None, "none", "no optimizer.lr in [0.025, 0.1] trained")
+    assert [e["filters"] for e in pending_extensions(a)] == [{"model.norm": "before_relu"}]  # BN's open edge only
+    assert a.phases.untrained == [{"model.norm": "none"}]
+    assert not a.selection.query("`model.norm` == 'none'")["selected"].any()
+    (row,) = a.comparisons.to_dict("records")
+    assert row["verdict"] == "supported" and row["decided_at"] == 0 and "(norm=none) trained at no" in row["note"]
+    (row,) = analyse_spec(root, flipped).comparisons.to_dict("records")
+    assert row["verdict"] == "contradicted"  # as `a`, the untrained arm loses "a > b"
+
+
+def analyse_spec(root, spec):
+    import yaml
+
+    from bnstudy.analysis.analyse import analyse
+
+    folder = root.parent / "experiments"
+    folder.mkdir(exist_ok=True)
+    (folder / "placement.yaml").write_text(yaml.safe_dump({"report": spec}))
+    loaded = load_local(root)
+    loaded.specs.clear()  # read the experiment file's spec, not the runs'
+    return analyse("placement", loaded, experiments_dir=folder)
 
 
 def test_an_all_diverged_extension_makes_the_edge_real(tmp_path):

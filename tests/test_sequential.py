@@ -11,31 +11,42 @@ from scipy import stats as sps
 from bnstudy.analysis import sequential
 from bnstudy.analysis.sequential import LookState, SeedSchedule, take_look
 
-SCHEDULE = SeedSchedule(start=3, step=2, max=10)
+SCHEDULE = SeedSchedule(start=4, step=2, max=10)
 
 
 def test_the_schedule_plans_looks_up_to_its_maximum():
-    assert SCHEDULE.looks == (3, 5, 7, 9, 10)
+    assert SCHEDULE.looks == (4, 6, 8, 10)
+    assert SeedSchedule(3, 2, 10).looks == (3, 5, 7, 9, 10)
     assert SeedSchedule(3, 3, 9).looks == (3, 6, 9)
     assert SeedSchedule.fixed(5).looks == (5,)
     with pytest.raises(ValueError, match="start <= max"):
         SeedSchedule(start=12, step=2, max=10)
 
 
-def test_spending_is_obrien_fleming_type_and_spends_all_alpha_at_the_end():
+def test_spending_is_the_power_family_and_spends_all_alpha_at_the_end():
     alpha = 0.025
     spent = [sequential.spent(alpha, t) for t in SCHEDULE.fractions]
-    assert spent == sorted(spent) and spent[-1] == pytest.approx(alpha)
-    assert spent[0] < alpha / 20  # almost nothing spent at the first look
+    assert spent == pytest.approx([alpha * t**2 for t in (0.4, 0.6, 0.8, 1.0)])
+    assert spent[-1] == pytest.approx(alpha) and spent[0] < alpha / 5  # little, but not nothing, spent early
 
 
 def test_nominal_levels_spend_alpha_on_fresh_null_studies():
     alpha = 0.025
     levels = np.array(sequential.nominal_levels(alpha, SCHEDULE.looks))
     assert sequential.nominal_levels(alpha, (5,))[0] == pytest.approx(alpha, rel=0.01)
-    assert np.all(np.diff(levels) > 0) and levels[-1] > 0.7 * alpha  # most of alpha is left for the last look
+    assert levels[0] == pytest.approx(alpha * 0.4**2)  # the first look: a p-value is uniform, the level exact
+    assert np.all(np.diff(levels) > 0) and levels[-1] > 0.6 * alpha  # most of alpha is left for the last look
     verdicts, _ = simulate([0.0], sd=1.0, margin=0.0, n_studies=8000, seed=99)
     assert (verdicts == "supported").mean() == pytest.approx(alpha, abs=3 * np.sqrt(alpha * (1 - alpha) / 8000))
+
+
+def test_the_first_look_can_decide_with_three_comparisons_in_the_family():
+    """O'Brien-Fleming-type spending left the first look's threshold at exactly 0 with three comparisons; the
+    power family leaves one that a large effect (5 seed standard deviations) passes at 4 seeds."""
+    assert sequential.look_threshold(0.025 / 3, SeedSchedule(3, 2, 10), 0) > 0
+    assert sequential.look_threshold(0.025 / 3, SCHEDULE, 0) > 1e-3
+    _, seeds = simulate([5.0, 5.0, 5.0], sd=1.0, margin=0.0, n_studies=200, seed=3)
+    assert (seeds == SCHEDULE.start).mean() > 0.5
 
 
 def simulate(effects, sd, margin, n_studies, seed, expect="greater"):
@@ -95,3 +106,13 @@ def test_seeds_a_fixed_design_needs_grow_with_the_spread():
     many = sequential.seeds_for_fixed_design(0.01, 0.02, 0.0)
     assert 2 <= few < many
     assert sequential.seeds_for_fixed_design(0.0, 0.01, 0.0) is None
+
+
+def test_seeds_a_fixed_design_needs_use_t_quantiles_and_the_level_given():
+    """The smallest n whose one-sided t-test at the level reaches 80% power (t quantiles at n - 1 degrees of
+    freedom): more than the normal approximation's (z + z)^2 at few seeds, more again at Holm's alpha / 3."""
+    n = sequential.seeds_for_fixed_design(0.01, 0.01, 0.0)
+    reach = lambda k, a: (sps.t.isf(a, k - 1) + sps.t.ppf(0.8, k - 1)) / np.sqrt(k)
+    assert reach(n, 0.025) <= 1.0 < reach(n - 1, 0.025)
+    assert n > (sps.norm.isf(0.025) + sps.norm.ppf(0.8)) ** 2
+    assert sequential.seeds_for_fixed_design(0.01, 0.01, 0.0, alpha=0.025 / 3) > n

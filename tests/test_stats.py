@@ -73,18 +73,33 @@ def test_bounded_metrics_are_clipped_and_proportions_exact():
         (0.001, 0.004, "less", 0.005, "supported"),  # a gain below the margin: "adds little"
         (0.006, 0.02, "less", 0.005, "contradicted"),
         (0.003, 0.02, "less", 0.005, "inconclusive"),
-        (-0.003, 0.004, "greater", 0.005, "contradicted"),  # equivalent to zero within +-0.005
+        (-0.003, 0.004, "greater", 0.005, "negligible"),  # inside +-0.005: the claimed gain is absent
+        (-0.02, -0.008, "greater", 0.005, "contradicted"),  # the opposite, beyond the margin
+        (-0.008, 0.004, "greater", 0.005, "inconclusive"),  # a gain of 0.005 ruled out, nothing else shown
         (-0.003, 0.004, "equivalent", 0.005, "supported"),
         (-0.003, 0.006, "equivalent", 0.005, "inconclusive"),
         (0.009, 0.02, "equivalent", 0.005, "contradicted"),  # either side shown beyond: p doubled
     ],
 )
 def test_one_comparison_is_decided_by_where_its_95_interval_lies(lo, hi, expect, margin, verdict):
-    """With one comparison (no multiplicity), the Holm rule at 0.025 per direction is the 95%-interval rule."""
+    """With one comparison (no multiplicity), the Holm rule at 0.025 per direction is the 95%-interval rule
+    (for contradicting an equivalence claim, the 97.5% one: next test)."""
     c = contrast_from_interval(lo, hi)
-    p_support, p_contra = stats.one_sided_pvalues(c, expect, margin)
-    verdicts, _, _ = stats.decide_family([p_support], [p_contra])
+    p_support, p_contra, word = stats.one_sided_pvalues(c, expect, margin)
+    verdicts, _, _ = stats.decide_family([p_support], [p_contra], [word])
     assert verdicts == [verdict]
+
+
+def test_contradicting_an_equivalence_claim_needs_the_97_5_percent_interval():
+    """The audit's case: estimate -0.147, 95% interval [-0.251, -0.044] (2 df), margin 0.005: beyond -0.005 at
+    95% but not at 97.5%, so the doubled p leaves it inconclusive; a narrower interval contradicts it."""
+    c = contrast_from_interval(-0.251, -0.044, df=2.0)
+    assert c.interval()[1] < -0.005 < c.estimate + sps.t.ppf(0.9875, 2) * c.se
+    _, p_contra, word = stats.one_sided_pvalues(c, "equivalent", 0.005)
+    assert stats.decide_family([np.nan], [p_contra], [word])[0] == ["inconclusive"]
+    narrow = contrast_from_interval(-0.20, -0.094, df=2.0)
+    _, p_contra, word = stats.one_sided_pvalues(narrow, "equivalent", 0.005)
+    assert stats.decide_family([np.nan], [p_contra], [word])[0] == ["contradicted"]
 
 
 def test_tost_equals_scipy_one_sided_tests_on_the_differences():
@@ -94,12 +109,12 @@ def test_tost_equals_scipy_one_sided_tests_on_the_differences():
     lower = sps.ttest_1samp(d, -margin, alternative="greater").pvalue
     upper = sps.ttest_1samp(d, margin, alternative="less").pvalue
     assert stats.tost_pvalue(c, margin) == pytest.approx(max(lower, upper))
-    p_support, _ = stats.one_sided_pvalues(c, "equivalent", margin)
+    p_support, _, _ = stats.one_sided_pvalues(c, "equivalent", margin)
     assert p_support == pytest.approx(max(lower, upper)) and p_support < 0.025
-    # the same numbers contradict "greater than 0 by a difference that matters (0.005)", and the note says why
-    _, p_contra = stats.one_sided_pvalues(c, "greater", margin)
-    assert p_contra == pytest.approx(upper)
-    assert "equivalent to zero within +-0.005" in stats.why(c, "greater", margin, "contradicted")
+    # the same numbers show "greater than 0 by a difference that matters (0.005)" negligible, and say why
+    _, p_contra, word = stats.one_sided_pvalues(c, "greater", margin)
+    assert p_contra == pytest.approx(max(lower, upper)) and word == "negligible"
+    assert "a difference inside +-0.005 is shown" in stats.why(c, "greater", margin, "negligible")
 
 
 def test_holm_adjustment_over_k_comparisons_by_hand():
@@ -117,7 +132,7 @@ def test_zero_spread_is_no_evidence():
     a, b = seeded([2.0, 2.0, 2.0]), seeded([1.0, 1.0, 1.0])
     c = stats.contrast([a, b], [1, -1])
     assert c.se == 0 and c.interval() == (1.0, 1.0)
-    p_support, p_contra = stats.one_sided_pvalues(c, "greater", 0.0)
+    p_support, p_contra, _ = stats.one_sided_pvalues(c, "greater", 0.0)
     assert np.isnan(p_support) and np.isnan(p_contra)
     verdicts, _, _ = stats.decide_family([p_support], [p_contra])
     assert verdicts == ["inconclusive"] and "no variation" in stats.why(c, "greater", 0.0, "inconclusive")
@@ -127,6 +142,9 @@ def test_overall_verdict_is_an_intersection_of_the_comparisons():
     assert stats.overall(["supported", "supported"]) == "supported"
     assert stats.overall(["supported", "inconclusive"]) == "inconclusive"
     assert stats.overall(["supported", "contradicted", "inconclusive"]) == "contradicted"
+    assert stats.overall(["supported", "negligible", "inconclusive"]) == "negligible"
+    assert stats.overall(["negligible", "contradicted"]) == "contradicted"
+    assert stats.overall(["supported", "depends"]) == "depends"
     assert stats.overall([]) == "inconclusive"
 
 
@@ -137,7 +155,7 @@ def false_contradiction_rate(studies: int, comparisons: int, seeds: int, rng: np
     for _ in range(studies):
         seed_effect = rng.normal(size=(comparisons, 1, seeds))  # shared by both arms: what pairing removes
         values = seed_effect + rng.normal(scale=0.5, size=(comparisons, 2, seeds))
-        p_support, p_contra = zip(
+        p_support, p_contra, _ = zip(
             *(
                 stats.one_sided_pvalues(stats.contrast([pd.Series(v[0]), pd.Series(v[1])], [1, -1]), e, 0.0)
                 for v, e in zip(values, expects)
@@ -206,32 +224,46 @@ SELECT_RUNS = {
 }
 
 
-def select_runs(root, spec=SELECT_SPEC):
-    for (norm, lr), values in SELECT_RUNS.items():
-        for seed, (val, test) in enumerate(values):
-            records = [{"step": 5, "epoch": 0.5, "train/loss": 2.3}, {"step": 10, "epoch": 1.0, "train/loss": 0.3}]
-            write_run(
-                root,
-                study="select",
-                norm=norm,
-                seed=seed,
-                lr=lr,
-                spec=spec,
-                records=records,
-                summary={"val/acc": val, "test/acc": test, "train/loss": 2.25 if test < 0.2 else 0.3},
-            )
+# The confirmation phase: each arm at its selected lr on seeds 100-102, never a selection seed; a confirmation
+# run at an lr its arm did not select (the last entry) is left out.
+CONFIRM_RUNS = {
+    ("before_relu", 0.1): [(0.979, 0.977), (0.980, 0.979), (0.978, 0.975)],
+    ("none", 0.01): [(0.949, 0.941), (0.950, 0.944), (0.948, 0.938)],
+    ("before_relu", 0.01): [(0.99, 0.999)],
+}
+
+
+def select_runs(root, spec=SELECT_SPEC, confirm=CONFIRM_RUNS):
+    for first_seed, runs in ((0, SELECT_RUNS), (100, confirm)):
+        for (norm, lr), values in runs.items():
+            for seed, (val, test) in enumerate(values, start=first_seed):
+                records = [{"step": 5, "epoch": 0.5, "train/loss": 2.3}, {"step": 10, "epoch": 1.0, "train/loss": 0.3}]
+                write_run(
+                    root,
+                    study="select",
+                    norm=norm,
+                    seed=seed,
+                    lr=lr,
+                    spec=spec,
+                    records=records,
+                    summary={"val/acc": val, "test/acc": test, "train/loss": 2.25 if test < 0.2 else 0.3},
+                )
     return root
 
 
-def test_per_arm_selection_chooses_on_validation_and_compares_there(tmp_path):
-    a = analyse("select", load_local(select_runs(tmp_path / "runs")))
+def test_per_arm_selection_chooses_on_validation_and_confirms_on_other_seeds(tmp_path):
+    with pytest.warns(ReportWarning, match="1 confirmation-seed run"):
+        a = analyse("select", load_local(select_runs(tmp_path / "runs")))
     chosen = a.selection[a.selection["selected"]].set_index("model.norm")["optimizer.lr"].to_dict()
     assert chosen == {"before_relu": 0.1, "none": 0.01}
+    assert a.phases.seeds == [0, 1, 2] and a.phases.confirmation_seeds == [100, 101, 102]
     not_learning = a.selection.query("`model.norm` == 'none' and `optimizer.lr` == 0.1").iloc[0]
-    assert (not_learning["runs"], not_learning["trained"], not_learning["n"]) == (3, 0, 0)
+    # a run that did not learn counts in its setting's score at its real validation accuracy
+    assert (not_learning["runs"], not_learning["trained"], not_learning["n"]) == (3, 0, 3)
+    assert not_learning["mean val/acc"] == pytest.approx(0.110)
     (row,) = a.comparisons.to_dict("records")
-    test_a = [t for _, t in SELECT_RUNS[("before_relu", 0.1)]]
-    test_b = [t for _, t in SELECT_RUNS[("none", 0.01)]]
+    test_a = [t for _, t in CONFIRM_RUNS[("before_relu", 0.1)]]  # the confirmation runs alone decide
+    test_b = [t for _, t in CONFIRM_RUNS[("none", 0.01)]]
     assert (row["mean_a"], row["mean_b"]) == pytest.approx((np.mean(test_a), np.mean(test_b)))
     d = np.subtract(test_a, test_b)
     half = T975_DF2 * d.std(ddof=1) / math.sqrt(3)
@@ -241,9 +273,10 @@ def test_per_arm_selection_chooses_on_validation_and_compares_there(tmp_path):
     assert row["method"] == "paired (3 seeds)" and row["verdict"] == "supported" and a.verdict == "supported"
     # the run that sits at chance is not_trained: out of the means, in the failure rate
     assert (a.runs["status"] == "not_trained").sum() == 3
-    rate = a.summary.query("table == 'runs' and metric == 'diverged' and `model.norm` == 'none'")
+    selection_phase = "table.str.startswith('selection phase') and `model.norm` == 'none'"
+    rate = a.summary.query(f"metric == 'diverged' and {selection_phase}")
     assert rate.set_index("optimizer.lr")["mean"].to_dict() == {0.01: 0.0, 0.1: 1.0}
-    acc = a.summary.query("table == 'runs' and metric == 'test/acc' and `model.norm` == 'none'")
+    acc = a.summary.query(f"metric == 'test/acc' and {selection_phase}")
     assert acc.set_index("optimizer.lr")["n"].to_dict() == {0.01: 3, 0.1: 0}
 
 

@@ -4,6 +4,7 @@ the report) that a re-run finds complete."""
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import subprocess
@@ -107,8 +108,8 @@ QUICK = [
     "optimizer.lr=[0.1,0.3]",
     # Two seeds, then one more look at three: an open comparison gets exactly one seed round.
     "report.seeds={start:2,step:1,max:3}",
-    # One grid step either side of [0.1, 0.3] is inside the bounds, two steps are not: each arm whose
-    # selection sits at an edge is extended once, whichever edge it is.
+    # One grid step either side of [0.1, 0.3] is inside the bounds, two steps are not (a low edge then tries
+    # the bound 0.03 itself): each arm whose selection sits at an edge is extended, whichever edge it is.
     "report.select.bounds={optimizer.lr:[0.03,0.9]}",
 ]
 
@@ -124,8 +125,8 @@ def test_a_quick_study_is_extended_at_an_edge_gets_a_seed_round_and_a_report_and
     stdout = run_study(tmp_path)
     rounds = re.findall(r"^bnstudy-study regularization round (\d+): (.*)$", stdout, re.M)
     kinds = [why.split()[0] for _, why in rounds]
-    assert kinds[0] == "the" and "extend" in kinds and kinds[-1] == "seeds", rounds
-    assert kinds.index("extend") < kinds.index("seeds")
+    assert kinds[0] == "the" and "extend" in kinds and kinds[-1] == "confirmation", rounds
+    assert kinds.index("extend") < kinds.index("confirmation")  # the selection phase ends before confirming
     frame = load_local(tmp_path / "regularization").frame
     base = frame[frame["optimizer.lr"].isin([0.1, 0.3]) & (frame["seed"] < 2)]
     assert len(base) == 2 * 2 * 2  # two arms, two lrs, seeds 0 and 1
@@ -136,9 +137,15 @@ def test_a_quick_study_is_extended_at_an_edge_gets_a_seed_round_and_a_report_and
     # Only the named arms were trained at the new value (the override replaced the study's sweep of model.norm),
     # with the arm's own seeds, and the new value is one grid step past an edge.
     assert set(extended["model.norm"]) == named
-    assert set(extended[extended["seed"] < 2]["optimizer.lr"].round(7)) <= {0.0333333, 0.9}
-    seed_two = frame[frame["seed"] == 2]
-    assert 1 <= len(seed_two) <= 2  # the next look's seed, at each arm's selected lr only
+    # one grid step past an edge, or, where the next step would pass the bound, the bound itself (tried before
+    # it stands): 0.1 -> 0.0333 -> 0.03, 0.3 -> 0.9
+    assert set(extended[extended["seed"] < 2]["optimizer.lr"].round(7)) <= {0.0333333, 0.03, 0.9}
+    confirming = frame[frame["seed"] >= 100]
+    assert set(confirming["seed"]) == {100, 101, 102} and not (set(frame["seed"]) - {0, 1, 100, 101, 102})
+    record = json.loads((tmp_path / "report" / "verdict.json").read_text())
+    assert record["selection_seeds"] == [0, 1] and record["confirmation_seeds"] == [100, 101, 102]
+    # each arm confirmed at its selected lr alone: one lr per arm among the confirmation runs
+    assert confirming.groupby("model.norm")["optimizer.lr"].nunique().max() == 1
     assert (tmp_path / "report" / "README.md").is_file() and (tmp_path / "report" / "verdict.json").is_file()
     assert not (tmp_path / "report" / "wandb").exists()  # the report follows logger.wandb.mode=disabled
 

@@ -2,15 +2,16 @@
 verdict) out. Only numpy, pandas, scipy and yaml are imported: no training stack, no GPU.
 
 What is counted where:
-- a group is every run with the same config apart from the seed; its value is the mean over the runs
-  that finished `done` and trained (bnstudy.analysis.stats.is_trained) with a finite value. Diverged and
-  not-trained runs are counted per group and never averaged in, except in the stability metrics that are
-  defined on them: `diverged` (the fraction of runs that diverged or did not train) and the derived
-  `max_stable` (the largest setting that trained) and `range` (a failed run counts as `diverged_value`).
-- with `select: {by: val/acc, over: [optimizer.lr]}`, each arm (a combination of the other grid columns)
-  is compared at its own setting of `over` (the largest share of trained runs, then the best mean validation
-  score over seeds); the test split never chooses anything. Where that setting sits in what the arm searched
-  is in `edges` (bnstudy.analysis.edges).
+- a group is every run with the same config apart from the seed. Its table value is the mean over the runs
+  that finished `done` and trained (bnstudy.analysis.stats.is_trained) with a finite value, with the diverged
+  and not-trained runs counted beside it. In a comparison every finished run of the group counts, a failed one
+  against its arm (bnstudy.analysis.failures): its value where it has one, chance for a diverged run's
+  accuracy, else the worst outcome and a rank test.
+- with `select: {by: val/acc, over: [optimizer.lr]}` the study has two phases on disjoint seeds
+  (bnstudy.analysis.phases): each arm (a combination of the other grid columns) chooses its setting of `over`
+  on the selection seeds' runs (best mean validation score over all runs there, failures counted; the test
+  split never chooses), and the comparisons use only confirmation runs at those settings. Where a selection
+  sits in what the arm searched is in `edges` (bnstudy.analysis.edges).
 - comparisons are decided on every seed at once (the fixed design), or look by look under the study's seed
   schedule (bnstudy.analysis.looks); an `along:` comparison once per axis value (bnstudy.analysis.verdicts).
 """
@@ -24,14 +25,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from bnstudy.analysis.compare import aggregate, compare
+from bnstudy.analysis.compare import Coverage, aggregate, compare, filters_label
 from bnstudy.analysis.derived import FINISHED, add_run_metrics, derive_across, mark_not_trained
 from bnstudy.analysis.edges import ArmEdge, arm_edges
 from bnstudy.analysis.errors import ReportError, ReportWarning
 from bnstudy.analysis.load import LoadedRuns
 from bnstudy.analysis.looks import decide
-from bnstudy.analysis.selection import select_per_arm
-from bnstudy.analysis.spec import EXPERIMENTS_DIR, choose_spec, spec_metrics
+from bnstudy.analysis.phases import Phases, split_phases
+from bnstudy.analysis.spec import CONFIRMATION_SEED_BASE, EXPERIMENTS_DIR, choose_spec, spec_metrics
 from bnstudy.analysis.verdicts import expand_along, study_verdict, verdict_sentence
 
 # Config keys that do not define what was trained (prefixes): never grouping columns.
@@ -76,6 +77,9 @@ class Analysis:
     compared: dict = field(default_factory=dict)  # metric -> (frame, grid) its comparisons use (selected runs)
     verdict_sentence: str = ""
     pending_look: dict = field(default_factory=dict)  # the sequential design's next look: {seeds, rows} or {}
+    phases: Phases | None = None  # a study with a selection: its selection and confirmation phases
+    pool: pd.DataFrame | None = None  # the runs the comparisons draw from (finished; or confirmation runs)
+    first_new_seed: int = 0  # the first seed a new look trains (confirmation seeds from CONFIRMATION_SEED_BASE)
 
 
 def select_dataset(frame: pd.DataFrame, dataset: str | None) -> tuple[pd.DataFrame, str]:
@@ -112,21 +116,36 @@ def analyse(
     run_names = [m for m in spec_metrics(spec) if m not in derived]
     missing = add_run_metrics(finished, runs, run_names, dataset, spec)
     frames = {m: (finished, grid) for m in run_names}
-    tables = [aggregate(finished, m, grid).assign(table="runs") for m in run_names]
-    compared = dict(frames)  # metric -> (frame, grid) that its comparisons use
-    selection = None
+    compared = {m: (finished, grid) for m in run_names}  # metric -> (frame, grid) that its comparisons use
+    coverage, phases, pool, n_axis = Coverage(), None, finished, {}
     if spec.get("select"):
-        chosen, selection = select_per_arm(finished, grid, spec["select"])
-        sgrid = [c for c in grid if c not in spec["select"]["over"]]
-        compared = {m: (chosen, sgrid) for m in run_names}
-        over = ", ".join(spec["select"]["over"])
-        tables += [aggregate(chosen, m, sgrid).assign(table=f"at each arm's selected {over}") for m in run_names]
+        phases = split_phases(finished, grid, spec, dataset)
+        frame = frame.assign(phase=frame["seed"].isin(phases.seeds).map({True: "selection", False: "confirmation"}))
+        pool, over = phases.confirmation, spec["select"]["over"]
+        sgrid = [c for c in grid if c not in over]
+        selecting = finished[finished["seed"].isin(phases.seeds)]
+        tables = [
+            aggregate(selecting, m, grid).assign(table="selection phase: every searched setting") for m in run_names
+        ]
+        compared = {m: (pool, sgrid) for m in run_names}
+        coverage = Coverage(settings=phases.chosen, untrained=tuple(phases.untrained))
+        n_axis = {k: len({*phases.chosen[k], *(a[k] for a in phases.untrained if k in a)}) for k in sgrid}
+        at = f"confirmation phase: each arm at its selected {', '.join(over)}"
+        tables += [aggregate(pool, m, sgrid).assign(table=at) for m in run_names if len(pool)]
+        if len(phases.stray):
+            warnings.warn(
+                f"{len(phases.stray)} confirmation-seed run(s) at a setting that is not their arm's selection "
+                f"are left out",
+                ReportWarning,
+            )
+    else:
+        tables = [aggregate(finished, m, grid).assign(table="runs") for m in run_names]
     for name, d in derived.items():
-        # With a per-arm selection, an axis other than the selected one is derived from the selected runs
+        # With a per-arm selection, an axis other than the selected one is derived from the confirmation runs
         # (e.g. the spread over init scales of each (norm, scale)'s accuracy at its own selected lr).
-        at_selected = selection is not None and d["over"] not in spec["select"]["over"]
+        at_selected = phases is not None and d["over"] not in spec["select"]["over"]
         base, bgrid = (compared[d["of"]]) if at_selected else (finished, grid)
-        dframe = derive_across(base, name, d, bgrid, dataset)
+        dframe = derive_across(base, name, d, bgrid, dataset, n_axis.get(d["over"]))
         dgrid = [c for c in bgrid if c != d["over"]]
         frames[name] = compared[name] = (dframe, dgrid)
         where = f", at each arm's selected {', '.join(spec['select']['over'])}" if at_selected else ""
@@ -136,21 +155,30 @@ def analyse(
     for m in missing:
         warnings.warn(f"study {study!r}: no run has metric {m!r}", ReportWarning)
     summary = pd.concat(tables, ignore_index=True)
-    comparisons, pending = decide(partial(comparison_rows, spec, compared, dataset), spec)
+    rows_at = partial(comparison_rows, spec, compared, dataset, coverage)
+    comparisons, pending = decide(rows_at, spec)
     verdict = study_verdict(comparisons)
+    selection = phases.table if phases is not None else None
     edges = arm_edges(selection, grid, spec["select"]) if selection is not None else []
     return Analysis(
         study, spec, dataset, frame, grid, summary, comparisons, verdict, missing, runs.skipped, frames, selection,
         edges=edges, compared=compared, verdict_sentence=verdict_sentence(comparisons, verdict), pending_look=pending,
+        phases=phases, pool=pool, first_new_seed=CONFIRMATION_SEED_BASE if phases is not None else 0,
     )  # fmt: skip
 
 
-def comparison_rows(spec: dict, compared: dict, dataset: str, n_seeds: int | None) -> list[dict]:
+def comparison_rows(spec: dict, compared: dict, dataset: str, coverage: Coverage, n_seeds: int | None) -> list[dict]:
     """Every comparison row of the study (an `along:` comparison once per axis value), on the first `n_seeds`
-    paired seeds of each (None: on all seeds, as the fixed design)."""
+    paired seeds of each (None: on all seeds, as the fixed design). An along row also names its context
+    without the axis (`along_context`), for the sentence that reads the verdicts along the axis."""
     rows = []
     for i, declared in enumerate(spec.get("compare") or []):
         cframe, cgrid = compared[declared["metric"]]
-        for comp, along in expand_along(declared, cframe, i):
-            rows += [{**r, **along} for r in compare(cframe, cgrid, comp, dataset, n_seeds)]
+        source = coverage.frame() if coverage.settings is not None else cframe
+        for comp, along in expand_along(declared, source, i):
+            for r in compare(cframe, cgrid, comp, dataset, n_seeds, coverage):
+                if along:
+                    rest = {k: v for k, v in r["_where"].items() if k != along["along_axis"]}
+                    along = {**along, "along_context": filters_label(rest)}
+                rows.append({**r, **along})
     return rows

@@ -14,7 +14,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 SHORT_NAMES = {"train.batch_size": "batch", "optimizer.lr": "lr", "model.init_scale": "init scale"}
-DECIDED = ("supported", "contradicted")
+FAILURES = ("contradicted", "negligible")
+DECIDED = ("supported", *FAILURES)
 
 
 def regions(values: Sequence[float], verdicts: Sequence[str]) -> list[tuple[str, list[float]]]:
@@ -44,9 +45,10 @@ def _where(name: str, vals: list[float], lowest: float, highest: float) -> str:
 
 
 def crossovers(values: Sequence[float], verdicts: Sequence[str]) -> list[tuple[float, float]]:
-    """Pairs of neighbouring searched values between which the verdict flips from supported to contradicted
-    (or back), across any inconclusive values between them: the bracket where the truth changes."""
-    decided = [(vals, v) for v, vals in regions(values, verdicts) if v in DECIDED]
+    """Pairs of neighbouring searched values between which the verdict flips from supported to a failure
+    (contradicted or negligible) or back, across any inconclusive values between them: the bracket where the
+    truth changes."""
+    decided = [(vals, v == "supported") for v, vals in regions(values, verdicts) if v in DECIDED]
     return [(a[-1], b[0]) for (a, va), (b, vb) in zip(decided, decided[1:]) if va != vb]
 
 
@@ -65,11 +67,14 @@ def sentence(axis: str, values: Sequence[float], verdicts: Sequence[str]) -> str
 
 
 def overall_along(verdicts: Sequence[str]) -> str:
-    """The one word for a claim decided along an axis: supported or contradicted only when every value agrees,
-    "depends" when some values support it and others contradict it, else inconclusive."""
+    """The one word for a claim decided along an axis, by the rule a study applies to its comparisons, at every
+    value alike: "depends" when some values support it and others show its failure (contradicted or
+    negligible); otherwise contradicted if any value is, negligible if any is, supported if all are, else
+    inconclusive."""
     kinds = set(verdicts)
-    if kinds == {"supported"} or kinds == {"contradicted"}:
-        return verdicts[0]
-    if {"supported", "contradicted"} <= kinds:
+    if "supported" in kinds and kinds & set(FAILURES):
         return "depends"
-    return "inconclusive"
+    for word in FAILURES:
+        if word in kinds:
+            return word
+    return "supported" if kinds == {"supported"} else "inconclusive"

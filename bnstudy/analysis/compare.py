@@ -4,11 +4,14 @@ The statistical rules themselves live in bnstudy.analysis.stats."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
 from scipy import stats as scipy_stats
 
-from bnstudy.analysis import stats
+from bnstudy.analysis import failures, stats
+from bnstudy.analysis.edges import native
 from bnstudy.analysis.errors import ReportError
 from bnstudy.analysis.spec import for_dataset
 
@@ -55,13 +58,62 @@ def filters_label(filters: dict) -> str:
     return ", ".join(f"{k.split('.')[-1]}={v}" for k, v in filters.items())
 
 
-def _seed_values(sel: pd.DataFrame, metric: str) -> pd.Series:
-    """The metric's values of the runs used (done, or any finished run for `diverged`), indexed by seed."""
-    used = sel["status"].eq("done") | (metric == "diverged")
-    part = sel.loc[used]
-    values = pd.to_numeric(part[metric], errors="coerce")
-    index = part["seed"] if "seed" in part else pd.RangeIndex(len(part))
-    return pd.Series(values.to_numpy(), index=pd.Index(index, name="seed")).dropna()
+def _seed_values(sel: pd.DataFrame, metric: str, dataset: str, better: str | None = None) -> pd.Series:
+    """The metric's values of every finished run, failed ones counted (bnstudy.analysis.failures: a value
+    where the run has one, chance for a diverged run's accuracy, else the worst outcome +-inf), by seed."""
+    values = failures.run_values(sel, metric, dataset, better)
+    index = sel["seed"] if "seed" in sel else pd.RangeIndex(len(sel))
+    return pd.Series(values.to_numpy(float), index=pd.Index(index, name="seed")).dropna()
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """What a comparison's groups should hold, beyond the runs present: the grid settings each group covers
+    (one phase: every setting of its runs; two phases: each arm's selected setting) and the arms where no
+    searched setting trained (they lose the comparisons that need them, see `forced_verdict`)."""
+
+    settings: pd.DataFrame | None = None  # one row per grid setting; None: the settings of the runs present
+    untrained: tuple = ()  # arms (grid column -> value) with no selection
+
+    def of(self, frame: pd.DataFrame, grid: list[str], filters: dict) -> list[dict]:
+        source = self.settings if self.settings is not None else frame
+        cols = [c for c in (source.columns if self.settings is not None else grid) if c in source]
+        part = source[matches(source, filters)] if len(source) else source
+        if not cols:
+            return [{}] if len(part) else []
+        return [{k: native(v) for k, v in r.items()} for r in part[cols].drop_duplicates().to_dict("records")]
+
+    def dead(self, filters: dict) -> bool:
+        """Whether an untrained arm belongs to the group these filters select."""
+        return any(all(_same(arm[k], v) for k, v in filters.items() if k in arm) for arm in self.untrained)
+
+    def frame(self) -> pd.DataFrame:
+        """The settings and the untrained arms, one row each (an untrained arm's `over` keys empty)."""
+        return pd.concat([self.settings, pd.DataFrame(list(self.untrained))], ignore_index=True)
+
+    def contexts(self, frame: pd.DataFrame, cols: list[str]) -> list[dict]:
+        if not cols:
+            return [{}]
+        parts = [frame[cols]] if self.settings is None else [self.settings.reindex(columns=cols)]
+        parts += [
+            pd.DataFrame([{c: arm.get(c) for c in cols}]) for arm in self.untrained if all(c in arm for c in cols)
+        ]
+        return pd.concat(parts, ignore_index=True).drop_duplicates().to_dict("records")
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return bool(np.isclose(float(a), float(b)))
+    return str(a) == str(b)
+
+
+def forced_verdict(expect: str, a_loses: bool, direction: str) -> str:
+    """The verdict of a comparison one of whose two arms never trained: that arm loses. With `direction` the
+    better values of the metric, a losing `a` puts theta = a - b on a's worse side."""
+    if expect == "equivalent":
+        return "contradicted"
+    theta_positive = (direction == "lower") == a_loses
+    return "supported" if (expect == "greater") == theta_positive else "contradicted"
 
 
 def _expect_text(expect: str, margin: float) -> str:
@@ -70,29 +122,40 @@ def _expect_text(expect: str, margin: float) -> str:
     return f"{'above' if expect == 'greater' else 'below'} {margin:g}"
 
 
-def compare(frame: pd.DataFrame, grid: list[str], comp: dict, dataset: str, n_seeds: int | None = None) -> list[dict]:
+def compare(
+    frame: pd.DataFrame,
+    grid: list[str],
+    comp: dict,
+    dataset: str,
+    n_seeds: int | None = None,
+    coverage: Coverage = Coverage(),
+) -> list[dict]:
     """One row per context (every combination of the grid columns the comparison does not fix): the contrast,
-    its 95% interval, which interval (paired or Welch) and the unadjusted one-sided p-values of support and
-    contradiction. The verdicts come later, over all of a study's rows at once (`decide_rows`). With `n_seeds`
-    (a look of the sequential design), only the first n seeds that every group holds are used."""
+    its 95% interval, which interval (paired, Welch or a rank test) and the unadjusted one-sided p-values of
+    support and of the claim's failure. The verdicts come later, over all of a study's rows at once
+    (`decide_rows`). With `n_seeds` (a look of the sequential design), only the first n seeds that every group
+    holds are used. `coverage`: the settings each group should hold and the arms that never trained."""
     if "trend" in comp:
-        return compare_trend(frame, grid, comp, dataset, n_seeds)
+        return compare_trend(frame, grid, comp, dataset, n_seeds, coverage)
     where, ref = comp.get("where") or {}, comp.get("relative_to")
     fixed = {*comp["a"], *comp["b"], *where, *(ref or {})}
     context_cols = [c for c in grid if c not in fixed]
-    contexts = frame[context_cols].drop_duplicates().to_dict("records") if context_cols else [{}]
+    contexts = coverage.contexts(frame, context_cols)
     margin = float(for_dataset(comp.get("margin", 0.0), dataset) or 0.0)
     sides = [(comp["a"], 1.0), (comp["b"], -1.0)]
     if ref:
         sides += [({**comp["a"], **ref}, -1.0), ({**comp["b"], **ref}, 1.0)]
     results = []
     for ctx in sorted(contexts, key=lambda d: [str(v) for v in d.values()]):
-        groups, notes, rows = [], [], []
+        groups, notes, rows, settings, dead = [], [], [], [], []
         for filters, _ in sides:
-            sel = frame[matches(frame, {**where, **ctx, **filters})]
-            groups.append(_seed_values(sel, comp["metric"]))
+            full = {**where, **ctx, **filters}
+            sel = frame[matches(frame, full)]
+            groups.append(_seed_values(sel, comp["metric"], dataset, comp.get("better")))
             notes.append(f"{len(groups[-1])} of {len(sel)}")
             rows.append(sel)
+            settings.append(coverage.of(frame, grid, full))
+            dead.append(coverage.dead(full))
         a_label, b_label = filters_label(comp["a"]), filters_label(comp["b"])
         row = {
             "metric": comp["metric"],
@@ -105,9 +168,27 @@ def compare(frame: pd.DataFrame, grid: list[str], comp: dict, dataset: str, n_se
             "mean_b": float(groups[1].mean()) if len(groups[1]) else np.nan,
             "n": " / ".join(notes),
             "_runs": rows,
+            "_settings": settings,
+            "_where": {**where, **ctx},
         }
-        results.append(with_contrast(row, groups, [coef for _, coef in sides], comp["expect"], margin, n_seeds))
+        row = with_contrast(row, groups, [coef for _, coef in sides], comp["expect"], margin, n_seeds)
+        results.append(with_forced(row, dead, comp, plain=not ref))
     return results
+
+
+def with_forced(row: dict, dead: list[bool], comp: dict, plain: bool) -> dict:
+    """The row decided by an arm that never trained (`_forced`: its verdict and why), or unchanged."""
+    if not any(dead):
+        return row
+    a_dead, b_dead = any(dead[0::2]), any(dead[1::2])
+    if plain and a_dead != b_dead:
+        direction = failures.metric_direction(comp["metric"], comp.get("better"))
+        verdict = forced_verdict(comp["expect"], a_loses=a_dead, direction=direction)
+        arm = filters_label(comp["a"] if a_dead else comp["b"])
+        row["_forced"] = (verdict, f"({arm}) trained at no searched setting: it loses this comparison")
+    else:
+        row["_forced"] = ("inconclusive", "an arm trained at no searched setting, and this contrast has no side for it")
+    return row
 
 
 def first_paired_seeds(groups: list[pd.Series], n_seeds: int) -> tuple[list[pd.Series], int]:
@@ -124,7 +205,12 @@ def with_contrast(
         groups, row["_paired_seeds"] = first_paired_seeds(groups, n_seeds)
         row["n"] = f"{min(n_seeds, row['_paired_seeds'])} paired seeds (first of {row['_paired_seeds']})"
     row["_smallest"] = min(len(g) for g in groups)
-    c = stats.contrast(groups, coefs) if row["_smallest"] >= 2 else None
+    c = None
+    if row["_smallest"] >= 2:
+        if failures.has_worst(groups):
+            c = failures.rank_contrast(groups, coefs, paired=stats.same_seeds(groups))
+        else:
+            c = stats.contrast(groups, coefs)
     if c is None:
         row.update(
             method="-",
@@ -135,10 +221,11 @@ def with_contrast(
             p=np.nan,
             p_support=np.nan,
             p_contra=np.nan,
+            failure_word="contradicted",
         )
     else:
         low, high = c.interval()
-        p_support, p_contra = stats.one_sided_pvalues(c, expect, margin)
+        p_support, p_contra, word = stats.one_sided_pvalues(c, expect, margin)
         row.update(
             method=c.method,
             estimate=c.estimate,
@@ -148,19 +235,23 @@ def with_contrast(
             p=c.p_two_sided(),
             p_support=p_support,
             p_contra=p_contra,
+            failure_word=word,
         )
     row["_contrast"], row["_expect"] = c, expect
     return row
 
 
-def seed_slopes(sel: pd.DataFrame, metric: str, axis: str, logx: bool, logy: bool, n_axis: int) -> pd.Series:
+def seed_slopes(
+    sel: pd.DataFrame, metric: str, axis: str, logx: bool, logy: bool, n_axis: int, dataset: str = ""
+) -> pd.Series:
     """Per seed (index): the least-squares slope of the metric (log10 if `logy`) against the axis (log10 if
     `logx`) over that seed's runs (scipy.stats.linregress). A seed counts only when every one of the
-    context's `n_axis` axis values has a finished, trained run with a usable value (> 0 on a log scale):
-    a slope over part of the axis would not estimate the same thing."""
-    done = sel[sel["status"].eq("done")]
+    context's `n_axis` axis values has a finished run with a usable value (> 0 on a log scale; a failed run
+    counts at its value or chance accuracy, bnstudy.analysis.failures): a slope over part of the axis would
+    not estimate the same thing."""
+    done = sel
     x = pd.to_numeric(done[axis], errors="coerce")
-    y = pd.to_numeric(done[metric], errors="coerce") if metric in done else pd.Series(np.nan, index=done.index)
+    y = failures.run_values(done, metric, dataset)
     ok = np.isfinite(x) & np.isfinite(y) & ((x > 0) if logx else True) & ((y > 0) if logy else True)
     part = pd.DataFrame({"seed": done["seed"], "x": x, "y": y})[ok]
     slopes = {}
@@ -178,7 +269,12 @@ def tied_to(frame: pd.DataFrame, col: str, axis: str) -> bool:
 
 
 def compare_trend(
-    frame: pd.DataFrame, grid: list[str], comp: dict, dataset: str, n_seeds: int | None = None
+    frame: pd.DataFrame,
+    grid: list[str],
+    comp: dict,
+    dataset: str,
+    n_seeds: int | None = None,
+    coverage: Coverage = Coverage(),
 ) -> list[dict]:
     """A trend over the whole axis: per context, each seed's slope of the metric against `trend` (both on log10
     scales by default for x, `logy` for y); the estimate is the mean slope over seeds with its t-interval, or
@@ -190,19 +286,24 @@ def compare_trend(
         raise ReportError(f"trend comparison on {comp['metric']!r}: `trend: {axis}` is not a config key of the runs.")
     arms = [(comp["a"], 1.0), (comp["b"], -1.0)] if "a" in comp else [({}, 1.0)]
     fixed = {axis, *where, *(k for arm, _ in arms for k in arm)}
-    context_cols = [c for c in grid if c not in fixed and not tied_to(frame, c, axis)]
-    contexts = frame[context_cols].drop_duplicates().to_dict("records") if context_cols else [{}]
+    tied_source = coverage.settings if coverage.settings is not None and len(coverage.settings) else frame
+    context_cols = [c for c in grid if c not in fixed and not (c in tied_source and tied_to(tied_source, c, axis))]
+    contexts = coverage.contexts(frame, context_cols)
     margin = float(for_dataset(comp.get("margin", 0.0), dataset) or 0.0)
     y_name = f"log10 {comp['metric']}" if logy else comp["metric"]
     x_name = f"log10 {axis}" if logx else axis
     results = []
     for ctx in sorted(contexts, key=lambda d: [str(v) for v in d.values()]):
-        groups, notes, rows = [], [], []
+        groups, notes, rows, settings, dead = [], [], [], [], []
         for filters, _ in arms:
-            sel = frame[matches(frame, {**where, **ctx, **filters})]
+            full = {**where, **ctx, **filters}
+            sel = frame[matches(frame, full)]
             rows.append(sel)
-            n_axis = int(pd.to_numeric(sel[axis], errors="coerce").nunique())
-            groups.append(seed_slopes(sel, comp["metric"], axis, logx, logy, n_axis))
+            settings.append(coverage.of(frame, grid, full))
+            dead.append(coverage.dead(full))
+            axis_values = {s.get(axis) for s in settings[-1]} if coverage.settings is not None else set()
+            n_axis = len(axis_values) or int(pd.to_numeric(sel[axis], errors="coerce").nunique())
+            groups.append(seed_slopes(sel, comp["metric"], axis, logx, logy, n_axis, dataset))
             notes.append(f"{len(groups[-1])} of {sel['seed'].nunique() if 'seed' in sel else 0} seeds")
         label = f"slope of {y_name} vs {x_name}"
         if len(arms) == 2:
@@ -218,24 +319,38 @@ def compare_trend(
             "mean_b": float(groups[1].mean()) if len(groups) > 1 and len(groups[1]) else np.nan,
             "n": " / ".join(notes),
             "_runs": rows,
+            "_settings": settings,
+            "_where": {**where, **ctx},
         }
-        results.append(with_contrast(row, groups, [coef for _, coef in arms], comp["expect"], margin, n_seeds))
+        row = with_contrast(row, groups, [coef for _, coef in arms], comp["expect"], margin, n_seeds)
+        results.append(with_forced(row, dead, comp, plain=False))
     return results
 
 
 # Row fields the deciding steps read (the contrast, the runs of each group, seed counts), never written out.
-PRIVATE = ["_contrast", "_expect", "_runs", "_paired_seeds", "_smallest"]
+PRIVATE = ["_contrast", "_expect", "_runs", "_paired_seeds", "_smallest", "_settings", "_where", "_forced"]
+
+
+def forced_rows(rows: list[dict]) -> list[tuple[str, str] | None]:
+    """Per row, the (verdict, why) an arm that never trained decides, or None."""
+    return [r.get("_forced") if isinstance(r.get("_forced"), tuple) else None for r in rows]
 
 
 def decide_rows(rows: list[dict]) -> pd.DataFrame:
-    """Verdicts of all of a study's comparison rows: Holm-Bonferroni over the rows, support and contradiction."""
+    """Verdicts of all of a study's comparison rows: Holm-Bonferroni over the rows, for support and for the
+    claim's failure; a row an untrained arm decides takes that verdict and no p-value."""
+    forced = forced_rows(rows)
+    for r, f in zip(rows, forced):
+        if f:
+            r["p_support"] = r["p_contra"] = np.nan
     frame = pd.DataFrame(rows)
     if frame.empty:
         return frame
-    verdicts, ps, pc = stats.decide_family(frame["p_support"], frame["p_contra"])
-    frame["p_support_holm"], frame["p_contra_holm"], frame["verdict"] = ps, pc, verdicts
+    verdicts, ps, pc = stats.decide_family(frame["p_support"], frame["p_contra"], frame["failure_word"])
+    frame["p_support_holm"], frame["p_contra_holm"] = ps, pc
+    frame["verdict"] = [f[0] if f else v for f, v in zip(forced, verdicts)]
     frame["note"] = [
-        stats.why(c, e, m, v)
-        for c, e, m, v in zip(frame["_contrast"], frame["_expect"], frame["margin"], frame["verdict"])
+        f[1] if f else stats.why(c, e, m, v)
+        for f, c, e, m, v in zip(forced, frame["_contrast"], frame["_expect"], frame["margin"], frame["verdict"])
     ]
     return frame.drop(columns=PRIVATE, errors="ignore")

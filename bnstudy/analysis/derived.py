@@ -228,16 +228,19 @@ def mark_not_trained(frame: pd.DataFrame, runs: LoadedRuns, dataset: str, spec: 
     return frame
 
 
-def derive_across(finished: pd.DataFrame, name: str, d: dict, grid: list[str], dataset: str) -> pd.DataFrame:
+def derive_across(
+    finished: pd.DataFrame, name: str, d: dict, grid: list[str], dataset: str, n_axis: int | None = None
+) -> pd.DataFrame:
     """One value per (grid without the `over` axis, seed) from that seed's runs along the axis.
 
     `max_stable`: the largest axis value whose run finished `done` with `of` >= threshold (log10 if asked).
     `range`: max - min of `of` along the axis, a diverged run counting as `diverged_value`.
-    A seed whose runs along the axis have not all finished gets no value.
+    A seed whose runs along the axis have not all finished gets no value; `n_axis` is how many axis values
+    make the whole axis (default: as many as the runs hold).
     """
     keys = [c for c in grid if c != d["over"]] + ["seed"]
     values = finished.get(d["of"], pd.Series(np.nan, index=finished.index)).astype(float)
-    n_axis = finished[d["over"]].nunique()
+    n_axis = n_axis or finished[d["over"]].nunique()
     threshold = for_dataset(d.get("threshold"), dataset)
     rows = []
     for key, g in finished.assign(_v=values).groupby(keys, dropna=False, sort=True):
@@ -254,7 +257,7 @@ def derive_across(finished: pd.DataFrame, name: str, d: dict, grid: list[str], d
                 v = g["_v"].where(g["status"] == "done", d.get("diverged_value", np.nan))
                 value = v.max() - v.min()
         rows.append({**dict(zip(keys, key)), name: value, "status": "done"})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=[*keys, name, "status"])
 
 
 def interpolated_crossing(g: pd.DataFrame, d: dict, passed: float, threshold: float) -> float:

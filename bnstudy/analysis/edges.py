@@ -5,8 +5,10 @@ value beyond an edge that nothing explains yet (`pending_extensions`, which the 
 "Each arm at its own best lr" holds only when the best lr is inside the searched grid. A selection at the
 grid's first or last value is an *edge*; it stands as the arm's optimum only when the next value beyond it was
 tried and every run there diverged or did not train (the edge of stability), or when the study's
-`select.bounds` forbid going further. Otherwise the grid is extended by one step of its own spacing
-(geometric for a grid of positive values like lr, whose neighbours keep a ratio; arithmetic otherwise).
+`select.bounds` forbid going further and the bound itself was tried. Otherwise the grid is extended by one step
+of its own spacing (geometric for a grid of positive values like lr, whose neighbours keep a ratio; arithmetic
+otherwise), or to the bound itself when that step would pass it. An arm where nothing trained has no selection
+and no edge to extend: it is reported as such ("no optimizer.lr in [a, b] trained").
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ if TYPE_CHECKING:
 
 LOW, HIGH = "low", "high"
 REASON_FAILED = "every run at the next value beyond it diverged or did not train"
-REASON_BOUND = "the study's bound select.bounds reached"
+REASON_BOUND = "the study's bound select.bounds reached (and tried)"
+NONE_TRAINED = "none"  # the edge of an arm where no searched value trained
 REASON_OPEN = "not extended: the grid was not searched past it"
 REASON_SINGLE = "not extended: one value searched, no grid spacing to step by"
 
@@ -35,7 +38,7 @@ class ArmEdge:
     axis: str
     searched: list
     selected: object
-    edge: str | None = None  # None, "low" or "high"
+    edge: str | None = None  # None, "low", "high", or "none" (no searched value trained)
     edge_reason: str | None = None
     next_value: float | None = None  # the value to train beyond an edge that nothing explains yet
 
@@ -88,13 +91,24 @@ def _side(values: list, trained: list, i: int, side: str, bound: list | None) ->
     if len(values) < 2:
         return REASON_SINGLE, None
     nxt = step_beyond(values, side)
-    return (REASON_BOUND, None) if _outside(nxt, bound) else (REASON_OPEN, nxt)
+    if not _outside(nxt, bound):
+        return REASON_OPEN, nxt
+    limit = float(bound[0] if side == LOW else bound[1])
+    return (REASON_BOUND, None) if np.isclose(float(values[i]), limit) else (REASON_OPEN, limit)
+
+
+def none_trained_reason(key: str, searched: list) -> str:
+    numbers = [v for v in searched if isinstance(v, (int, float))]
+    where = f" in [{min(numbers):g}, {max(numbers):g}]" if numbers else ""
+    return f"no {key}{where} trained"
 
 
 def _edge_along(candidates: pd.DataFrame, arm: dict, key: str, bound: list | None) -> ArmEdge:
     values = pd.to_numeric(candidates[key], errors="coerce")
     order = values.sort_values(kind="stable").index
     searched = [native(v) for v in candidates.loc[order, key]]
+    if not candidates["selected"].any():
+        return ArmEdge(arm, key, searched, None, NONE_TRAINED, none_trained_reason(key, searched))
     selected = native(candidates.loc[candidates["selected"], key].iloc[0])
     out = ArmEdge(arm, key, searched, selected)
     if values.isna().any():  # a categorical axis has no outside
@@ -118,6 +132,9 @@ def arm_edges(selection: pd.DataFrame, grid: list[str], select: dict) -> list[Ar
     groups = selection.groupby(arms, sort=True, dropna=False) if arms else [((), selection)]
     for values, table in groups:
         arm = {k: native(v) for k, v in zip(arms, values if isinstance(values, tuple) else (values,))}
+        if not table["selected"].any():  # nothing trained: one record per key, nothing held
+            out += [_edge_along(table.drop_duplicates(subset=[key]), arm, key, bounds.get(key)) for key in over]
+            continue
         chosen = table[table["selected"]].iloc[0]
         for key in over:
             others = [k for k in over if k != key]

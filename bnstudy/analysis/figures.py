@@ -21,7 +21,7 @@ from matplotlib.transforms import offset_copy
 
 from bnstudy.analysis import stats
 from bnstudy.analysis.analyse import Analysis
-from bnstudy.analysis.compare import aggregate
+from bnstudy.analysis.compare import aggregate, matches
 from bnstudy.analysis.derived import FAILED, history_frame
 from bnstudy.analysis.load import LoadedRuns
 
@@ -138,7 +138,20 @@ def at_selected(a: Analysis, f: dict) -> bool:
 
 def plotted_runs(a: Analysis, metric: str, f: dict) -> tuple[pd.DataFrame, list[str]]:
     """(runs, grid) a figure of `metric` draws."""
-    return a.compared[metric] if at_selected(a, f) and metric in a.compared else a.frames[metric]
+    return selected_runs(a, metric) if at_selected(a, f) and metric in a.compared else a.frames[metric]
+
+
+def selected_runs(a: Analysis, metric: str) -> tuple[pd.DataFrame, list[str]]:
+    """(runs, grid) at each arm's selected setting: the confirmation runs, or before there are any, the
+    selection runs at the chosen settings (so that a study in its selection phase still shows its arms)."""
+    frame, grid = a.compared[metric]
+    if len(frame) or a.phases is None or metric not in a.frames:
+        return frame, grid
+    base = a.frames[metric][0]
+    at = np.logical_or.reduce(
+        [matches(base, s).to_numpy() for s in a.phases.chosen.to_dict("records")] or [np.zeros(len(base), bool)]
+    )
+    return base[at], grid
 
 
 def _line_label(keys: list[str], values) -> str:
@@ -304,7 +317,7 @@ def figure_curve(a: Analysis, runs: LoadedRuns, f: dict, out: Path) -> list[str]
     """A logged key over training (metrics.jsonl), mean with a 95% t-band over seeds, one line per group."""
     done, grid = a.runs[a.runs["status"] == "done"], a.grid
     if at_selected(a, f):
-        chosen, grid = a.compared[a.spec["select"]["by"]]
+        chosen, grid = selected_runs(a, a.spec["select"]["by"])
         done = done[done["run_id"].isin(chosen["run_id"])]
     hist = history_frame(runs, done["run_id"], f["curve"])
     if hist.empty:

@@ -12,6 +12,7 @@ import pandas as pd
 
 from bnstudy.analysis.analyse import Analysis
 from bnstudy.analysis.errors import ReportError
+from bnstudy.analysis.stats import FAILURE_WORDS
 from bnstudy.analysis.tables import fmt
 from bnstudy.schema import STANDARD_DEPTHS
 
@@ -31,7 +32,7 @@ def deciding_row(c: pd.DataFrame, verdict: str) -> pd.Series | None:
         return None
     rows = c[c["verdict"] == verdict]
     rows = rows if len(rows) else c
-    key, largest = ("p_contra_holm", False) if verdict == "contradicted" else ("p_support_holm", True)
+    key, largest = ("p_contra_holm", False) if verdict in FAILURE_WORDS else ("p_support_holm", True)
     order = rows[key].fillna(np.inf if largest else -np.inf).sort_values(ascending=not largest, kind="stable")
     return rows.loc[order.index[0]]
 
@@ -54,6 +55,10 @@ def verdict_record(a: Analysis) -> dict:
         "selections": [e.record() for e in a.edges],
         "comparisons": comparison_records(a.comparisons),
     }
+    if a.phases is not None:  # disjoint by construction; recorded so that anyone can check it
+        record["selection_seeds"] = a.phases.seeds
+        record["confirmation_seeds"] = a.phases.confirmation_seeds
+        record["one_phase_runs"] = one_phase_runs(a)
     if row is not None:
         record["deciding"] = {
             k: (None if isinstance(row[k], float) and not math.isfinite(row[k]) else row[k])
@@ -96,12 +101,13 @@ def _finite(x):
 def comparison_records(c: pd.DataFrame) -> list[dict]:
     """Per comparison row: what it compares, its verdict, the looks taken (seeds), the seeds it was decided at,
     and for one still open at the schedule's maximum the seeds a fixed design would need."""
-    keys = ["metric", "comparison", "context", "verdict", "looks", "decided_at", "seeds_needed", "along_value"]
+    keys = ["metric", "comparison", "context", "verdict", "looks", "decided_at", "seeds_needed", "along_value", "note"]
     out = []
     for _, row in c.iterrows():
         record = {k: _finite(row[k]) for k in keys if k in row and not (k == "along_value" and pd.isna(row[k]))}
-        if record.get("seeds_needed") is None:
-            record.pop("seeds_needed", None)
+        for key in ("seeds_needed", "note"):
+            if not record.get(key):
+                record.pop(key, None)
         out.append(record)
     return out
 
@@ -116,6 +122,14 @@ def fixed_design_runs(a: Analysis) -> int:
         return FIXED_SEEDS * len(cells)
     arms = {tuple(sorted(e.filters.items())) for e in a.edges}
     return FIXED_SEEDS * len(arms) * min(len(e.searched) for e in a.edges)
+
+
+def one_phase_runs(a: Analysis) -> int:
+    """Runs the one-phase design would have trained for the same looks: every searched setting of every arm at
+    every seed the looks reached (each look added its seeds to the whole grid), at least the selection seeds."""
+    looks = [lk for lk in a.comparisons.get("looks", []) if isinstance(lk, list) and lk]
+    seeds = max([len(a.phases.seeds), *(lk[-1] for lk in looks)])
+    return int(len(a.phases.table) * seeds)
 
 
 # --------------------------------------------------------------------------------------------------- index
@@ -140,6 +154,9 @@ def looks_cell(r: dict) -> str:
     """The seeds each comparison was decided at and the looks taken, e.g. '7 seeds (looks 3, 5, 7)'."""
     parts = []
     for c in r.get("comparisons") or []:
+        if c.get("decided_at") == 0:  # an arm trained at no searched setting: decided by the selection phase
+            parts.append("by the selection (an arm never trained)")
+            continue
         looks = c.get("looks") or []
         seeds = c.get("decided_at") or (looks[-1] if looks else None)
         open_ = "" if c.get("decided_at") else ", undecided"

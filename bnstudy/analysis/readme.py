@@ -10,7 +10,7 @@ import pandas as pd
 from bnstudy.analysis import stats
 from bnstudy.analysis.analyse import Analysis
 from bnstudy.analysis.derived import FINISHED
-from bnstudy.analysis.index import FIXED_SEEDS, fixed_design_runs
+from bnstudy.analysis.index import FIXED_SEEDS, fixed_design_runs, one_phase_runs
 from bnstudy.analysis.looks import schedule_of
 from bnstudy.analysis.spec import for_dataset, spec_metrics
 from bnstudy.analysis.tables import edges_table, margins_text, selection_table
@@ -93,12 +93,18 @@ def verdict_rules(a: Analysis) -> list[str]:
     """The statistics behind the verdict, in words (the rules are those of bnstudy.analysis.stats)."""
     k = len(a.comparisons)
     trained = (
-        "Runs that diverged or did not train are excluded from means and counted; a finite run is "
+        "Runs that diverged or did not train are counted apart in the tables' means; a finite run is "
         f"*not trained* when its final train loss is >= {stats.LOSS_RATIO:g} x its first logged train loss "
         f"or its test accuracy is <= chance + {stats.CHANCE_MARGIN:g}."
         if a.spec.get("require_trained", True)
-        else "Diverged runs are excluded from means and counted; this study does not require runs to learn "
+        else "Diverged runs are counted apart in the tables' means; this study does not require runs to learn "
         "(`require_trained: false`)."
+    )
+    failed = (
+        " In a comparison, a failed run counts against its arm, never dropped: at its value where it has one "
+        "(a run that did not learn has a test accuracy), at chance accuracy (1 / classes) where it diverged, "
+        "and otherwise as the worst outcome, the comparison then decided by a rank test (Wilcoxon signed-rank "
+        "on the per-seed contrasts, or Mann-Whitney's U) whose interval is that of the median contrast."
     )
     return [
         "Each comparison is a contrast of group means over seeds (mean A - mean B; with `relative_to`, that "
@@ -108,17 +114,44 @@ def verdict_rules(a: Analysis) -> list[str]:
         "",
         f"Verdicts use one-sided t-tests against each comparison's margin, Holm-Bonferroni adjusted over this "
         f"study's {k} comparison(s), at a family-wise level of {stats.FAMILY_ALPHA:g}: "
-        f"{stats.DIRECTION_ALPHA:g} for support and {stats.DIRECTION_ALPHA:g} for contradiction. A comparison "
-        "that expects *greater* (or *less*) is supported when its difference is shown above (below) the margin, "
-        "contradicted when it is shown below (above) it: a difference shown equivalent to zero within a "
-        "margin > 0 contradicts a directional claim, since it is smaller than the smallest difference that "
-        "matters. *equivalent* is decided by two one-sided tests (TOST) within +-margin. A comparison with no "
-        "variation across seeds (a zero-width interval) or fewer than 2 runs in a group is inconclusive. The "
-        "claim is **supported** when every comparison supports it, **contradicted** when any contradicts it, "
-        "otherwise **inconclusive**." + along_rule(a),
+        f"{stats.DIRECTION_ALPHA:g} for support and {stats.DIRECTION_ALPHA:g} for the claim's failure. A "
+        "comparison that expects *greater* (claim: the difference exceeds the margin m) is **supported** when "
+        "that is shown (with one comparison: its 95% interval lies above m), **contradicted** when the opposite "
+        "beyond the margin is shown (below -m; below 0 when m = 0), **negligible** when, with m > 0, a "
+        "difference inside +-m is shown (the claimed effect is absent, the opposite not shown); *less* "
+        "(claim: below m) is supported below m and contradicted above it. *equivalent* is supported by two "
+        "one-sided tests (TOST) within +-m (with one comparison: the 95% interval inside +-m) and contradicted "
+        "when the difference is shown beyond one of +-m (the smaller one-sided p doubled: the 97.5% interval). "
+        "A comparison with no variation across seeds (a zero-width interval) or fewer than 2 runs in a group is "
+        "inconclusive. The claim is **supported** when every comparison supports it, **contradicted** when any "
+        "contradicts it, else **negligible** when any is, otherwise **inconclusive**." + failed + along_rule(a),
         "",
+        *selection_rules(a),
         *sequential_rules(a),
         trained,
+    ]
+
+
+def selection_rules(a: Analysis) -> list[str]:
+    """The two phases in words, for a study with a selection."""
+    if a.phases is None:
+        return []
+    over = ", ".join(a.spec["select"]["over"])
+    confirmed = a.phases.confirmation_seeds
+    return [
+        f"Two phases on disjoint seeds: each arm's {over} was chosen on the selection seeds "
+        f"{a.phases.seeds} (the grid and its extensions), then frozen; the comparisons use only the "
+        f"confirmation runs, each arm at its selected {over} on seeds "
+        f"{', '.join(map(str, confirmed)) if confirmed else '(none yet)'}, so that no run that chose a setting "
+        "decides the claim (no winner's curse). An arm where no searched setting trained has no selection and "
+        "loses each two-arm comparison that needs it to train (decided by the selection phase, no confirmation "
+        f"seed spent); a trend or relative contrast with such an arm stays inconclusive."
+        + (
+            f" {len(a.phases.stray)} confirmation run(s) at an unselected setting were left out."
+            if len(a.phases.stray)
+            else ""
+        ),
+        "",
     ]
 
 
@@ -128,10 +161,11 @@ def along_rule(a: Analysis) -> str:
         return ""
     return (
         " A comparison declared `along:` an axis is decided at each axis value (each value one comparison of the "
-        "family) and counts once for the claim: supported or contradicted when every value agrees, **depends** "
-        "when some values support it and others contradict it (the sentence above names each region and "
-        "brackets the crossover between two searched values), else inconclusive; the claim **depends** when "
-        "such a comparison does and none contradicts it."
+        "family) and counts once for the claim, by the same rule at every value: **depends** when some values "
+        "support it and others show its failure (the sentence above names each region, per context when "
+        "another grid column varies, and brackets the crossover between two searched values); otherwise "
+        "contradicted if any value is, negligible if any is, supported if all are, else inconclusive. The claim "
+        "**depends** when such a comparison does and none contradicts it or is negligible."
     )
 
 
@@ -155,10 +189,17 @@ def sequential_rules(a: Analysis) -> list[str]:
 
 
 def compute_line(a: Analysis) -> str:
-    """The runs this report used against those of the fixed design."""
-    return (
+    """The runs this report used against those of the fixed design (and, with two phases, of one phase)."""
+    line = (
         f"Compute: {len(a.runs)} runs used; the fixed design ({FIXED_SEEDS} seeds at every setting of the "
-        f"original grid) would have used {fixed_design_runs(a)}."
+        f"original grid) would have used {fixed_design_runs(a)}"
+    )
+    if a.phases is None:
+        return line + "."
+    return (
+        f"{line}, and one phase (every searched setting at every seed the looks reached) {one_phase_runs(a)}; "
+        f"{len(a.runs) - len(a.phases.confirmation) - len(a.phases.stray)} selection and "
+        f"{len(a.phases.confirmation)} confirmation runs."
     )
 
 
@@ -251,8 +292,10 @@ def _verdict(a: Analysis, comp: pd.DataFrame) -> list[str]:
         lines += [
             f"### Per-arm selection of {over} (on `{by}`, never on the test split)",
             "",
-            f"Each arm is compared at its own setting of {over}: the one where the largest share of runs trained, "
-            f"then the best mean `{by}` over seeds ({s['select'].get('mode', 'max')}imum).",
+            f"Each arm is compared at its own setting of {over}, chosen on the selection seeds "
+            f"{a.phases.seeds}: the best mean `{by}` over all runs there ({s['select'].get('mode', 'max')}imum), "
+            "a run that did not learn at its real value and a diverged run at chance accuracy. An arm where no "
+            "setting trained has none selected.",
             "",
             select.to_markdown(index=False),
             "",

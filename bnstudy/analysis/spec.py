@@ -202,6 +202,19 @@ def validate_seeds(seeds: Any, study: str) -> None:
         )
 
 
+CONFIRMATION_SEED_BASE = 100  # the first confirmation seed of a study with a selection (bnstudy.analysis.phases)
+
+
+def validate_selection_seeds(value: Any, study: str) -> None:
+    """`selection_seeds: 3`: how many seeds (0 .. N-1) the selection phase trains each searched setting with."""
+    if not (isinstance(value, int) and not isinstance(value, bool) and 1 <= value < CONFIRMATION_SEED_BASE):
+        raise ReportError(
+            f"study {study!r}: `selection_seeds` must be a whole number from 1 to {CONFIRMATION_SEED_BASE - 1} "
+            f"(the selection phase's seeds 0 .. N-1; confirmation seeds start at {CONFIRMATION_SEED_BASE}), "
+            f"got {value!r}."
+        )
+
+
 def validate_spec(spec: dict, study: str) -> dict:
     if not isinstance(spec.get("claim"), str):
         raise ReportError(f"study {study!r}: the report block needs a `claim` (one sentence).")
@@ -214,6 +227,8 @@ def validate_spec(spec: dict, study: str) -> dict:
         validate_select(spec["select"], study)
     if "seeds" in spec:
         validate_seeds(spec["seeds"], study)
+    if "selection_seeds" in spec:
+        validate_selection_seeds(spec["selection_seeds"], study)
     for name in spec_metrics(spec):
         validate_metric_name(name, study)
     if "convergence" in spec:

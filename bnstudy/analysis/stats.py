@@ -10,16 +10,24 @@ Rules (the report's README repeats them):
   Welch-Satterthwaite degrees of freedom.
 - Verdicts use one-sided t-tests against the declared margin m, adjusted by Holm-Bonferroni over the
   comparisons of a study, at family-wise level FAMILY_ALPHA = 0.05 split evenly between the two errors a
-  report can make: 0.025 for "supported" and 0.025 for "contradicted". With one comparison this is exactly
-  "the 95% interval lies entirely on one side of the margin".
-  - `expect: greater` (claim theta > m): supported when H0 theta <= m is rejected, contradicted when
-    H0 theta >= m is rejected. With m > 0 this contradicts a difference shown equivalent to zero within
-    +-m: a difference smaller than the smallest one that matters is no support for "greater".
-    `expect: less` mirrors it.
+  report can make: 0.025 for "supported" and 0.025 for the claim's failure ("contradicted" or "negligible").
+  With one directional comparison, "supported" is "the 95% interval lies entirely beyond the margin"; with
+  one equivalence comparison, "supported" is "the 95% interval lies inside +-m" (two one-sided tests at
+  0.025 each) and "contradicted" needs the 97.5% interval entirely beyond one of +-m (the doubled p below).
+  - `expect: greater` (claim theta > m): supported when H0 theta <= m is rejected; contradicted when the
+    opposite beyond the margin is shown (H0 theta >= -m rejected; with m = 0, theta < 0); **negligible**
+    when, with m > 0, a difference inside +-m is shown (two one-sided tests at the same level): the claimed
+    effect is absent without the opposite being shown. The failure side's p-value is the smaller of the two
+    (they cannot both be small). `expect: less` mirrors it.
   - `expect: equivalent` (claim |theta| < m, m > 0): two one-sided tests (TOST), p = max of the two;
     contradicted when |theta| > m is shown (the smaller one-sided p, doubled for the two sides).
   - No variation (standard error 0, e.g. a value bounded by a grid's spacing that is the same for every
     seed): no p-value, inconclusive. A zero-width interval is no evidence by itself.
+- A failed run (diverged, or finished without learning) stays in its group: where it has the metric (a
+  run that did not learn has a test accuracy) that value counts; a diverged run's accuracy counts as chance
+  (`failure_value`: its outputs are not finite); a metric a failed run lacks counts as the worst outcome,
+  and the comparison is then decided by a rank test (the Wilcoxon signed-rank test on the per-seed
+  contrasts, paired; Mann-Whitney's U for two unpaired groups) in which that run ranks below every measured one.
 - A run that stays finite but does not learn is not `trained` (see `is_trained`).
 """
 
@@ -175,14 +183,20 @@ def contrast(groups: list[pd.Series], coefs: list[float]) -> Contrast:
 # -------------------------------------------------------------------------------------- tests, verdicts
 
 
-def one_sided_pvalues(c: Contrast, expect: str, margin: float) -> tuple[float, float]:
-    """(p of support, p of contradiction) of one comparison, before any multiplicity adjustment."""
+def one_sided_pvalues(c: Contrast, expect: str, margin: float) -> tuple[float, float, str]:
+    """(p of support, p of the claim's failure, the failure's word: contradicted or negligible) of one
+    comparison, before any multiplicity adjustment (the rules in the module docstring)."""
     if expect == "greater":
-        return c.p_above(margin), c.p_below(margin)
+        if margin > 0:  # the claimed gain absent: the opposite beyond -m, or a difference inside +-m
+            p_opposite, p_negligible = c.p_below(-margin), tost_pvalue(c, margin)
+            if p_negligible < p_opposite:
+                return c.p_above(margin), p_negligible, "negligible"
+            return c.p_above(margin), p_opposite, "contradicted"
+        return c.p_above(margin), c.p_below(margin), "contradicted"
     if expect == "less":
-        return c.p_below(margin), c.p_above(margin)
+        return c.p_below(margin), c.p_above(margin), "contradicted"
     if expect == "equivalent":
-        return tost_pvalue(c, margin), min(1.0, 2 * min(c.p_above(margin), c.p_below(-margin)))
+        return tost_pvalue(c, margin), min(1.0, 2 * min(c.p_above(margin), c.p_below(-margin))), "contradicted"
     raise ValueError(f"expect must be one of {EXPECTATIONS}, got {expect!r}")
 
 
@@ -203,27 +217,38 @@ def holm(pvalues) -> np.ndarray:
     return out
 
 
-def decide(p_support_adj: float, p_contra_adj: float, alpha: float = DIRECTION_ALPHA) -> str:
-    """supported / contradicted / inconclusive from the Holm-adjusted one-sided p-values."""
+FAILURE_WORDS = ("contradicted", "negligible")  # the claim's failure: the opposite shown, or no difference that matters
+VERDICTS = ("supported", *FAILURE_WORDS, "inconclusive")
+
+
+def decide(
+    p_support_adj: float, p_contra_adj: float, alpha: float = DIRECTION_ALPHA, word: str = "contradicted"
+) -> str:
+    """supported / the failure's word / inconclusive from the Holm-adjusted one-sided p-values."""
     if p_support_adj <= alpha:
         return "supported"
     if p_contra_adj <= alpha:
-        return "contradicted"
+        return word
     return "inconclusive"
 
 
-def decide_family(p_support, p_contra, alpha: float = DIRECTION_ALPHA) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Per comparison: verdict and the Holm-adjusted p-values of support and contradiction."""
+def decide_family(
+    p_support, p_contra, words=None, alpha: float = DIRECTION_ALPHA
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Per comparison: verdict and the Holm-adjusted p-values of support and of the claim's failure."""
     ps, pc = holm(p_support), holm(p_contra)
-    return [decide(s, c, alpha) for s, c in zip(ps, pc)], ps, pc
+    words = list(words) if words is not None else ["contradicted"] * len(ps)
+    return [decide(s, c, alpha, w) for s, c, w in zip(ps, pc, words)], ps, pc
 
 
 def overall(verdicts: list[str]) -> str:
-    """The claim: contradicted if any comparison is, supported if all are, otherwise inconclusive."""
+    """The claim, a conjunction of its comparisons: contradicted if any comparison is, else negligible if any
+    is, else "depends" if an axis decides one, supported if all are, otherwise inconclusive."""
     if not verdicts:
         return "inconclusive"
-    if "contradicted" in verdicts:
-        return "contradicted"
+    for word in (*FAILURE_WORDS, "depends"):
+        if word in verdicts:
+            return word
     return "supported" if all(v == "supported" for v in verdicts) else "inconclusive"
 
 
@@ -231,13 +256,18 @@ def why(c: Contrast | None, expect: str, margin: float, verdict: str) -> str:
     """A short reason for a comparison's verdict (empty when the interval says it plainly)."""
     if c is None:
         return "fewer than 2 finished runs with this metric in a group"
+    if getattr(c, "note", ""):
+        return c.note
     if not c.se > 0:
         return "no variation across seeds: a zero-width interval is no evidence (bounded by the grid spacing)"
-    low, high = c.interval()
-    if verdict == "contradicted" and expect in ("greater", "less") and margin > 0 and -margin < low and high < margin:
-        return f"equivalent to zero within +-{margin:g}: smaller than the smallest difference that matters"
+    if verdict == "negligible":
+        return f"a difference inside +-{margin:g} is shown: smaller than the smallest difference that matters"
     if verdict == "contradicted" and expect == "equivalent":
         return f"the difference is shown to exceed the margin +-{margin:g}"
+    if verdict == "inconclusive" and expect == "greater" and margin > 0 and c.p_below(margin) <= DIRECTION_ALPHA:
+        return (
+            f"a gain of {margin:g} or more is ruled out, but neither a negligible nor an opposite difference is shown"
+        )
     return ""
 
 

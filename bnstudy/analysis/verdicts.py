@@ -44,16 +44,12 @@ def along_groups(c: pd.DataFrame) -> list[pd.DataFrame]:
 
 def study_verdict(c: pd.DataFrame) -> str:
     """The claim's one word: an along-comparison counts once, with `axis.overall_along` (which may say
-    "depends"); contradicted when any counted verdict is, supported when all are, "depends" when an axis
-    decides it, otherwise inconclusive."""
+    "depends"); then the rule of `stats.overall` over the counted words: contradicted if any is, negligible if
+    any is, "depends" if an axis decides it, supported when all are, otherwise inconclusive."""
     if c.empty:
         return "inconclusive"
     plain = c[c["along_group"].isna()] if "along_group" in c else c
     words = list(plain["verdict"]) + [axis.overall_along(list(g["verdict"])) for g in along_groups(c)]
-    if "contradicted" in words:
-        return "contradicted"
-    if "depends" in words:
-        return "depends"
     return stats.overall(words)
 
 
@@ -63,7 +59,7 @@ def _counts(verdicts) -> str:
     noun = "comparison" if m == 1 else "comparisons"
     if len(counts) == 1:
         return f"{m} of {m} {noun} {verdicts[0]}" if m > 1 else f"1 {noun}, {verdicts[0]}"
-    parts = [f"{counts[v]} {v}" for v in ("supported", "contradicted", "inconclusive") if counts[v]]
+    parts = [f"{counts[v]} {v}" for v in stats.VERDICTS if counts[v]]
     return f"{', '.join(parts)} (of {m} {noun})"
 
 
@@ -73,11 +69,19 @@ def verdict_sentence(c: pd.DataFrame, verdict: str) -> str:
         return f"{verdict}: no comparison declared"
     groups = along_groups(c)
     plain = c[c["along_group"].isna()] if "along_group" in c else c
-    parts = [
-        f"{_label(g)}: {axis.sentence(g['along_axis'].iloc[0], list(g['along_value']), list(g['verdict']))}"
-        for g in groups
-    ]
+    parts = [along_sentence(g) for g in groups]
     if len(plain):
         tail = _counts(list(plain["verdict"]))
         parts.append(f"other {tail}" if groups else tail)
     return f"{verdict}: " + "; ".join(parts)
+
+
+def along_sentence(g: pd.DataFrame) -> str:
+    """One along-comparison's verdicts in words: per context beyond the axis (another grid column that varies),
+    that context named and its own regions, so values of different contexts never share a region."""
+    key = g["along_context"].fillna("") if "along_context" in g else pd.Series("", index=g.index)
+    texts = []
+    for context, part in g.groupby(key, sort=True):
+        text = axis.sentence(part["along_axis"].iloc[0], list(part["along_value"]), list(part["verdict"]))
+        texts.append(f"at {context}: {text}" if context else text)
+    return f"{_label(g)}: " + "; ".join(texts)

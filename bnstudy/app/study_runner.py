@@ -157,8 +157,10 @@ def matching(frame, filters: dict):
 
 
 def arm_seeds(analysis, filters: dict) -> list[str]:
-    """`seed=[...]` of the seeds the arm's runs were trained with (whatever their outcome): an extension trains
-    the same ones; none when the arm has no runs (the study's own seeds then)."""
+    """`seed=[...]` of an extension: the selection seeds in a study with two phases; otherwise the seeds the
+    arm's runs were trained with (whatever their outcome), or none when it has none (the study's own seeds)."""
+    if analysis.phases is not None:
+        return [seed_list(analysis.phases.seeds)]
     seeds = {int(s) for s in matching(analysis.runs, filters)["seed"].dropna()}
     return [seed_list(seeds)] if seeds else []
 
@@ -190,7 +192,7 @@ def extension_round(analysis, extensions: list[dict]) -> Round:
     return Round("extend " + "; ".join(parts), merged(jobs))
 
 
-def seed_round(pending: dict) -> Round:
+def seed_round(pending: dict, why: str | None = None) -> Round:
     """One job per setting that lacks seeds; settings that differ only in a packable key and lack the same
     seeds share a job when together they make a full grid of that key (one compiled pack)."""
     batches: dict[tuple, list[dict]] = {}
@@ -211,20 +213,29 @@ def seed_round(pending: dict) -> Round:
             jobs.append([*head, *lists, seed_list(missing)])
         else:
             jobs += [[*head, *(override(k, v) for k, v in p.items()), seed_list(missing)] for p in packed]
-    n = pending["seeds"]
-    why = f"seeds for {len(pending['groups'])} setting(s): the next look of the open comparisons needs {n}"
+    if why is None:
+        n = pending["seeds"]
+        what = "confirmation seeds" if pending.get("confirmation") else "seeds"
+        why = f"{what} for {len(pending['groups'])} setting(s): the next look of the open comparisons needs {n}"
     return Round(why, merged(jobs))
 
 
 def next_round(analysis) -> Round | None:
-    """Extensions first (they can change which runs are compared), then the next look's seeds; None when done."""
+    """The selection phase first, to its end (a searched setting's missing selection seeds, then the extensions
+    past an edge: they change which setting each arm confirms), then the next look's seeds; None when done."""
     from bnstudy.analysis.edges import pending_extensions
     from bnstudy.analysis.looks import pending_seeds
 
+    phases = analysis.phases
+    if phases is not None and phases.missing:
+        why = f"selection seeds {phases.seeds} for {len(phases.missing)} searched setting(s) that lack some"
+        return seed_round({"groups": phases.missing}, why)
     extensions = pending_extensions(analysis)
     if extensions:
         return extension_round(analysis, extensions)
     pending = pending_seeds(analysis)
+    if pending and phases is not None:
+        pending["confirmation"] = True
     return seed_round(pending) if pending else None
 
 
