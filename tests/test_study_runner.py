@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -29,6 +30,17 @@ def test_a_bad_override_exits_2_before_any_training(capsys, tmp_path):
         study_runner.main(["placement", "dataset=nosuchdata", f"out_dir={tmp_path}"])
     assert e.value.code == 2
     assert "nosuchdata" in capsys.readouterr().err and not any(tmp_path.iterdir())
+
+
+def test_the_runs_record_the_command_the_user_typed(monkeypatch):
+    from bnstudy.app import provenance
+
+    monkeypatch.delenv(provenance.COMMAND_ENV, raising=False)
+    provenance.set_command("bnstudy.train", ["-m", "experiment=placement", "+preset=quick"])
+    assert provenance.command() == "python -m bnstudy.train -m experiment=placement +preset=quick"
+    study = study_runner.Study("placement", ["+preset=quick"], Path("outputs"), "mnist_t10k")
+    monkeypatch.setenv(provenance.COMMAND_ENV, study.command())  # what the runner gives its training children
+    assert provenance.command() == "python -m bnstudy.study placement +preset=quick"
 
 
 def test_overrides_pin_an_arm_and_packable_keys_train_one_value():

@@ -20,7 +20,7 @@ import hydra
 import jax
 from omegaconf import DictConfig
 
-from bnstudy.app import cli, config_tree, plan
+from bnstudy.app import cli, config_tree, plan, provenance
 from bnstudy.app import config as config_lib
 from bnstudy.app import data as data_lib
 from bnstudy.app import runs as runs_lib
@@ -49,6 +49,7 @@ CONFIG_DIR = str(config_tree.config_dir())
 
 def main() -> None:
     """`bnstudy-train`: group options checked first (exit 2), then Hydra; a signal ends it with one line."""
+    provenance.set_command("bnstudy.train", sys.argv[1:])
     try:
         chosen = cli.check_group_choices(sys.argv[1:], Path(CONFIG_DIR))
     except ConfigError as e:

@@ -12,6 +12,8 @@ training in progress, which marks its runs interrupted; the command then exits 1
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bnstudy.app import config_tree
+from bnstudy.app import config_tree, provenance
 from bnstudy.schema import PACKABLE
 
 PROG = "bnstudy-study"
@@ -58,6 +60,11 @@ class Study:
     @property
     def runs_dir(self) -> Path:
         return self.out_dir / self.name
+
+    def command(self) -> str:
+        """This study's command as typed: what its runs record as the command that trained them."""
+        out = ["--out", str(self.out)] if self.out else []
+        return shlex.join(["python", "-m", "bnstudy.study", self.name, *out, *self.overrides])
 
 
 @dataclass
@@ -264,7 +271,8 @@ class Trainer:
 
     def train(self, extra: list[str]) -> None:
         # Its own session: a Ctrl-C reaches the child only through `handle`, once (a second one ends it at once).
-        self.child = subprocess.Popen(self.command(extra), start_new_session=True)
+        env = {**os.environ, provenance.COMMAND_ENV: self.study.command()}  # what the runs record as their command
+        self.child = subprocess.Popen(self.command(extra), start_new_session=True, env=env)
         try:
             rc = self.child.wait()
         finally:
