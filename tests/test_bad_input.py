@@ -16,8 +16,8 @@ import pytest
 from test_reliability import LONG, folders, start, summary, train, wait_for_logged_steps, write_done_result
 
 from bnstudy.app import claims as claims_lib
+from bnstudy.app import cli, plan
 from bnstudy.app import data as data_lib
-from bnstudy.app import plan
 from bnstudy.app import runs as runs_lib
 from bnstudy.app.config import ConfigError
 from conftest import subprocess_env
@@ -88,6 +88,11 @@ def test_hydra_flags_work_with_a_chosen_study_in_either_order(tmp_path, args, sh
     assert result.returncode == 0, result.stderr[-2000:]
     assert shows in result.stdout and "Traceback" not in result.stderr
     assert not (tmp_path / "outputs").exists()
+
+
+def test_multirun_flag_after_overrides_goes_first_for_hydra():
+    args = ["optimizer.lr=[0.1,0.3]", "-m", "model.norm=none", "--info"]
+    assert cli.hydra_arguments(args) == ["-m", "optimizer.lr=[0.1,0.3]", "model.norm=none", "--info"]
 
 
 def test_a_validation_fraction_that_rounds_to_no_example_is_refused():

@@ -43,6 +43,30 @@ def test_the_runs_record_the_command_the_user_typed(monkeypatch):
     assert provenance.command() == "python -m bnstudy.study placement +preset=quick"
 
 
+@pytest.mark.parametrize(
+    "override, says",
+    [
+        ("foo=1", "bnstudy: Invalid config: unknown key `foo`."),
+        ("optimizer.lr=-1", "bnstudy: Invalid config: `optimizer.lr` must be a positive number"),
+        ("optimizer=rmsprop", "bnstudy: Invalid config: `optimizer` must be one of the known options"),
+    ],
+)
+def test_bad_input_reads_as_the_train_apps_paragraph_and_exits_2(capsys, tmp_path, override, says):
+    with pytest.raises(SystemExit) as e:
+        study_runner.main(["placement", f"out_dir={tmp_path}", "-m", override])  # -m: accepted, implied
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith(says), err
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_training_that_refuses_its_input_ends_the_study_with_no_re_run_advice(capsys, tmp_path, monkeypatch):
+    trainer = study_runner.Trainer(study_runner.Study("placement", [], tmp_path, "mnist_t10k"))
+    monkeypatch.setattr(trainer, "command", lambda extra: [sys.executable, "-c", "raise SystemExit(2)"])
+    with pytest.raises(study_runner.StudyError) as e:
+        trainer.train([])
+    assert e.value.code == 2 and str(e.value) == ""
+
+
 def test_overrides_pin_an_arm_and_packable_keys_train_one_value():
     assert study_runner.override("model.norm", "none") == "model.norm=none"
     assert study_runner.override("optimizer.lr", 0.0333333) == "optimizer.lr=[0.0333333]"

@@ -83,9 +83,9 @@ def check_group_choices(overrides: list[str], config_dir: Path) -> dict[str, lis
         known = group_options(o.key_or_group, config_dir)
         for value in values:
             if str(value) not in known:
-                what = "study" if o.key_or_group == "experiment" else "option"
+                what = "studies" if o.key_or_group == "experiment" else "options"
                 raise ConfigError(
-                    f"Invalid config: `{o.key_or_group}` must be one of the known {what}s {known}; got {value!r}."
+                    f"Invalid config: `{o.key_or_group}` must be one of the known {what} {known}; got {value!r}."
                 )
             chosen.setdefault(o.key_or_group, []).append(str(value))
     return chosen
@@ -95,9 +95,10 @@ INFO_TOPICS = ("all", "config", "defaults", "defaults-tree", "plugins", "searchp
 
 
 def hydra_arguments(arguments: list[str]) -> list[str]:
-    """The command line for Hydra, with a bare `--info` moved last: its optional topic would otherwise take
-    the override after it (`--info experiment=placement`)."""
-    out = list(arguments)
+    """The command line for Hydra, with `-m` moved first (Hydra takes no flag after an override) and a bare
+    `--info` moved last: its optional topic would otherwise take the override after it (`--info experiment=...`)."""
+    multirun = [a for a in arguments if a in ("-m", "--multirun")]
+    out = multirun + [a for a in arguments if a not in multirun]
     for i, a in enumerate(out[:-1]):
         if a in ("--info", "-i") and out[i + 1] not in INFO_TOPICS:
             return out[:i] + out[i + 1 :] + [a]
