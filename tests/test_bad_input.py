@@ -125,6 +125,20 @@ def test_a_done_folder_missing_its_metrics_is_trained_again_and_reported_incompl
     assert f"{folder}: finished, but metrics.jsonl is missing; training it again" in caplog.text
 
 
+def test_a_truncated_summary_is_trained_again_with_a_line_saying_why(tmp_path, caplog):
+    from bnstudy.app import config as config_lib
+
+    (run,) = config_lib.expand_pack(config_lib.parse({"dataset": {"name": "mnist_t10k"}, "out_dir": str(tmp_path)}))
+    folder = runs_lib.run_dir(run)
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text("seed: 0\n")
+    (folder / "summary.json").write_text('{"status": "do')
+    with caplog.at_level("INFO", logger="bnstudy"):
+        todo, skipped = plan.unfinished_runs([run], rerun=False)
+    assert todo == [run] and skipped == []
+    assert f"{folder}: summary.json is not JSON (" in caplog.text and "; training it again" in caplog.text
+
+
 def test_a_killed_reruns_staging_folder_is_dropped_at_the_next_claim(tmp_path, tfds_dir):
     folder = done_folder(tmp_path, tfds_dir)
     staging = runs_lib.staging_dir(folder)

@@ -186,3 +186,17 @@ def test_diverged_run_is_not_trained_and_has_no_gen_gap(small_data, run_app):
     out = run_app("model.norm=none", "optimizer.lr=1e6", "train.max_steps_per_epoch=4")
     summary = read_summary(run_folders(out)[0])
     assert summary["status"] == "diverged" and summary["trained"] is False and summary["gen_gap"] is None
+
+
+def test_the_closing_table_says_when_a_finished_run_did_not_train(caplog):
+    from bnstudy.app import main as app
+
+    common = {"name": "r", "test/acc": 0.103, "examples_per_s": 1.0, "path": "p"}
+    runs = [{**common, "status": "done", "trained": False}, {**common, "status": "done", "trained": True}]
+    skipped = [{**common, "status": "skipped: already done (train.rerun=true retrains)", "trained": False}]
+    with caplog.at_level("INFO", logger="bnstudy"):
+        app.print_table([*runs, {**common, "status": "diverged", "trained": False}], skipped)
+    lines = caplog.text.splitlines()
+    assert "r: done (NOT TRAINED: loss did not fall or accuracy at chance) test/acc=0.1030" in lines[0]
+    assert "r: done test/acc=0.1030" in lines[1] and "r: diverged test/acc" in lines[2]
+    assert "retrains) (NOT TRAINED" in lines[3]

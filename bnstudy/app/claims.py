@@ -63,6 +63,18 @@ def finished_but_missing(folder: Path, expected_hash: str) -> list[str]:
     return missing_files(folder) if _summary_of(folder, expected_hash).get("status") in FINISHED else []
 
 
+def unreadable(folder: Path) -> str | None:
+    """Why an existing run folder cannot be read (`summary.json is not JSON (...)`: a truncated file), else None;
+    such a folder is trained again."""
+    if not folder.is_dir():
+        return None
+    try:
+        read_run_folder(folder)
+    except (OSError, ValueError) as e:
+        return str(e)
+    return None
+
+
 def _summary_of(folder: Path, expected_hash: str) -> dict:
     """The folder's summary when it is a readable run folder of this config hash, else {}."""
     try:

@@ -131,18 +131,25 @@ def train_pending(cfg: Config, pending: list[Config], skipped: list[dict]) -> li
 
 
 def print_table(summaries: list[dict], skipped: list[dict]) -> None:
-    """One line per run: the trained ones, then the skipped ones."""
+    """One line per run: the trained ones, then the skipped ones; a finished run that did not learn says so."""
     for s in summaries:
         log.info(
             "%s: %s test/acc=%s examples/s=%.0f -> %s",
             s["name"],
-            s["status"],
+            status_text(s),
             _fmt(s.get("test/acc")),
             s["examples_per_s"],
             s["path"],
         )
     for s in skipped:
-        log.info("%s: %s test/acc=%s -> %s", s["name"], s["status"], _fmt(s.get("test/acc")), s["path"])
+        log.info("%s: %s test/acc=%s -> %s", s["name"], status_text(s), _fmt(s.get("test/acc")), s["path"])
+
+
+def status_text(summary: dict) -> str:
+    """The status, and `NOT TRAINED` for a run that finished without learning (summary.json's `trained: false`:
+    its loss did not fall or its test accuracy is at chance); a diverged run says so already."""
+    untrained = summary.get("trained") is False and summary["status"] != runs_lib.DIVERGED
+    return summary["status"] + (" (NOT TRAINED: loss did not fall or accuracy at chance)" if untrained else "")
 
 
 def _fmt(x):
