@@ -90,6 +90,14 @@ def test_hydra_flags_work_with_a_chosen_study_in_either_order(tmp_path, args, sh
     assert not (tmp_path / "outputs").exists()
 
 
+def test_an_unwritable_compile_cache_dir_is_refused_up_front_and_null_is_no_cache(tmp_path):
+    with pytest.raises(ConfigError, match=r"`compile_cache_dir` must be a folder .* creating it in /proc failed"):
+        cli.check_paths(str(tmp_path), "/proc/x")
+    cli.check_paths(str(tmp_path), None)
+    cli.check_paths(str(tmp_path), str(tmp_path / "cache"))
+    assert not (tmp_path / "cache").exists()  # checked, not created
+
+
 def test_multirun_flag_after_overrides_goes_first_for_hydra():
     args = ["optimizer.lr=[0.1,0.3]", "-m", "model.norm=none", "--info"]
     assert cli.hydra_arguments(args) == ["-m", "optimizer.lr=[0.1,0.3]", "model.norm=none", "--info"]

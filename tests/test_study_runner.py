@@ -49,6 +49,7 @@ def test_the_runs_record_the_command_the_user_typed(monkeypatch):
         ("foo=1", "bnstudy: Invalid config: unknown key `foo`."),
         ("optimizer.lr=-1", "bnstudy: Invalid config: `optimizer.lr` must be a positive number"),
         ("optimizer=rmsprop", "bnstudy: Invalid config: `optimizer` must be one of the known options"),
+        ("compile_cache_dir=/proc/x", "bnstudy: Invalid config: `compile_cache_dir` must be a folder bnstudy can"),
     ],
 )
 def test_bad_input_reads_as_the_train_apps_paragraph_and_exits_2(capsys, tmp_path, override, says):

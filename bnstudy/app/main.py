@@ -76,7 +76,7 @@ def run_from_hydra(raw: DictConfig) -> list[dict]:
     try:
         cfg = config_lib.parse(raw)
         out_dir = cfg.out_dir
-        cli.check_out_dir(out_dir)
+        cli.check_paths(out_dir, cfg.compile_cache_dir)
         return run_job(cfg)
     except (ConfigError, data_lib.DataUnavailableError) as e:
         cli.exit_bad_input(e)

@@ -131,8 +131,8 @@ def check_values(cfg) -> None:
     from bnstudy.app import cli
     from bnstudy.app import config as config_lib
 
-    config_lib.parse(cfg)
-    cli.check_out_dir(str(cfg.out_dir))
+    parsed = config_lib.parse(cfg)
+    cli.check_paths(parsed.out_dir, parsed.compile_cache_dir)
 
 
 def study_from(args: argparse.Namespace) -> Study:
