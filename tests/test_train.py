@@ -200,3 +200,17 @@ def test_the_closing_table_says_when_a_finished_run_did_not_train(caplog):
     assert "r: done (NOT TRAINED: loss did not fall or accuracy at chance) test/acc=0.1030" in lines[0]
     assert "r: done test/acc=0.1030" in lines[1] and "r: diverged test/acc" in lines[2]
     assert "retrains) (NOT TRAINED" in lines[3]
+
+
+def test_a_study_run_without_m_says_which_arm_it_trains_and_the_command_for_all(caplog, monkeypatch):
+    from bnstudy.app import config as config_lib
+    from bnstudy.app import main as app
+
+    cfg = config_lib.parse({"dataset": {"name": "mnist_t10k"}, "study": "placement"})
+    assert app.unswept_axes() == {}  # outside Hydra (and in a -m sweep): nothing to say
+    monkeypatch.setattr(app, "unswept_axes", lambda: {"model.norm": "none,before_relu,after_relu"})
+    with caplog.at_level("INFO", logger="bnstudy"):
+        app.say_if_one_arm(cfg)
+    (line,) = caplog.text.strip().splitlines()
+    assert "without -m this job trains model.norm=before_relu only" in line
+    assert "model.norm over none,before_relu,after_relu" in line and "`bnstudy-study placement`" in line

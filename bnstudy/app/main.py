@@ -77,6 +77,7 @@ def run_from_hydra(raw: DictConfig) -> list[dict]:
         cfg = config_lib.parse(raw)
         out_dir = cfg.out_dir
         cli.check_paths(out_dir, cfg.compile_cache_dir)
+        say_if_one_arm(cfg)
         return run_job(cfg)
     except (ConfigError, data_lib.DataUnavailableError) as e:
         cli.exit_bad_input(e)
@@ -84,6 +85,45 @@ def run_from_hydra(raw: DictConfig) -> list[dict]:
         cli.exit_write_failed(e.error, e.folders, out_dir)
     except OSError as e:  # a run folder that could not be made or started (nothing to mark)
         cli.exit_write_failed(e, [], out_dir)
+
+
+def unswept_axes() -> dict[str, str]:
+    """The study's structural axes (`hydra.sweeper.params`) when this job runs without `-m`, which ignores
+    them; {} in a sweep or outside Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode == RunMode.MULTIRUN:
+        return {}
+    return {str(k): str(v) for k, v in (HydraConfig.get().sweeper.get("params") or {}).items()}
+
+
+def say_if_one_arm(cfg: Config) -> None:
+    """One line when a study's grid is run without `-m`: what this job trains, what it leaves out and the
+    commands that train the whole grid."""
+    axes = unswept_axes()
+    if not axes:
+        return
+    this = ", ".join(f"{k}={value_or_group(cfg, k)}" for k in axes)
+    left = "; ".join(f"{k} over {v}" for k, v in axes.items())
+    study = cfg.study or "STUDY"
+    log.warning(
+        "without -m this job trains %s only, not the study's sweep of %s; the whole study: `bnstudy-study %s` "
+        "(or the grid: `bnstudy-train -m experiment=%s ...`)",
+        this,
+        left,
+        study,
+        study,
+    )
+
+
+def value_or_group(cfg: Config, key: str) -> str:
+    """The config's value of a swept key (`model.norm`); for a swept group (`model`), its `name`."""
+    try:
+        value = config_lib.get(cfg, key)
+    except AttributeError:
+        return "its default"
+    return str(getattr(value, "name", value))
 
 
 def run_job(cfg: Config) -> list[dict]:
