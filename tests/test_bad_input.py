@@ -6,6 +6,7 @@ nothing marked `done`: bad input (exit 2) through the real `python -m bnstudy.tr
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -286,7 +287,17 @@ def numbers(folder: Path) -> list[dict]:
 def test_a_sweep_in_packs_of_one_is_bit_identical_and_a_larger_pack_records_its_size(small_data, run_app):
     from test_train import read_summary, run_folders
 
-    swept = run_folders(run_app("seed=[0,1]", "train.pack_size=1"))
+    logged = logging.Handler(logging.INFO)  # Hydra configures the job's own logging: listen beside it
+    logged.emit = lambda record: lines.append(record.getMessage())
+    lines: list[str] = []
+    logging.getLogger("bnstudy").addHandler(logged)
+    try:
+        swept = run_folders(run_app("seed=[0,1]", "train.pack_size=1"))
+    finally:
+        logging.getLogger("bnstudy").removeHandler(logged)
+    times = [line for line in lines if " s: startup " in line]
+    assert len(times) == 1 and times[0].startswith("job time ")  # one line for the job's two packs
+    assert read_summary(swept[0])["command"].startswith("python -m bnstudy.train ")  # as typed
     in_sweep = numbers(swept[1])
     before = (swept[1] / "summary.json").stat().st_mtime_ns
     run_app("seed=1", "train.rerun=true")  # the same run id, trained again alone into the same folder

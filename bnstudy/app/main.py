@@ -37,7 +37,7 @@ from bnstudy.core.from_config import (
 from bnstudy.core.from_config import schedule_from_config as schedule_from
 from bnstudy.core.pack_size import resolve_pack_size
 from bnstudy.core.trainer import PackTrainer
-from bnstudy.perf.timing import TimeBreakdown
+from bnstudy.perf.timing import TimeBreakdown, breakdown_line
 
 log = logging.getLogger("bnstudy")
 
@@ -167,6 +167,7 @@ def train_pending(cfg: Config, pending: list[Config], skipped: list[dict]) -> li
                         c.release()
         finally:
             wandb_job.close()  # its wandb process: finishes any run left open (a failed pack) and exits
+        log.info("job %s", breakdown_line(times.snapshot()))
         return summaries
 
 
