@@ -17,7 +17,7 @@ import pytest
 from test_reliability import LONG, folders, start, summary, train, wait_for_logged_steps, write_done_result
 
 from bnstudy.app import claims as claims_lib
-from bnstudy.app import cli, plan
+from bnstudy.app import cli, plan, sweep_dirs
 from bnstudy.app import data as data_lib
 from bnstudy.app import runs as runs_lib
 from bnstudy.app.config import ConfigError
@@ -97,6 +97,19 @@ def test_an_unwritable_compile_cache_dir_is_refused_up_front_and_null_is_no_cach
     cli.check_paths(str(tmp_path), None)
     cli.check_paths(str(tmp_path), str(tmp_path / "cache"))
     assert not (tmp_path / "cache").exists()  # checked, not created
+
+
+def test_a_sweep_leaves_no_sweep_folder_of_its_own_but_keeps_a_launchers_logs(tmp_path, run_app):
+    with pytest.raises(SystemExit) as e:
+        run_app("-m", "optimizer.lr=-1,0.1")  # bad input: refused in the first job
+    assert e.value.code == 2
+    (user_dir,) = tmp_path.glob("bnstudy-multirun-*")  # per user, under TMPDIR
+    assert list(user_dir.iterdir()) == []  # the sweep folder (multirun.yaml, empty job folder) is gone
+    (user_dir / "s" / ".submitit" / "1").mkdir(parents=True)
+    (user_dir / "s" / ".submitit" / "1" / "log.out").write_text("a SLURM task's log")
+    sweep_dirs._noted.add(user_dir / "s")
+    sweep_dirs.remove_unused()
+    assert (user_dir / "s" / ".submitit" / "1" / "log.out").is_file()
 
 
 def test_multirun_flag_after_overrides_goes_first_for_hydra():

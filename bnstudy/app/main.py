@@ -20,7 +20,7 @@ import hydra
 import jax
 from omegaconf import DictConfig
 
-from bnstudy.app import cli, config_tree, plan, provenance
+from bnstudy.app import cli, config_tree, plan, provenance, sweep_dirs
 from bnstudy.app import config as config_lib
 from bnstudy.app import data as data_lib
 from bnstudy.app import runs as runs_lib
@@ -63,6 +63,8 @@ def main() -> None:
             hydra_main()
     except RunInterrupted as e:
         cli.exit_interrupted(e)
+    finally:
+        sweep_dirs.remove_unused()
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
@@ -73,6 +75,7 @@ def hydra_main(raw: DictConfig) -> None:
 def run_from_hydra(raw: DictConfig) -> list[dict]:
     """Parse and train; bad input exits non-zero with a one-paragraph message and writes nothing."""
     out_dir = None
+    sweep_dirs.note()
     try:
         cfg = config_lib.parse(raw)
         out_dir = cfg.out_dir
