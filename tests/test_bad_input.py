@@ -174,6 +174,25 @@ def test_a_killed_reruns_staging_folder_is_dropped_at_the_next_claim(tmp_path, t
     assert claim.skip == "done" and not staging.exists() and summary(folder)["status"] == "done"
 
 
+def test_a_killed_reruns_staging_folder_is_dropped_when_a_plain_rerun_skips_the_result(tmp_path):
+    import filelock
+
+    from bnstudy.app import config as config_lib
+
+    (run,) = config_lib.expand_pack(config_lib.parse({"dataset": {"name": "mnist_t10k"}, "out_dir": str(tmp_path)}))
+    final = runs_lib.run_dir(run)
+    folder = runs_lib.RunFolder(final, config_lib.to_dict(run), {"config_hash": runs_lib.config_hash(run)})
+    folder.finish({"status": "done"})
+    staging = runs_lib.staging_dir(final)
+    staging.mkdir()
+    (staging / "metrics.jsonl").write_text("{}\n")  # a re-run killed before its swap
+    with filelock.FileLock(runs_lib.lock_path(final), timeout=0):  # a live re-run writes it: kept
+        assert plan.unfinished_runs([run], rerun=False)[0] == [] and staging.is_dir()
+    todo, skipped = plan.unfinished_runs([run], rerun=False)
+    assert todo == [] and skipped[0]["status"].startswith("skipped: already done") and not staging.exists()
+    assert final.is_dir()
+
+
 def test_skipped_runs_are_named_once(tmp_path, tfds_dir, caplog):
     folder = done_folder(tmp_path, tfds_dir)
     config, _ = runs_lib.read_run_folder(folder)

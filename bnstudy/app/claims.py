@@ -84,6 +84,22 @@ def _summary_of(folder: Path, expected_hash: str) -> dict:
     return summary if summary.get("config_hash") == expected_hash else {}
 
 
+def tidy_finished(final: Path) -> None:
+    """Drop what a killed re-run left beside a finished result that is being skipped (its staging folder, a
+    half-done swap), when no live writer holds the folder's lock."""
+    if not (staging_dir(final).exists() or final.parent.joinpath(f".{final.name}.old").exists()):
+        return
+    lock = filelock.FileLock(lock_path(final), timeout=0)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        return  # a re-run in progress writes that staging folder
+    try:
+        recover(final)
+    finally:
+        lock.release()
+
+
 def resumable(folder: Path, expected_hash: str) -> bool:
     """The folder holds an unfinished attempt of this config hash (interrupted, or left running) with a
     checkpoint folder. Read under the folder's lock, where a `running` status means its writer is gone."""

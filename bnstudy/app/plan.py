@@ -20,6 +20,7 @@ def unfinished_runs(runs: list[Config], rerun: bool) -> tuple[list[Config], list
         folder, expected = runs_lib.run_dir(run), runs_lib.config_hash(run)
         status = None if rerun else claims_lib.finished_status(folder, expected)
         if status:
+            claims_lib.tidy_finished(folder)
             skipped.append(skipped_row(run, status))
             continue
         if not rerun:
