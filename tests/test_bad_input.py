@@ -88,6 +88,8 @@ def test_hydra_flags_work_with_a_chosen_study_in_either_order(tmp_path, args, sh
     result = bnstudy_train(tmp_path, *args)
     assert result.returncode == 0, result.stderr[-2000:]
     assert shows in result.stdout and "Traceback" not in result.stderr
+    if "--help" in args:  # the app's own opening lines, not Hydra's "main is powered by Hydra"
+        assert result.stdout.startswith("bnstudy-train: train models") and "powered by Hydra" not in result.stdout
     assert not (tmp_path / "outputs").exists()
 
 
