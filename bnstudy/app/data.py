@@ -20,6 +20,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
+from bnstudy.app import download_checks
 from bnstudy.core.datasets import FACTS
 from bnstudy.core.engine import ArrayData
 from bnstudy.perf import numpy_cache
@@ -145,6 +146,8 @@ def tfds_root(data_dir: str | None) -> Path:
 
 def _read_tfds_split(name: str, split: str, data_dir: str | None, download: bool) -> tuple[np.ndarray, np.ndarray, str]:
     """(images, labels, the prepared dataset's folder) read through TFDS, preparing it first if allowed."""
+    if download and name not in EMBEDDED and not is_prepared(name, data_dir):
+        download_checks.check_reachable(name)  # seconds, not TFDS's minutes of retries, without a network
     _quiet_tensorflow()
     import tensorflow_datasets as tfds  # app-layer only: the core never needs TFDS
 
@@ -154,6 +157,7 @@ def _read_tfds_split(name: str, split: str, data_dir: str | None, download: bool
         download = True
         tfds.disable_progress_bar()  # the first-use preparation takes seconds; its bars would flood the log
     check_prepared(name, data_dir, download)
+    leftovers = download_checks.Leftovers(tfds_root(data_dir), name)
     try:
         with preparation_lock(name, data_dir, download):
             ds, info = tfds.load(
@@ -162,10 +166,18 @@ def _read_tfds_split(name: str, split: str, data_dir: str | None, download: bool
         # Large batches, not batch_size=-1: that path aborts the process on generator-backed datasets.
         chunks = list(tfds.as_numpy(ds.batch(8192)))
     except Exception as e:  # TFDS raises many kinds (AssertionError, DatasetNotFoundError, OSError...)
+        if download:
+            leftovers.remove()  # partial downloads and the empty dataset folder of a failed preparation
         raise DataUnavailableError(_unavailable_message(name, data_dir, download, e)) from e
     images = np.concatenate([c[0] for c in chunks]).astype(np.uint8, copy=False)
     labels = np.concatenate([c[1] for c in chunks]).astype(np.int32, copy=False)
     return images, labels, str(info.data_dir)
+
+
+def is_prepared(name: str, data_dir: str | None) -> bool:
+    """The data_dir holds a prepared version of the dataset (its dataset_info.json)."""
+    folder = tfds_root(data_dir) / name
+    return folder.is_dir() and any(folder.glob("*/dataset_info.json"))
 
 
 def check_prepared(name: str, data_dir: str | None, download: bool) -> None:
