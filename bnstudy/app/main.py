@@ -267,6 +267,8 @@ def quiet_libraries() -> None:
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)
     # orbax (and TFDS) log through absl, and Hydra's INFO root level let orbax print ~30 lines per checkpoint.
     logging.getLogger("absl").setLevel(logging.WARNING)
+    # matplotlib (imported by TFDS) logs 'generated new fontManager' at INFO on its first start.
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
 
 
 def enable_compile_cache(cache_dir: str | None) -> None:
