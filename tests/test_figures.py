@@ -92,6 +92,7 @@ def test_diverged_and_not_trained_runs_are_marked_at_the_bottom_and_arms_shown_a
     assert failed_marks(drawn["by_norm"]) == []  # the selected lrs trained
 
 
+@pytest.mark.filterwarnings("ignore:epochs_to_target. no run reached:bnstudy.analysis.errors.ReportWarning")
 def test_a_one_epoch_curve_is_not_drawn_and_the_report_says_why(tmp_path, drawn):
     root = tmp_path / "runs"
     for norm in ("before_relu", "none"):
