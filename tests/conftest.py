@@ -266,4 +266,6 @@ def tfds_dir(tmp_path_factory) -> Path:
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[-4:] == ["with-tensorflow", "8000", "2000", "same-split"]
+    for stray in ("Downloading and preparing", "Variant folder", "oneDNN"):  # TFDS's and TF's lines, not ours
+        assert stray not in out.stdout + out.stderr, (out.stdout + out.stderr)[-2000:]
     return path

@@ -6,6 +6,7 @@ nothing marked `done`: bad input (exit 2) through the real `python -m bnstudy.tr
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -16,8 +17,8 @@ import pytest
 from test_reliability import LONG, folders, start, summary, train, wait_for_logged_steps, write_done_result
 
 from bnstudy.app import claims as claims_lib
+from bnstudy.app import cli, plan, sweep_dirs
 from bnstudy.app import data as data_lib
-from bnstudy.app import plan
 from bnstudy.app import runs as runs_lib
 from bnstudy.app.config import ConfigError
 from conftest import subprocess_env
@@ -87,7 +88,35 @@ def test_hydra_flags_work_with_a_chosen_study_in_either_order(tmp_path, args, sh
     result = bnstudy_train(tmp_path, *args)
     assert result.returncode == 0, result.stderr[-2000:]
     assert shows in result.stdout and "Traceback" not in result.stderr
+    if "--help" in args:  # the app's own opening lines, not Hydra's "main is powered by Hydra"
+        assert result.stdout.startswith("bnstudy-train: train models") and "powered by Hydra" not in result.stdout
     assert not (tmp_path / "outputs").exists()
+
+
+def test_an_unwritable_compile_cache_dir_is_refused_up_front_and_null_is_no_cache(tmp_path):
+    with pytest.raises(ConfigError, match=r"`compile_cache_dir` must be a folder .* creating it in /proc failed"):
+        cli.check_paths(str(tmp_path), "/proc/x")
+    cli.check_paths(str(tmp_path), None)
+    cli.check_paths(str(tmp_path), str(tmp_path / "cache"))
+    assert not (tmp_path / "cache").exists()  # checked, not created
+
+
+def test_a_sweep_leaves_no_sweep_folder_of_its_own_but_keeps_a_launchers_logs(tmp_path, run_app):
+    with pytest.raises(SystemExit) as e:
+        run_app("-m", "optimizer.lr=-1,0.1")  # bad input: refused in the first job
+    assert e.value.code == 2
+    (user_dir,) = tmp_path.glob("bnstudy-multirun-*")  # per user, under TMPDIR
+    assert list(user_dir.iterdir()) == []  # the sweep folder (multirun.yaml, empty job folder) is gone
+    (user_dir / "s" / ".submitit" / "1").mkdir(parents=True)
+    (user_dir / "s" / ".submitit" / "1" / "log.out").write_text("a SLURM task's log")
+    sweep_dirs._noted.add(user_dir / "s")
+    sweep_dirs.remove_unused()
+    assert (user_dir / "s" / ".submitit" / "1" / "log.out").is_file()
+
+
+def test_multirun_flag_after_overrides_goes_first_for_hydra():
+    args = ["optimizer.lr=[0.1,0.3]", "-m", "model.norm=none", "--info"]
+    assert cli.hydra_arguments(args) == ["-m", "optimizer.lr=[0.1,0.3]", "model.norm=none", "--info"]
 
 
 def test_a_validation_fraction_that_rounds_to_no_example_is_refused():
@@ -120,6 +149,20 @@ def test_a_done_folder_missing_its_metrics_is_trained_again_and_reported_incompl
     assert f"{folder}: finished, but metrics.jsonl is missing; training it again" in caplog.text
 
 
+def test_a_truncated_summary_is_trained_again_with_a_line_saying_why(tmp_path, caplog):
+    from bnstudy.app import config as config_lib
+
+    (run,) = config_lib.expand_pack(config_lib.parse({"dataset": {"name": "mnist_t10k"}, "out_dir": str(tmp_path)}))
+    folder = runs_lib.run_dir(run)
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text("seed: 0\n")
+    (folder / "summary.json").write_text('{"status": "do')
+    with caplog.at_level("INFO", logger="bnstudy"):
+        todo, skipped = plan.unfinished_runs([run], rerun=False)
+    assert todo == [run] and skipped == []
+    assert f"{folder}: summary.json is not JSON (" in caplog.text and "; training it again" in caplog.text
+
+
 def test_a_killed_reruns_staging_folder_is_dropped_at_the_next_claim(tmp_path, tfds_dir):
     folder = done_folder(tmp_path, tfds_dir)
     staging = runs_lib.staging_dir(folder)
@@ -131,6 +174,25 @@ def test_a_killed_reruns_staging_folder_is_dropped_at_the_next_claim(tmp_path, t
     (run,) = config_lib.expand_pack(config_lib.parse(config))
     claim = claims_lib.claim(run)  # a plain re-run: skipped as done, and the staging folder is gone
     assert claim.skip == "done" and not staging.exists() and summary(folder)["status"] == "done"
+
+
+def test_a_killed_reruns_staging_folder_is_dropped_when_a_plain_rerun_skips_the_result(tmp_path):
+    import filelock
+
+    from bnstudy.app import config as config_lib
+
+    (run,) = config_lib.expand_pack(config_lib.parse({"dataset": {"name": "mnist_t10k"}, "out_dir": str(tmp_path)}))
+    final = runs_lib.run_dir(run)
+    folder = runs_lib.RunFolder(final, config_lib.to_dict(run), {"config_hash": runs_lib.config_hash(run)})
+    folder.finish({"status": "done"})
+    staging = runs_lib.staging_dir(final)
+    staging.mkdir()
+    (staging / "metrics.jsonl").write_text("{}\n")  # a re-run killed before its swap
+    with filelock.FileLock(runs_lib.lock_path(final), timeout=0):  # a live re-run writes it: kept
+        assert plan.unfinished_runs([run], rerun=False)[0] == [] and staging.is_dir()
+    todo, skipped = plan.unfinished_runs([run], rerun=False)
+    assert todo == [] and skipped[0]["status"].startswith("skipped: already done") and not staging.exists()
+    assert final.is_dir()
 
 
 def test_skipped_runs_are_named_once(tmp_path, tfds_dir, caplog):
@@ -259,7 +321,17 @@ def numbers(folder: Path) -> list[dict]:
 def test_a_sweep_in_packs_of_one_is_bit_identical_and_a_larger_pack_records_its_size(small_data, run_app):
     from test_train import read_summary, run_folders
 
-    swept = run_folders(run_app("seed=[0,1]", "train.pack_size=1"))
+    logged = logging.Handler(logging.INFO)  # Hydra configures the job's own logging: listen beside it
+    logged.emit = lambda record: lines.append(record.getMessage())
+    lines: list[str] = []
+    logging.getLogger("bnstudy").addHandler(logged)
+    try:
+        swept = run_folders(run_app("seed=[0,1]", "train.pack_size=1"))
+    finally:
+        logging.getLogger("bnstudy").removeHandler(logged)
+    times = [line for line in lines if " s: startup " in line]
+    assert len(times) == 1 and times[0].startswith("job time ")  # one line for the job's two packs
+    assert read_summary(swept[0])["command"].startswith("python -m bnstudy.train ")  # as typed
     in_sweep = numbers(swept[1])
     before = (swept[1] / "summary.json").stat().st_mtime_ns
     run_app("seed=1", "train.rerun=true")  # the same run id, trained again alone into the same folder

@@ -84,3 +84,48 @@ def test_a_dataset_prepared_outside_the_data_dir_gets_no_copy(tmp_path, fake_tfd
     assert not numpy_cache.cache_file(tmp_path / "elsewhere", "toy", "train").exists()
     data.load_split_numpy("toy", "train", str(tmp_path / "elsewhere"), False)
     assert reads == ["train", "train"]
+
+
+def test_a_download_without_network_fails_in_seconds_before_tensorflow_and_says_what_to_do(tmp_path, monkeypatch):
+    import socket
+    import sys
+    import time
+
+    from bnstudy.app import download_checks
+
+    for variable in download_checks.PROXY_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    hosts = []
+
+    def no_network(address, timeout=None):
+        hosts.append(address)
+        raise OSError(101, "Network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    imported_tf = "tensorflow_datasets" in sys.modules
+    start = time.monotonic()
+    with pytest.raises(data.DataUnavailableError) as err:
+        data._read_tfds_split("mnist", "train", str(tmp_path), download=True)
+    assert time.monotonic() - start < 1.0 and hosts == [("storage.googleapis.com", 443)]
+    assert "cannot be reached" in str(err.value) and "`dataset.data_dir`" in str(err.value)
+    assert "dataset=mnist_t10k" in str(err.value)  # the offline alternative
+    assert ("tensorflow_datasets" in sys.modules) == imported_tf and not any(tmp_path.iterdir())
+
+
+def test_a_failed_download_leaves_no_partial_files_or_empty_dataset_folder(tmp_path):
+    from bnstudy.app.download_checks import Leftovers
+
+    (tmp_path / "cifar10" / "3.0.2").mkdir(parents=True)  # another dataset: untouched
+    (tmp_path / "cifar10" / "3.0.2" / "dataset_info.json").write_text("{}")
+    leftovers = Leftovers(tmp_path, "mnist")
+    (tmp_path / "downloads" / "mnist").mkdir(parents=True)
+    (tmp_path / "downloads" / "mnist" / "train-images.gz.tmp.1a2b").write_bytes(b"part")
+    (tmp_path / "downloads" / "cvdf_mnist_t.gz.tmp.3c4d").mkdir()
+    (tmp_path / "mnist" / "3.0.1.incomplete").mkdir(parents=True)
+    leftovers.remove()
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == [
+        "cifar10",
+        "cifar10/3.0.2",
+        "cifar10/3.0.2/dataset_info.json",
+        "downloads",
+    ]

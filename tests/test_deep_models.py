@@ -166,8 +166,11 @@ def test_the_standard_depth_keeps_the_run_ids_from_before_the_key():
     assert runs.run_id(same) == runs.run_id(default)
     deeper = config_lib.parse({**DIGITS, "model": {"depth": 4}})
     assert runs.config_hash(deeper) != DEFAULT_RUN_HASH
+    assert runs.run_name(default) == runs.run_name(same) == "mnist_t10k-cnn-before_relu-lr0.1-bs128-s0"
+    assert runs.run_name(deeper) == "mnist_t10k-cnn4-before_relu-lr0.1-bs128-s0"  # the depth in the name
     res = [config_lib.parse({**DIGITS, "model": {"name": "resnet", "depth": d}}) for d in (None, 20, 32)]
     assert runs.config_hash(res[0]) == runs.config_hash(res[1]) != runs.config_hash(res[2])
+    assert [runs.run_name(r).split("-")[1] for r in res] == ["resnet", "resnet", "resnet32"]
 
 
 # --------------------------------------------------------------------------- the trainer on every model

@@ -139,6 +139,21 @@ def test_epochs_to_target_reads_the_learning_curves(tmp_path):
     assert e.loc["none", "n"] == 0  # never reached 0.97: not averaged in
 
 
+def test_a_target_no_run_reached_is_said_as_such_not_as_a_missing_metric(tmp_path):
+    from bnstudy.analysis.errors import ReportWarning
+
+    root = tmp_path / "runs"
+    for norm in ("before_relu", "none"):
+        for seed in range(2):  # one quick epoch: short of the 0.97 target
+            recs = [{"step": 10, "epoch": 1.0, "test/acc": 0.9 + 0.01 * seed}]
+            write_run(root, norm=norm, seed=seed, summary={"test/acc": 0.9}, records=recs)
+    with pytest.warns(
+        ReportWarning, match=r"epochs_to_target: no run reached target_acc 0.97 on test/acc \(best 0.9100"
+    ):
+        a = analyse_dir("placement", root)
+    assert "epochs_to_target" not in a.missing and "test/loss" in a.missing
+
+
 def test_final_metric_missing_from_the_summary_is_read_from_the_last_logged_record(tmp_path):
     root = tmp_path / "runs"
     for bs, kl in [(8, [0.30, 0.32, 0.31]), (128, [0.010, 0.012, 0.011])]:

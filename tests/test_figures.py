@@ -3,6 +3,7 @@ at its selected lr, and runs that diverged or did not train drawn as marked poin
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 from matplotlib.container import ErrorbarContainer
 
@@ -89,3 +90,33 @@ def test_diverged_and_not_trained_runs_are_marked_at_the_bottom_and_arms_shown_a
     assert all(y == pytest.approx(bottom) for _, y in points)
     assert lines_per_panel(drawn["by_norm"]) == [1]  # each arm once, at its selected lr
     assert failed_marks(drawn["by_norm"]) == []  # the selected lrs trained
+
+
+@pytest.mark.filterwarnings("ignore:epochs_to_target. no run reached:bnstudy.analysis.errors.ReportWarning")
+def test_a_one_epoch_curve_is_not_drawn_and_the_report_says_why(tmp_path, drawn):
+    root = tmp_path / "runs"
+    for norm in ("before_relu", "none"):
+        for seed in range(2):
+            curve = [{"step": 10, "epoch": 1.0, "test/acc": 0.9}]
+            write_run(root, norm=norm, seed=seed, summary={"test/acc": 0.9}, records=curve)
+    a = analyse_dir("placement", root)
+    written, notes = figures.write_figures(a, load_local(root), tmp_path / "out")
+    assert "learning_curves_test_acc" not in drawn and "test_acc_by_norm" in drawn
+    assert any("`learning_curves_test_acc` not drawn: one logged value of `test/acc` per run" in n for n in notes)
+
+
+def test_log_x_tick_labels_of_an_extended_grid_do_not_overlap():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    lrs = [0.00111111, 0.00333333, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0]  # a grid extended past its low edge
+    fig = Figure(figsize=(6.2, 3.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    ax.plot(lrs, range(len(lrs)))
+    figures._log_x_at_values(ax, pd.Series(lrs))
+    fig.canvas.draw()
+    labels = ax.get_xticklabels()
+    assert [t.get_text() for t in labels][:2] == ["0.0011", "0.0033"]
+    boxes = [t.get_window_extent() for t in labels]
+    assert not any(a.overlaps(b) for a, b in zip(boxes, boxes[1:]))

@@ -350,6 +350,10 @@ def test_norm_kind_keys_default_to_pytorch_batch_norm_and_are_validated_before_a
     assert parse(norm_kind="group", norm_groups=16).model.norm_groups == 16
     with pytest.raises(ConfigError, match=r"`model.norm_groups`.*conv1"):
         parse(norm_kind="group", norm_groups=3)
+    with pytest.raises(ConfigError) as err:  # ResNet-20's 19 blocks: grouped by width, not listed twice
+        parse(name="resnet", norm_kind="group", norm_groups=3)
+    assert "of 19 of 19 blocks (16 in conv1 and 6 more, 32 in s2b1_conv1 and 5 more" in str(err.value)
+    assert len(str(err.value)) < 400
     with pytest.raises(ConfigError, match=r"`model.norm_kind` must be one of \['batch', 'layer', 'group'\]"):
         parse(norm_kind="instance")
     with pytest.raises(ConfigError, match=r"`model.bn_running_var`"):

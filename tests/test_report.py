@@ -90,6 +90,60 @@ def test_cli_fails_clearly_when_nothing_finished(tmp_path, capsys):
     assert "none of the 1 run(s)" in capsys.readouterr().err
 
 
+def test_cli_refuses_runs_of_another_study_or_of_none_naming_what_it_found(tmp_path, capsys):
+    plain = tmp_path / "outputs" / "default"  # trained without experiment=: no study recorded
+    for seed in range(3):
+        write_run(plain, study=None, seed=seed, summary={"test/acc": 0.9}, spec=None)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["placement", "--runs", str(plain), "--out", str(tmp_path / "a")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and not (tmp_path / "a").exists()
+    assert "holds no run of study 'placement': found 3 run(s) trained without `experiment=`" in err
+    assert len(err.strip().splitlines()) == 1
+    runs = placement_runs(tmp_path / "runs")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["dropout", "--runs", str(runs), "--out", str(tmp_path / "b")])
+    assert e.value.code == 2 and "holds no run of study 'dropout': found 9 run(s) of study 'placement'" in (
+        capsys.readouterr().err
+    )
+
+
+def test_cli_finds_the_run_folders_one_level_down_and_reads_only_its_study(tmp_path, capsys):
+    out_dir = tmp_path / "outputs"
+    placement_runs(out_dir / "placement")
+    write_run(out_dir / "default", study=None, summary={"test/acc": 0.5}, spec=None)
+    cli.main(["placement", "--runs", str(out_dir), "--out", str(tmp_path / "r"), "--no-wandb"])
+    out, err = capsys.readouterr()
+    assert "placement: supported (9 runs used)" in out and "corrupt" not in err
+    assert "warning: ignoring 1 run(s) trained without `experiment=`" in err
+
+
+def test_the_header_counts_only_the_runs_used(tmp_path, capsys):
+    root = placement_runs(tmp_path / "runs")
+    (next(root.glob("*-s0-*")) / "metrics.jsonl").unlink()
+    cli.main(["placement", "--runs", str(root), "--out", str(tmp_path / "r"), "--no-wandb"])
+    out, err = capsys.readouterr()
+    assert "(8 runs used; 1 not finished)" in out and "counted as incomplete" in err
+    assert (
+        "Compute: 8 runs used (of 9 run folders; the others did not finish"
+        in (tmp_path / "r" / "README.md").read_text()
+    )
+
+
+def test_the_readme_states_the_command_each_run_recorded_else_says_it_is_rebuilt(tmp_path):
+    quick = "python -m bnstudy.train -m experiment=placement +preset=quick"
+    root = tmp_path / "runs"
+    for norm, accs in PLACEMENT.items():
+        for seed, acc in enumerate(accs):
+            write_run(root, norm=norm, seed=seed, summary={"test/acc": acc, "command": quick})
+    out = write_report(analyse_dir("placement", root), load_local(root), tmp_path / "out", "report")
+    text = (out / "README.md").read_text()
+    assert f"    {quick}\n" in text and "train.epochs" not in text.split("## Claim")[0]
+    legacy = placement_runs(tmp_path / "legacy")  # runs from before the command was recorded
+    out = write_report(analyse_dir("placement", legacy), load_local(legacy), tmp_path / "out2", "report")
+    assert "# rebuilt from the configs of 9 runs" in (out / "README.md").read_text()
+
+
 def test_report_module_does_not_import_the_training_stack():
     code = (
         "import sys, bnstudy.report, bnstudy.analysis.cli; "

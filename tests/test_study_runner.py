@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -30,6 +31,42 @@ def test_a_bad_override_exits_2_before_any_training(capsys, tmp_path):
         study_runner.main(["placement", "dataset=nosuchdata", f"out_dir={tmp_path}"])
     assert e.value.code == 2
     assert "nosuchdata" in capsys.readouterr().err and not any(tmp_path.iterdir())
+
+
+def test_the_runs_record_the_command_the_user_typed(monkeypatch):
+    from bnstudy.app import provenance
+
+    monkeypatch.delenv(provenance.COMMAND_ENV, raising=False)
+    provenance.set_command("bnstudy.train", ["-m", "experiment=placement", "+preset=quick"])
+    assert provenance.command() == "python -m bnstudy.train -m experiment=placement +preset=quick"
+    study = study_runner.Study("placement", ["+preset=quick"], Path("outputs"), "mnist_t10k")
+    monkeypatch.setenv(provenance.COMMAND_ENV, study.command())  # what the runner gives its training children
+    assert provenance.command() == "python -m bnstudy.study placement +preset=quick"
+
+
+@pytest.mark.parametrize(
+    "override, says",
+    [
+        ("foo=1", "bnstudy: Invalid config: unknown key `foo`."),
+        ("optimizer.lr=-1", "bnstudy: Invalid config: `optimizer.lr` must be a positive number"),
+        ("optimizer=rmsprop", "bnstudy: Invalid config: `optimizer` must be one of the known options"),
+        ("compile_cache_dir=/proc/x", "bnstudy: Invalid config: `compile_cache_dir` must be a folder bnstudy can"),
+    ],
+)
+def test_bad_input_reads_as_the_train_apps_paragraph_and_exits_2(capsys, tmp_path, override, says):
+    with pytest.raises(SystemExit) as e:
+        study_runner.main(["placement", f"out_dir={tmp_path}", "-m", override])  # -m: accepted, implied
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith(says), err
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_training_that_refuses_its_input_ends_the_study_with_no_re_run_advice(capsys, tmp_path, monkeypatch):
+    trainer = study_runner.Trainer(study_runner.Study("placement", [], tmp_path, "mnist_t10k"))
+    monkeypatch.setattr(trainer, "command", lambda extra: [sys.executable, "-c", "raise SystemExit(2)"])
+    with pytest.raises(study_runner.StudyError) as e:
+        trainer.train([])
+    assert e.value.code == 2 and str(e.value) == ""
 
 
 def test_overrides_pin_an_arm_and_packable_keys_train_one_value():

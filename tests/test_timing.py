@@ -11,6 +11,7 @@ import pytest
 from bnstudy.perf import timing
 
 CHILD = "import time; from bnstudy.perf import timing; print(timing.process_start_time(), time.time())"
+CLOCKS = "import time; from bnstudy.perf import timing as t; print(t.process_start_time(), t.python_start_time(), time.time())"
 
 
 def test_a_process_start_time_lies_between_its_spawn_and_its_first_question():
@@ -50,6 +51,19 @@ def test_startup_is_everything_from_the_process_start_to_its_mark():
     assert t.snapshot()["startup"] == pytest.approx(3.0, abs=0.5)
     # By default the clock starts at this process's creation (psutil's is to within a second).
     assert abs(timing.TimeBreakdown().started_at - psutil.Process().create_time()) < 1.5
+
+
+def test_a_chained_shells_time_before_python_is_not_startup():
+    assert timing.python_start_time(created=100.0, imported=100.3) == 100.0  # Python's own start counts
+    assert timing.python_start_time(created=100.0, imported=111.5) == 111.5  # `sleep 10 && python ...`
+    chained = subprocess.run(
+        ["bash", "-c", f"sleep {timing.NOT_PYTHON_AFTER_S + 1} && exec {sys.executable} -c '{CLOCKS}'"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    created, python, now = map(float, chained.stdout.split())
+    assert python - created > timing.NOT_PYTHON_AFTER_S and now - python < 2.0
 
 
 def test_the_command_line_freezes_the_collector_after_the_job_and_keeps_its_exit_code(monkeypatch):

@@ -186,3 +186,31 @@ def test_diverged_run_is_not_trained_and_has_no_gen_gap(small_data, run_app):
     out = run_app("model.norm=none", "optimizer.lr=1e6", "train.max_steps_per_epoch=4")
     summary = read_summary(run_folders(out)[0])
     assert summary["status"] == "diverged" and summary["trained"] is False and summary["gen_gap"] is None
+
+
+def test_the_closing_table_says_when_a_finished_run_did_not_train(caplog):
+    from bnstudy.app import main as app
+
+    common = {"name": "r", "test/acc": 0.103, "examples_per_s": 1.0, "path": "p"}
+    runs = [{**common, "status": "done", "trained": False}, {**common, "status": "done", "trained": True}]
+    skipped = [{**common, "status": "skipped: already done (train.rerun=true retrains)", "trained": False}]
+    with caplog.at_level("INFO", logger="bnstudy"):
+        app.print_table([*runs, {**common, "status": "diverged", "trained": False}], skipped)
+    lines = caplog.text.splitlines()
+    assert "r: done (NOT TRAINED: loss did not fall or accuracy at chance) test/acc=0.1030" in lines[0]
+    assert "r: done test/acc=0.1030" in lines[1] and "r: diverged test/acc" in lines[2]
+    assert "retrains) (NOT TRAINED" in lines[3]
+
+
+def test_a_study_run_without_m_says_which_arm_it_trains_and_the_command_for_all(caplog, monkeypatch):
+    from bnstudy.app import config as config_lib
+    from bnstudy.app import main as app
+
+    cfg = config_lib.parse({"dataset": {"name": "mnist_t10k"}, "study": "placement"})
+    assert app.unswept_axes() == {}  # outside Hydra (and in a -m sweep): nothing to say
+    monkeypatch.setattr(app, "unswept_axes", lambda: {"model.norm": "none,before_relu,after_relu"})
+    with caplog.at_level("INFO", logger="bnstudy"):
+        app.say_if_one_arm(cfg)
+    (line,) = caplog.text.strip().splitlines()
+    assert "without -m this job trains model.norm=before_relu only" in line
+    assert "model.norm over none,before_relu,after_relu" in line and "`bnstudy-study placement`" in line

@@ -25,6 +25,7 @@ from bnstudy.analysis.dashboard import MODES, log_report, report_run
 from bnstudy.analysis.errors import ReportError
 from bnstudy.analysis.index import write_index
 from bnstudy.analysis.load import load_local, load_wandb
+from bnstudy.analysis.readme import runs_used
 from bnstudy.analysis.write import write_report
 from bnstudy.app.config_tree import known_studies
 
@@ -119,7 +120,7 @@ def run(args: argparse.Namespace) -> None:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", args.study):
             raise ReportError(f"study name {args.study!r} must be a plain name like `placement`.")
         if args.source == "wandb":
-            runs = load_wandb(args.entity, args.project, args.group or args.study)
+            runs = load_wandb(args.entity, args.project, args.group or args.study, args.study)
         else:
             runs_dir = args.runs or args.out_dir / args.study
             if not runs_dir.is_dir() and args.study not in known_studies():
@@ -133,13 +134,15 @@ def run(args: argparse.Namespace) -> None:
                     f"them with `python -m bnstudy.train -m experiment={args.study}`, or point --runs at the folder "
                     f"that holds them.{hint}"
                 )
-            runs = load_local(runs_dir)
+            runs = load_local(runs_dir, args.study)
         analysis = analyse(args.study, runs, args.dataset)
         out = write_report(analysis, runs, report_folder(args, analysis), command_line(args), args.data_note)
     except ReportError as e:
         print(f"bnstudy-report: {e}", file=sys.stderr)
         sys.exit(2)
-    print(f"{args.study}: {analysis.verdict} ({len(analysis.runs)} runs) -> {out / 'README.md'}")
+    used = runs_used(analysis)
+    unfinished = f"; {len(analysis.runs) - used} not finished" if used != len(analysis.runs) else ""
+    print(f"{args.study}: {analysis.verdict} ({used} runs used{unfinished}) -> {out / 'README.md'}")
     log_to_wandb(args, analysis, out)
 
 

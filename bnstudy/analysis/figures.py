@@ -116,6 +116,11 @@ def _as_tuple(value) -> tuple:
 
 
 PANELS_PER_ROW = 3
+SLANT_AFTER_TICKS = 5  # more x tick labels than this are slanted, so that neighbours never overlap
+
+
+class NotDrawn(Exception):
+    """A figure that would show nothing (a curve of one point per run): the report says why instead."""
 
 
 def _new_figure(n_panels: int):
@@ -260,11 +265,14 @@ def _mean_line(ax, line: pd.DataFrame, x: str, categorical: bool, log: bool, dod
 
 
 def _log_x_at_values(ax, values: pd.Series) -> None:
-    """A log x axis ticked at the grid's own values (0.025, 0.05, 0.1), not at powers of ten."""
+    """A log x axis ticked at the grid's own values (0.025, 0.05, 0.1), not at powers of ten; labels of two
+    significant digits (an extension's 0.00111111 would run into its neighbour), slanted when there are many."""
     ticks = sorted(pd.to_numeric(values, errors="coerce").dropna().unique())
     ax.set_xscale("log")
     if ticks and ticks[0] > 0:
-        ax.set_xticks(ticks, [f"{t:g}" for t in ticks], fontsize=7)
+        ax.set_xticks(ticks, [f"{t:.2g}" for t in ticks], fontsize=7)
+        if len(ticks) > SLANT_AFTER_TICKS:
+            ax.tick_params(axis="x", labelrotation=40)
         ax.minorticks_off()
         ax.set_xlim(ticks[0] / 1.3, ticks[-1] * 1.3)
 
@@ -323,6 +331,11 @@ def figure_curve(a: Analysis, runs: LoadedRuns, f: dict, out: Path) -> list[str]
     if hist.empty:
         return []
     x = f.get("x", "step")
+    if x in hist and hist[x].nunique() < 2:
+        raise NotDrawn(
+            f"one logged value of `{f['curve']}` per run (at {x} {hist[x].iloc[0]:g}): a curve needs two or more; "
+            f"the runs logged it once (e.g. one epoch)"
+        )
     log = _log_y(f, f["curve"])
     col = f.get("col") if f.get("col") in grid else None
     keys = _line_keys(grid, f)
@@ -372,7 +385,11 @@ def write_figures(a: Analysis, runs: LoadedRuns, out: Path) -> tuple[list[tuple[
     """(name, caption) of each written figure, and notes on figures with no data."""
     written, notes = [], []
     for f in a.spec.get("figures") or []:
-        files = figure_curve(a, runs, f, out) if "curve" in f else figure_xy(a, f, out)
+        try:
+            files = figure_curve(a, runs, f, out) if "curve" in f else figure_xy(a, f, out)
+        except NotDrawn as why:
+            notes.append(f"figure `{f['name']}` not drawn: {why}")
+            continue
         what = f.get("curve") or f.get("y")
         if files:
             written.append((files[0], caption(a, f)))

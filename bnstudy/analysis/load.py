@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -65,18 +66,22 @@ def read_history(path: Path) -> list[dict]:
     return records
 
 
-def load_local(runs_dir: Path) -> LoadedRuns:
-    """Every run folder directly under `runs_dir`; corrupt ones are skipped with a warning. A `running`
-    folder whose writer is gone reads as `stale`."""
+def load_local(runs_dir: Path, study: str | None = None) -> LoadedRuns:
+    """Every run folder under `runs_dir` (directly, or one level down in its study folders: `--runs outputs`);
+    corrupt ones are skipped with a warning. A `running` folder whose writer is gone reads as `stale`. With
+    `study`, only the runs whose config records that study are read (see `keep_study`)."""
     if not runs_dir.is_dir():
         raise ReportError(f"no runs directory {runs_dir}: expected one run folder per trained model there.")
-    rows, history, skipped, specs, config_cols = [], {}, [], [], {}
-    for path in runs_lib.run_folders(runs_dir):
+    rows, history, skipped, specs, config_cols, others = [], {}, [], [], {}, Counter()
+    for path in run_folder_paths(runs_dir):
         try:
             config, summary = runs_lib.read_run_folder(path)
         except (OSError, ValueError) as e:
             skipped.append((str(path), str(e)))
             warnings.warn(f"skipping corrupt run folder {path}: {e}", ReportWarning, stacklevel=2)
+            continue
+        if study is not None and config.get("study") != study:
+            others[config.get("study")] += 1
             continue
         summary = {**summary, "status": runs_lib.effective_status(summary)}
         missing = runs_lib.missing_files(path)
@@ -93,14 +98,53 @@ def load_local(runs_dir: Path) -> LoadedRuns:
         history[row["run_id"]] = partial(read_history, path / "metrics.jsonl")
         if isinstance(config.get("report"), dict):
             specs.append(config["report"])
+    keep_study(study, len(rows), others, str(runs_dir))
     return LoadedRuns(pd.DataFrame(rows), history, skipped, specs, list(config_cols))
+
+
+def is_study_folder(path: Path) -> bool:
+    """A folder of run folders (`outputs/placement`, `outputs/default`), not a run folder itself."""
+    if any((path / name).exists() for name in runs_lib.FOLDER_FILES):
+        return False
+    return any((child / "config.yaml").is_file() for child in runs_lib.run_folders(path))
+
+
+def run_folder_paths(runs_dir: Path) -> list[Path]:
+    """The run folders directly under `runs_dir`, and those of the study folders directly under it."""
+    paths = []
+    for path in runs_lib.run_folders(runs_dir):
+        paths += runs_lib.run_folders(path) if is_study_folder(path) else [path]
+    return paths
+
+
+def found_studies(others: Counter) -> str:
+    """`12 run(s) trained without experiment= and 9 run(s) of study 'dropout'`."""
+    parts = [
+        f"{n} run(s) " + (f"of study {name!r}" if name else "trained without `experiment=` (no study recorded)")
+        for name, n in others.most_common()
+    ]
+    return " and ".join(parts)
+
+
+def keep_study(study: str | None, kept: int, others: Counter, where: str) -> None:
+    """A report reads only runs of its own study: none of them is an error naming what was found instead,
+    some runs of other studies beside them a warning."""
+    if study is None or not others:
+        return
+    if kept == 0:
+        raise ReportError(
+            f"{where} holds no run of study {study!r}: found {found_studies(others)}. A report reads only the "
+            f"runs trained for its study (`bnstudy-study {study}` or `bnstudy-train -m experiment={study}`)."
+        )
+    warnings.warn(f"ignoring {found_studies(others)} in {where}: not runs of study {study!r}", ReportWarning)
 
 
 WANDB_STATES = {"finished": "done", "running": "running", "crashed": "failed", "failed": "failed", "killed": "failed"}
 
 
-def load_wandb(entity: str | None, project: str, group: str) -> LoadedRuns:
-    """The runs of one wandb group through the public API, into the same frame as run folders."""
+def load_wandb(entity: str | None, project: str, group: str, study: str | None = None) -> LoadedRuns:
+    """The runs of one wandb group through the public API, into the same frame as run folders (with `study`,
+    only those whose config records it)."""
     where = f"{entity + '/' if entity else ''}{project}, group {group!r}"
     try:
         import wandb
@@ -114,9 +158,12 @@ def load_wandb(entity: str | None, project: str, group: str) -> LoadedRuns:
         ) from None
     if not api_runs:
         raise ReportError(f"wandb has no runs in {where}.")
-    rows, history, specs, config_cols = [], {}, [], {}
+    rows, history, specs, config_cols, others = [], {}, [], {}, Counter()
     for r in api_runs:
         config = {k: v for k, v in dict(r.config).items() if not k.startswith("_")}
+        if study is not None and config.get("study") != study:
+            others[config.get("study")] += 1
+            continue
         summary = {k: v for k, v in dict(r.summary_metrics).items() if not k.startswith("_")}
         summary.setdefault("status", WANDB_STATES.get(r.state, r.state))
         summary.setdefault("run_id", r.name)
@@ -126,4 +173,5 @@ def load_wandb(entity: str | None, project: str, group: str) -> LoadedRuns:
         history[row["run_id"]] = lambda r=r: [dict(rec) for rec in r.scan_history()]
         if isinstance(config.get("report"), dict):
             specs.append(config["report"])
+    keep_study(study, len(rows), others, where)
     return LoadedRuns(pd.DataFrame(rows), history, [], specs, list(config_cols))

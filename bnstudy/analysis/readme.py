@@ -69,9 +69,22 @@ def facts(a: Analysis) -> list[str]:
     return lines
 
 
+def train_commands(a: Analysis) -> list[str]:
+    """The commands that trained the runs used, as each run recorded it (with its count when there are
+    several); for runs that recorded none, the command rebuilt from their configs, said to be rebuilt."""
+    used = a.runs[a.runs["status"].isin(FINISHED)]
+    recorded = used["command"].dropna().astype(str) if "command" in used else pd.Series(dtype=str)
+    counts = recorded.value_counts()
+    lines = [f"{c}" + (f"    # {n} runs" if len(counts) > 1 else "") for c, n in counts.items()]
+    if len(recorded) < len(used):
+        lines.append(f"{train_command(a)}    # rebuilt from the configs of {len(used) - len(recorded)} runs")
+    return lines
+
+
 def train_command(a: Analysis) -> str:
-    """The training command of this study, rebuilt from what the runs recorded: `bnstudy.study` for a study with
-    a seed schedule (its grid, edge extensions and seed rounds), else the grid through `bnstudy.train`."""
+    """The training command of this study, rebuilt from the runs' configs (runs that did not record their
+    command): `bnstudy.study` for a study with a seed schedule (its grid, edge extensions and seed rounds),
+    else the grid through `bnstudy.train`."""
     if a.spec.get("seeds"):
         parts = ["python", "-m", "bnstudy.study", a.study]
     else:
@@ -188,18 +201,25 @@ def sequential_rules(a: Analysis) -> list[str]:
     ]
 
 
+def runs_used(a: Analysis) -> int:
+    """The runs that finished (done, diverged or not trained): those the tables count; the others are listed."""
+    return int(a.runs["status"].isin(FINISHED).sum())
+
+
 def compute_line(a: Analysis) -> str:
     """The runs this report used against those of the fixed design (and, with two phases, of one phase)."""
+    used, total = runs_used(a), len(a.runs)
+    of = f" (of {total} run folders; the others did not finish, see Runs)" if used != total else ""
     line = (
-        f"Compute: {len(a.runs)} runs used; the fixed design ({FIXED_SEEDS} seeds at every setting of the "
+        f"Compute: {used} runs used{of}; the fixed design ({FIXED_SEEDS} seeds at every setting of the "
         f"original grid) would have used {fixed_design_runs(a)}"
     )
     if a.phases is None:
         return line + "."
+    confirmation = len(a.phases.confirmation) + len(a.phases.stray)
     return (
         f"{line}, and one phase (every searched setting at every seed the looks reached) {one_phase_runs(a)}; "
-        f"{len(a.runs) - len(a.phases.confirmation) - len(a.phases.stray)} selection and "
-        f"{len(a.phases.confirmation)} confirmation runs."
+        f"{used - confirmation} selection and {len(a.phases.confirmation)} confirmation runs."
     )
 
 
@@ -261,7 +281,7 @@ def _head(a: Analysis, command: str, data_note: str | None) -> list[str]:
         "",
         "The runs were trained with (each run's exact config is in its config.yaml and in runs.csv):",
         "",
-        f"    {train_command(a)}",
+        *[f"    {line}" for line in train_commands(a)],
         "",
         "## Claim",
         "",

@@ -63,6 +63,18 @@ def finished_but_missing(folder: Path, expected_hash: str) -> list[str]:
     return missing_files(folder) if _summary_of(folder, expected_hash).get("status") in FINISHED else []
 
 
+def unreadable(folder: Path) -> str | None:
+    """Why an existing run folder cannot be read (`summary.json is not JSON (...)`: a truncated file), else None;
+    such a folder is trained again."""
+    if not folder.is_dir():
+        return None
+    try:
+        read_run_folder(folder)
+    except (OSError, ValueError) as e:
+        return str(e)
+    return None
+
+
 def _summary_of(folder: Path, expected_hash: str) -> dict:
     """The folder's summary when it is a readable run folder of this config hash, else {}."""
     try:
@@ -70,6 +82,22 @@ def _summary_of(folder: Path, expected_hash: str) -> dict:
     except (OSError, ValueError):
         return {}
     return summary if summary.get("config_hash") == expected_hash else {}
+
+
+def tidy_finished(final: Path) -> None:
+    """Drop what a killed re-run left beside a finished result that is being skipped (its staging folder, a
+    half-done swap), when no live writer holds the folder's lock."""
+    if not (staging_dir(final).exists() or final.parent.joinpath(f".{final.name}.old").exists()):
+        return
+    lock = filelock.FileLock(lock_path(final), timeout=0)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        return  # a re-run in progress writes that staging folder
+    try:
+        recover(final)
+    finally:
+        lock.release()
 
 
 def resumable(folder: Path, expected_hash: str) -> bool:

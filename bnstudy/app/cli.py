@@ -83,9 +83,9 @@ def check_group_choices(overrides: list[str], config_dir: Path) -> dict[str, lis
         known = group_options(o.key_or_group, config_dir)
         for value in values:
             if str(value) not in known:
-                what = "study" if o.key_or_group == "experiment" else "option"
+                what = "studies" if o.key_or_group == "experiment" else "options"
                 raise ConfigError(
-                    f"Invalid config: `{o.key_or_group}` must be one of the known {what}s {known}; got {value!r}."
+                    f"Invalid config: `{o.key_or_group}` must be one of the known {what} {known}; got {value!r}."
                 )
             chosen.setdefault(o.key_or_group, []).append(str(value))
     return chosen
@@ -95,9 +95,10 @@ INFO_TOPICS = ("all", "config", "defaults", "defaults-tree", "plugins", "searchp
 
 
 def hydra_arguments(arguments: list[str]) -> list[str]:
-    """The command line for Hydra, with a bare `--info` moved last: its optional topic would otherwise take
-    the override after it (`--info experiment=placement`)."""
-    out = list(arguments)
+    """The command line for Hydra, with `-m` moved first (Hydra takes no flag after an override) and a bare
+    `--info` moved last: its optional topic would otherwise take the override after it (`--info experiment=...`)."""
+    multirun = [a for a in arguments if a in ("-m", "--multirun")]
+    out = multirun + [a for a in arguments if a not in multirun]
     for i, a in enumerate(out[:-1]):
         if a in ("--info", "-i") and out[i + 1] not in INFO_TOPICS:
             return out[:i] + out[i + 1 :] + [a]
@@ -134,27 +135,29 @@ def group_options(group: str, config_dir: Path) -> list[str]:
     return sorted(p.stem for p in (config_dir / group).glob("*.yaml"))
 
 
-def check_out_dir(out_dir: str) -> None:
-    """`out_dir` must be (or be creatable in) a writable folder; checked without creating anything."""
-    path = Path(out_dir).expanduser().absolute()
+def check_paths(out_dir: str, compile_cache_dir: str | None) -> None:
+    """`out_dir` and `compile_cache_dir` (when set) are folders bnstudy can write in; nothing is created."""
+    check_folder("out_dir", out_dir, "run folders")
+    if compile_cache_dir:
+        check_folder("compile_cache_dir", compile_cache_dir, "its compiled programs (or null: no cache)")
+
+
+def check_folder(key: str, value: str, what: str) -> None:
+    """`key` must be (or be creatable in) a writable folder; checked without creating anything."""
+    path = Path(value).expanduser().absolute()
     existing = path
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
+    expected = f"Invalid config: `{key}` must be a folder bnstudy can write {what} in; got {value!r}, but"
     if not existing.is_dir():
-        raise ConfigError(
-            f"Invalid config: `out_dir` must be a folder bnstudy can write run folders in; got {out_dir!r}, "
-            f"but {existing} is a file, not a folder."
-        )
+        raise ConfigError(f"{expected} {existing} is a file, not a folder.")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(
-            f"Invalid config: `out_dir` must be a folder bnstudy can write run folders in; got {out_dir!r}, "
-            f"but {existing} is not writable by this user. Choose another `out_dir=`."
-        )
-    try_creating(path, existing, out_dir)
+        raise ConfigError(f"{expected} {existing} is not writable by this user. Choose another `{key}=`.")
+    try_creating(path, existing, expected, key)
 
 
-def try_creating(path: Path, existing: Path, out_dir: str) -> None:
-    """Create the missing part of `out_dir` and remove it again: some folders pass the permission check and
+def try_creating(path: Path, existing: Path, expected: str, key: str) -> None:
+    """Create the missing part of the folder and remove it again: some folders pass the permission check and
     still refuse (/proc, a read-only mount)."""
     if path == existing:
         return
@@ -166,8 +169,7 @@ def try_creating(path: Path, existing: Path, out_dir: str) -> None:
     except OSError as e:
         why = (e.strerror or str(e)).lower()
         raise ConfigError(
-            f"Invalid config: `out_dir` must be a folder bnstudy can write run folders in; got {out_dir!r}, "
-            f"but creating it in {existing} failed: {why} ([Errno {e.errno}]). Choose another `out_dir=`."
+            f"{expected} creating it in {existing} failed: {why} ([Errno {e.errno}]). Choose another `{key}=`."
         ) from None
     finally:
         shutil.rmtree(first_new, ignore_errors=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import io
 import logging
 import os
 from pathlib import Path
@@ -20,10 +21,12 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
+from bnstudy.app import download_checks
 from bnstudy.core.datasets import FACTS
 from bnstudy.core.engine import ArrayData
 from bnstudy.perf import numpy_cache
 
+log = logging.getLogger("bnstudy")
 NUM_CLASSES = {name: facts.num_classes for name, facts in FACTS.items()}
 EMBEDDED = ("mnist_t10k",)  # prepared from package data on first use, no network
 
@@ -121,9 +124,32 @@ def offline_hint(name: str) -> str:
 
 
 def _quiet_tensorflow() -> None:
-    """TF and TFDS log at INFO on import and load; a training log only needs our own lines."""
+    """TF and TFDS log at INFO on import and load; a training log only needs our own lines. TF only decodes
+    uint8 images here, so its oneDNN float kernels (whose notice TF_CPP_MIN_LOG_LEVEL does not silence) are
+    switched off without changing a number."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     logging.getLogger("absl").setLevel(logging.WARNING)
+
+
+@contextlib.contextmanager
+def quiet_preparation(name: str, data_dir: str | None):
+    """The embedded dataset's first-use preparation with one line of ours instead of TFDS's: its 'Downloading
+    and preparing dataset Unknown size' (nothing is downloaded) and 'Variant folder ... has no
+    dataset_info.json' (the folder it is making) would mislead."""
+    if name not in EMBEDDED:
+        yield
+        return
+    if not is_prepared(name, data_dir):
+        log.info("preparing the embedded %s in %s (first use; no network)", name, tfds_root(data_dir))
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        absl.setLevel(level)
 
 
 def load_split_numpy(name: str, split: str, data_dir: str | None, download: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -145,6 +171,8 @@ def tfds_root(data_dir: str | None) -> Path:
 
 def _read_tfds_split(name: str, split: str, data_dir: str | None, download: bool) -> tuple[np.ndarray, np.ndarray, str]:
     """(images, labels, the prepared dataset's folder) read through TFDS, preparing it first if allowed."""
+    if download and name not in EMBEDDED and not is_prepared(name, data_dir):
+        download_checks.check_reachable(name)  # seconds, not TFDS's minutes of retries, without a network
     _quiet_tensorflow()
     import tensorflow_datasets as tfds  # app-layer only: the core never needs TFDS
 
@@ -154,18 +182,27 @@ def _read_tfds_split(name: str, split: str, data_dir: str | None, download: bool
         download = True
         tfds.disable_progress_bar()  # the first-use preparation takes seconds; its bars would flood the log
     check_prepared(name, data_dir, download)
+    leftovers = download_checks.Leftovers(tfds_root(data_dir), name)
     try:
-        with preparation_lock(name, data_dir, download):
+        with preparation_lock(name, data_dir, download), quiet_preparation(name, data_dir):
             ds, info = tfds.load(
                 name, split=split, data_dir=data_dir, download=download, as_supervised=True, with_info=True
             )
         # Large batches, not batch_size=-1: that path aborts the process on generator-backed datasets.
         chunks = list(tfds.as_numpy(ds.batch(8192)))
     except Exception as e:  # TFDS raises many kinds (AssertionError, DatasetNotFoundError, OSError...)
+        if download:
+            leftovers.remove()  # partial downloads and the empty dataset folder of a failed preparation
         raise DataUnavailableError(_unavailable_message(name, data_dir, download, e)) from e
     images = np.concatenate([c[0] for c in chunks]).astype(np.uint8, copy=False)
     labels = np.concatenate([c[1] for c in chunks]).astype(np.int32, copy=False)
     return images, labels, str(info.data_dir)
+
+
+def is_prepared(name: str, data_dir: str | None) -> bool:
+    """The data_dir holds a prepared version of the dataset (its dataset_info.json)."""
+    folder = tfds_root(data_dir) / name
+    return folder.is_dir() and any(folder.glob("*/dataset_info.json"))
 
 
 def check_prepared(name: str, data_dir: str | None, download: bool) -> None:

@@ -20,7 +20,7 @@ import hydra
 import jax
 from omegaconf import DictConfig
 
-from bnstudy.app import cli, config_tree, plan
+from bnstudy.app import cli, config_tree, plan, provenance, sweep_dirs
 from bnstudy.app import config as config_lib
 from bnstudy.app import data as data_lib
 from bnstudy.app import runs as runs_lib
@@ -37,7 +37,7 @@ from bnstudy.core.from_config import (
 from bnstudy.core.from_config import schedule_from_config as schedule_from
 from bnstudy.core.pack_size import resolve_pack_size
 from bnstudy.core.trainer import PackTrainer
-from bnstudy.perf.timing import TimeBreakdown
+from bnstudy.perf.timing import TimeBreakdown, breakdown_line
 
 log = logging.getLogger("bnstudy")
 
@@ -49,6 +49,7 @@ CONFIG_DIR = str(config_tree.config_dir())
 
 def main() -> None:
     """`bnstudy-train`: group options checked first (exit 2), then Hydra; a signal ends it with one line."""
+    provenance.set_command("bnstudy.train", sys.argv[1:])
     try:
         chosen = cli.check_group_choices(sys.argv[1:], Path(CONFIG_DIR))
     except ConfigError as e:
@@ -62,6 +63,8 @@ def main() -> None:
             hydra_main()
     except RunInterrupted as e:
         cli.exit_interrupted(e)
+    finally:
+        sweep_dirs.remove_unused()
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
@@ -72,10 +75,12 @@ def hydra_main(raw: DictConfig) -> None:
 def run_from_hydra(raw: DictConfig) -> list[dict]:
     """Parse and train; bad input exits non-zero with a one-paragraph message and writes nothing."""
     out_dir = None
+    sweep_dirs.note()
     try:
         cfg = config_lib.parse(raw)
         out_dir = cfg.out_dir
-        cli.check_out_dir(out_dir)
+        cli.check_paths(out_dir, cfg.compile_cache_dir)
+        say_if_one_arm(cfg)
         return run_job(cfg)
     except (ConfigError, data_lib.DataUnavailableError) as e:
         cli.exit_bad_input(e)
@@ -83,6 +88,45 @@ def run_from_hydra(raw: DictConfig) -> list[dict]:
         cli.exit_write_failed(e.error, e.folders, out_dir)
     except OSError as e:  # a run folder that could not be made or started (nothing to mark)
         cli.exit_write_failed(e, [], out_dir)
+
+
+def unswept_axes() -> dict[str, str]:
+    """The study's structural axes (`hydra.sweeper.params`) when this job runs without `-m`, which ignores
+    them; {} in a sweep or outside Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode == RunMode.MULTIRUN:
+        return {}
+    return {str(k): str(v) for k, v in (HydraConfig.get().sweeper.get("params") or {}).items()}
+
+
+def say_if_one_arm(cfg: Config) -> None:
+    """One line when a study's grid is run without `-m`: what this job trains, what it leaves out and the
+    commands that train the whole grid."""
+    axes = unswept_axes()
+    if not axes:
+        return
+    this = ", ".join(f"{k}={value_or_group(cfg, k)}" for k in axes)
+    left = "; ".join(f"{k} over {v}" for k, v in axes.items())
+    study = cfg.study or "STUDY"
+    log.warning(
+        "without -m this job trains %s only, not the study's sweep of %s; the whole study: `bnstudy-study %s` "
+        "(or the grid: `bnstudy-train -m experiment=%s ...`)",
+        this,
+        left,
+        study,
+        study,
+    )
+
+
+def value_or_group(cfg: Config, key: str) -> str:
+    """The config's value of a swept key (`model.norm`); for a swept group (`model`), its `name`."""
+    try:
+        value = config_lib.get(cfg, key)
+    except AttributeError:
+        return "its default"
+    return str(getattr(value, "name", value))
 
 
 def run_job(cfg: Config) -> list[dict]:
@@ -126,22 +170,30 @@ def train_pending(cfg: Config, pending: list[Config], skipped: list[dict]) -> li
                         c.release()
         finally:
             wandb_job.close()  # its wandb process: finishes any run left open (a failed pack) and exits
+        log.info("job %s", breakdown_line(times.snapshot()))
         return summaries
 
 
 def print_table(summaries: list[dict], skipped: list[dict]) -> None:
-    """One line per run: the trained ones, then the skipped ones."""
+    """One line per run: the trained ones, then the skipped ones; a finished run that did not learn says so."""
     for s in summaries:
         log.info(
             "%s: %s test/acc=%s examples/s=%.0f -> %s",
             s["name"],
-            s["status"],
+            status_text(s),
             _fmt(s.get("test/acc")),
             s["examples_per_s"],
             s["path"],
         )
     for s in skipped:
-        log.info("%s: %s test/acc=%s -> %s", s["name"], s["status"], _fmt(s.get("test/acc")), s["path"])
+        log.info("%s: %s test/acc=%s -> %s", s["name"], status_text(s), _fmt(s.get("test/acc")), s["path"])
+
+
+def status_text(summary: dict) -> str:
+    """The status, and `NOT TRAINED` for a run that finished without learning (summary.json's `trained: false`:
+    its loss did not fall or its test accuracy is at chance); a diverged run says so already."""
+    untrained = summary.get("trained") is False and summary["status"] != runs_lib.DIVERGED
+    return summary["status"] + (" (NOT TRAINED: loss did not fall or accuracy at chance)" if untrained else "")
 
 
 def _fmt(x):
@@ -215,6 +267,8 @@ def quiet_libraries() -> None:
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)
     # orbax (and TFDS) log through absl, and Hydra's INFO root level let orbax print ~30 lines per checkpoint.
     logging.getLogger("absl").setLevel(logging.WARNING)
+    # matplotlib (imported by TFDS) logs 'generated new fontManager' at INFO on its first start.
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
 
 
 def enable_compile_cache(cache_dir: str | None) -> None:

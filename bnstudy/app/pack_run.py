@@ -102,7 +102,7 @@ def train_pack(
         with times.measure("logging"):
             sink.finish(summary)
         summaries.append(sink.folder.summary)
-    log.info("%s", breakdown_line(times.snapshot()))
+    log.debug("%s", breakdown_line(times.snapshot()))  # so far; the job prints its own once, at its end
     return summaries
 
 

@@ -20,13 +20,21 @@ def unfinished_runs(runs: list[Config], rerun: bool) -> tuple[list[Config], list
         folder, expected = runs_lib.run_dir(run), runs_lib.config_hash(run)
         status = None if rerun else claims_lib.finished_status(folder, expected)
         if status:
+            claims_lib.tidy_finished(folder)
             skipped.append(skipped_row(run, status))
             continue
-        missing = claims_lib.finished_but_missing(folder, expected)
-        if missing and not rerun:
-            log.warning("%s: finished, but %s is missing; training it again", folder, ", ".join(missing))
+        if not rerun:
+            say_why_trained_again(folder, expected)
         todo.append(run)
     return todo, skipped
+
+
+def say_why_trained_again(folder, expected_hash: str) -> None:
+    """A warning when an existing folder is trained again: a file missing, or one that cannot be read."""
+    missing = claims_lib.finished_but_missing(folder, expected_hash)
+    why = f"finished, but {', '.join(missing)} is missing" if missing else claims_lib.unreadable(folder)
+    if why:
+        log.warning("%s: %s; training it again", folder, why)
 
 
 def skipped_row(run: Config, why: str) -> dict:
@@ -36,6 +44,7 @@ def skipped_row(run: Config, why: str) -> dict:
     except (OSError, ValueError):
         summary = {}
     line = {"name": runs_lib.run_name(run), "path": str(folder), "test/acc": summary.get("test/acc")}
+    line["trained"] = summary.get("trained")
     if why == "locked":
         line["status"] = "skipped: another process is training it"
     else:

@@ -1,13 +1,17 @@
-"""Where a number came from: git SHA, package versions, device, host."""
+"""Where a number came from: the command that trained it, git SHA, package versions, device, host."""
 
 from __future__ import annotations
 
 import functools
 import os
 import platform
+import shlex
 import subprocess
 from importlib import metadata
 from pathlib import Path
+
+COMMAND_ENV = "BNSTUDY_COMMAND"  # set by bnstudy-study for its training children: the user's command, not theirs
+_command: list[str] = []  # the training command of this process, as the user typed it (set_command)
 
 PACKAGES = ("bnstudy", "jax", "jaxlib", "flax", "optax", "numpy", "tensorflow-datasets", "hydra-core", "wandb")
 
@@ -60,5 +64,15 @@ def device_info() -> dict:
     }
 
 
+def set_command(program: str, arguments: list[str]) -> None:
+    """Remember the command line as typed (`python -m bnstudy.train -m experiment=placement +preset=quick`)."""
+    _command[:] = [shlex.join(["python", "-m", program, *arguments])]
+
+
+def command() -> str | None:
+    """The command that trained this process's runs: bnstudy-study's when it started them, else set_command's."""
+    return os.environ.get(COMMAND_ENV) or (_command[0] if _command else None)
+
+
 def provenance() -> dict:
-    return {"git_sha": git_sha(), "packages": package_versions(), "device": device_info()}
+    return {"git_sha": git_sha(), "packages": package_versions(), "device": device_info(), "command": command()}

@@ -106,12 +106,15 @@ def config_hash(run: Any) -> str:
 
 
 def run_name(run: Any) -> str:
-    """Readable name of a resolved run, e.g. `mnist_t10k-cnn-before_relu-lr0.1-bs128-s0`."""
+    """Readable name of a resolved run, e.g. `mnist_t10k-cnn-before_relu-lr0.1-bs128-s0`; a network of other
+    than its standard depth carries it (`mnist_t10k-cnn6-...`, `resnet32`); the standard depth keeps the name."""
     d = _as_dict(run)
     m, o = d["model"], d["optimizer"]
     kind = m.get("norm_kind", "batch")
     norm = m["norm"] if kind == "batch" or m["norm"] == "none" else f"{m['norm']}-{kind}"
-    parts = [d["dataset"]["name"], m["name"], norm, f"lr{o['lr']:g}"]
+    depth = m.get("depth")
+    network = m["name"] if depth in (None, STANDARD_DEPTHS.get(m["name"])) else f"{m['name']}{depth}"
+    parts = [d["dataset"]["name"], network, norm, f"lr{o['lr']:g}"]
     if m["init_scale"] != 1.0:
         parts.append(f"init{m['init_scale']:g}")
     if m["dropout"]["placement"] != "none":

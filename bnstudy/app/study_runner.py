@@ -12,6 +12,8 @@ training in progress, which marks its runs interrupted; the command then exits 1
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -21,10 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from bnstudy.app import config_tree
+from bnstudy.app import config_tree, provenance
 from bnstudy.schema import PACKABLE
 
 PROG = "bnstudy-study"
+BAD_INPUT = 2  # the train app's exit status for bad input (bnstudy.app.cli.EXIT_BAD_INPUT)
 MAX_ROUNDS = 100  # each round moves an edge or adds a look; a study needs a handful
 
 
@@ -59,6 +62,11 @@ class Study:
     def runs_dir(self) -> Path:
         return self.out_dir / self.name
 
+    def command(self) -> str:
+        """This study's command as typed: what its runs record as the command that trained them."""
+        out = ["--out", str(self.out)] if self.out else []
+        return shlex.join(["python", "-m", "bnstudy.study", self.name, *out, *self.overrides])
+
 
 @dataclass
 class Round:
@@ -81,6 +89,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("study", help="study name, e.g. placement (experiments/<study>.yaml)")
     p.add_argument("--out", type=Path, help="report folder (default: as bnstudy-report's)")
+    p.add_argument("-m", "--multirun", action="store_true", help="accepted and implied: every round is a sweep")
     p.add_argument("overrides", nargs="*", help="Hydra overrides for every round, e.g. +preset=quick")
     return p.parse_intermixed_args(argv)
 
@@ -93,6 +102,9 @@ def compose_settings(study: str, overrides: list[str]) -> tuple[Path, str, str]:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    from bnstudy.app import cli  # the train app's checks and messages (imports the training stack)
+
+    cli.check_group_choices(overrides, config_tree.config_dir())  # unknown keys and options: ConfigError
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as e:
@@ -110,7 +122,17 @@ def compose_settings(study: str, overrides: list[str]) -> tuple[Path, str, str]:
             cfg = compose("config", overrides=[f"experiment={study}", *plain])
     except (HydraException, OmegaConfBaseException) as e:
         raise StudyError(str(e).splitlines()[0]) from None
+    check_values(cfg)
     return Path(str(cfg.out_dir)), str(cfg.dataset.name), str(cfg.logger.wandb.mode)
+
+
+def check_values(cfg) -> None:
+    """The composed config's values and out_dir, checked as the train app checks them (ConfigError)."""
+    from bnstudy.app import cli
+    from bnstudy.app import config as config_lib
+
+    parsed = config_lib.parse(cfg)
+    cli.check_paths(parsed.out_dir, parsed.compile_cache_dir)
 
 
 def study_from(args: argparse.Namespace) -> Study:
@@ -275,13 +297,16 @@ class Trainer:
 
     def train(self, extra: list[str]) -> None:
         # Its own session: a Ctrl-C reaches the child only through `handle`, once (a second one ends it at once).
-        self.child = subprocess.Popen(self.command(extra), start_new_session=True)
+        env = {**os.environ, provenance.COMMAND_ENV: self.study.command()}  # what the runs record as their command
+        self.child = subprocess.Popen(self.command(extra), start_new_session=True, env=env)
         try:
             rc = self.child.wait()
         finally:
             self.child = None
         if self.signum is not None:
             raise Interrupted(self.signum)
+        if rc == BAD_INPUT:  # its one paragraph said what was wrong; re-running the same command would not help
+            raise StudyError("", code=rc)
         if rc != 0:
             raise StudyError(f"training exited with status {rc}; re-run the same command to continue", code=rc)
 
@@ -298,7 +323,8 @@ def run_rounds(study: Study, trainer: Trainer) -> int:
         if todo.key() in done:
             raise StudyError(f"round {number} would train again what a past round trained: {todo.why}", code=1)
         done.add(todo.key())
-        print(f"{PROG} {study.name} round {number}: {todo.why} ({len(todo.jobs)} job(s))", flush=True)
+        # A command is one `bnstudy.train -m` sweep: Hydra may launch several jobs from it (one per structural value).
+        print(f"{PROG} {study.name} round {number}: {todo.why} ({len(todo.jobs)} training command(s))", flush=True)
         for job in todo.jobs:
             trainer.train(job)
     raise StudyError(f"still pending after {MAX_ROUNDS} rounds", code=1)
@@ -311,11 +337,23 @@ def write_report(study: Study) -> None:
     report_cli.main(argv + (["--out", str(study.out)] if study.out else []))
 
 
+def bad_input_as_the_train_app(function, *args):
+    """`function(*args)`; a ConfigError (bad key, option or value) exits 2 with the train app's own paragraph."""
+    from bnstudy.app.config import ConfigError
+
+    try:
+        return function(*args)
+    except ConfigError as e:
+        from bnstudy.app import cli
+
+        cli.exit_bad_input(e)
+
+
 def main(argv: list[str] | None = None) -> None:
     """`bnstudy-study`: bad input exits 2 before any compute; a signal exits 128 + its number."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        study = study_from(args)
+        study = bad_input_as_the_train_app(study_from, args)
         trainer = Trainer(study)
         previous = {s: signal.signal(s, trainer.handle) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
@@ -326,7 +364,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{PROG} {study.name}: nothing pending after {rounds} round(s); writing the report", flush=True)
         write_report(study)
     except StudyError as e:
-        print(f"{PROG}: {e}", file=sys.stderr)
+        if str(e):
+            print(f"{PROG}: {e}", file=sys.stderr)
         sys.exit(e.code)
     except Interrupted as e:
         name = signal.Signals(e.signum).name

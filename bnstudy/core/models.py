@@ -365,14 +365,22 @@ def norm_groups_problem(name: str, width: float, groups: int, depth: int | None 
     if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
         return f"the number of groups must be an integer >= 1, got {groups!r}"
     channels = block_channels(name, width, depth)
-    bad = {block: c for block, c in channels.items() if c % groups}
+    bad: dict[int, list[str]] = {}  # channel count -> the blocks of that width that `groups` does not divide
+    for block, c in channels.items():
+        if c % groups:
+            bad.setdefault(c, []).append(block)
     if bad:
         divisors = sorted(d for d in range(1, min(channels.values()) + 1) if all(c % d == 0 for c in channels.values()))
+        widths = ", ".join(f"{c} in {_first_and_count(blocks)}" for c, blocks in bad.items())
         return (
-            f"{groups} groups do not divide the channels of block(s) {bad} (all channels: {channels}); "
-            f"every block must split into equal groups, so choose one of {divisors}"
+            f"{groups} groups do not divide the channels of {sum(map(len, bad.values()))} of {len(channels)} "
+            f"blocks ({widths}); every block must split into equal groups, so choose one of {divisors}"
         )
     return None
+
+
+def _first_and_count(blocks: list[str]) -> str:
+    return blocks[0] if len(blocks) == 1 else f"{blocks[0]} and {len(blocks) - 1} more"
 
 
 def _check_choices(name, norm, norm_kind, bn_running_var, dropout_placement) -> None:

@@ -2,7 +2,8 @@
 
 The app adds seconds to named buckets as it goes (`TimeBreakdown.measure`), and the trainer's own
 timings (compile, train steps, evaluations) are added per pack. `startup` runs from the process's
-creation (interpreter start, imports, config composition) to the first bucketed work.
+creation (interpreter start, imports, config composition) to the first bucketed work; when a shell ran
+something else in that process first (`sleep 10 && python ...`), from bnstudy's first import instead.
 """
 
 from __future__ import annotations
@@ -32,6 +33,21 @@ def process_start_time() -> float:
     return time.time() - age
 
 
+NOT_PYTHON_AFTER_S = 3.0  # far longer than an interpreter start, creation to bnstudy's first import (~0.2 s)
+
+
+def python_start_time(created: float | None = None, imported: float | None = None) -> float:
+    """When this process's Python started: its creation, unless bnstudy's first import came more than
+    NOT_PYTHON_AFTER_S later. A shell ending a chain (`sleep 10 && python ...`, `pip install ... && python`)
+    execs Python in its own process, created when the chain began; then the clock starts at that first
+    import (the interpreter's own fraction of a second before it is not counted)."""
+    import bnstudy
+
+    created = process_start_time() if created is None else created
+    imported = bnstudy.IMPORTED_AT if imported is None else imported
+    return imported if imported - created > NOT_PYTHON_AFTER_S else created
+
+
 def linux_start_ticks(stat_path: str = "/proc/self/stat") -> int:
     """The process's start in clock ticks since boot: field 22 of /proc/<pid>/stat (proc(5))."""
     with open(stat_path) as f:
@@ -43,7 +59,7 @@ class TimeBreakdown:
     """Seconds per bucket since the process began; `other` is the wall time no bucket claims."""
 
     def __init__(self, started_at: float | None = None):
-        self.started_at = process_start_time() if started_at is None else started_at
+        self.started_at = python_start_time() if started_at is None else started_at
         self.seconds = dict.fromkeys(BUCKETS, 0.0)
 
     def add(self, bucket: str, seconds: float) -> None:
