@@ -59,6 +59,7 @@ def write_run(
     summary=None,
     records=(),
     spec=PLACEMENT_SPEC,
+    fingerprint="0123456789ab",
 ):
     """One run folder written by bnstudy's own run-folder writer; status `running` leaves it open (this
     process is its live writer)."""
@@ -85,6 +86,7 @@ def write_run(
         "config_hash": runs_lib.config_hash(config),
         "study": study,
         "git_sha": "abc1234",
+        "code_fingerprint": fingerprint,
         "packages": {"jax": "0.10.2"},
         "device": {"backend": "cpu", "device_kind": "cpu"},
     }

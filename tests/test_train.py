@@ -40,6 +40,7 @@ def test_default_job_writes_a_complete_run_folder_and_offline_wandb_run(mock_tfd
         "wall_time",
         "step_time",
         "git_sha",
+        "code_fingerprint",
         "packages",
         "device",
         "epochs",

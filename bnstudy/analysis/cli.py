@@ -23,6 +23,7 @@ from pathlib import Path
 from bnstudy.analysis.analyse import Analysis, analyse
 from bnstudy.analysis.dashboard import MODES, log_report, report_run
 from bnstudy.analysis.errors import ReportError
+from bnstudy.analysis.fingerprints import check_fingerprints
 from bnstudy.analysis.index import write_index
 from bnstudy.analysis.load import load_local, load_wandb
 from bnstudy.analysis.readme import runs_used
@@ -45,7 +46,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="instead of a study: write the table of every report under RESULTS (their verdict.json) "
         "at the top of RESULTS/README.md",
     )
-    p.add_argument("--runs", type=Path, help="folder of run folders (default: <out-dir>/<study>)")
+    p.add_argument(
+        "--runs",
+        type=Path,
+        help="folder of run folders, or a raw-runs file runs.jsonl.gz (or a report folder holding one); "
+        "default: <out-dir>/<study>",
+    )
     p.add_argument("--out-dir", type=Path, default=Path("outputs"), help="training out_dir root (default: outputs)")
     p.add_argument(
         "--out",
@@ -55,6 +61,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--dataset", help="report the runs of this dataset only (needed when runs mix datasets)")
     p.add_argument("--data-note", help="a sentence about the data, printed at the top of the report")
+    p.add_argument(
+        "--allow-mixed-fingerprints",
+        action="store_true",
+        help="report runs trained at several code fingerprints together (refused by default; the README says so)",
+    )
     p.add_argument("--source", choices=("local", "wandb"), default="local")
     p.add_argument("--entity", help="wandb entity (--source wandb)")
     p.add_argument("--project", default="bnstudy", help="wandb project (--source wandb; default bnstudy)")
@@ -78,6 +89,8 @@ def command_line(args: argparse.Namespace) -> str:
         value = getattr(args, flag)
         if value is not None and not (flag == "out_dir" and (args.runs or str(value) == "outputs")):
             parts += [f"--{flag.replace('_', '-')}", str(value)]
+    if args.allow_mixed_fingerprints:
+        parts.append("--allow-mixed-fingerprints")
     if args.source == "wandb":
         parts += ["--source", "wandb", "--project", args.project]
         parts += [x for flag in ("entity", "group") if getattr(args, flag) for x in (f"--{flag}", getattr(args, flag))]
@@ -123,10 +136,10 @@ def run(args: argparse.Namespace) -> None:
             runs = load_wandb(args.entity, args.project, args.group or args.study, args.study)
         else:
             runs_dir = args.runs or args.out_dir / args.study
-            if not runs_dir.is_dir() and args.study not in known_studies():
+            if not runs_dir.exists() and args.study not in known_studies():
                 known = ", ".join(known_studies())
                 raise ReportError(f"unknown study {args.study!r} and no runs in {runs_dir}. Known studies: {known}.")
-            if not runs_dir.is_dir():
+            if not runs_dir.exists():
                 quick = args.out_dir / "quick" / args.study
                 hint = f" Quick runs of it are in {quick}: add `--out-dir {quick.parent}`." if quick.is_dir() else ""
                 raise ReportError(
@@ -135,6 +148,7 @@ def run(args: argparse.Namespace) -> None:
                     f"that holds them.{hint}"
                 )
             runs = load_local(runs_dir, args.study)
+        check_fingerprints(runs.frame, args.allow_mixed_fingerprints)
         analysis = analyse(args.study, runs, args.dataset)
         out = write_report(analysis, runs, report_folder(args, analysis), command_line(args), args.data_note)
     except ReportError as e:

@@ -14,11 +14,11 @@ import warnings
 import numpy as np
 import pandas as pd
 
+from bnstudy import records as runs_lib
 from bnstudy.analysis import convergence, stats
 from bnstudy.analysis.errors import ReportWarning
 from bnstudy.analysis.load import LoadedRuns
 from bnstudy.analysis.spec import FUNCTION_NAME, for_dataset
-from bnstudy.app import runs as runs_lib
 
 FINISHED = (*runs_lib.FINISHED, "not_trained")
 FAILED = ("diverged", "not_trained")  # counted as failures by the stability metrics

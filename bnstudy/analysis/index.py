@@ -12,8 +12,10 @@ import pandas as pd
 
 from bnstudy.analysis.analyse import Analysis
 from bnstudy.analysis.errors import ReportError
+from bnstudy.analysis.fingerprints import fingerprint_counts
 from bnstudy.analysis.stats import FAILURE_WORDS
 from bnstudy.analysis.tables import fmt
+from bnstudy.records import TRAINING_TIME_FILE
 from bnstudy.schema import STANDARD_DEPTHS
 
 VERDICT_FILE = "verdict.json"  # one study's verdict in brief, read by `--index`
@@ -50,6 +52,7 @@ def verdict_record(a: Analysis) -> dict:
         "network": network_label(a.runs),
         "verdict_sentence": a.verdict_sentence,
         "runs": int(len(a.runs)),
+        "code_fingerprint": list(fingerprint_counts(a.runs)),
         "fixed_design_runs": fixed_design_runs(a),
         "deciding": None,
         "selections": [e.record() for e in a.edges],
@@ -189,6 +192,17 @@ def verdict_cell(r: dict | None, with_network: bool) -> str:
     return f"**{r['verdict']}**{network}: {words.split(': ', 1)[-1] if ': ' in words else words}"
 
 
+def training_time_cell(results: Path, folder: str) -> str:
+    """The study's training time summed over the sessions that trained it, e.g. '41 min (2 sessions)'."""
+    path = results / folder / TRAINING_TIME_FILE
+    try:
+        kept = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return "-"
+    sessions = len(kept.get("sessions", []))
+    return f"{kept['total_s'] / 60:.0f} min" + (f" ({sessions} sessions)" if sessions > 1 else "")
+
+
 def index_records(results: Path) -> dict[tuple[str, str], dict[str, tuple[dict, str]]]:
     """(study + variant, dataset) -> network -> (verdict.json record, report folder), for every report."""
     paths = sorted(results.glob(f"*/{VERDICT_FILE}"))
@@ -216,6 +230,7 @@ def index_table(results: Path) -> str:
         "deciding effect [95% CI]",
         "seeds and looks",
         "selections interior?",
+        "training time",
         "reports",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -232,6 +247,7 @@ def index_table(results: Path) -> str:
             "; ".join(label(r) + effect_cell(r) for r, _ in reports),
             "; ".join(label(r) + looks_cell(r) for r, _ in reports),
             "; ".join(label(r) + selections_cell(r) for r, _ in reports),
+            "; ".join(label(r) + training_time_cell(results, folder) for r, folder in reports),
             ", ".join(f"[{r.get('network', DEFAULT_NETWORK)}]({folder}/README.md)" for r, folder in reports),
         ]
         lines.append("| " + " | ".join(c.replace("|", "/").replace("\n", " ") for c in cells) + " |")

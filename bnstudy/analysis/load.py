@@ -1,7 +1,9 @@
-"""A study's runs, from run folders or the wandb API, as one table: a frame of runs and their logged histories.
+"""A study's runs, from run folders, a raw-runs file or the wandb API, as one table: a frame of runs and their
+logged histories.
 
-Run folders (`config.yaml`, `metrics.jsonl`, `summary.json`) are written and read by bnstudy.app.runs; a wandb
-group is read through its public API into the same frame. Nothing here interprets a metric.
+Run folders (`config.yaml`, `metrics.jsonl`, `summary.json`) and raw-runs files (`runs.jsonl.gz` beside a
+committed report) are in the format of bnstudy.records; a wandb group is read through its public API into the
+same frame. Nothing here interprets a metric.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from bnstudy import records as runs_lib
 from bnstudy.analysis.errors import ReportError, ReportWarning
-from bnstudy.app import runs as runs_lib
 
 
 @dataclass
@@ -58,7 +60,7 @@ def config_row(config: dict) -> dict:
 
 
 def read_history(path: Path) -> list[dict]:
-    """The records of a metrics.jsonl (bnstudy.app.runs.read_metrics); lines that do not parse (a run killed
+    """The records of a metrics.jsonl (bnstudy.records.read_metrics); lines that do not parse (a run killed
     mid-write) are skipped with a warning."""
     records, bad = runs_lib.read_metrics(path)
     if bad:
@@ -70,6 +72,9 @@ def load_local(runs_dir: Path, study: str | None = None) -> LoadedRuns:
     """Every run folder under `runs_dir` (directly, or one level down in its study folders: `--runs outputs`);
     corrupt ones are skipped with a warning. A `running` folder whose writer is gone reads as `stale`. With
     `study`, only the runs whose config records that study are read (see `keep_study`)."""
+    raw = raw_runs_file(runs_dir)
+    if raw is not None:
+        return load_raw(raw, study)
     if not runs_dir.is_dir():
         raise ReportError(f"no runs directory {runs_dir}: expected one run folder per trained model there.")
     rows, history, skipped, specs, config_cols, others = [], {}, [], [], {}, Counter()
@@ -100,6 +105,38 @@ def load_local(runs_dir: Path, study: str | None = None) -> LoadedRuns:
             specs.append(config["report"])
     keep_study(study, len(rows), others, str(runs_dir))
     return LoadedRuns(pd.DataFrame(rows), history, skipped, specs, list(config_cols))
+
+
+def raw_runs_file(path: Path) -> Path | None:
+    """The raw-runs file `path` names: the file itself, or a report folder holding one and no run folders."""
+    if path.is_file():
+        return path
+    candidate = path / runs_lib.RAW_RUNS_FILE
+    if candidate.is_file() and not run_folder_paths(path):
+        return candidate
+    return None
+
+
+def load_raw(path: Path, study: str | None = None) -> LoadedRuns:
+    """The runs of a raw-runs file (bnstudy.records), into the same frame as run folders."""
+    rows, history, specs, config_cols, others = [], {}, [], {}, Counter()
+    try:
+        records = list(runs_lib.read_raw_runs(path))
+    except ValueError as e:
+        raise ReportError(str(e)) from None
+    for record in records:
+        config, summary = record["config"], record["summary"]
+        if study is not None and config.get("study") != study:
+            others[config.get("study")] += 1
+            continue
+        row = run_row(config, summary, f"{path}#{record['run_id']}")
+        rows.append(row)
+        config_cols.update(dict.fromkeys(config_row(config)))
+        history[row["run_id"]] = lambda metrics=record["metrics"]: metrics
+        if isinstance(config.get("report"), dict):
+            specs.append(config["report"])
+    keep_study(study, len(rows), others, str(path))
+    return LoadedRuns(pd.DataFrame(rows), history, [], specs, list(config_cols))
 
 
 def is_study_folder(path: Path) -> bool:

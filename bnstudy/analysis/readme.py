@@ -10,6 +10,7 @@ import pandas as pd
 from bnstudy.analysis import stats
 from bnstudy.analysis.analyse import Analysis
 from bnstudy.analysis.derived import FINISHED
+from bnstudy.analysis.fingerprints import fingerprint_counts, fingerprint_line
 from bnstudy.analysis.index import FIXED_SEEDS, fixed_design_runs, one_phase_runs
 from bnstudy.analysis.looks import schedule_of
 from bnstudy.analysis.spec import for_dataset, spec_metrics
@@ -51,6 +52,7 @@ def facts(a: Analysis) -> list[str]:
             )
     if "train.epochs" in done:
         lines.append(f"- training: epochs {values('train.epochs', done)}; steps per run {values('steps', done)}")
+    lines.append(fingerprint_line(fingerprint_counts(r)))
     dirty = "git_sha" in r and r["git_sha"].astype(str).str.endswith("-dirty").any()
     lines.append(f"- git SHA: {values('git_sha')}" + (" (`-dirty`: uncommitted changes)" if dirty else ""))
     pkg_cols = sorted(c for c in r if c.startswith("packages."))

@@ -40,6 +40,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+# The run rules a training run applies to itself live in bnstudy.analysis.trained (the app imports it); named
+# here too, as the report states them.
+from bnstudy.analysis.trained import CHANCE_MARGIN, LOSS_RATIO, gen_gap, is_trained  # noqa: F401
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -56,11 +60,6 @@ CONFIDENCE = 0.95
 FAMILY_ALPHA = 0.05  # family-wise error level of a study's verdict, half for support and half for contradiction
 DIRECTION_ALPHA = FAMILY_ALPHA / 2
 EXPECTATIONS = ("greater", "less", "equivalent")
-
-# The `trained` rule: a finite run learned when its last train loss fell below LOSS_RATIO x its first logged
-# train loss AND its test accuracy is above chance + CHANCE_MARGIN.
-LOSS_RATIO = 0.9
-CHANCE_MARGIN = 0.05
 
 
 # ------------------------------------------------------------------------------------------- intervals
@@ -269,31 +268,3 @@ def why(c: Contrast | None, expect: str, margin: float, verdict: str) -> str:
             f"a gain of {margin:g} or more is ruled out, but neither a negligible nor an opposite difference is shown"
         )
     return ""
-
-
-# ------------------------------------------------------------------------------------------- run rules
-
-
-def is_trained(
-    first_train_loss: float | None,
-    final_train_loss: float | None,
-    test_acc: float | None,
-    num_classes: int = 10,
-    loss_ratio: float = LOSS_RATIO,
-    chance_margin: float = CHANCE_MARGIN,
-) -> bool:
-    """Whether a finite run learned: its final train loss < loss_ratio x its first logged one, and its test
-    accuracy > 1/num_classes + chance_margin. A missing number is not held against the run (the other
-    decides); with neither, the run counts as trained."""
-    if first_train_loss is not None and final_train_loss is not None:
-        first, final = float(first_train_loss), float(final_train_loss)
-        if np.isfinite(first) and np.isfinite(final) and final >= loss_ratio * first:
-            return False
-    if test_acc is not None and np.isfinite(float(test_acc)):
-        return float(test_acc) > 1.0 / num_classes + chance_margin
-    return True
-
-
-def gen_gap(train_subset_acc, test_acc):
-    """Generalization gap: training-subset accuracy in inference mode minus test accuracy (same weights)."""
-    return np.asarray(train_subset_acc, float) - np.asarray(test_acc, float)

@@ -4,6 +4,7 @@ README.md and verdict.json. Reports are regenerated, never edited."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from bnstudy.analysis.analyse import Analysis
@@ -12,6 +13,7 @@ from bnstudy.analysis.index import VERDICT_FILE, json_default, verdict_record
 from bnstudy.analysis.load import LoadedRuns
 from bnstudy.analysis.readme import readme
 from bnstudy.analysis.tables import comparison_table, to_latex, wide_tables
+from bnstudy.records import RAW_RUNS_FILE, write_raw_runs
 
 
 def write_report(a: Analysis, runs: LoadedRuns, out: Path, command: str, data_note: str | None = None) -> Path:
@@ -37,4 +39,22 @@ def write_report(a: Analysis, runs: LoadedRuns, out: Path, command: str, data_no
     figures, notes = write_figures(a, runs, out)
     (out / "README.md").write_text(readme(a, tables, comp, figures, notes, command, data_note))
     (out / VERDICT_FILE).write_text(json.dumps(verdict_record(a), indent=1, default=json_default) + "\n")
+    keep_raw_runs(a, out)
     return out
+
+
+def keep_raw_runs(a: Analysis, out: Path) -> None:
+    """The study's finished runs beside its report (bnstudy.records' raw-runs file), so that the report can be
+    rewritten and the study resumed from a clone: packed from the run folders read, or copied from the raw-runs
+    file they were read from. Runs read from wandb stay there."""
+    target = out / RAW_RUNS_FILE
+    paths = [str(p) for p in a.runs["path"]]
+    sources = {Path(p.split("#", 1)[0]) for p in paths if "#" in p}
+    if sources:
+        for source in sources:  # one file: a report reads one raw-runs file
+            if source.resolve() != target.resolve():
+                shutil.copyfile(source, target)
+        return
+    folders = [Path(p) for p in paths if Path(p).is_dir()]
+    if folders:
+        write_raw_runs(folders, target)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bnstudy.analysis import stats
+from bnstudy.analysis import trained as run_rules
 from bnstudy.analysis.convergence import steps_to_target
 from bnstudy.app import runs as runs_lib
 from bnstudy.app.sinks import RunSinks
@@ -62,14 +62,14 @@ def without_results_if_diverged(final: dict) -> dict:
 
 
 def learned(final: dict, folder: Path, num_classes: int) -> dict:
-    """`trained` (bnstudy.analysis.stats.is_trained on the first and last logged train/loss and the final test/acc;
+    """`trained` (bnstudy.analysis.trained.is_trained on the first and last logged train/loss and the final test/acc;
     false for a diverged run) and `gen_gap` (train_subset/acc - test/acc, both in inference mode; None
     without either). The losses are read back from the run's metrics.jsonl, which a resumed run continues."""
     if final["status"] == "diverged":
         return {"trained": False, "gen_gap": None}
     losses = [r["train/loss"] for r in runs_lib.read_jsonl(folder / "metrics.jsonl") if r.get("train/loss") is not None]
     first, last = (losses[0], losses[-1]) if losses else (None, None)
-    trained = stats.is_trained(first, last, final.get("test/acc"), num_classes)
+    trained = run_rules.is_trained(first, last, final.get("test/acc"), num_classes)
     train_acc, test_acc = final.get("train_subset/acc"), final.get("test/acc")
-    gap = None if train_acc is None or test_acc is None else float(stats.gen_gap(train_acc, test_acc))
+    gap = None if train_acc is None or test_acc is None else float(run_rules.gen_gap(train_acc, test_acc))
     return {"trained": bool(trained), "gen_gap": gap}

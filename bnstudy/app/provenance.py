@@ -1,8 +1,10 @@
-"""Where a number came from: the command that trained it, git SHA, package versions, device, host."""
+"""Where a number came from: the command that trained it, git SHA, the code fingerprint, package versions, device,
+host."""
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import platform
 import shlex
@@ -74,5 +76,46 @@ def command() -> str | None:
     return os.environ.get(COMMAND_ENV) or (_command[0] if _command else None)
 
 
+# The analysis modules a training run's numbers depend on (the `trained` rule and steps to a target in its
+# summary); the rest of bnstudy/analysis only reads finished runs, so editing it changes no run.
+TRAINING_ANALYSIS = ("trained.py", "convergence.py")
+
+
+def fingerprinted_files() -> list[tuple[str, Path]]:
+    """(name, path) of every file whose content decides a run's numbers: the package's Python source (less the
+    report side of bnstudy/analysis), configs/ and experiments/; named as in a checkout, so a wheel and a checkout
+    of the same code agree. Not results/, docs/, tests/ or benchmarks/."""
+    from bnstudy.app import config_tree
+
+    package = Path(__file__).resolve().parents[1]
+    files = [
+        (f"bnstudy/{p.relative_to(package).as_posix()}", p)
+        for p in package.rglob("*.py")
+        if "__pycache__" not in p.parts
+        and not (p.parent.name == "analysis" and p.parent.parent == package and p.name not in TRAINING_ANALYSIS)
+        and p.parent.name not in ("configs", "experiments")
+    ]
+    for root, prefix in ((config_tree.config_dir(), "configs"), (config_tree.experiments_dir(), "experiments")):
+        files += [(f"{prefix}/{p.relative_to(root).as_posix()}", p) for p in Path(root).rglob("*.yaml")]
+    return sorted(files)
+
+
+@functools.lru_cache(maxsize=1)
+def code_fingerprint() -> str:
+    """A short hash of what decides a run's numbers (`fingerprinted_files`): unlike the git SHA, it does not
+    change when results/ or docs are committed, so one study's landing does not set the next study's runs
+    apart; a change to numerics changes it."""
+    digest = hashlib.sha256()
+    for name, path in fingerprinted_files():
+        digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
+
+
 def provenance() -> dict:
-    return {"git_sha": git_sha(), "packages": package_versions(), "device": device_info(), "command": command()}
+    return {
+        "git_sha": git_sha(),
+        "code_fingerprint": code_fingerprint(),
+        "packages": package_versions(),
+        "device": device_info(),
+        "command": command(),
+    }

@@ -44,14 +44,27 @@ from typing import Any
 
 import yaml
 
+# The record format (statuses, the folder's files, reading them back) is bnstudy.records, shared with the analysis.
+from bnstudy.records import (  # noqa: F401  (re-exported: the app's modules name them as runs.X)
+    DIVERGED,
+    DONE,
+    FAILED,
+    FINISHED,
+    FOLDER_FILES,
+    INCOMPLETE,
+    INTERRUPTED,
+    RUNNING,
+    STALE,
+    effective_status,
+    missing_files,
+    read_jsonl,
+    read_metrics,
+    read_run_folder,
+    run_folders,
+)
 from bnstudy.schema import STANDARD_DEPTHS
 
-RUNNING, DONE, DIVERGED, INTERRUPTED, FAILED, STALE = "running", "done", "diverged", "interrupted", "failed", "stale"
-INCOMPLETE = "incomplete"  # how a reader reports a finished folder that lacks one of its files
-FINISHED = (DONE, DIVERGED)
-FOLDER_FILES = ("config.yaml", "metrics.jsonl", "summary.json")  # every file a finished folder holds
 HEARTBEAT_EVERY_S = 30.0  # at most one summary rewrite per this many seconds from log points
-STALE_AFTER_S = 600.0  # a heartbeat this old means the writer is gone (other hosts, where pids say nothing)
 CHECKPOINT_DIR = "checkpoint"
 
 # Keys that do not change the trained model, so they do not change a run's identity: where the data sits,
@@ -273,11 +286,6 @@ def recover(folder: Path) -> None:
     shutil.rmtree(staging_dir(folder), ignore_errors=True)
 
 
-def missing_files(folder: Path) -> list[str]:
-    """The FOLDER_FILES a run folder lacks."""
-    return [name for name in FOLDER_FILES if not (Path(folder) / name).is_file()]
-
-
 def truncate_metrics(folder: Path, last_step: int, records: int | None = None) -> int:
     """Drop metrics.jsonl records after `last_step`, and keep at most the first `records` (a record logged at
     `last_step` after the checkpoint, e.g. the next epoch's first probe, would otherwise appear twice once the
@@ -295,78 +303,3 @@ class WriteFailed(Exception):
     def __init__(self, error: OSError, folders: list[str]):
         super().__init__(str(error))
         self.error, self.folders = error, folders
-
-
-# ------------------------------------------------------------------------------------------------- read
-
-
-def read_metrics(path: Path) -> tuple[list[dict], int]:
-    """The records of a metrics.jsonl and the number of lines that did not parse (a run killed mid-write)."""
-    records, bad = [], 0
-    if not path.exists():
-        return records, bad
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            bad += 1
-    return records, bad
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return read_metrics(path)[0]
-
-
-def read_run_folder(path: Path) -> tuple[dict, dict]:
-    """(config, summary) of one run folder; raises ValueError saying what is wrong with it."""
-    for name in ("config.yaml", "summary.json"):
-        if not (path / name).is_file():
-            raise ValueError(f"no {name}")
-    try:
-        config = yaml.safe_load((path / "config.yaml").read_text())
-    except yaml.YAMLError as e:
-        raise ValueError(f"config.yaml is not YAML ({str(e).splitlines()[0]})") from None
-    try:
-        summary = json.loads((path / "summary.json").read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"summary.json is not JSON ({e})") from None
-    if not isinstance(config, dict) or not isinstance(summary, dict):
-        raise ValueError("config.yaml or summary.json is not a mapping")
-    return config, summary
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
-
-
-def _age_s(iso: str | None) -> float:
-    try:
-        return time.time() - datetime.fromisoformat(iso).timestamp()
-    except (TypeError, ValueError):
-        return math.inf
-
-
-def effective_status(summary: dict, stale_after_s: float = STALE_AFTER_S) -> str:
-    """The recorded status, except that a `running` folder whose writer is gone reads as `stale`."""
-    status = summary.get("status") or "unknown"
-    if status != RUNNING:
-        return status
-    same_host = summary.get("host") == platform.node() and isinstance(summary.get("pid"), int)
-    if same_host and not _pid_alive(summary["pid"]):
-        return STALE
-    if _age_s(summary.get("heartbeat_at")) > stale_after_s:
-        return STALE
-    return RUNNING
-
-
-def run_folders(runs_dir: Path) -> list[Path]:
-    """The run folders directly under a study folder (hidden staging and lock entries excluded)."""
-    return sorted(p for p in runs_dir.iterdir() if p.is_dir() and not p.name.startswith("."))

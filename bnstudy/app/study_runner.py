@@ -17,13 +17,14 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from bnstudy.app import config_tree, provenance
+from bnstudy.app import config_tree, landing, provenance
 from bnstudy.schema import PACKABLE
 
 PROG = "bnstudy-study"
@@ -88,7 +89,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Train a study until its edges are searched and its looks decided, then write its report.",
     )
     p.add_argument("study", help="study name, e.g. placement (experiments/<study>.yaml)")
-    p.add_argument("--out", type=Path, help="report folder (default: as bnstudy-report's)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="report folder (default: as bnstudy-report's); the runs kept there (runs.jsonl.gz) are restored "
+        "before training, so a study landed in results/ continues from a fresh clone",
+    )
+    p.add_argument(
+        "--allow-mixed-fingerprints",
+        action="store_true",
+        help="train and report on top of runs of another code fingerprint (refused by default)",
+    )
     p.add_argument("-m", "--multirun", action="store_true", help="accepted and implied: every round is a sweep")
     p.add_argument("overrides", nargs="*", help="Hydra overrides for every round, e.g. +preset=quick")
     return p.parse_intermixed_args(argv)
@@ -330,11 +341,22 @@ def run_rounds(study: Study, trainer: Trainer) -> int:
     raise StudyError(f"still pending after {MAX_ROUNDS} rounds", code=1)
 
 
-def write_report(study: Study) -> None:
+def write_report(study: Study, allow_mixed: bool = False) -> None:
     from bnstudy.analysis import cli as report_cli
 
     argv = [study.name, "--out-dir", str(study.out_dir), "--dataset", study.dataset, "--wandb-mode", study.wandb_mode]
-    report_cli.main(argv + (["--out", str(study.out)] if study.out else []))
+    argv += ["--out", str(study.out)] if study.out else []
+    report_cli.main(argv + (["--allow-mixed-fingerprints"] if allow_mixed else []))
+
+
+def land(study: Study, allow_mixed: bool) -> None:
+    """Before round 1: the runs kept in the report folder restored, and their code fingerprint checked."""
+    restored = landing.restore(study.out, study.runs_dir)
+    if restored:
+        print(f"{PROG} {study.name}: restored {restored} finished run(s) from {study.out}", flush=True)
+    problem = landing.fingerprint_problem(study.runs_dir)
+    if problem and not allow_mixed:
+        raise StudyError(problem)
 
 
 def bad_input_as_the_train_app(function, *args):
@@ -354,15 +376,18 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         study = bad_input_as_the_train_app(study_from, args)
+        land(study, args.allow_mixed_fingerprints)
         trainer = Trainer(study)
         previous = {s: signal.signal(s, trainer.handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        started = time.monotonic()
         try:
             rounds = run_rounds(study, trainer)
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
+            landing.add_training_time(study.out, time.monotonic() - started)
         print(f"{PROG} {study.name}: nothing pending after {rounds} round(s); writing the report", flush=True)
-        write_report(study)
+        write_report(study, args.allow_mixed_fingerprints)
     except StudyError as e:
         if str(e):
             print(f"{PROG}: {e}", file=sys.stderr)
