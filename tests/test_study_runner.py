@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from bnstudy import records
 from bnstudy.analysis.load import load_local
 from bnstudy.app import study_runner
 
@@ -186,7 +187,12 @@ def test_a_quick_study_is_extended_at_an_edge_gets_a_seed_round_and_a_report_and
     assert (tmp_path / "report" / "README.md").is_file() and (tmp_path / "report" / "verdict.json").is_file()
     assert not (tmp_path / "report" / "wandb").exists()  # the report follows logger.wandb.mode=disabled
 
+    kept = list(records.read_raw_runs(tmp_path / "report" / records.RAW_RUNS_FILE))
+    assert len(kept) == len(frame) and all(r["summary"]["code_fingerprint"] for r in kept)
+
     again = run_study(tmp_path)
     assert "done test/acc" not in again  # every run skipped
+    sessions = json.loads((tmp_path / "report" / records.TRAINING_TIME_FILE).read_text())["sessions"]
+    assert len(sessions) == 2  # the training time of both sessions, kept beside the report
     assert re.findall(r"round (\d+):", again) == ["1"] and "nothing pending after 1 round(s)" in again
     assert len(load_local(tmp_path / "regularization").frame) == len(frame)
