@@ -108,28 +108,19 @@ def test_the_selection_phase_comes_first_then_confirmation_seeds_from_100(tmp_pa
     ]
 
 
+def confirm(root, norm, lr, seed, summary, spec=SPEC, status="done"):
+    """One run of the confirmation phase (or any phase: the seed says which)."""
+    write_run(root, norm=norm, lr=lr, seed=seed, spec=spec, status=status, summary=summary)
+
+
 def test_confirmation_seeds_cannot_move_the_selection(tmp_path):
     """Confirmation runs at another lr, however good their validation score, neither move the choice nor enter
     the comparison; confirmation runs at the chosen lr alone decide."""
     root = selection_runs(tmp_path / "runs")
     for seed in (100, 101):
-        write_run(
-            root,
-            norm="before_relu",
-            lr=0.1,
-            seed=seed,
-            spec=SPEC,
-            summary={"val/acc": 0.96, "test/acc": 0.96 + 0.001 * (seed % 2)},
-        )
-        write_run(
-            root,
-            norm="none",
-            lr=0.03,
-            seed=seed,
-            spec=SPEC,
-            summary={"val/acc": 0.92, "test/acc": 0.91 + 0.002 * (seed % 2)},
-        )
-        write_run(root, norm="none", lr=0.1, seed=seed, spec=SPEC, summary={"val/acc": 0.99, "test/acc": 0.99})
+        confirm(root, "before_relu", 0.1, seed, {"val/acc": 0.96, "test/acc": 0.96 + 0.001 * (seed % 2)})
+        confirm(root, "none", 0.03, seed, {"val/acc": 0.92, "test/acc": 0.91 + 0.002 * (seed % 2)})
+        confirm(root, "none", 0.1, seed, {"val/acc": 0.99, "test/acc": 0.99})
     with pytest.warns(Warning, match="2 confirmation-seed run"):
         a = analyse_dir("placement", root)
     chosen = a.phases.chosen.set_index("model.norm")["optimizer.lr"].to_dict()
@@ -139,36 +130,16 @@ def test_confirmation_seeds_cannot_move_the_selection(tmp_path):
     assert row["mean_b"] == pytest.approx(0.911) and row["n"].startswith("2 paired seeds")
 
 
-def confirmation(root, status_a="done", value_a=0.97, metric_a=None):
-    for seed in (100, 101, 102):
-        first = seed == 100
-        summary = {"val/acc": 0.96, "test/acc": 0.975 + 0.001 * (seed % 3), "test/loss": 0.08 + 0.01 * (seed % 3)}
-        if first and metric_a is not None:
-            summary = metric_a
-        write_run(
-            root,
-            norm="before_relu",
-            lr=0.1,
-            seed=seed,
-            spec=SPEC,
-            status=status_a if first else "done",
-            summary=summary,
-        )
-        write_run(
-            root,
-            norm="none",
-            lr=0.03,
-            seed=seed,
-            spec=SPEC,
-            summary={"val/acc": 0.92, "test/acc": 0.93 + 0.002 * (seed % 3), "test/loss": 0.2},
-        )
-    return root
-
-
 def test_a_diverged_confirmation_run_counts_against_its_arm(tmp_path):
     """BN's first confirmation run diverges: it stays in the comparison at chance accuracy (not dropped), so
     the arm that failed is the one that pays, and the comparison says how many runs it counted."""
-    root = confirmation(selection_runs(tmp_path / "runs"), status_a="diverged", metric_a={})
+    root = selection_runs(tmp_path / "runs")
+    for seed in (100, 101, 102):
+        if seed == 100:
+            confirm(root, "before_relu", 0.1, seed, {}, status="diverged")
+        else:
+            confirm(root, "before_relu", 0.1, seed, {"val/acc": 0.96, "test/acc": 0.975 + 0.001 * (seed % 3)})
+        confirm(root, "none", 0.03, seed, {"val/acc": 0.92, "test/acc": 0.93 + 0.002 * (seed % 3)})
     a = analyse_dir("placement", root)
     (row,) = a.comparisons.to_dict("records")
     assert row["n"].startswith("3 paired seeds")
@@ -177,27 +148,15 @@ def test_a_diverged_confirmation_run_counts_against_its_arm(tmp_path):
 
 
 def test_a_failed_run_without_the_metric_is_the_worst_outcome_in_a_rank_test(tmp_path):
-    spec = {
-        **SPEC,
-        "compare": [
-            {"metric": "test/loss", "a": {"model.norm": "before_relu"}, "b": {"model.norm": "none"}, "expect": "less"}
-        ],
-    }
+    loss = {"metric": "test/loss", "a": {"model.norm": "before_relu"}, "b": {"model.norm": "none"}, "expect": "less"}
+    spec = {**SPEC, "compare": [loss]}
     root = selection_runs(tmp_path / "runs", spec)
     for seed in (100, 101, 102):
-        status = "diverged" if seed == 100 else "done"
-        summary = (
-            {} if status == "diverged" else {"val/acc": 0.96, "test/acc": 0.97, "test/loss": 0.08 + 0.01 * (seed % 3)}
-        )
-        write_run(root, norm="before_relu", lr=0.1, seed=seed, spec=spec, status=status, summary=summary)
-        write_run(
-            root,
-            norm="none",
-            lr=0.03,
-            seed=seed,
-            spec=spec,
-            summary={"val/acc": 0.92, "test/acc": 0.93, "test/loss": 0.2},
-        )
+        if seed == 100:
+            confirm(root, "before_relu", 0.1, seed, {}, spec, status="diverged")
+        else:
+            confirm(root, "before_relu", 0.1, seed, {"val/acc": 0.96, "test/loss": 0.08 + 0.01 * (seed % 3)}, spec)
+        confirm(root, "none", 0.03, seed, {"val/acc": 0.92, "test/acc": 0.93, "test/loss": 0.2}, spec)
     a = analyse_dir("placement", root)
     (row,) = a.comparisons.to_dict("records")
     assert row["method"] == "signed-rank (3 seeds)" and "counted as the worst outcome" in row["note"]
