@@ -184,6 +184,8 @@ def markdown(network: str, table: list[dict], command: str) -> str:
     lines = [
         f"### {network}",
         "",
+        "Tables from:",
+        "",
         f"    {command}",
         "",
         "| schedule | epochs | converged (all lrs) | best lr | val/acc at best lr | below the longest | "
@@ -261,7 +263,7 @@ def main() -> None:
             subprocess.run(cmd, check=True, env=os.environ.copy())  # finished runs are skipped on a re-run
     rows = read_runs(args.out_dir, args.network)
     table = with_gaps(budget_rows(rows, args.budgets))
-    command = "python benchmarks/convergence_budget.py " + " ".join(sys.argv[1:])
+    command = "python benchmarks/convergence_budget.py " + " ".join(sys.argv[1:])  # the tables' command
     RESULTS.mkdir(exist_ok=True)
     stem = RESULTS / f"convergence_{args.network}"
     stem.with_suffix(".json").write_text(json.dumps({"command": command, "table": table, "runs": rows}, indent=1))
