@@ -215,3 +215,26 @@ def test_a_bad_schedule_is_refused_naming_its_key(keys, key, expected):
 def test_the_trainer_sets_the_schedule_over_the_run_s_steps():
     pt = scheduled_trainer()
     assert pt.setup.lr_schedule.total_steps == SCHEDULE.epochs * pt.steps_per_epoch == 6
+
+
+def test_a_run_records_its_schedule_and_logs_the_lr_of_each_step(small_data, run_app):
+    import json
+
+    import yaml
+
+    out = run_app("optimizer.schedule.name=step", "optimizer.schedule.milestones=[0.5]", "train.log_every=1")
+    (folder,) = [p for p in (out / "default").iterdir() if (p / "summary.json").exists()]
+    assert "-lr0.1-step-" in folder.name
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["lr_schedule"] == "step(x0.1 at 0.5)"
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    assert config["optimizer"]["schedule"] == {
+        "name": "step",
+        "warmup": 0.0,
+        "floor": 0.0,
+        "milestones": [0.5],
+        "factor": 0.1,
+    }
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["train/lr"] for r in records if "train/lr" in r]
+    assert lrs == pytest.approx([0.1, 0.1, 0.01])  # 3 steps: x0.1 from step round(0.5 * 3) = 2 on
