@@ -49,6 +49,13 @@ def test_each_schedule_is_optax_s_own_with_a_peak_of_one(ours, theirs):
     np.testing.assert_allclose(values(ours), np.asarray(jax.vmap(theirs)(STEPS)), rtol=1e-6, atol=1e-7)
 
 
+def test_milestones_that_meet_multiply_and_a_milestone_inside_the_warmup_still_counts():
+    short = values(lr_schedule("step", milestones=(0.5, 0.51), total=10))[:11]  # both round to step 5
+    np.testing.assert_allclose(short[4:7], [1.0, 0.01, 0.01], rtol=1e-6)
+    early = values(lr_schedule("step", warmup=0.2, milestones=(0.1,), factor=0.5))
+    np.testing.assert_allclose(early[[5, 10, 20, 50]], [0.25, 0.25, 0.5, 0.5], rtol=1e-6)  # warmup: 20 steps
+
+
 def test_the_shapes_at_their_landmarks():
     cosine = values(lr_schedule("cosine", floor=0.1))
     assert cosine[0] == 1.0 and cosine[TOTAL // 2] == pytest.approx(0.55) and cosine[TOTAL] == pytest.approx(0.1)

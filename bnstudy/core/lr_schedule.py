@@ -69,11 +69,15 @@ class LrSchedule:
             return optax.cosine_decay_schedule(1.0, max(total, 1), alpha=self.floor)
         if self.name == "constant":
             return optax.linear_schedule(0.0, 1.0, warmup)  # holds 1.0 after the warmup
-        boundaries = {m: self.factor for m in self.milestone_steps()}
+        boundaries: dict[int, float] = {}
+        for m in self.milestone_steps():  # milestones that round to one step (a short run) multiply there
+            boundaries[m] = boundaries.get(m, 1.0) * self.factor
+        steps = optax.piecewise_constant_schedule(1.0, boundaries)
         if not warmup:
-            return optax.piecewise_constant_schedule(1.0, boundaries)
-        after = optax.piecewise_constant_schedule(1.0, {m - warmup: f for m, f in boundaries.items() if m > warmup})
-        return optax.join_schedules([optax.linear_schedule(0.0, 1.0, warmup), after], [warmup])
+            return steps
+        # The warmup times the steps: the milestones stay where they are in the run, even inside the warmup.
+        rise = optax.linear_schedule(0.0, 1.0, warmup)
+        return lambda count: rise(count) * steps(count)
 
     def multiplier(self, step: jax.Array) -> jax.Array:
         """The lr at `step` (the number of steps already taken) as a fraction of the peak."""
