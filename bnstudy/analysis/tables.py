@@ -126,7 +126,9 @@ def convergence_line(a: Analysis) -> str:
         return "Convergence: this study states no convergence criterion (no `converged` metric)."
     flags = pd.to_numeric(a.frames["converged"][0]["converged"], errors="coerce").dropna()
     k, n = int((flags > 0).sum()), len(flags)
-    share = f" ({100 * k / n:.0f}%)" if n else ""
+    if not n:
+        return f"Convergence: no run has the two evaluations of `{conv['key']}` that the study's criterion compares."
+    share = f" ({100 * k / n:.0f}%)"
     return (
         f"Convergence: {k} of {n} finished runs{share} met the study's criterion (`{conv['key']}` changed by at most "
         f"{conv['tolerance']:g} between the last two evaluations); a comparison most of whose runs did not meet "
