@@ -74,11 +74,25 @@ class ModelConfig:
 
 
 @dataclass
+class LrScheduleConfig:
+    """The lr over training as a multiple of the peak `optimizer.lr` (bnstudy.core.lr_schedule), its shape in
+    fractions of the run's training steps. A run's identity drops it while it is constant without warmup,
+    so the ids from before this key stay the same."""
+
+    name: str = "constant"  # constant | cosine (to `floor` x the peak) | step (x `factor` at each milestone)
+    warmup: float = 0.0  # fraction of the training steps with a linear rise from 0 to the peak; 0 = none
+    floor: float = 0.0  # cosine: the final lr as a fraction of the peak
+    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # step: fractions of training
+    factor: float = 0.1  # step: the lr is multiplied by this at each milestone
+
+
+@dataclass
 class OptimizerConfig:
     name: str = "sgd"
-    lr: Any = 0.1  # packable
+    lr: Any = 0.1  # packable: the peak lr of the schedule
     momentum: float = 0.9
     weight_decay: Any = 0.0  # packable
+    schedule: LrScheduleConfig = field(default_factory=LrScheduleConfig)
 
 
 @dataclass

@@ -184,3 +184,17 @@ def test_batch_size_study_scales_the_lr_and_pools_a_fixed_number_of_examples():
     assert cfg.optimizer.lr == pytest.approx([0.025 / 16, 0.05 / 16, 0.1 / 16])
     with pytest.raises(config_lib.ConfigError, match="discrepancy.population_examples"):
         config_lib.parse(compose_study("batch_size", "discrepancy.population_examples=-1"))
+
+
+@pytest.mark.parametrize("study", STUDIES)
+def test_every_study_declares_its_lr_schedule_and_epochs_with_a_reason(study):
+    """Each study file names its schedule and its epochs itself (not the schema's defaults), each with a comment."""
+    lines = (config_tree.experiments_dir() / f"{study}.yaml").read_text().splitlines()
+    for key in ("  schedule: {name: ", "  epochs: "):
+        declared = [line for line in lines if line.startswith(key)]
+        assert len(declared) == 1, f"{study}: no `{key.strip()}` line"
+        assert "#" in declared[0] and len(declared[0].split("#", 1)[1].strip()) > 10, f"{study}: no reason given"
+    cfg = config_lib.parse(
+        compose_study(study, *sweep_jobs(compose_study(study, hydra_config=True).hydra.sweeper.params)[0])
+    )
+    assert cfg.optimizer.schedule.name in ("constant", "cosine", "step")

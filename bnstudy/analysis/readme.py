@@ -14,7 +14,7 @@ from bnstudy.analysis.fingerprints import fingerprint_counts, fingerprint_line
 from bnstudy.analysis.index import FIXED_SEEDS, fixed_design_runs, one_phase_runs
 from bnstudy.analysis.looks import schedule_of
 from bnstudy.analysis.spec import for_dataset, spec_metrics
-from bnstudy.analysis.tables import edges_table, margins_text, selection_table
+from bnstudy.analysis.tables import convergence_line, edges_table, margins_text, selection_table
 
 OFFICIAL_SPLITS = {"mnist": (60000, 10000), "cifar10": (50000, 10000)}  # train / test sizes
 DEFAULT_DATASET = "mnist_t10k"  # what `bnstudy-train` trains on when no dataset= is given
@@ -304,6 +304,7 @@ def _verdict(a: Analysis, comp: pd.DataFrame) -> list[str]:
     """The verdict, its rules, the comparison table, the margins and the per-arm selection."""
     s = a.spec
     lines = [f"## Verdict: **{a.verdict}**", "", f"In words: {a.verdict_sentence}.", "", compute_line(a), ""]
+    lines += [convergence_line(a), ""]
     lines += [*verdict_rules(a), ""]
     lines += [comp.to_markdown(index=False) if not comp.empty else "No comparison is declared for this study.", ""]
     if s.get("compare"):

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from bnstudy.analysis.analyse import Analysis
-from bnstudy.analysis.compare import filters_label
+from bnstudy.analysis.compare import filters_label, matches
 from bnstudy.analysis.spec import for_dataset
 
 
@@ -51,6 +51,7 @@ def comparison_table(a: Analysis) -> pd.DataFrame:
     c = a.comparisons
     if c.empty:
         return c
+    converged = comparison_convergence(a)
     return pd.DataFrame(
         {
             "metric": c["metric"],
@@ -68,8 +69,70 @@ def comparison_table(a: Analysis) -> pd.DataFrame:
             "p contradiction (Holm)": c["p_contra_holm"].map(fmt),
             "used / runs per group": c["n"],
             "looks (seeds)": c["looks"].map(_seed_list) if "looks" in c else "-",
-            "verdict": c["verdict"] + c["note"].map(lambda s: f" ({s})" if s else ""),
+            "verdict": c["verdict"]
+            + c["note"].map(lambda s: f" ({s})" if s else "")
+            + [
+                f"; **most of its runs did not converge** ({k} of {n} met the criterion)" if n and 2 * k < n else ""
+                for k, n in converged
+            ],
+            "converged runs": [f"{k} of {n}" if n else "-" for k, n in converged],
         }
+    )
+
+
+def _declared_comparison(row: pd.Series, declared: list[dict]) -> dict | None:
+    """The study's declared comparison a row of `a.comparisons` comes from (by its metric and label)."""
+    for comp in declared:
+        if comp["metric"] != row["metric"]:
+            continue
+        if "a" in comp and row["comparison"].startswith(f"({filters_label(comp['a'])}) - ({filters_label(comp['b'])})"):
+            return comp
+        if "a" not in comp and comp.get("trend") and str(comp["trend"]) in row["comparison"]:
+            return comp
+    return None
+
+
+def comparison_convergence(a: Analysis) -> list[tuple[int, int]]:
+    """Per row of `a.comparisons`: (runs that met the study's convergence criterion, runs with a flag) among the
+    runs of its comparison, both arms and every context, at each arm's selected setting when the study selects
+    one; (0, 0) where the study declares no criterion (no `converged` metric)."""
+    if "converged" not in a.frames:
+        return [(0, 0)] * len(a.comparisons)
+    every = a.frames["converged"][0]
+    out = []
+    for _, row in a.comparisons.iterrows():
+        comp = _declared_comparison(row, a.spec.get("compare") or [])
+        frame = a.compared.get(row["metric"], (every,))[0]
+        frame = frame if "converged" in frame else every  # a metric derived per seed: the runs it is read from
+        if comp is None:
+            flags = frame["converged"]
+        else:
+            where = comp.get("where") or {}
+            arms = [comp["a"], comp["b"]] if "a" in comp else [{}]
+            mask = pd.Series(False, index=frame.index)
+            for arm in arms:
+                filters = {k: v for k, v in {**where, **arm}.items() if k in frame}
+                mask |= matches(frame, filters)
+            flags = frame.loc[mask, "converged"]
+        flags = pd.to_numeric(flags, errors="coerce").dropna()
+        out.append((int((flags > 0).sum()), len(flags)))
+    return out
+
+
+def convergence_line(a: Analysis) -> str:
+    """The study's fraction of finished runs that met its convergence criterion, in words."""
+    conv = a.spec.get("convergence")
+    if not conv or "converged" not in a.frames:
+        return "Convergence: this study states no convergence criterion (no `converged` metric)."
+    flags = pd.to_numeric(a.frames["converged"][0]["converged"], errors="coerce").dropna()
+    k, n = int((flags > 0).sum()), len(flags)
+    if not n:
+        return f"Convergence: no run has the two evaluations of `{conv['key']}` that the study's criterion compares."
+    share = f" ({100 * k / n:.0f}%)"
+    return (
+        f"Convergence: {k} of {n} finished runs{share} met the study's criterion (`{conv['key']}` changed by at most "
+        f"{conv['tolerance']:g} between the last two evaluations); a comparison most of whose runs did not meet "
+        "it says so beside its verdict."
     )
 
 

@@ -19,6 +19,7 @@ from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBas
 
 from bnstudy.core.datasets import FACTS
 from bnstudy.core.from_config import hparams_row  # noqa: F401  (re-exported: the app stacks a pack's HParams)
+from bnstudy.core.lr_schedule import LR_SCHEDULES
 from bnstudy.core.models import (
     BN_RUNNING_VARS,
     DROPOUT_PLACEMENTS,
@@ -49,6 +50,10 @@ STRUCTURAL = (
     "model.dropout.placement",
     "optimizer.name",
     "optimizer.momentum",
+    "optimizer.schedule.name",
+    "optimizer.schedule.warmup",
+    "optimizer.schedule.floor",
+    "optimizer.schedule.factor",
     "train.batch_size",
     "probe.every",
     "ics.every",
@@ -110,6 +115,18 @@ _SCALAR_RULES = {
     "model.width": (lambda v: _number(v) and v > 0, "a positive number"),
     "model.norm_groups": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
     "optimizer.momentum": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "optimizer.schedule.warmup": (
+        lambda v: _number(v) and 0 <= v < 1,
+        "a fraction of the training steps in [0, 1) (0 = no warmup)",
+    ),
+    "optimizer.schedule.floor": (lambda v: _number(v) and 0 <= v <= 1, "a fraction of the peak lr in [0, 1]"),
+    "optimizer.schedule.factor": (lambda v: _number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "optimizer.schedule.milestones": (
+        lambda v: (
+            isinstance(v, (list, tuple)) and all(_number(m) and 0 < m < 1 for m in v) and list(v) == sorted(set(v))
+        ),
+        "a list of increasing fractions of the training steps, each in (0, 1)",
+    ),
     "train.batch_size": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
     "train.epochs": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
     "train.eval_every": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0 (0 = only at the end)"),
@@ -177,6 +194,7 @@ def validate(cfg: Config) -> Config:
     _check_choice(cfg, "model.bn_running_var", BN_RUNNING_VARS)
     _check_choice(cfg, "model.dropout.placement", DROPOUT_PLACEMENTS)
     _check_choice(cfg, "optimizer.name", OPTIMIZERS)
+    _check_choice(cfg, "optimizer.schedule.name", LR_SCHEDULES)
     _check_choice(cfg, "logger.wandb.mode", WANDB_MODES)
     _check_choice(cfg, "train.loop", LOOPS)
     for key, (ok, expected) in _SCALAR_RULES.items():

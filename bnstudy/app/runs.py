@@ -110,7 +110,25 @@ def identity(run: Any) -> dict:
     model = d.get("model") or {}
     if "depth" in model and model["depth"] in (None, STANDARD_DEPTHS.get(model.get("name"))):
         del model["depth"]  # the standard depth is the network from before the key existed: the same id
+    optimizer = d.get("optimizer") or {}
+    if "schedule" in optimizer:
+        optimizer["schedule"] = schedule_identity(optimizer["schedule"])
+        if optimizer["schedule"] is None:
+            del optimizer["schedule"]  # a constant lr: the runs from before the key existed, the same id
     return d
+
+
+# The keys of `optimizer.schedule` that shape each schedule's lr (the others are unused by it).
+SCHEDULE_KEYS = {"constant": ("warmup",), "cosine": ("warmup", "floor"), "step": ("warmup", "milestones", "factor")}
+
+
+def schedule_identity(schedule: dict) -> dict | None:
+    """What of `optimizer.schedule` shapes the lr: its name and the keys it uses; None for a constant lr
+    without warmup (the training of every run from before schedules existed)."""
+    name = schedule.get("name", "constant")
+    if name == "constant" and not schedule.get("warmup"):
+        return None
+    return {"name": name, **{k: schedule[k] for k in SCHEDULE_KEYS.get(name, ()) if k in schedule}}
 
 
 def config_hash(run: Any) -> str:
@@ -128,6 +146,9 @@ def run_name(run: Any) -> str:
     depth = m.get("depth")
     network = m["name"] if depth in (None, STANDARD_DEPTHS.get(m["name"])) else f"{m['name']}{depth}"
     parts = [d["dataset"]["name"], network, norm, f"lr{o['lr']:g}"]
+    schedule = (o.get("schedule") or {}).get("name", "constant")
+    if schedule != "constant":
+        parts[-1] += f"-{schedule}"  # the peak lr of a decaying schedule
     if m["init_scale"] != 1.0:
         parts.append(f"init{m['init_scale']:g}")
     if m["dropout"]["placement"] != "none":

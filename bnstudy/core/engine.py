@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from bnstudy.core.lr_schedule import LrSchedule, learning_rate
+
 # Independent random streams derived from a run's seed. STREAM_METRICS feeds measurements only
 # (bnstudy.core.metrics), so turning a measurement on or off never shifts a training stream.
 STREAM_INIT, STREAM_DROPOUT, STREAM_AUGMENT, STREAM_DATA, STREAM_METRICS = range(5)
@@ -59,6 +61,7 @@ class Setup:
     model: nn.Module
     optimizer: str  # sgd | adam
     momentum: float
+    lr_schedule: LrSchedule  # the lr over training, a multiple of the run's peak `hp.lr`
     batch_size: int
     input_mean: tuple[float, ...]  # per channel, of images in [0, 1]
     input_std: tuple[float, ...]
@@ -81,9 +84,10 @@ def run_key(seed: jax.Array, stream: int) -> jax.Array:
 def make_optimizer(setup: Setup, lr, weight_decay) -> optax.GradientTransformation:
     """The optimizer of one run, built from its (traced) lr and weight decay.
 
-    `train_step` rebuilds it from `hp` at every step, so `hp.lr` is the one source of the learning
-    rate: the value logged, the value that scales the probes and the value the update uses. The
-    optimizer state holds only what the update accumulates (momentum, Adam's moments), never the lr.
+    `train_step` rebuilds it at every step from that step's lr (`step_lr`: the peak `hp.lr` on the
+    setup's schedule), so `step_lr` is the one source of the learning rate: the value logged, the value
+    that scales the probes and the value the update uses. The optimizer state holds only what the
+    update accumulates (momentum, Adam's moments), never the lr.
     """
     if setup.optimizer == "sgd":
         # Coupled L2 (added to the gradient before momentum), as in torch.optim.SGD.
@@ -92,6 +96,12 @@ def make_optimizer(setup: Setup, lr, weight_decay) -> optax.GradientTransformati
     if setup.optimizer == "adam":
         return optax.adamw(lr, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {setup.optimizer!r}; expected 'sgd' or 'adam'")
+
+
+def step_lr(setup: Setup, state: TrainState, hp: HParams):
+    """The lr of the step taken from `state`: the run's peak `hp.lr` on the schedule, at the state's own
+    step counter (so a resumed run continues its schedule where it stopped)."""
+    return learning_rate(setup.lr_schedule, hp.lr, state.step)
 
 
 def scale_kernels(params, scale):
@@ -174,7 +184,8 @@ def train_step(setup: Setup, state: TrainState, hp: HParams, data: ArrayData, pe
     (loss, (logits, batch_stats)), grads = grad_fn(
         setup, state.params, state.batch_stats, x, labels, hp.dropout_rate, dropout_key
     )
-    tx = make_optimizer(setup, hp.lr, hp.weight_decay)
+    lr = step_lr(setup, state, hp)
+    tx = make_optimizer(setup, lr, hp.weight_decay)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
 
@@ -196,7 +207,7 @@ def train_step(setup: Setup, state: TrainState, hp: HParams, data: ArrayData, pe
         "acc": jnp.mean(jnp.argmax(logits, -1) == labels),
         "grad_norm": grad_norm,
         "param_norm": optax.global_norm(new_state.params),
-        "lr": jnp.asarray(hp.lr, jnp.float32),
+        "lr": jnp.asarray(lr, jnp.float32),
         "diverged": new_state.diverged.astype(jnp.float32),
     }
     return new_state, metrics

@@ -13,6 +13,7 @@ from flax import linen as nn
 
 from bnstudy import schema
 from bnstudy.core import engine, models
+from bnstudy.core.lr_schedule import LrSchedule
 from bnstudy.core.trainer import Schedule
 
 
@@ -36,6 +37,19 @@ def model_from_config(cfg: schema.Config, num_classes: int) -> nn.Module:
     return models.build_model(cfg.model.name, **model_kwargs(cfg.model, num_classes))
 
 
+def lr_schedule_from_config(cfg: schema.Config) -> LrSchedule:
+    """The `optimizer.schedule` group, not yet over a number of steps (the trainer sets them)."""
+    s = cfg.optimizer.schedule
+    return LrSchedule(
+        name=s.name,
+        warmup=float(s.warmup),
+        floor=float(s.floor),
+        milestones=tuple(float(m) for m in s.milestones),
+        factor=float(s.factor),
+        total_steps=None,
+    )
+
+
 def setup_from_config(
     cfg: schema.Config,
     num_classes: int,
@@ -43,11 +57,13 @@ def setup_from_config(
     input_std: tuple[float, ...],
     augment: bool,
 ) -> engine.Setup:
-    """The static part of the job: its model, optimizer kind, batch size and the dataset's normalization."""
+    """The static part of the job: its model, optimizer kind, lr schedule, batch size and the dataset's
+    normalization. The schedule's total steps are set by the trainer, which knows the data."""
     return engine.Setup(
         model=model_from_config(cfg, num_classes),
         optimizer=cfg.optimizer.name,
         momentum=cfg.optimizer.momentum,
+        lr_schedule=lr_schedule_from_config(cfg),
         batch_size=cfg.train.batch_size,
         input_mean=tuple(input_mean),
         input_std=tuple(input_std),

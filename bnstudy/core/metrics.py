@@ -10,7 +10,7 @@ BN layers are found by their variables (`<block>_norm/bn/{mean,var}`) and report
 name, e.g. `bn/conv1/mean_shift`.
 
 Keys (each a scalar per model):
-  smooth/loss_min, smooth/loss_max, smooth/loss_range   L(w - eta g) over eta in multipliers x lr
+  smooth/loss_min, smooth/loss_max, smooth/loss_range   L(w - eta g) over eta in multipliers x the step's lr
   smooth/grad_pred, smooth/grad_pred_min                max / min over eta of ||grad L(w - eta g) - g||
   smooth/beta_eff                                       max over eta of that / ||eta g||
   <split>/loss_<mode>, <split>/acc_<mode>               split: test, train_subset; mode: running
@@ -109,7 +109,8 @@ def smoothness_probe(
     def loss_fn(params):
         return engine.forward_train(setup, params, state.batch_stats, x, labels, hp.dropout_rate, dropout_key)[0]
 
-    out = smoothness(loss_fn, state.params, jnp.asarray(multipliers, jnp.float32) * hp.lr, vectorize)
+    etas = jnp.asarray(multipliers, jnp.float32) * engine.step_lr(setup, state, hp)  # x this step's lr
+    out = smoothness(loss_fn, state.params, etas, vectorize)
     # A diverged run is frozen at its last finite weights: that landscape is not the one it diverged on.
     return {k: jnp.where(state.diverged, jnp.nan, v) for k, v in out.items()}
 
@@ -295,8 +296,8 @@ def internal_covariate_shift(
 
 def optimizer_update(setup: Setup, state: TrainState, hp: HParams, grads):
     """The parameter update the train step takes from `state` with gradient `grads`: its optimizer,
-    learning rate, weight decay and momentum buffers (engine.train_step's `updates`)."""
-    tx = engine.make_optimizer(setup, hp.lr, hp.weight_decay)
+    learning rate at that step, weight decay and momentum buffers (engine.train_step's `updates`)."""
+    tx = engine.make_optimizer(setup, engine.step_lr(setup, state, hp), hp.weight_decay)
     return tx.update(grads, state.opt_state, state.params)[0]
 
 

@@ -87,6 +87,9 @@ class PackTrainer:
         self.steps_per_epoch = self.num_train // setup.batch_size
         if schedule.max_steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, schedule.max_steps_per_epoch)
+        # The lr schedule over this run's steps: a static part of the program, like the steps per epoch.
+        setup = dataclasses.replace(setup, lr_schedule=setup.lr_schedule.over(schedule.epochs * self.steps_per_epoch))
+        self.setup = setup
         self.loop = resolve_loop(schedule.loop)
         self.steps_per_call = resolve_steps_per_call(schedule.steps_per_call, self.steps_per_epoch)
         self.input_shape = tuple(data.train_images.shape[1:])
