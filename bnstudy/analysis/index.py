@@ -111,6 +111,9 @@ def comparison_records(c: pd.DataFrame) -> list[dict]:
         for key in ("seeds_needed", "note"):
             if not record.get(key):
                 record.pop(key, None)
+        for key in ("seeds_needed", "decided_at"):  # seed counts, read back as floats beside a missing value
+            if isinstance(record.get(key), float):
+                record[key] = int(record[key])
         out.append(record)
     return out
 
