@@ -87,6 +87,9 @@ def test_a_fresh_clone_resumes_from_the_report_folder_and_code_changes_are_caugh
     monkeypatch.setattr(provenance, "code_fingerprint", lambda: "999999999999")
     problem = landing.fingerprint_problem(clone_runs)
     assert "0123456789ab (9 runs)" in problem and "this code's is 999999999999" in problem
+    write_run(clone_runs, norm="none", seed=11, fingerprint="999999999999", summary={"test/acc": 0.8})
+    assert landing.keep_raw_runs(out, clone_runs) == 10  # after a round: the finished runs so far, kept
+    assert len(list(records.read_raw_runs(out / records.RAW_RUNS_FILE))) == 10
     landing.add_training_time(out, 600.0)
     landing.add_training_time(out, 1200.0)
     kept = json.loads((out / records.TRAINING_TIME_FILE).read_text())
@@ -117,6 +120,9 @@ def test_the_fingerprint_covers_what_decides_the_numbers_and_nothing_else():
     )
     assert "bnstudy/analysis/trained.py" in names and "bnstudy/analysis/stats.py" not in names
     assert not [n for n in names if n.startswith(("results/", "docs/", "tests/", "benchmarks/"))]
+    # running, recording and reading studies changes no run's numbers: editing them keeps a study's fingerprint
+    assert all((REPO / name).is_file() for name in provenance.ORCHESTRATION)
+    assert not set(provenance.ORCHESTRATION) & set(names) and "bnstudy/app/main.py" in names
     # the app's imports of the analysis are all fingerprinted (they decide fields of summary.json), bnstudy-study's
     # rounds aside (they choose which runs to train, and every run records its own config)
     imported = set()

@@ -111,6 +111,9 @@ def comparison_records(c: pd.DataFrame) -> list[dict]:
         for key in ("seeds_needed", "note"):
             if not record.get(key):
                 record.pop(key, None)
+        for key in ("seeds_needed", "decided_at"):  # seed counts, read back as floats beside a missing value
+            if isinstance(record.get(key), float):
+                record[key] = int(record[key])
         out.append(record)
     return out
 
@@ -217,6 +220,16 @@ def index_records(results: Path) -> dict[tuple[str, str], dict[str, tuple[dict, 
     return grouped
 
 
+def old_protocol_mark(reports: list[tuple[dict, str]]) -> str:
+    """A mark for reports from before runs recorded their code fingerprint (and before raw runs, two phases and
+    failures counted): their verdicts are not this protocol's."""
+    return (
+        " (old report: fixed seeds, before the current protocol)"
+        if any("code_fingerprint" not in r for r, _ in reports)
+        else ""
+    )
+
+
 def index_table(results: Path) -> str:
     """One row per study (and dataset) over the reports under `results` (each `<folder>/verdict.json`): the
     claim, its verdict on the default CNN and on the deep network (each with the verdict in words, the axis
@@ -240,7 +253,7 @@ def index_table(results: Path) -> str:
         reports = ([cnn] if cnn else []) + deep
         label = (lambda r: f"{r.get('network', DEFAULT_NETWORK)}: ") if len(reports) > 1 else (lambda r: "")
         cells = [
-            study + ("" if dataset in ("", "mnist_t10k") else f" ({dataset})"),
+            study + ("" if dataset in ("", "mnist_t10k") else f" ({dataset})") + old_protocol_mark(reports),
             reports[0][0]["claim"],
             verdict_cell(cnn[0] if cnn else None, with_network=False),
             "; ".join(verdict_cell(r, with_network=True) for r, _ in deep) or "not run",

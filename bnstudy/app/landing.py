@@ -1,8 +1,9 @@
 """A study landing in its report folder (`bnstudy-study STUDY --out results/STUDY`): the runs kept there (the
 raw-runs file, bnstudy.records) restored as run folders before any training, so that a fresh clone continues an
 unfinished study and never trains a finished run again; the code fingerprint of those runs checked against this
-code's before anything is trained on top of them; and the study's training time, summed over the sessions that
-trained it, kept beside the report (records.TRAINING_TIME_FILE, read by the results index)."""
+code's before anything is trained on top of them; the finished runs written back there after every round, so a
+session that ends before the study is decided loses none of them; and the study's training time, summed over
+the sessions that trained it, kept beside the report (records.TRAINING_TIME_FILE, read by the results index)."""
 
 from __future__ import annotations
 
@@ -77,3 +78,11 @@ def add_training_time(out: Path | None, seconds: float) -> None:
     records_tmp = path.with_name(f".{path.name}.tmp")
     records_tmp.write_text(json.dumps(record, indent=1) + "\n")
     records_tmp.replace(path)
+
+
+def keep_raw_runs(out: Path | None, runs_dir: Path) -> int:
+    """The study's finished runs so far into `out`'s raw-runs file, after each round: a session that ends before
+    the study is decided keeps them in the report folder, and the next one restores them."""
+    if out is None or not runs_dir.is_dir():
+        return 0
+    return records.write_raw_runs(records.run_folders(runs_dir), out / records.RAW_RUNS_FILE)

@@ -79,12 +79,24 @@ def command() -> str | None:
 # The analysis modules a training run's numbers depend on (the `trained` rule and steps to a target in its
 # summary); the rest of bnstudy/analysis only reads finished runs, so editing it changes no run.
 TRAINING_ANALYSIS = ("trained.py", "convergence.py")
+# Modules that run, resume, record or read studies but never enter a training program or a run's config: a change
+# to them must not set a study's later runs apart from its earlier ones (tests/test_records.py checks the list).
+ORCHESTRATION = (
+    "bnstudy/app/study_runner.py",
+    "bnstudy/app/landing.py",
+    "bnstudy/app/provenance.py",
+    "bnstudy/app/sweep_dirs.py",
+    "bnstudy/app/download_checks.py",
+    "bnstudy/records.py",
+    "bnstudy/report.py",
+    "bnstudy/study.py",
+)
 
 
 def fingerprinted_files() -> list[tuple[str, Path]]:
     """(name, path) of every file whose content decides a run's numbers: the package's Python source (less the
-    report side of bnstudy/analysis), configs/ and experiments/; named as in a checkout, so a wheel and a checkout
-    of the same code agree. Not results/, docs/, tests/ or benchmarks/."""
+    report side of bnstudy/analysis and the ORCHESTRATION modules), configs/ and experiments/; named as in a
+    checkout, so a wheel and a checkout of the same code agree. Not results/, docs/, tests/ or benchmarks/."""
     from bnstudy.app import config_tree
 
     package = Path(__file__).resolve().parents[1]
@@ -97,7 +109,7 @@ def fingerprinted_files() -> list[tuple[str, Path]]:
     ]
     for root, prefix in ((config_tree.config_dir(), "configs"), (config_tree.experiments_dir(), "experiments")):
         files += [(f"{prefix}/{p.relative_to(root).as_posix()}", p) for p in Path(root).rglob("*.yaml")]
-    return sorted(files)
+    return sorted((name, path) for name, path in files if name not in ORCHESTRATION)
 
 
 @functools.lru_cache(maxsize=1)

@@ -326,6 +326,7 @@ def run_rounds(study: Study, trainer: Trainer) -> int:
     """Train the plan, then every pending round; returns the number of rounds."""
     print(f"{PROG} {study.name} round 1: the study's plan ({study.dataset}, runs in {study.runs_dir})", flush=True)
     trainer.train([])
+    landing.keep_raw_runs(study.out, study.runs_dir)
     done: set[tuple] = set()
     for number in range(2, MAX_ROUNDS + 1):
         todo = next_round(load_analysis(study))
@@ -338,6 +339,7 @@ def run_rounds(study: Study, trainer: Trainer) -> int:
         print(f"{PROG} {study.name} round {number}: {todo.why} ({len(todo.jobs)} training command(s))", flush=True)
         for job in todo.jobs:
             trainer.train(job)
+        landing.keep_raw_runs(study.out, study.runs_dir)
     raise StudyError(f"still pending after {MAX_ROUNDS} rounds", code=1)
 
 
