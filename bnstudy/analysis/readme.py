@@ -194,8 +194,9 @@ def sequential_rules(a: Analysis) -> list[str]:
         f"Seeds until decided (`seeds: {{start: {schedule.start}, step: {schedule.step}, max: {schedule.max}}}`): "
         f"the comparisons are looked at with {looks} paired seeds (each look uses the first seeds, sorted, that "
         "every group of the comparison holds). At each look the open comparisons are tested with the same "
-        "one-sided p-values at a stricter nominal level that spends the family's level O'Brien-Fleming-type "
-        "(Lan-DeMets), Holm's step-down across the comparisons within each look; a comparison decided at a look "
+        "one-sided p-values at a stricter nominal level that spends the family's level as alpha * t^2 (Kim-DeMets "
+        "power family, t the share of the maximum seeds), Holm's step-down across the comparisons within each "
+        "look; a comparison decided at a look "
         "keeps that look's verdict and interval and gets no more seeds. One still open at the maximum is "
         "inconclusive, with the paired seeds a fixed design would need at the observed spread "
         "(`seeds_needed` in verdict.json). The Holm p columns are empty: the levels are per look.",

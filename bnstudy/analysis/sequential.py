@@ -102,7 +102,7 @@ def _null_pvalues(looks: tuple[int, ...]) -> np.ndarray:
 
 @functools.cache
 def nominal_levels(alpha: float, looks: tuple[int, ...]) -> tuple[float, ...]:
-    """Per look, the nominal one-sided p threshold of the paired t-test that spends alpha O'Brien-Fleming-type.
+    """Per look, the nominal one-sided p threshold of the paired t-test that spends alpha as `spent` does.
 
     The thresholds are set on simulated null studies, look by look: of the paths not yet crossed, the share
     crossing at look k is the spending function's increment alpha(t_k) - alpha(t_{k-1}). This calibrates the
