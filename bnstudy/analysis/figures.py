@@ -142,8 +142,14 @@ def at_selected(a: Analysis, f: dict) -> bool:
 
 
 def plotted_runs(a: Analysis, metric: str, f: dict) -> tuple[pd.DataFrame, list[str]]:
-    """(runs, grid) a figure of `metric` draws."""
-    return selected_runs(a, metric) if at_selected(a, f) and metric in a.compared else a.frames[metric]
+    """(runs, grid) a figure of `metric` draws: each arm at its selection (the confirmation runs), or, for a
+    figure along the selected key itself, the selection phase's runs, every searched setting at the same seeds."""
+    if at_selected(a, f) and metric in a.compared:
+        return selected_runs(a, metric)
+    frame, grid = a.frames[metric]
+    if a.phases is not None and "seed" in frame:
+        frame = frame[frame["seed"].isin(a.phases.seeds)]
+    return frame, grid
 
 
 def selected_runs(a: Analysis, metric: str) -> tuple[pd.DataFrame, list[str]]:
