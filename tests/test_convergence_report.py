@@ -44,3 +44,18 @@ def test_a_study_without_a_criterion_says_so(tmp_path):
     a = analyse_dir("placement", tmp_path / "runs")
     assert "states no convergence criterion" in convergence_line(a)
     assert (comparison_table(a)["converged runs"] == "-").all()
+
+
+def test_an_along_row_counts_the_runs_at_its_own_axis_value(tmp_path):
+    """Along the batch axis, each value's row counts its own runs: settled at batch 32, moving at batch 2."""
+    spec = {**SPEC, "compare": [{**SPEC["compare"][0], "along": "train.batch_size"}]}
+    for batch, accs in ((2, MOVING), (32, SETTLED)):
+        for norm in ("before_relu", "none"):
+            for seed in range(2):
+                recs = [{"step": 10 * (i + 1), "epoch": i + 1.0, "val/acc": v} for i, v in enumerate(accs)]
+                summary = {"test/acc": accs[-1] - 0.01 * seed + (0.02 if norm == "before_relu" else 0.0)}
+                write_run(
+                    tmp_path / "runs", norm=norm, seed=seed, batch_size=batch, summary=summary, records=recs, spec=spec
+                )
+    table = comparison_table(analyse_dir("placement", tmp_path / "runs"))
+    assert list(table["converged runs"]) == ["0 of 4", "4 of 4"]

@@ -107,7 +107,9 @@ def comparison_convergence(a: Analysis) -> list[tuple[int, int]]:
         if comp is None:
             flags = frame["converged"]
         else:
-            where = comp.get("where") or {}
+            where = dict(comp.get("where") or {})
+            if isinstance(row.get("along_axis"), str):  # one value of an `along:` axis: its runs alone
+                where[row["along_axis"]] = row["along_value"]
             arms = [comp["a"], comp["b"]] if "a" in comp else [{}]
             mask = pd.Series(False, index=frame.index)
             for arm in arms:
