@@ -151,3 +151,13 @@ def test_grid_spacing_geometric_for_ratios_arithmetic_for_steps():
     assert step_beyond([0.01, 0.03, 0.1, 0.3], "high") == 0.9
     assert step_beyond([0.1, 0.2, 0.3], "high") == pytest.approx(0.4)
     assert step_beyond([0.0, 0.25, 0.5], "low") == -0.25
+
+
+def test_the_index_tells_an_edge_that_stands_from_an_open_one():
+    from bnstudy.analysis.index import selections_cell
+
+    arm = lambda edge, why: {"filters": {"model.norm": "none"}, "edge": edge, **({"edge_reason": why} if why else {})}
+    assert selections_cell({"selections": [arm(None, None)]}) == "yes (1 arms)"
+    standing = selections_cell({"selections": [arm(None, None), arm("high", REASON_FAILED)]})
+    assert standing.startswith("yes (2 arms; 1 at an edge that stands: model.norm=none at the high edge")
+    assert selections_cell({"selections": [arm("high", REASON_OPEN)]}).startswith("no: model.norm=none")

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from bnstudy.analysis.analyse import Analysis
+from bnstudy.analysis.edges import REASON_BOUND, REASON_FAILED
 from bnstudy.analysis.errors import ReportError
 from bnstudy.analysis.fingerprints import fingerprint_counts
 from bnstudy.analysis.stats import FAILURE_WORDS
@@ -172,19 +173,28 @@ def looks_cell(r: dict) -> str:
 
 
 def selections_cell(r: dict) -> str:
-    """'yes (3 arms)' when every arm's selection is inside what it searched, else each edge and its reason."""
+    """'yes (3 arms)' when every arm's selection is inside what it searched; 'yes, N at an edge that stands' when
+    the others sit at an edge the runs explain (the next value failed, the bound was tried); else 'no' with each
+    open edge (or arm where nothing trained) and its reason."""
     selections = r.get("selections") or []
     if not selections:
         return "no selection"
     edges = [s for s in selections if s.get("edge")]
-    if not edges:
-        return f"yes ({len(selections)} arms)"
-    said = [
+    describe = lambda s: (
         f"{', '.join(f'{k}={v}' for k, v in s['filters'].items()) or 'all'} at the {s['edge']} edge "
         f"({s.get('edge_reason', 'no reason recorded')})"
-        for s in edges
-    ]
-    return "no: " + "; ".join(said)
+    )
+    standing = [s for s in edges if s.get("edge_reason") in (REASON_FAILED, REASON_BOUND)]
+    open_ = [s for s in edges if s not in standing]
+    if open_:
+        return "no: " + "; ".join(map(describe, open_))
+    if standing:
+        return (
+            f"yes ({len(selections)} arms; {len(standing)} at an edge that stands: "
+            + "; ".join(map(describe, standing))
+            + ")"
+        )
+    return f"yes ({len(selections)} arms)"
 
 
 def verdict_cell(r: dict | None, with_network: bool) -> str:
