@@ -120,3 +120,26 @@ def test_log_x_tick_labels_of_an_extended_grid_do_not_overlap():
     assert [t.get_text() for t in labels][:2] == ["0.0011", "0.0033"]
     boxes = [t.get_window_extent() for t in labels]
     assert not any(a.overlaps(b) for a, b in zip(boxes, boxes[1:]))
+
+
+def test_a_derived_metric_before_any_confirmation_run_draws_without_error(tmp_path, drawn):
+    """A spread over init scales at each arm's selected lr, while the study is still in its selection phase:
+    the figure at the selected settings has nothing to draw yet, and says nothing wrong."""
+    spec = {
+        "claim": "x.",
+        "metrics": ["test/acc", "val/acc"],
+        "select": {"by": "val/acc", "over": ["optimizer.lr"]},
+        "derived": {"acc_spread": {"over": "model.init_scale", "of": "test/acc", "reduce": "range"}},
+        "figures": [{"name": "spread", "x": "model.norm", "y": "acc_spread"}],
+    }
+    for norm in ("none", "before_relu"):
+        for scale in (0.5, 2.0):
+            for lr in (0.01, 0.1):
+                for seed in range(3):
+                    acc = 0.9 + 0.01 * seed + 0.01 * lr
+                    summary = {"test/acc": acc, "val/acc": acc}
+                    write_run(
+                        tmp_path / "runs", norm=norm, init_scale=scale, lr=lr, seed=seed, spec=spec, summary=summary
+                    )
+    a = analyse_dir("placement", tmp_path / "runs")
+    figures.write_figures(a, load_local(tmp_path / "runs"), tmp_path)  # raised before: a setting key the frame lacks

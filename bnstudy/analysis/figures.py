@@ -159,9 +159,8 @@ def selected_runs(a: Analysis, metric: str) -> tuple[pd.DataFrame, list[str]]:
     if len(frame) or a.phases is None or metric not in a.frames:
         return frame, grid
     base = a.frames[metric][0]
-    at = np.logical_or.reduce(
-        [matches(base, s).to_numpy() for s in a.phases.chosen.to_dict("records")] or [np.zeros(len(base), bool)]
-    )
+    settings = [{k: v for k, v in s.items() if k in base} for s in a.phases.chosen.to_dict("records")]
+    at = np.logical_or.reduce([matches(base, s).to_numpy() for s in settings] or [np.zeros(len(base), bool)])
     return base[at], grid
 
 
