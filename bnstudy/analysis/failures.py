@@ -21,11 +21,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from bnstudy.analysis.derived import FAILED, NUM_CLASSES
 from bnstudy.analysis.errors import ReportError
 from bnstudy.analysis.stats import CONFIDENCE, Contrast
-
-FAILED = ("diverged", "not_trained")
-NUM_CLASSES = {"mnist": 10, "mnist_t10k": 10, "cifar10": 10}
 
 _ACCURACY = re.compile(r"(^|/)(acc(_running|_batch|_population)?|epoch_acc)$")
 # Metrics where a larger value is the better outcome; every other compared metric is better when smaller
