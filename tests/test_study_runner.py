@@ -17,6 +17,7 @@ import pytest
 from bnstudy import records
 from bnstudy.analysis.load import load_local
 from bnstudy.app import study_runner
+from bnstudy.app.config import ConfigError
 
 
 def test_an_unknown_study_exits_2_with_one_line_before_any_compute(capsys):
@@ -62,6 +63,20 @@ def test_bad_input_reads_as_the_train_apps_paragraph_and_exits_2(capsys, tmp_pat
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("study", study_runner.config_tree.known_studies())
+def test_every_study_passes_the_up_front_check_with_its_structural_axes_set(study):
+    # The dropout study's rates need the placement its sweeper axis sets: checked without it, it was refused.
+    out_dir, dataset, _ = study_runner.compose_settings(study, ["logger.wandb.mode=disabled"])
+    assert dataset == "mnist_t10k" and out_dir == Path("outputs")
+
+
+def test_a_structural_axis_given_on_the_command_line_is_checked_as_given():
+    with pytest.raises(ConfigError, match="model.dropout.rate"):
+        study_runner.compose_settings("dropout", ["model.dropout.placement=none"])
+    assert study_runner.first_value("model.norm", "before_relu,none") == "model.norm=before_relu"
+    assert study_runner.first_value("model.norm", "none") == "model.norm=none"
+
+
 def test_a_training_that_refuses_its_input_ends_the_study_with_no_re_run_advice(capsys, tmp_path, monkeypatch):
     trainer = study_runner.Trainer(study_runner.Study("placement", [], tmp_path, "mnist_t10k"))
     monkeypatch.setattr(trainer, "command", lambda extra: [sys.executable, "-c", "raise SystemExit(2)"])
@@ -102,6 +117,7 @@ def test_a_seed_round_packs_a_full_grid_of_a_packable_key_and_sweeps_a_structura
 SIGNAL_SCRIPT = """
 import sys
 from bnstudy.app import study_runner
+from bnstudy.app.config import ConfigError
 
 CHILD = '''
 import signal, sys, time

@@ -130,11 +130,25 @@ def compose_settings(study: str, overrides: list[str]) -> tuple[Path, str, str]:
     config_tree.register(studies=[study])
     try:
         with initialize_config_dir(config_dir=str(config_tree.config_dir()), version_base="1.3"):
-            cfg = compose("config", overrides=[f"experiment={study}", *plain])
+            overrides = [f"experiment={study}", *plain]
+            axes = compose("config", overrides=overrides, return_hydra_config=True).hydra.sweeper.params or {}
+            given = {o.key_or_group for o in parsed}
+            # The study's structural axes are set in every job it trains; checked without them, a value that
+            # needs one (a dropout rate needs a placement) would read as invalid.
+            first_values = [first_value(str(k), str(v)) for k, v in axes.items() if str(k) not in given]
+            cfg = compose("config", overrides=[*overrides, *first_values])
     except (HydraException, OmegaConfBaseException) as e:
         raise StudyError(str(e).splitlines()[0]) from None
     check_values(cfg)
     return Path(str(cfg.out_dir)), str(cfg.dataset.name), str(cfg.logger.wandb.mode)
+
+
+def first_value(key: str, sweep: str) -> str:
+    """`key=v` for the first value `v` of a sweep written as Hydra's override grammar (`a,b`, `choice(a,b)`)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    (o,) = OverridesParser.create().parse_overrides([f"{key}={sweep}"])
+    return f"{key}={next(iter(o.sweep_string_iterator()))}" if o.is_sweep_override() else f"{key}={sweep}"
 
 
 def check_values(cfg) -> None:
