@@ -25,8 +25,9 @@ Their ratio is to the subprocess with bnstudy's defaults. Needs jax, flax, optax
 (`pip install -e '.[bench]'`).
 
 Deeper networks (`--models`, default the depth-6 CNN `cnn6` and ResNet-20 `resnet20`; `<cnn|resnet><depth>`):
-rows `[<model>] bnstudy app` (steps_per_call auto) and `[<model>] PyTorch eager` (torch_reference.build, the
-same layers), the ratio between those two; with `--deep-levers` each model's levers too, as `[<model>] lever: ...`.
+rows `[<model>] bnstudy app` (steps_per_call auto), `[<model>] bnstudy app, XLA convolutions` (the same with
+XLA's convolution for every shape instead of the forms bnstudy/core/conv_choice.py chose: what the choice
+brings) and `[<model>] PyTorch eager` (torch_reference.build, the same layers), each bnstudy row's ratio to torch; with `--deep-levers` each model's levers too, as `[<model>] lever: ...`.
 """
 
 from __future__ import annotations
@@ -124,16 +125,19 @@ def xla_conv3x3(x, kernel, bias):
     return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=dims) + bias
 
 
-def swap_core_functions(pool: str, bn: str, conv: str) -> None:
+def swap_core_functions(pool: str, bn: str, conv: str, convs: str = "chosen") -> None:
     """Replace the model's pool ("flax": `nn.max_pool`, "reshape": reshape-max), its train-mode BN
-    ("unfolded": not folded into the one-channel conv, "autodiff": unfolded and differentiated by JAX)
-    or its one-channel convolution ("xla"); the models look each up when they trace."""
+    ("unfolded": not folded into the one-channel conv, "autodiff": unfolded and differentiated by JAX),
+    its one-channel convolution ("xla") or the forms of its many-channel ones (`convs` "xla": XLA's for every
+    shape, not bnstudy/core/conv_choice.py's); the models look each up when they trace."""
     import flax.linen as nn
 
-    from bnstudy.core import kernels
+    from bnstudy.core import conv_forms, kernels
 
     if conv == "xla":
         kernels.conv3x3_one_channel = xla_conv3x3
+    if convs == "xla":
+        conv_forms.chosen_forms = lambda *args, **kwargs: conv_forms.XLA
 
     if pool == "flax":
         kernels.max_pool_2x2 = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))
@@ -194,7 +198,7 @@ def worker_main(spec: str, steps: int) -> None:
     """Subprocess: train on request. Reads 'run' lines, answers 'RESULT <seconds>' lines."""
     opts = dict(kv.split("=") for kv in spec.split(","))
     set_process_settings(opts["flags"], opts["malloc"] == "on")
-    swap_core_functions(opts["pool"], opts["bn"], opts["conv"])
+    swap_core_functions(opts["pool"], opts["bn"], opts["conv"], opts["convs"])
     k = opts.get("k", "auto")
     run, compile_s, _ = app_step_run(steps, int(k) if k.isdigit() else k, opts.get("model", "cnn"))
     print(f"RESULT {compile_s}", flush=True)
@@ -257,7 +261,7 @@ FLAG_LEVERS = {
     "xla_cpu_experimental_ynn_fusion_type": "YNN conv fusion back on",
     "xla_cpu_use_fusion_emitters": "MLIR fusion emitters back on",
 }
-DEFAULT_SPEC = dict(flags="on", malloc="on", pool="maxtree", bn="folded", conv="stencil", k="auto")
+DEFAULT_SPEC = dict(flags="on", malloc="on", pool="maxtree", bn="folded", conv="stencil", convs="chosen", k="auto")
 
 
 def worker_spec(**change: str) -> str:
@@ -276,6 +280,7 @@ def lever_specs(flags_measured: bool, model: str | None = None) -> dict[str, str
     levers["BN not folded into the one-channel conv1"] = {"bn": "unfolded"}
     levers["BN unfolded, gradient by autodiff (no closed form)"] = {"bn": "autodiff"}
     levers["XLA convolution for the one-channel conv1"] = {"conv": "xla"}
+    levers["XLA convolution for every many-channel conv (no chosen forms)"] = {"convs": "xla"}
     levers["reshape-max pool (max reduction)"] = {"pool": "reshape"}
     levers["nn.max_pool (select_and_scatter)"] = {"pool": "flax"}
     on = {} if model is None else {"model": model}
@@ -287,8 +292,9 @@ def add_deep_rows(args, runs: dict, workers: dict, flags_measured: bool) -> dict
     and with `--deep-levers` its lever workers; rows named `[<model>] ...`."""
     checks = {}
     for tag in args.models:
-        workers[f"[{tag}] bnstudy app"] = Worker(worker_spec(model=tag), args.steps)
-        runs[f"[{tag}] bnstudy app"] = workers[f"[{tag}] bnstudy app"].run
+        for row, spec in ((f"[{tag}] bnstudy app", {}), (f"[{tag}] bnstudy app, XLA convolutions", {"convs": "xla"})):
+            workers[row] = Worker(worker_spec(model=tag, **spec), args.steps)
+            runs[row] = workers[row].run
         trun = None if args.no_torch else torch_run(args.steps, common_data(args.steps), tag)
         if trun is not None:
             import torch_reference

@@ -31,7 +31,7 @@ def test_table_gives_ms_per_step_and_ratios_to_torch_and_to_the_lever_defaults()
 
 
 def test_every_bnstudy_row_is_a_worker_spec_that_changes_one_setting_from_the_defaults():
-    assert step_vs_torch.worker_spec(k="4") == "flags=on,malloc=on,pool=maxtree,bn=folded,conv=stencil,k=4"
+    assert step_vs_torch.worker_spec(k="4") == "flags=on,malloc=on,pool=maxtree,bn=folded,conv=stencil,convs=chosen,k=4"
     specs = step_vs_torch.lever_specs(flags_measured=True)
     defaults = dict(kv.split("=") for kv in specs["defaults"].split(","))
     assert defaults["k"] == "auto"
@@ -101,7 +101,7 @@ def test_benchmarks_import_none_of_the_app_stack():
     """They must run on a bare JAX machine (jax, flax, optax, numpy)."""
     code = (
         f"import sys; sys.path.insert(0, {str(BENCHMARKS)!r}); "
-        "import common, bench_pack, measure_cost, probe_overhead, profile_step, step_vs_torch; "
+        "import common, bench_pack, conv_forms, measure_cost, probe_overhead, profile_step, step_vs_torch; "
         "bad = {'hydra', 'omegaconf', 'wandb', 'tensorflow_datasets', 'tensorflow', 'orbax', 'pandas'} & set(sys.modules); "
         "assert not bad, bad"
     )
@@ -203,3 +203,38 @@ def test_probe_overhead_smallest_run_writes_each_variant(tmp_path):
     assert set(result["variants"]) == {"base", "probe"} and result["device"]["versions"]["jax"]
     assert all(row["train_plus_eval"] > 0 for row in result["variants"].values())
     assert positive_numbers(result["one_call"])
+
+
+def test_conv_forms_finds_the_deep_models_shapes_and_writes_a_choice_that_reads_back(tmp_path, monkeypatch):
+    import conv_forms
+
+    resnet = conv_forms.conv_shapes("resnet20", 128)
+    as_keys = {conv_forms.shape_key(s): n for s, n in resnet.items()}
+    # The stem is the one-channel stencil; 6 + 5 + 5 stride-1 convs and 2 strided ones.
+    assert as_keys == {
+        "32x32x16->16/1": 6,
+        "32x32x16->32/2": 1,
+        "16x16x32->32/1": 5,
+        "16x16x32->64/2": 1,
+        "8x8x64->64/1": 5,
+    }
+    assert {conv_forms.shape_key(s) for s in conv_forms.conv_shapes("cnn6", 128)} == {
+        "28x28x32->32/1",
+        "14x14x32->64/1",
+        "14x14x64->64/1",
+        "7x7x64->128/1",
+        "7x7x128->128/1",
+    }
+    assert conv_forms.choose({"xla": 10.0, "im2col": 9.0, "taps": 9.6}, margin=0.05) == "im2col"
+    assert conv_forms.choose({"xla": 10.0, "im2col": 9.6, "taps": 9.8}, margin=0.05) == "xla"  # within the margin
+    choice = tmp_path / "conv_choice.py"
+    choice.write_text(conv_forms.CHOICE_FILE.read_text())
+    monkeypatch.setattr(conv_forms, "CHOICE_FILE", choice)
+    chosen = {"8x8x64->64/1": ("im2col", "taps", "xla"), "16x16x32->32/1": ("xla", "xla", "xla")}
+    choice.write_text(conv_forms.choice_source("cpu", chosen, "measured in a test"))
+    namespace = {}
+    exec(choice.read_text(), namespace)
+    assert namespace["CHOSEN"]["cpu"] == {"8x8x64->64/1": ("im2col", "taps", "xla")}  # all-xla rows left out
+    from bnstudy.core import conv_choice
+
+    assert namespace["PINNED"] == conv_choice.PINNED

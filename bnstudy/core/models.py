@@ -26,7 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bnstudy.core import kernels
+from bnstudy.core import conv_forms, kernels
 from bnstudy.schema import STANDARD_DEPTHS
 
 NORMS = ("none", "before_relu", "after_relu")
@@ -54,7 +54,8 @@ CNN_WIDTH = 32  # the deep CNN's first stage; each pooled stage doubles it
 class Conv3x3(nn.Module):
     """`nn.Conv(features, (3, 3), kernel_init=HE_NORMAL)`: the same parameters (`kernel` [3, 3, in, out],
     `bias`), initialization and function; a one-channel input takes `conv3x3_one_channel`, or with
-    `deferred` is returned uncomputed (`OneChannelConv`) for the norm after it. With `strides` 2 it pads one
+    `deferred` is returned uncomputed (`OneChannelConv`) for the norm after it; any other takes
+    `conv_forms.conv3x3`, each direction in the form measured fastest for its shape. With `strides` 2 it pads one
     row and column on each side, as PyTorch's `padding=1` does (XLA's SAME would pad only after)."""
 
     features: int
@@ -67,10 +68,7 @@ class Conv3x3(nn.Module):
         if x.shape[-1] == 1 and self.strides == 1:
             conv = kernels.OneChannelConv(x, kernel, bias)
             return conv if deferred else conv.output()
-        dims = ("NHWC", "HWIO", "NHWC")
-        s = self.strides
-        padding = "SAME" if s == 1 else ((1, 1), (1, 1))
-        return jax.lax.conv_general_dilated(x, kernel, (s, s), padding, dimension_numbers=dims) + bias
+        return conv_forms.conv3x3(x, kernel, self.strides) + bias
 
 
 def dropout(x: jax.Array, rate: jax.Array, rng: jax.Array | None) -> jax.Array:
