@@ -4,7 +4,7 @@
 
 For every many-channel convolution shape of ResNet-20 and the depth-6 CNN (found by tracing the models), each
 direction (forward, input gradient, kernel gradient) in each form of `bnstudy.core.conv_forms` (xla, im2col,
-taps) is jitted alone and timed, round-robin over `--repeats` rounds so that a change of machine load hits every
+rows, taps) is jitted alone and timed, round-robin over `--repeats` rounds so that a change of machine load hits every
 form alike, with bnstudy's process settings (XLA flags, malloc). One more column, `ynn`, is XLA's convolution
 with YNNPACK's convolutions on (the XLA flag bnstudy switches off): that flag is process-wide, so it is timed in
 a worker subprocess in the same rounds, and can only be chosen for a whole process (the step-level lever in
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import pprint
 import subprocess
 import sys
 from collections import Counter
@@ -196,12 +195,18 @@ def choice_source(backend: str, chosen: dict[str, tuple[str, str, str]], header:
 
     tables = {**conv_choice.CHOSEN, backend: {k: v for k, v in chosen.items() if v != ("xla",) * 3}}
     text = CHOICE_FILE.read_text()
-    start = text.index("# backend -> ")
-    return (
-        text[:start]
-        + f'# backend -> {{"HxWxC->O/stride": (forward, input_grad, kernel_grad)}}; {header}\n'
-        + f"CHOSEN: dict[str, dict[str, tuple[str, str, str]]] = {pprint.pformat(tables, width=100)}\n"
-    )
+    lines = [
+        '# backend -> {"HxWxC->O/stride": (forward, input_grad, kernel_grad)}',
+        f"# {header}",
+        "CHOSEN: dict[str, dict[str, tuple[str, str, str]]] = {",
+    ]
+    for name, table in sorted(tables.items()):
+        lines.append(f"    {json.dumps(name)}: {{")
+        lines += [
+            f"        {json.dumps(k)}: ({', '.join(json.dumps(f) for f in v)})," for k, v in sorted(table.items())
+        ]
+        lines.append("    },")
+    return text[: text.index("# backend -> ")] + "\n".join([*lines, "}"]) + "\n"
 
 
 def main(argv=None) -> dict:
@@ -271,13 +276,15 @@ def main(argv=None) -> dict:
 
 
 def print_table(rows: list[dict], pinned) -> None:
-    print("\n| shape (HxWxC->O/stride) | direction | xla | im2col | taps | ynn | chosen |")
-    print("|---|---|---|---|---|---|---|")
+    from bnstudy.core.conv_forms import FORMS
+
+    print(f"\n| shape (HxWxC->O/stride) | direction | {' | '.join(FORMS)} | ynn | chosen |")
+    print("|---|---|" + "---|" * (len(FORMS) + 2))
     for r in rows:
         ynn = "" if r["ynn"] is None else f"{r['ynn']:.2f}"
         mark = " (pinned)" if r["shape"] in pinned else ""
         print(
-            f"| {r['shape']} | {r['direction']} | {r['xla']:.2f} | {r['im2col']:.2f} | {r['taps']:.2f} | {ynn} "
+            f"| {r['shape']} | {r['direction']} | " + " | ".join(f"{r[form]:.2f}" for form in FORMS) + f" | {ynn} "
             f"| {r['chosen']}{mark} |"
         )
     print("(ms per call, median over rounds)\n")

@@ -10,4 +10,10 @@ runs XLA's own convolution.
 PINNED = frozenset({"14x14x32->64/1", "32x32x3->32/1", "16x16x32->64/1"})
 
 # backend -> {"HxWxC->O/stride": (forward, input_grad, kernel_grad)}
-CHOSEN: dict[str, dict[str, tuple[str, str, str]]] = {}
+# measured on cpu (2 CPUs), jax 0.10.2, batch 128, 7 rounds, margin 5%
+CHOSEN: dict[str, dict[str, tuple[str, str, str]]] = {
+    "cpu": {
+        "16x16x32->64/2": ("xla", "im2col", "rows"),
+        "32x32x16->32/2": ("xla", "taps", "rows"),
+    },
+}

@@ -8,13 +8,14 @@ which can take its own form:
     input gradient  dx  = the forward's transpose applied to the output gradient
     kernel gradient dk  = the correlation of x's 3x3 neighbourhoods with the output gradient
 
-and three forms:
+and four forms:
 
     xla     `lax.conv_general_dilated` and XLA's own transposes of it (what autodiff gives)
     im2col  the nine shifted views ("taps") side by side on the channel axis, [positions, 9 C], and one matrix
             product with the kernel as [9 C, O]; the input gradient is the output gradient's own patches times
             the flipped kernel (stride 1), or the patch gradient folded back onto the input (stride 2); the
             kernel gradient is patches^T . output gradient, one product contracting every position
+    rows    im2col one kernel row at a time: three products of [positions, 3 C] patches, a third of the copy
     taps    nine products of a shifted view with one kernel tap [C, O], summed (the input gradient: each
             output gradient times a tap's transpose, placed back where that tap read)
 
@@ -37,7 +38,7 @@ import jax.numpy as jnp
 
 from bnstudy.core import conv_choice
 
-FORMS = ("xla", "im2col", "taps")
+FORMS = ("xla", "im2col", "rows", "taps")
 DIRECTIONS = ("forward", "input_grad", "kernel_grad")
 
 
@@ -77,6 +78,11 @@ def taps(x: jax.Array, stride: int) -> list[jax.Array]:
     return [padded[:, i : i + span_h : stride, j : j + span_w : stride] for i in range(3) for j in range(3)]
 
 
+def row_patches(views: list[jax.Array], row: int) -> jax.Array:
+    """The three views of kernel row `row` side by side on the channel axis: [N, H_out, W_out, 3 C]."""
+    return jnp.concatenate(views[3 * row : 3 * row + 3], axis=-1)
+
+
 def place(tap_grad: jax.Array, tap: int, in_hw: tuple[int, int], stride: int) -> jax.Array:
     """The gradient of one tap's view, [N, H_out, W_out, C], put back on the input grid [N, H, W, C]: zeros
     where that tap read nothing (a strided pad, which XLA fuses with the sum over taps)."""
@@ -97,6 +103,8 @@ def forward(x: jax.Array, kernel: jax.Array, stride: int, form: str) -> jax.Arra
     views = taps(x, stride)
     if form == "im2col":
         return jnp.concatenate(views, axis=-1) @ kernel.reshape(-1, kernel.shape[-1])
+    if form == "rows":
+        return sum(row_patches(views, i) @ kernel[i].reshape(-1, kernel.shape[-1]) for i in range(3))
     if form == "taps":
         return sum(view @ kernel[t // 3, t % 3] for t, view in enumerate(views))
     raise ValueError(f"unknown convolution form {form!r}; expected one of {FORMS}")
@@ -106,15 +114,21 @@ def input_grad(x: jax.Array, kernel: jax.Array, dout: jax.Array, stride: int, fo
     if form == "xla":
         return jax.vjp(lambda x_: xla_conv(x_, kernel, stride), x)[1](dout)[0]
     in_hw = x.shape[1:3]
-    if form == "im2col" and stride == 1:
+    c = kernel.shape[2]
+    if form in ("im2col", "rows") and stride == 1:
         # dx[y, x] = sum over taps (i, j) of dout[y + 1 - i, x + 1 - j] . kernel[i, j]^T: a SAME convolution of
         # dout with the kernel flipped in space and transposed in channels.
-        flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2).reshape(-1, kernel.shape[2])
-        return jnp.concatenate(taps(dout, 1), axis=-1) @ flipped
+        flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
+        if form == "im2col":
+            return jnp.concatenate(taps(dout, 1), axis=-1) @ flipped.reshape(-1, c)
+        views = taps(dout, 1)
+        return sum(row_patches(views, i) @ flipped[i].reshape(-1, c) for i in range(3))
     if form == "im2col":
         patch_grad = dout @ kernel.reshape(-1, kernel.shape[-1]).T  # [N, H_out, W_out, 9 C]
-        c = kernel.shape[2]
         return sum(place(patch_grad[..., t * c : (t + 1) * c], t, in_hw, stride) for t in range(9))
+    if form == "rows":
+        row_grads = [dout @ kernel[i].reshape(-1, kernel.shape[-1]).T for i in range(3)]  # each [..., 3 C]
+        return sum(place(row_grads[t // 3][..., (t % 3) * c : (t % 3 + 1) * c], t, in_hw, stride) for t in range(9))
     if form == "taps":
         return sum(place(dout @ kernel[t // 3, t % 3].T, t, in_hw, stride) for t in range(9))
     raise ValueError(f"unknown convolution form {form!r}; expected one of {FORMS}")
@@ -127,6 +141,10 @@ def kernel_grad(x: jax.Array, kernel: jax.Array, dout: jax.Array, stride: int, f
     if form == "im2col":
         patches = jnp.concatenate(views, axis=-1)
         return jnp.einsum("nhwk,nhwo->ko", patches, dout).reshape(kernel.shape)
+    if form == "rows":
+        return jnp.stack([jnp.einsum("nhwk,nhwo->ko", row_patches(views, i), dout) for i in range(3)]).reshape(
+            kernel.shape
+        )
     if form == "taps":
         return jnp.stack([jnp.einsum("nhwc,nhwo->co", view, dout) for view in views]).reshape(kernel.shape)
     raise ValueError(f"unknown convolution form {form!r}; expected one of {FORMS}")
