@@ -3,7 +3,10 @@
 # decided, with its raw runs beside it (runs.jsonl.gz), on the embedded digits (dataset mnist_t10k: 8000/2000 cut
 # from the official MNIST test images, NOT the official split).
 #
-#   bash results/regenerate.sh [--force] [--commit] [STUDY ...]      # default: every study
+#   bash results/regenerate.sh [--force] [--commit] [--network NAME] [STUDY ...]      # default: every study
+#
+# --network NAME replicates the studies on a deep network (configs/network/NAME.yaml, e.g. cnn6): each lands in
+# results/NAME/STUDY/, and the index shows its verdict beside the 2-conv CNN's.
 #
 # Per study: `bnstudy-study STUDY --out results/STUDY` restores the runs kept in results/STUDY/runs.jsonl.gz as run
 # folders (a fresh clone continues an unfinished regeneration, and no finished run is trained again), trains the
@@ -24,20 +27,30 @@ all_studies=(placement learning_rate init_scale dropout batch_size small_batch_n
              convergence regularization cost)
 force=0
 commit=0
+network=""
 studies=()
-for arg in "$@"; do
-  case $arg in
+while [ $# -gt 0 ]; do
+  case $1 in
     --force) force=1 ;;
     --commit) commit=1 ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
-    -*) echo "regenerate.sh: unknown option $arg (known: --force, --commit)" >&2; exit 2 ;;
-    *) studies+=("$arg") ;;
+    --network) network=${2:-}; shift ;;
+    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+    -*) echo "regenerate.sh: unknown option $1 (known: --force, --commit, --network NAME)" >&2; exit 2 ;;
+    *) studies+=("$1") ;;
   esac
+  shift
 done
 [ ${#studies[@]} -gt 0 ] || studies=("${all_studies[@]}")
 for study in "${studies[@]}"; do
   [ -f "experiments/$study.yaml" ] || { echo "regenerate.sh: unknown study $study (known: ${all_studies[*]})" >&2; exit 2; }
 done
+if [ -n "$network" ]; then
+  known=$(cd configs/network && ls *.yaml | sed 's/\.yaml$//' | tr '\n' ' ')
+  [ -f "configs/network/$network.yaml" ] || { echo "regenerate.sh: unknown network '$network' (known: $known)" >&2; exit 2; }
+  for study in "${studies[@]}"; do
+    [ "$study" != cost ] || { echo "regenerate.sh: the cost study times the 2-conv CNN only; leave it out of --network" >&2; exit 2; }
+  done
+fi
 
 changed=$(git status --porcelain --untracked-files=no -- bnstudy configs experiments 2>/dev/null || true)
 if [ -n "$changed" ]; then
@@ -50,25 +63,28 @@ if [ -n "$changed" ]; then
   echo "regenerate.sh: warning: uncommitted changes to bnstudy/, configs/ or experiments/, as --force asks" >&2
 fi
 fingerprint=$(python -c "from bnstudy.app.provenance import code_fingerprint; print(code_fingerprint())")
-runs_root=${RUNS_ROOT:-outputs/results}
+runs_root=${RUNS_ROOT:-outputs/results}${network:+/$network}
+network_override=(${network:++network=$network})
 echo "regenerate.sh: code fingerprint $fingerprint; runs in $runs_root; $(nproc) CPUs, load $(cut -d' ' -f1 /proc/loadavg)"
 
 for study in "${studies[@]}"; do
   start=$(date +%s)
+  out=results/${network:+$network/}$study
   # A report from before raw runs were kept cannot be resumed or rewritten: it is replaced as a whole.
-  [ -f "results/$study/runs.jsonl.gz" ] || rm -rf "results/$study"
+  [ -f "$out/runs.jsonl.gz" ] || rm -rf "$out"
   if [ "$study" = cost ]; then
     python benchmarks/cost_study.py --out-dir "$runs_root"
     python -m bnstudy.report cost --out-dir "$runs_root" --out results/cost --no-wandb
   else
-    python -m bnstudy.study "$study" --out "results/$study" "out_dir=$runs_root" logger.wandb.mode=disabled \
-      logger.progress=false
+    python -m bnstudy.study "$study" "${network_override[@]}" --out "$out" "out_dir=$runs_root" \
+      logger.wandb.mode=disabled logger.progress=false
   fi
   python -m bnstudy.report --index results
-  echo "== $study: landed in results/$study after $(( $(date +%s) - start )) s"
+  echo "== $study: landed in $out after $(( $(date +%s) - start )) s"
   if [ $commit -eq 1 ]; then
-    git add "results/$study" results/README.md
-    git commit -q -m "results: $study on the embedded digits (code fingerprint $fingerprint)" -- "results/$study" results/README.md
+    git add "$out" results/README.md
+    git commit -q -m "results: $study${network:+ on $network} on the embedded digits (code fingerprint $fingerprint)" -- \
+      "$out" results/README.md
     echo "== $study: committed"
   fi
 done

@@ -60,6 +60,7 @@ def write_run(
     records=(),
     spec=PLACEMENT_SPEC,
     fingerprint="0123456789ab",
+    depth=None,
 ):
     """One run folder written by bnstudy's own run-folder writer; status `running` leaves it open (this
     process is its live writer)."""
@@ -71,6 +72,7 @@ def write_run(
             "bn_momentum": 0.9,
             "init_scale": init_scale,
             "dropout": {"placement": placement, "rate": rate},
+            **({} if depth is None else {"depth": depth}),
         },
         "optimizer": {"name": "sgd", "lr": lr, "momentum": 0.9, "weight_decay": 0.0},
         "train": {"batch_size": batch_size, "epochs": 3, "pack_size": "auto", "loop": "auto"},
@@ -189,12 +191,12 @@ BATCH_SPEC = {
 }
 
 
-def placement_runs(root: Path, values=PLACEMENT) -> Path:
+def placement_runs(root: Path, values=PLACEMENT, depth=None) -> Path:
     for norm, accs in values.items():
         for seed, acc in enumerate(accs):
             curve = [{"step": 10 * e, "epoch": float(e), "test/acc": acc - 0.02 * (3 - e)} for e in (1, 2, 3)]
             summary = {"test/acc": acc, "test/loss": 1 - acc, "train/epoch_acc": acc + 0.01}
-            write_run(root, norm=norm, seed=seed, summary=summary, records=curve)
+            write_run(root, norm=norm, seed=seed, summary=summary, records=curve, depth=depth)
     return root
 
 

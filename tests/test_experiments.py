@@ -80,6 +80,8 @@ def cases():
         for dataset in spec["datasets"]:
             for preset in ([], ["+preset=quick"]):
                 yield pytest.param(study, dataset, preset, id=f"{study}-{dataset}{'-quick' if preset else ''}")
+        if study != "cost":  # the deep replication (results/<network>/<study>/); cost times the 2-conv CNN only
+            yield pytest.param(study, spec["datasets"][0], ["+network=cnn6"], id=f"{study}-cnn6")
 
 
 def test_there_is_one_experiment_file_per_study():
@@ -101,8 +103,10 @@ def test_study_composes_and_every_sweep_job_validates(study, dataset, preset):
         cfg = config_lib.parse(job_cfg)
         assert cfg.study == study and cfg.dataset.name == dataset
         seeds = config_lib.pack_axes(cfg)["seed"]
-        assert len(seeds) >= (2 if preset else 3)
-        if preset:
+        assert len(seeds) >= (2 if "+preset=quick" in preset else 3)
+        if "+network=cnn6" in preset:
+            assert (cfg.model.name, cfg.model.depth, cfg.train.epochs, cfg.out_dir) == ("cnn", 6, 5, "outputs/cnn6")
+        elif preset:
             assert cfg.train.epochs == 1 and cfg.train.max_steps_per_epoch and cfg.dataset.train_subset
             assert cfg.out_dir == "outputs/quick" and "quick" in cfg.report["variant"]
 

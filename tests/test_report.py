@@ -170,6 +170,13 @@ def test_index_table_atop_results_readme_keeps_the_notes(tmp_path, capsys):
     cli.main(["--index", str(results)])  # regenerating replaces the table, never duplicates it
     again = (results / "README.md").read_text()
     assert again == text and again.count(INDEX_START) == 1
+    # A deep network's replication lands in results/<network>/<study>/: the same row, its own column.
+    deep_runs = placement_runs(tmp_path / "deep_runs", depth=6)
+    cli.main(["placement", "--runs", str(deep_runs), "--out", str(results / "cnn6" / "placement")])
+    cli.main(["--index", str(results)])
+    row = next(line for line in (results / "README.md").read_text().splitlines() if line.startswith("| placement"))
+    assert "**supported** (CNN-6)" in row and "[CNN-6](cnn6/placement/README.md)" in row, row
+    assert "[CNN-2](placement/README.md)" in row and "CNN-2: " in row and "CNN-6: " in row
 
 
 def test_quick_variant_report_stays_out_of_results(tmp_path, capsys):

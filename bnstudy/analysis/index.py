@@ -218,7 +218,8 @@ def training_time_cell(results: Path, folder: str) -> str:
 
 def index_records(results: Path) -> dict[tuple[str, str], dict[str, tuple[dict, str]]]:
     """(study + variant, dataset) -> network -> (verdict.json record, report folder), for every report."""
-    paths = sorted(results.glob(f"*/{VERDICT_FILE}"))
+    # results/<study>/ for the 2-conv CNN, results/<network>/<study>/ for a deep network's replication
+    paths = sorted([*results.glob(f"*/{VERDICT_FILE}"), *results.glob(f"*/*/{VERDICT_FILE}")])
     if not paths:
         raise ReportError(f"no reports under {results}: expected <study>/{VERDICT_FILE} written by bnstudy-report.")
     grouped: dict[tuple[str, str], dict[str, tuple[dict, str]]] = {}
@@ -226,7 +227,8 @@ def index_records(results: Path) -> dict[tuple[str, str], dict[str, tuple[dict, 
         r = json.loads(path.read_text())
         variant = "" if r.get("variant", "default") == "default" else f" (variant: {r['variant']})"
         network = r.get("network", DEFAULT_NETWORK)  # reports from before the key: the default network
-        grouped.setdefault((r["study"] + variant, r.get("dataset", "")), {})[network] = (r, path.parent.name)
+        folder = path.parent.relative_to(results).as_posix()
+        grouped.setdefault((r["study"] + variant, r.get("dataset", "")), {})[network] = (r, folder)
     return grouped
 
 
