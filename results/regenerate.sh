@@ -3,10 +3,12 @@
 # decided, with its raw runs beside it (runs.jsonl.gz), on the embedded digits (dataset mnist_t10k: 8000/2000 cut
 # from the official MNIST test images, NOT the official split).
 #
-#   bash results/regenerate.sh [--force] [--commit] [--network NAME] [STUDY ...]      # default: every study
+#   bash results/regenerate.sh [--force] [--commit] [--keep-going] [--network NAME] [STUDY ...]   # default: all
 #
-# --network NAME replicates the studies on a deep network (configs/network/NAME.yaml, e.g. cnn6): each lands in
-# results/NAME/STUDY/, and the index shows its verdict beside the 2-conv CNN's.
+# --keep-going goes on to the next study when one fails (the exit status is then 1, naming the failed ones); a
+# signal (Ctrl-C, SIGTERM) always stops the whole regeneration. --network NAME replicates the studies on a deep
+# network (configs/network/NAME.yaml, e.g. cnn6): each lands in results/NAME/STUDY/, and the index shows its
+# verdict beside the 2-conv CNN's.
 #
 # Per study: `bnstudy-study STUDY --out results/STUDY` restores the runs kept in results/STUDY/runs.jsonl.gz as run
 # folders (a fresh clone continues an unfinished regeneration, and no finished run is trained again), trains the
@@ -27,15 +29,17 @@ all_studies=(placement learning_rate init_scale dropout batch_size small_batch_n
              convergence regularization cost)
 force=0
 commit=0
+keep_going=0
 network=""
 studies=()
 while [ $# -gt 0 ]; do
   case $1 in
     --force) force=1 ;;
     --commit) commit=1 ;;
+    --keep-going) keep_going=1 ;;
     --network) network=${2:-}; shift ;;
-    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
-    -*) echo "regenerate.sh: unknown option $1 (known: --force, --commit, --network NAME)" >&2; exit 2 ;;
+    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+    -*) echo "regenerate.sh: unknown option $1 (known: --force, --commit, --keep-going, --network NAME)" >&2; exit 2 ;;
     *) studies+=("$1") ;;
   esac
   shift
@@ -67,17 +71,30 @@ runs_root=${RUNS_ROOT:-outputs/results}${network:+/$network}
 network_override=(${network:++network=$network})
 echo "regenerate.sh: code fingerprint $fingerprint; runs in $runs_root; $(nproc) CPUs, load $(cut -d' ' -f1 /proc/loadavg)"
 
+train_and_report() {  # one study: trained until decided, its report and raw runs in $1
+  local study=$1 out=$2
+  if [ "$study" = cost ]; then
+    python benchmarks/cost_study.py --out-dir "$runs_root" &&
+      python -m bnstudy.report cost --out-dir "$runs_root" --out results/cost --no-wandb
+  else
+    python -m bnstudy.study "$study" "${network_override[@]}" --out "$out" "out_dir=$runs_root" \
+      logger.wandb.mode=disabled logger.progress=false
+  fi
+}
+
+failed=()
 for study in "${studies[@]}"; do
   start=$(date +%s)
   out=results/${network:+$network/}$study
   # A report from before raw runs were kept cannot be resumed or rewritten: it is replaced as a whole.
   [ -f "$out/runs.jsonl.gz" ] || rm -rf "$out"
-  if [ "$study" = cost ]; then
-    python benchmarks/cost_study.py --out-dir "$runs_root"
-    python -m bnstudy.report cost --out-dir "$runs_root" --out results/cost --no-wandb
-  else
-    python -m bnstudy.study "$study" "${network_override[@]}" --out "$out" "out_dir=$runs_root" \
-      logger.wandb.mode=disabled logger.progress=false
+  status=0
+  train_and_report "$study" "$out" || status=$?
+  if [ $status -ne 0 ]; then
+    [ $status -lt 128 ] && [ $keep_going -eq 1 ] || exit $status  # a signal (128 + its number) stops it all
+    echo "== $study: FAILED (exit $status) after $(( $(date +%s) - start )) s; going on" >&2
+    failed+=("$study")
+    continue
   fi
   python -m bnstudy.report --index results
   echo "== $study: landed in $out after $(( $(date +%s) - start )) s"
@@ -88,3 +105,7 @@ for study in "${studies[@]}"; do
     echo "== $study: committed"
   fi
 done
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "regenerate.sh: ${#failed[@]} study(ies) failed: ${failed[*]}" >&2
+  exit 1
+fi

@@ -32,3 +32,55 @@ def test_bad_input_exits_2_with_one_line_before_any_training(args, says):
 def test_help_names_the_network_option():
     done = regenerate("--help")
     assert done.returncode == 0 and "--network NAME" in done.stdout and "results/NAME/STUDY/" in done.stdout
+
+
+def fake_python(tmp_path, fails: dict[str, int]):
+    """A `python` first on PATH that fails `bnstudy.study STUDY` with fails[STUDY], passes every other study and
+    report without training, and hands anything else (the fingerprint) to the real interpreter."""
+    import sys
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(parents=True)
+    cases = "".join(f'    *"bnstudy.study {study} "*) exit {code} ;;\n' for study, code in fails.items())
+    (bin_dir / "python").write_text(
+        "#!/usr/bin/env bash\n"
+        'case " $* " in\n'
+        f"{cases}"
+        '    *" bnstudy.study "*|*" bnstudy.report "*) echo "$*" >> "$CALLS"; exit 0 ;;\n'
+        "esac\n"
+        f'exec {sys.executable} "$@"\n'
+    )
+    (bin_dir / "python").chmod(0o755)
+    return bin_dir
+
+
+def regenerate_with(tmp_path, fails, *args):
+    """The script run from a copy of the tree it reads (results/, experiments/), so that nothing it deletes or
+    writes touches the checkout; training and reports faked by `fake_python`."""
+    import os
+    import shutil
+
+    tree = tmp_path / "tree"
+    (tree / "results").mkdir(parents=True)
+    shutil.copy(SCRIPT, tree / "results" / "regenerate.sh")
+    shutil.copytree(SCRIPT.parents[1] / "experiments", tree / "experiments")
+    env = {**os.environ, "PATH": f"{fake_python(tmp_path, fails)}:{os.environ['PATH']}", "CALLS": str(tmp_path / "c")}
+    env["RUNS_ROOT"] = str(tmp_path / "runs")
+    cmd = ["bash", str(tree / "results" / "regenerate.sh"), "--force", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_keep_going_lands_the_studies_after_a_failed_one_and_exits_1_naming_it(tmp_path):
+    done = regenerate_with(tmp_path, {"dead_units": 3}, "--keep-going", "dead_units", "ics")
+    assert done.returncode == 1, done.stderr
+    assert "== dead_units: FAILED (exit 3)" in done.stderr and "1 study(ies) failed: dead_units" in done.stderr
+    assert "== ics: landed in results/ics" in done.stdout
+    calls = (tmp_path / "c").read_text()
+    assert "bnstudy.study ics" in calls and "--index results" in calls
+
+
+def test_without_keep_going_or_on_a_signal_the_first_failure_stops_it_all(tmp_path):
+    done = regenerate_with(tmp_path / "a", {"dead_units": 3}, "dead_units", "ics")
+    assert done.returncode == 3 and "ics" not in done.stdout.split("fingerprint", 1)[1]
+    done = regenerate_with(tmp_path / "b", {"dead_units": 130}, "--keep-going", "dead_units", "ics")
+    assert done.returncode == 130 and "landed" not in done.stdout
