@@ -221,3 +221,12 @@ def test_the_margins_section_words_a_trend_comparison_and_an_arm_comparison():
     lines = margins_text(SimpleNamespace(spec=spec, dataset="mnist_t10k"))
     assert lines[0].startswith("- `disc/kl`: slope along train.batch_size, expect less; margin 0")
     assert lines[1] == "- `test/acc`: (norm=none) vs (norm=before_relu), expect less; margin 0.005 (half a point)"
+
+
+def test_a_report_refuses_runs_of_two_networks_naming_them(tmp_path, capsys):
+    runs = placement_runs(tmp_path / "runs")
+    placement_runs(tmp_path / "runs", depth=6)  # the depth-6 CNN's runs trained into the same folder
+    with pytest.raises(SystemExit) as e:
+        cli.main(["placement", "--runs", str(runs), "--out", str(tmp_path / "report")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "several networks: CNN-2, CNN-6" in err and not (tmp_path / "report").exists()

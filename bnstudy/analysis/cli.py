@@ -24,7 +24,7 @@ from bnstudy.analysis.analyse import Analysis, analyse
 from bnstudy.analysis.dashboard import MODES, log_report, report_run
 from bnstudy.analysis.errors import ReportError
 from bnstudy.analysis.fingerprints import check_fingerprints
-from bnstudy.analysis.index import write_index
+from bnstudy.analysis.index import network_label, write_index
 from bnstudy.analysis.load import load_local, load_wandb
 from bnstudy.analysis.readme import runs_used
 from bnstudy.analysis.write import write_report
@@ -108,6 +108,17 @@ def main(argv: list[str] | None = None) -> None:
         run(args)
 
 
+def check_one_network(frame) -> None:
+    """A study is decided on one network: runs of several (a 2-conv and a depth-6 CNN trained into one out_dir,
+    e.g. `+network=cnn6` with `+preset=quick`, which both set it) are refused, naming them."""
+    label = network_label(frame)
+    if "+" in label:
+        raise ReportError(
+            f"the runs are of several networks: {label.replace('+', ', ')}. A report decides a claim on one network; "
+            f"train each into its own out_dir (`+network=NAME` sets outputs/NAME) and report each folder alone."
+        )
+
+
 def report_folder(args: argparse.Namespace, analysis: Analysis) -> Path:
     """Where the report goes; a quick variant's report never lands in results/, which holds full grids only."""
     quick = "quick" in str(analysis.spec.get("variant", ""))
@@ -149,6 +160,7 @@ def run(args: argparse.Namespace) -> None:
                 )
             runs = load_local(runs_dir, args.study)
         check_fingerprints(runs.frame, args.allow_mixed_fingerprints)
+        check_one_network(runs.frame)
         analysis = analyse(args.study, runs, args.dataset)
         out = write_report(analysis, runs, report_folder(args, analysis), command_line(args), args.data_note)
     except ReportError as e:
