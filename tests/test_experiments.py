@@ -81,7 +81,8 @@ def cases():
             for preset in ([], ["+preset=quick"]):
                 yield pytest.param(study, dataset, preset, id=f"{study}-{dataset}{'-quick' if preset else ''}")
         if study != "cost":  # the deep replication (results/<network>/<study>/); cost times the 2-conv CNN only
-            yield pytest.param(study, spec["datasets"][0], ["+network=cnn6"], id=f"{study}-cnn6")
+            for network in ("cnn6", "resnet20"):
+                yield pytest.param(study, spec["datasets"][0], [f"+network={network}"], id=f"{study}-{network}")
 
 
 def test_there_is_one_experiment_file_per_study():
@@ -106,6 +107,9 @@ def test_study_composes_and_every_sweep_job_validates(study, dataset, preset):
         assert len(seeds) >= (2 if "+preset=quick" in preset else 3)
         if "+network=cnn6" in preset:
             assert (cfg.model.name, cfg.model.depth, cfg.train.epochs, cfg.out_dir) == ("cnn", 6, 5, "outputs/cnn6")
+        elif "+network=resnet20" in preset:
+            assert (cfg.model.name, cfg.model.depth, cfg.train.epochs) == ("resnet", 20, 5)
+            assert cfg.out_dir == "outputs/resnet20"
         elif preset:
             assert cfg.train.epochs == 1 and cfg.train.max_steps_per_epoch and cfg.dataset.train_subset
             assert cfg.out_dir == "outputs/quick" and "quick" in cfg.report["variant"]

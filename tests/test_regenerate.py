@@ -17,7 +17,7 @@ def regenerate(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize(
     "args, says",
     [
-        (["--network", "cnn9", "placement"], "unknown network 'cnn9' (known: cnn6"),
+        (["--network", "cnn9", "placement"], "unknown network 'cnn9' (known: cnn6 resnet20"),
         (["--network", "cnn6", "placement", "cost"], "the cost study times the 2-conv CNN only"),
         (["placment"], "unknown study placment"),
         (["--fast"], "unknown option --fast"),
