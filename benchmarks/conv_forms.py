@@ -47,19 +47,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def set_process_settings(ynn: bool) -> None:
-    """bnstudy's malloc settings and XLA flags, with YNNPACK's convolutions back on when `ynn`."""
-    import os
+    """bnstudy's malloc settings and XLA flags (step_vs_torch.py's), with YNNPACK's convolutions back on when
+    `ynn`."""
+    import step_vs_torch
 
-    from bnstudy.perf import allocator, xla_flags
-
-    allocator.keep_freed_memory()
-    ynn_flag = "xla_cpu_experimental_ynn_fusion_type"
-    flags = [f for f in xla_flags.speed_flags() if not (ynn and xla_flags.flag_name(f) == ynn_flag)]
-    if ynn:
-        os.environ["XLA_FLAGS"] = " ".join(
-            f for f in os.environ.get("XLA_FLAGS", "").split() if xla_flags.flag_name(f) != ynn_flag
-        )
-    xla_flags.add_xla_flags(flags)
+    step_vs_torch.set_process_settings("without:xla_cpu_experimental_ynn_fusion_type" if ynn else "on")
 
 
 def conv_shapes(model: str, batch: int) -> Counter:
@@ -100,17 +92,15 @@ def direction_programs(x_shape, k_shape, stride, forms):
     x = jax.random.normal(keys[0], x_shape, jnp.float32)
     k = jax.random.normal(keys[1], k_shape, jnp.float32) * (2.0 / (9 * k_shape[2])) ** 0.5
     dout = jax.random.normal(keys[2], cf.xla_conv(x, k, stride).shape, jnp.float32)
+    directions = {
+        "forward": lambda x, k, d, f: cf.forward(x, k, stride, f),
+        "input_grad": lambda x, k, d, f: cf.input_grad(x, k, d, stride, f),
+        "kernel_grad": lambda x, k, d, f: cf.kernel_grad(x, k, d, stride, f),
+    }
     programs = {}
     for form in forms:
-        programs[("forward", form)] = (jax.jit(lambda x, k, d, f=form: cf.forward(x, k, stride, f)), (x, k, dout))
-        programs[("input_grad", form)] = (
-            jax.jit(lambda x, k, d, f=form: cf.input_grad(x, k, d, stride, f)),
-            (x, k, dout),
-        )
-        programs[("kernel_grad", form)] = (
-            jax.jit(lambda x, k, d, f=form: cf.kernel_grad(x, k, d, stride, f)),
-            (x, k, dout),
-        )
+        for direction, fn in directions.items():
+            programs[(direction, form)] = (jax.jit(lambda x, k, d, fn=fn, f=form: fn(x, k, d, f)), (x, k, dout))
     return programs
 
 

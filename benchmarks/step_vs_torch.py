@@ -27,7 +27,8 @@ Their ratio is to the subprocess with bnstudy's defaults. Needs jax, flax, optax
 Deeper networks (`--models`, default the depth-6 CNN `cnn6` and ResNet-20 `resnet20`; `<cnn|resnet><depth>`):
 rows `[<model>] bnstudy app` (steps_per_call auto), `[<model>] bnstudy app, XLA convolutions` (the same with
 XLA's convolution for every shape instead of the forms bnstudy/core/conv_choice.py chose: what the choice
-brings) and `[<model>] PyTorch eager` (torch_reference.build, the same layers), each bnstudy row's ratio to torch; with `--deep-levers` each model's levers too, as `[<model>] lever: ...`.
+brings) and `[<model>] PyTorch eager` (torch_reference.build, the same layers), each bnstudy row's ratio to
+torch; with `--deep-levers` each model's levers too, as `[<model>] lever: ...`.
 """
 
 from __future__ import annotations
@@ -280,7 +281,6 @@ def lever_specs(flags_measured: bool, model: str | None = None) -> dict[str, str
     levers["BN not folded into the one-channel conv1"] = {"bn": "unfolded"}
     levers["BN unfolded, gradient by autodiff (no closed form)"] = {"bn": "autodiff"}
     levers["XLA convolution for the one-channel conv1"] = {"conv": "xla"}
-    levers["XLA convolution for every many-channel conv (no chosen forms)"] = {"convs": "xla"}
     levers["reshape-max pool (max reduction)"] = {"pool": "reshape"}
     levers["nn.max_pool (select_and_scatter)"] = {"pool": "flax"}
     on = {} if model is None else {"model": model}

@@ -71,7 +71,7 @@ def out_size(size: int, stride: int) -> int:
 def taps(x: jax.Array, stride: int) -> list[jax.Array]:
     """The nine shifted, strided views of the one-padded input that the kernel's taps (row, column order) read:
     each [N, H_out, W_out, C]."""
-    n, h, w, c = x.shape
+    h, w = x.shape[1:3]
     ho, wo = out_size(h, stride), out_size(w, stride)
     padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
     span_h, span_w = stride * (ho - 1) + 1, stride * (wo - 1) + 1

@@ -16,6 +16,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from bnstudy.core import conv_forms
+
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:
     """2x2 max-pool with stride 2 over an NHWC batch: `nn.max_pool(x, (2, 2), strides=(2, 2))`, faster.
@@ -40,9 +42,7 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
 
 def _taps(x: jax.Array) -> list[jax.Array]:
     """The nine 3x3 SAME-padded neighbours of each position of an NHWC batch, in kernel (row, column) order."""
-    h, w = x.shape[1], x.shape[2]
-    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    return [padded[:, i : i + h, j : j + w] for i in range(3) for j in range(3)]
+    return conv_forms.taps(x, 1)
 
 
 @jax.custom_vjp
