@@ -115,10 +115,10 @@ def test_a_seed_round_packs_a_full_grid_of_a_packable_key_and_sweeps_a_structura
 
 
 SIGNAL_SCRIPT = """
-import sys
+import os, signal, subprocess, sys, time
 from bnstudy.app import study_runner
-from bnstudy.app.config import ConfigError
 
+got, where = sys.argv[1], sys.argv[2]
 CHILD = '''
 import signal, sys, time
 def stop(signum, frame):
@@ -126,19 +126,31 @@ def stop(signum, frame):
     sys.exit(128 + signum)
 signal.signal(signal.SIGTERM, stop)
 signal.signal(signal.SIGINT, stop)
+open(sys.argv[1] + ".ready", "w").close()
 print("child ready", flush=True)
 time.sleep(60)
 '''
-study_runner.Trainer.command = lambda self, extra: [sys.executable, "-c", CHILD, sys.argv[1]]
+study_runner.Trainer.command = lambda self, extra: [sys.executable, "-c", CHILD, got]
+if where == "while_starting":
+    # The signal lands before Popen has returned to the runner, which then has no child to pass it to yet.
+    class PopenThenSignal(subprocess.Popen):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            while not os.path.exists(got + ".ready"):
+                time.sleep(0.01)
+            os.kill(os.getpid(), int(sys.argv[3]))
+
+    study_runner.subprocess = type("Subprocess", (), {"Popen": PopenThenSignal, "TimeoutExpired": subprocess.TimeoutExpired})
 study_runner.main(["placement", "+preset=quick"])
 """
 
 
+@pytest.mark.parametrize("where", ["while_training", "while_starting"])
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_is_passed_on_to_the_training_once_and_the_runner_exits_128_plus_it(tmp_path, signum):
+def test_a_signal_is_passed_on_to_the_training_once_and_the_runner_exits_128_plus_it(tmp_path, signum, where):
     got = tmp_path / "child_signals"
     runner = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(SIGNAL_SCRIPT), str(got)],
+        [sys.executable, "-c", textwrap.dedent(SIGNAL_SCRIPT), str(got), where, str(int(signum))],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -146,9 +158,10 @@ def test_a_signal_is_passed_on_to_the_training_once_and_the_runner_exits_128_plu
     for line in runner.stdout:
         if line.startswith("child ready"):
             break
-    runner.send_signal(signum)
+    if where == "while_training":
+        runner.send_signal(signum)
     _, err = runner.communicate(timeout=60)
-    assert runner.returncode == 128 + signum
+    assert runner.returncode == 128 + signum, err
     assert got.read_text().split() == [str(int(signum))]  # the child got it, once
     assert f"stopped by {signal.Signals(signum).name}" in err and "re-run" in err
 

@@ -303,37 +303,55 @@ def load_analysis(study: Study):
 
 
 class Trainer:
-    """Runs the training app in a child process; a SIGTERM or SIGINT is passed on to it once and, when it has
-    stopped, ends the study (`Interrupted`)."""
+    """Runs the training app in a child process; each SIGTERM or SIGINT is passed on to it once and, when it has
+    stopped, ends the study (`Interrupted`).
+
+    While a child is being started or trained the signal handler only records the signal, and the waiting loop
+    passes it on: a signal that lands between the fork and `Popen` returning would otherwise find no child to
+    pass it to, end the runner, and leave the training running unsignalled (holding the runner's output open)."""
+
+    POLL_S = 0.1  # how soon a recorded signal reaches the child
 
     def __init__(self, study: Study):
-        self.study, self.child, self.signum = study, None, None
+        self.study, self.training, self.received = study, False, []
 
     def command(self, extra: list[str]) -> list[str]:
         base = [sys.executable, "-m", "bnstudy.train", "-m", f"experiment={self.study.name}"]
         return [*base, *self.study.overrides, *extra]
 
     def handle(self, signum, frame) -> None:
-        self.signum = signum
-        if self.child is not None and self.child.poll() is None:
-            self.child.send_signal(signum)
-        else:
+        self.received.append(signum)  # atomic: the waiting loop reads it
+        if not self.training:
             raise Interrupted(signum)
 
     def train(self, extra: list[str]) -> None:
-        # Its own session: a Ctrl-C reaches the child only through `handle`, once (a second one ends it at once).
+        if self.received:
+            raise Interrupted(self.received[0])
+        # Its own session: a Ctrl-C reaches the child only through the runner, once (a second one ends it at once).
         env = {**os.environ, provenance.COMMAND_ENV: self.study.command()}  # what the runs record as their command
-        self.child = subprocess.Popen(self.command(extra), start_new_session=True, env=env)
+        self.training = True
         try:
-            rc = self.child.wait()
+            rc = self.wait(subprocess.Popen(self.command(extra), start_new_session=True, env=env))
         finally:
-            self.child = None
-        if self.signum is not None:
-            raise Interrupted(self.signum)
+            self.training = False
+        if self.received:
+            raise Interrupted(self.received[0])
         if rc == BAD_INPUT:  # its one paragraph said what was wrong; re-running the same command would not help
             raise StudyError("", code=rc)
         if rc != 0:
             raise StudyError(f"training exited with status {rc}; re-run the same command to continue", code=rc)
+
+    def wait(self, child: subprocess.Popen) -> int:
+        """The child's exit status, passing on each recorded signal once while it runs."""
+        passed_on = 0
+        while True:
+            while passed_on < len(self.received):
+                child.send_signal(self.received[passed_on])  # a no-op once the child has been reaped
+                passed_on += 1
+            try:
+                return child.wait(timeout=self.POLL_S)
+            except subprocess.TimeoutExpired:
+                pass
 
 
 def run_rounds(study: Study, trainer: Trainer) -> int:
