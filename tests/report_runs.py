@@ -220,3 +220,38 @@ def paired_by_hand(a, b):
 
 def analyse_dir(study, root, **kw):
     return analyse(study, load_local(root), **kw)
+
+
+# A layer-mean comparison (`*` in its metric): conv0's per-seed difference positive, conv1's negative.
+LAYER_SPEC = {
+    "claim": "BN lowers the internal covariate shift.",
+    "metrics": ["median(ics/*/rel)", "test/acc"],
+    "compare": [
+        {
+            "metric": "median(ics/*/rel)",
+            "a": {"model.norm": "before_relu"},
+            "b": {"model.norm": "none"},
+            "expect": "less",
+        }
+    ],
+}
+LAYER_VALUES = {  # (norm, layer) -> per-seed value of each run's median over its probes after step 0
+    ("before_relu", "conv0"): [0.5, 0.7, 0.6, 0.9],
+    ("none", "conv0"): [0.2, 0.3, 0.5, 0.4],
+    ("before_relu", "conv1"): [0.1, 0.2, 0.15, 0.3],
+    ("none", "conv1"): [0.6, 0.5, 0.9, 0.7],
+}
+
+
+def layer_runs(root: Path) -> Path:
+    """Four seeds per norm; each run logs ics/<layer>/rel at three probes whose median (after step 0) is the
+    run's LAYER_VALUES entry (the step-0 probe, 100, must not count)."""
+    for norm in ("before_relu", "none"):
+        for seed in range(4):
+            records = [{"step": 0, **{f"ics/{layer}/rel": 100.0 for layer in ("conv0", "conv1")}}]
+            for step, shift in ((5, -0.05), (10, 0.0), (15, 0.05)):
+                values = {f"ics/{layer}/rel": LAYER_VALUES[(norm, layer)][seed] + shift for layer in ("conv0", "conv1")}
+                records.append({"step": step, **values})
+            summary = {"test/acc": 0.9 + 0.01 * seed}
+            write_run(root, study="layers", norm=norm, seed=seed, summary=summary, records=records, spec=LAYER_SPEC)
+    return root

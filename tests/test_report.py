@@ -9,18 +9,22 @@ import math
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats as scipy_stats
 
-from bnstudy.analysis import cli
+from bnstudy.analysis import cli, per_layer
 from bnstudy.analysis.index import INDEX_START
 from bnstudy.analysis.load import load_local
 from bnstudy.analysis.tables import fmt, margins_text
 from bnstudy.analysis.write import write_report
 from tests.report_runs import (
+    LAYER_VALUES,
     PLACEMENT,
     T975_DF2,
     analyse_dir,
+    layer_runs,
     placement_runs,
     write_run,
 )
@@ -230,3 +234,58 @@ def test_a_report_refuses_runs_of_two_networks_naming_them(tmp_path, capsys):
         cli.main(["placement", "--runs", str(runs), "--out", str(tmp_path / "report")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "several networks: CNN-2, CNN-6" in err and not (tmp_path / "report").exists()
+
+
+def test_a_layer_mean_comparison_is_also_reported_layer_by_layer_with_its_paired_interval(tmp_path):
+    root = layer_runs(tmp_path / "runs")
+    a = analyse_dir("layers", root)
+    out = write_report(a, load_local(root), tmp_path / "out", "python -m bnstudy.report layers")
+    rows = pd.read_csv(out / "per_layer.csv")
+    assert list(rows["layer"]) == ["conv0", "conv1"]
+    assert list(rows["metric"]) == ["median(ics/conv0/rel)", "median(ics/conv1/rel)"]
+    assert (rows["comparison"] == "(norm=before_relu) - (norm=none)").all() and (rows["context"] == "all runs").all()
+    for _, row in rows.iterrows():
+        bn, none = LAYER_VALUES[("before_relu", row["layer"])], LAYER_VALUES[("none", row["layer"])]
+        d = np.subtract(bn, none)
+        half = scipy_stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
+        expected = (d.mean(), d.mean() - half, d.mean() + half)
+        assert (row["estimate"], row["ci_low"], row["ci_high"]) == pytest.approx(expected)
+        assert row["method"].startswith("paired")
+        assert (row["mean_a"], row["mean_b"]) == pytest.approx((np.mean(bn), np.mean(none)))
+    assert rows.set_index("layer")["estimate"]["conv0"] > 0 > rows.set_index("layer")["estimate"]["conv1"]
+    assert rows.set_index("layer")["ci_low"]["conv0"] > 0 > rows.set_index("layer")["ci_high"]["conv1"]
+    text = (out / "README.md").read_text()
+    section = text.split("### Per layer", 1)[1]
+    assert "not part of the Holm family" in section and "median(ics/conv1/rel)" in section
+    assert text.index("Margins (the smallest") < text.index("### Per layer")
+    assert len(a.comparisons) == 1  # the layer rows are not comparisons: the Holm family keeps its one row
+    record = json.loads((out / "verdict.json").read_text())["per_layer"]
+    assert [(r["layer"], r["metric"]) for r in record] == [
+        ("conv0", "median(ics/conv0/rel)"),
+        ("conv1", "median(ics/conv1/rel)"),
+    ]
+    assert record[0]["estimate"] == pytest.approx(rows["estimate"][0]) and record[1]["ci_high"] < 0
+
+
+def test_a_study_without_layer_means_has_no_per_layer_section_or_file(tmp_path):
+    root = placement_runs(tmp_path / "runs")
+    a = analyse_dir("placement", root)
+    out = write_report(a, load_local(root), tmp_path / "out", "python -m bnstudy.report placement")
+    assert a.per_layer.empty and not (out / "per_layer.csv").exists()
+    assert "Per layer" not in (out / "README.md").read_text() and "per_layer.csv" not in (out / "README.md").read_text()
+    assert json.loads((out / "verdict.json").read_text())["per_layer"] == []
+
+
+def test_layers_are_named_from_the_logged_keys_in_network_order():
+    keys = [
+        "ics/*/rel",
+        "ics/classifier/rel",
+        "ics/conv10/rel",
+        "ics/conv2/rel",
+        "ics/dense1/rel",
+        "ics/conv2/cos",
+        "test/acc",
+    ]
+    assert per_layer.layer_key("log10(median(ics/*/rel))") == "ics/*/rel" and per_layer.layer_key("test/acc") is None
+    assert per_layer.layer_names(keys, "ics/*/rel") == ["conv2", "conv10", "dense1", "classifier"]
+    assert per_layer.layer_order(["zeta3", "zeta10", "conv1"]) == ["conv1", "zeta3", "zeta10"]

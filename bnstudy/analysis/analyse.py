@@ -14,6 +14,8 @@ What is counted where:
   sits in what the arm searched is in `edges` (bnstudy.analysis.edges).
 - comparisons are decided on every seed at once (the fixed design), or look by look under the study's seed
   schedule (bnstudy.analysis.looks); an `along:` comparison once per axis value (bnstudy.analysis.verdicts).
+- a comparison of a layer mean (`*` in its metric) is also redone layer by layer on the same runs and seeds,
+  descriptive only (bnstudy.analysis.per_layer).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from bnstudy.analysis.edges import ArmEdge, arm_edges
 from bnstudy.analysis.errors import ReportError, ReportWarning
 from bnstudy.analysis.load import LoadedRuns
 from bnstudy.analysis.looks import decide
+from bnstudy.analysis.per_layer import per_layer
 from bnstudy.analysis.phases import Phases, split_phases
 from bnstudy.analysis.spec import CONFIRMATION_SEED_BASE, EXPERIMENTS_DIR, choose_spec, spec_metrics
 from bnstudy.analysis.verdicts import expand_along, study_verdict, verdict_sentence
@@ -80,6 +83,7 @@ class Analysis:
     phases: Phases | None = None  # a study with a selection: its selection and confirmation phases
     pool: pd.DataFrame | None = None  # the runs the comparisons draw from (finished; or confirmation runs)
     first_new_seed: int = 0  # the first seed a new look trains (confirmation seeds from CONFIRMATION_SEED_BASE)
+    per_layer: pd.DataFrame = field(default_factory=pd.DataFrame)  # comparisons of layer means, layer by layer
 
 
 def select_dataset(frame: pd.DataFrame, dataset: str | None) -> tuple[pd.DataFrame, str]:
@@ -164,6 +168,7 @@ def analyse(
         study, spec, dataset, frame, grid, summary, comparisons, verdict, missing, runs.skipped, frames, selection,
         edges=edges, compared=compared, verdict_sentence=verdict_sentence(comparisons, verdict), pending_look=pending,
         phases=phases, pool=pool, first_new_seed=CONFIRMATION_SEED_BASE if phases is not None else 0,
+        per_layer=per_layer(spec, compared, comparisons, runs, dataset, coverage),
     )  # fmt: skip
 
 

@@ -58,6 +58,7 @@ def verdict_record(a: Analysis) -> dict:
         "deciding": None,
         "selections": [e.record() for e in a.edges],
         "comparisons": comparison_records(a.comparisons),
+        "per_layer": per_layer_records(a.per_layer),
     }
     if a.phases is not None:  # disjoint by construction; recorded so that anyone can check it
         record["selection_seeds"] = a.phases.seeds
@@ -100,6 +101,13 @@ def network_label(runs: pd.DataFrame) -> str:
 
 def _finite(x):
     return None if isinstance(x, float) and not math.isfinite(x) else x
+
+
+def per_layer_records(p: pd.DataFrame) -> list[dict]:
+    """Per row of the per-layer table (bnstudy.analysis.per_layer): layer, metric, comparison, context and the
+    contrast with its 95% interval (None where it has none). Descriptive: no verdict."""
+    keys = ["layer", "metric", "comparison", "context", "estimate", "ci_low", "ci_high"]
+    return [{k: _finite(float(r[k]) if k in keys[4:] else r[k]) for k in keys} for _, r in p.iterrows()]
 
 
 def comparison_records(c: pd.DataFrame) -> list[dict]:

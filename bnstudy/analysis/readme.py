@@ -14,7 +14,7 @@ from bnstudy.analysis.fingerprints import fingerprint_counts, fingerprint_line
 from bnstudy.analysis.index import FIXED_SEEDS, fixed_design_runs, one_phase_runs
 from bnstudy.analysis.looks import schedule_of
 from bnstudy.analysis.spec import for_dataset, spec_metrics
-from bnstudy.analysis.tables import convergence_line, edges_table, margins_text, selection_table
+from bnstudy.analysis.tables import convergence_line, edges_table, margins_text, per_layer_table, selection_table
 
 OFFICIAL_SPLITS = {"mnist": (60000, 10000), "cifar10": (50000, 10000)}  # train / test sizes
 DEFAULT_DATASET = "mnist_t10k"  # what `bnstudy-train` trains on when no dataset= is given
@@ -310,6 +310,7 @@ def _verdict(a: Analysis, comp: pd.DataFrame) -> list[str]:
     lines += [comp.to_markdown(index=False) if not comp.empty else "No comparison is declared for this study.", ""]
     if s.get("compare"):
         lines += ["Margins (the smallest difference that matters) and why:", "", *margins_text(a), ""]
+    lines += per_layer_section(a)
     select = selection_table(a)
     if select is not None:
         by, over = s["select"]["by"], ", ".join(s["select"]["over"])
@@ -332,6 +333,26 @@ def _verdict(a: Analysis, comp: pd.DataFrame) -> list[str]:
             "",
         ]
     return lines
+
+
+def per_layer_section(a: Analysis) -> list[str]:
+    """The comparisons of layer-mean metrics redone layer by layer (bnstudy.analysis.per_layer); none without."""
+    table = per_layer_table(a)
+    if table.empty:
+        return []
+    return [
+        "### Per layer",
+        "",
+        "Each comparison of a metric averaged over layers (`*` in its name), redone with `*` replaced by one "
+        "layer's name: the same contrast A - B over the same runs and seeds as the comparison's row in that "
+        "context, with its 95% t-interval (paired when every group holds the same seeds, else Welch). This table "
+        "is descriptive: it has no verdict and is not part of the Holm family; the verdict rests on the layer "
+        "mean above. Layers in network order; a layer with no value (e.g. a log10 of zero) shows `-`. Also in "
+        "`per_layer.csv`.",
+        "",
+        table.to_markdown(index=False),
+        "",
+    ]
 
 
 def _derived_rules(a: Analysis) -> list[str]:
@@ -402,7 +423,9 @@ def _runs(a: Analysis, data_note: str | None) -> list[str]:
     lines += [
         "",
         "Files: `summary.csv` (one row per group and metric), `runs.csv` (one row per run), "
-        "`comparisons.csv`, `table.md`, `table.tex`, figures as PNG and SVG.",
+        "`comparisons.csv`, "
+        + ("`per_layer.csv` (the comparisons layer by layer), " if not a.per_layer.empty else "")
+        + "`table.md`, `table.tex`, figures as PNG and SVG.",
         "",
     ]
     return lines

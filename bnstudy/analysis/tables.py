@@ -80,6 +80,28 @@ def comparison_table(a: Analysis) -> pd.DataFrame:
     )
 
 
+def per_layer_table(a: Analysis) -> pd.DataFrame:
+    """The per-layer contrasts of the comparisons of layer-mean metrics (bnstudy.analysis.per_layer), formatted."""
+    p = a.per_layer
+    if p.empty:
+        return p
+    return pd.DataFrame(
+        {
+            "metric": p["metric"],
+            "layer": p["layer"],
+            "comparison": p["comparison"],
+            "context": p["context"],
+            "mean A": p["mean_a"].map(fmt),
+            "mean B": p["mean_b"].map(fmt),
+            "effect [95% CI]": [
+                f"{fmt(e)} [{fmt(lo)}, {fmt(hi)}]" for e, lo, hi in zip(p["estimate"], p["ci_low"], p["ci_high"])
+            ],
+            "interval": p["method"],
+            "n": p["n"],
+        }
+    )
+
+
 def _declared_comparison(row: pd.Series, declared: list[dict]) -> dict | None:
     """The study's declared comparison a row of `a.comparisons` comes from (by its metric and label)."""
     for comp in declared:

@@ -1,5 +1,5 @@
-"""Write one study's report folder: summary.csv, runs.csv, comparisons.csv, table.md, table.tex, the figures,
-README.md and verdict.json. Reports are regenerated, never edited."""
+"""Write one study's report folder: summary.csv, runs.csv, comparisons.csv, per_layer.csv (when a comparison
+is of a layer mean), table.md, table.tex, the figures, README.md and verdict.json. Reports are regenerated, never edited."""
 
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ def write_report(a: Analysis, runs: LoadedRuns, out: Path, command: str, data_no
     out.mkdir(parents=True, exist_ok=True)
     a.summary[["table", *a.summary.columns.drop("table")]].to_csv(out / "summary.csv", index=False)
     a.comparisons.to_csv(out / "comparisons.csv", index=False)
+    if not a.per_layer.empty:
+        a.per_layer.to_csv(out / "per_layer.csv", index=False)
     # data_dir is a path on the machine that trained, meaningless to a reader.
     a.runs.drop(columns=["dataset.data_dir"], errors="ignore").to_csv(out / "runs.csv", index=False)
     tables = wide_tables(a)
