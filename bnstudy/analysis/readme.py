@@ -310,7 +310,6 @@ def _verdict(a: Analysis, comp: pd.DataFrame) -> list[str]:
     lines += [comp.to_markdown(index=False) if not comp.empty else "No comparison is declared for this study.", ""]
     if s.get("compare"):
         lines += ["Margins (the smallest difference that matters) and why:", "", *margins_text(a), ""]
-    lines += per_layer_section(a)
     select = selection_table(a)
     if select is not None:
         by, over = s["select"]["by"], ", ".join(s["select"]["over"])
@@ -341,6 +340,7 @@ def per_layer_section(a: Analysis) -> list[str]:
     if table.empty:
         return []
     return [
+        "",
         "### Per layer",
         "",
         "Each comparison of a metric averaged over layers (`*` in its name), redone with `*` replaced by one "
@@ -433,6 +433,7 @@ def _runs(a: Analysis, data_note: str | None) -> list[str]:
 
 def readme(a: Analysis, tables: dict, comp: pd.DataFrame, figures, notes, command: str, data_note: str | None) -> str:
     """The whole README.md of a report, section by section."""
-    lines = _head(a, command, data_note) + _verdict(a, comp) + _derived_rules(a)
+    # The layer-by-layer table after the metrics' definitions, so that they stay one list.
+    lines = _head(a, command, data_note) + _verdict(a, comp) + _derived_rules(a) + per_layer_section(a)
     lines += _results(tables, figures, notes) + _runs(a, data_note)
     return "\n".join(lines)
