@@ -47,6 +47,18 @@ def wide_tables(a: Analysis) -> dict[str, pd.DataFrame]:
     return out
 
 
+def contrast_columns(rows: pd.DataFrame) -> dict:
+    """The columns every table of contrasts shows: the two means, the effect with its interval, the method."""
+    return {
+        "mean A": rows["mean_a"].map(fmt),
+        "mean B": rows["mean_b"].map(fmt),
+        "effect [95% CI]": [
+            f"{fmt(e)} [{fmt(lo)}, {fmt(hi)}]" for e, lo, hi in zip(rows["estimate"], rows["ci_low"], rows["ci_high"])
+        ],
+        "interval": rows["method"],
+    }
+
+
 def comparison_table(a: Analysis) -> pd.DataFrame:
     c = a.comparisons
     if c.empty:
@@ -58,12 +70,7 @@ def comparison_table(a: Analysis) -> pd.DataFrame:
             "comparison": c["comparison"],
             "context": c["context"],
             "claimed effect": c["expect"],
-            "mean A": c["mean_a"].map(fmt),
-            "mean B": c["mean_b"].map(fmt),
-            "effect [95% CI]": [
-                f"{fmt(e)} [{fmt(lo)}, {fmt(hi)}]" for e, lo, hi in zip(c["estimate"], c["ci_low"], c["ci_high"])
-            ],
-            "interval": c["method"],
+            **contrast_columns(c),
             "df": c["df"].map(fmt),
             "p support (Holm)": c["p_support_holm"].map(fmt),
             "p contradiction (Holm)": c["p_contra_holm"].map(fmt),
@@ -91,12 +98,7 @@ def per_layer_table(a: Analysis) -> pd.DataFrame:
             "layer": p["layer"],
             "comparison": p["comparison"],
             "context": p["context"],
-            "mean A": p["mean_a"].map(fmt),
-            "mean B": p["mean_b"].map(fmt),
-            "effect [95% CI]": [
-                f"{fmt(e)} [{fmt(lo)}, {fmt(hi)}]" for e, lo, hi in zip(p["estimate"], p["ci_low"], p["ci_high"])
-            ],
-            "interval": p["method"],
+            **contrast_columns(p),
             "n": p["n"],
         }
     )
