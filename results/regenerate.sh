@@ -3,12 +3,15 @@
 # decided, with its raw runs beside it (runs.jsonl.gz), on the embedded digits (dataset mnist_t10k: 8000/2000 cut
 # from the official MNIST test images, NOT the official split).
 #
-#   bash results/regenerate.sh [--force] [--commit] [--keep-going] [--network NAME] [STUDY ...]   # default: all
+#   bash results/regenerate.sh [--force] [--commit] [--keep-going] [--network NAME] [--set OVERRIDE]... [STUDY]...
 #
+# With no STUDY, every study.
 # --keep-going goes on to the next study when one fails (the exit status is then 1, naming the failed ones); a
 # signal (Ctrl-C, SIGTERM) always stops the whole regeneration. --network NAME replicates the studies on a deep
 # network (configs/network/NAME.yaml, e.g. cnn6): each lands in results/NAME/STUDY/, and the index shows its
-# verdict beside the 2-conv CNN's.
+# verdict beside the 2-conv CNN's. --set OVERRIDE (repeatable) passes a Hydra override to every study named, e.g.
+# a grid cut to fit a budget (`--set 'model.init_scale=[0.1,1.0,10.0]'`); the report's command line and the commit
+# message record it, and a resumed study must be given the same overrides (or it trains the settings cut).
 #
 # Per study: `bnstudy-study STUDY --out results/STUDY` restores the runs kept in results/STUDY/runs.jsonl.gz as run
 # folders (a fresh clone continues an unfinished regeneration, and no finished run is trained again), trains the
@@ -31,6 +34,7 @@ force=0
 commit=0
 keep_going=0
 network=""
+overrides=()
 studies=()
 while [ $# -gt 0 ]; do
   case $1 in
@@ -38,8 +42,12 @@ while [ $# -gt 0 ]; do
     --commit) commit=1 ;;
     --keep-going) keep_going=1 ;;
     --network) network=${2:-}; shift ;;
-    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
-    -*) echo "regenerate.sh: unknown option $1 (known: --force, --commit, --keep-going, --network NAME)" >&2; exit 2 ;;
+    --set)
+      [[ ${2:-} == *=* ]] || { echo "regenerate.sh: --set expects a Hydra override KEY=VALUE, got '${2:-}'" >&2; exit 2; }
+      overrides+=("$2"); shift ;;
+    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+    -*) echo "regenerate.sh: unknown option $1 (known: --force, --commit, --keep-going, --network NAME, --set OVERRIDE)" >&2
+        exit 2 ;;
     *) studies+=("$1") ;;
   esac
   shift
@@ -53,6 +61,11 @@ if [ -n "$network" ]; then
   [ -f "configs/network/$network.yaml" ] || { echo "regenerate.sh: unknown network '$network' (known: $known)" >&2; exit 2; }
   for study in "${studies[@]}"; do
     [ "$study" != cost ] || { echo "regenerate.sh: the cost study times the 2-conv CNN only; leave it out of --network" >&2; exit 2; }
+  done
+fi
+if [ ${#overrides[@]} -gt 0 ]; then
+  for study in "${studies[@]}"; do
+    [ "$study" != cost ] || { echo "regenerate.sh: the cost study is a benchmark and takes no --set; leave it out" >&2; exit 2; }
   done
 fi
 
@@ -78,7 +91,7 @@ train_and_report() {  # one study: trained until decided, its report and raw run
       python -m bnstudy.report cost --out-dir "$runs_root" --out results/cost --no-wandb
   else
     python -m bnstudy.study "$study" "${network_override[@]}" --out "$out" "out_dir=$runs_root" \
-      logger.wandb.mode=disabled logger.progress=false
+      logger.wandb.mode=disabled logger.progress=false "${overrides[@]}"
   fi
 }
 
@@ -100,7 +113,7 @@ for study in "${studies[@]}"; do
   echo "== $study: landed in $out after $(( $(date +%s) - start )) s"
   if [ $commit -eq 1 ]; then
     git add "$out" results/README.md
-    git commit -q -m "results: $study${network:+ on $network} on the embedded digits (code fingerprint $fingerprint)" -- \
+    git commit -q -m "results: $study${network:+ on $network}${overrides:+ (${overrides[*]})} on the embedded digits (code fingerprint $fingerprint)" -- \
       "$out" results/README.md
     echo "== $study: committed"
   fi

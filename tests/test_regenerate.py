@@ -21,6 +21,8 @@ def regenerate(*args: str) -> subprocess.CompletedProcess:
         (["--network", "cnn6", "placement", "cost"], "the cost study times the 2-conv CNN only"),
         (["placment"], "unknown study placment"),
         (["--fast"], "unknown option --fast"),
+        (["--set", "placement"], "--set expects a Hydra override KEY=VALUE, got 'placement'"),
+        (["--set", "seed=[0]", "ics", "cost"], "the cost study is a benchmark and takes no --set"),
     ],
 )
 def test_bad_input_exits_2_with_one_line_before_any_training(args, says):
@@ -29,9 +31,10 @@ def test_bad_input_exits_2_with_one_line_before_any_training(args, says):
     assert done.stdout == ""
 
 
-def test_help_names_the_network_option():
+def test_help_names_the_network_and_set_options():
     done = regenerate("--help")
     assert done.returncode == 0 and "--network NAME" in done.stdout and "results/NAME/STUDY/" in done.stdout
+    assert "--set OVERRIDE" in done.stdout and "same overrides" in done.stdout
 
 
 def fake_python(tmp_path, fails: dict[str, int]):
@@ -84,3 +87,11 @@ def test_without_keep_going_or_on_a_signal_the_first_failure_stops_it_all(tmp_pa
     assert done.returncode == 3 and "ics" not in done.stdout.split("fingerprint", 1)[1]
     done = regenerate_with(tmp_path / "b", {"dead_units": 130}, "--keep-going", "dead_units", "ics")
     assert done.returncode == 130 and "landed" not in done.stdout
+
+
+def test_set_passes_each_override_to_every_study_named(tmp_path):
+    cut = "model.init_scale=[0.1,1.0,10.0]"
+    done = regenerate_with(tmp_path, {}, "--set", cut, "--set", "train.epochs=2", "init_scale", "ics")
+    assert done.returncode == 0, done.stderr
+    studies = [c for c in (tmp_path / "c").read_text().splitlines() if "bnstudy.study" in c]
+    assert len(studies) == 2 and all(c.endswith(f"{cut} train.epochs=2") for c in studies), studies
