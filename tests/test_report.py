@@ -22,6 +22,7 @@ from bnstudy.analysis.write import write_report
 from tests.report_runs import (
     LAYER_VALUES,
     PLACEMENT,
+    PLACEMENT_SPEC,
     T975_DF2,
     analyse_dir,
     layer_runs,
@@ -234,6 +235,18 @@ def test_a_report_refuses_runs_of_two_networks_naming_them(tmp_path, capsys):
         cli.main(["placement", "--runs", str(runs), "--out", str(tmp_path / "report")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "several networks: CNN-2, CNN-6" in err and not (tmp_path / "report").exists()
+
+
+def test_a_report_refuses_runs_of_the_full_grid_and_its_quick_variant_naming_them(tmp_path, capsys):
+    runs = placement_runs(tmp_path / "runs")
+    quick = {**PLACEMENT_SPEC, "variant": "quick (2 seeds)"}
+    for seed in (20, 21):  # quick runs trained into the same folder
+        write_run(runs, norm="none", seed=seed, summary={"test/acc": 0.5}, spec=quick)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["placement", "--runs", str(runs), "--out", str(tmp_path / "report")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "several grid variants: default (" in err and "quick (2 seeds) (2 runs)" in err
+    assert not (tmp_path / "report").exists()
 
 
 def test_a_layer_mean_comparison_is_also_reported_layer_by_layer_with_its_paired_interval(tmp_path):

@@ -30,6 +30,7 @@ def experiment_spec(study: str, experiments_dir: Path = EXPERIMENTS_DIR) -> dict
 def choose_spec(study: str, runs: LoadedRuns, experiments_dir: Path = EXPERIMENTS_DIR) -> dict:
     """The report block the runs were trained with (the most common one), else the experiment file's."""
     if runs.specs:
+        check_one_variant(runs.specs)
         blobs = pd.Series([json.dumps(s, sort_keys=True) for s in runs.specs])
         if blobs.nunique() > 1:
             warnings.warn(f"runs carry {blobs.nunique()} different report blocks; using the most common", ReportWarning)
@@ -42,6 +43,19 @@ def choose_spec(study: str, runs: LoadedRuns, experiments_dir: Path = EXPERIMENT
             f"block, or runs trained with one. Known studies: {', '.join(config_tree.known_studies(experiments_dir)) or 'none'}."
         )
     return validate_spec(spec, study)
+
+
+def check_one_variant(specs: list[dict]) -> None:
+    """A claim is decided on one grid variant: runs of the full grid and of its quick variant (which can share a
+    folder: `+preset=quick` and `+network=NAME` both set out_dir, and the later one wins) are refused, naming
+    each variant and its runs."""
+    variants = pd.Series([str(s.get("variant") or "default") for s in specs]).value_counts()
+    if len(variants) > 1:
+        found = "; ".join(f"{name} ({n} runs)" for name, n in variants.items())
+        raise ReportError(
+            f"the runs are of several grid variants: {found}. A report decides a claim on one variant; train each "
+            f"into its own out_dir (e.g. `out_dir=outputs/quick` after `+preset=quick`) and report each folder alone."
+        )
 
 
 def _margin_values(value: Any) -> list:
