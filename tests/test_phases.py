@@ -163,13 +163,36 @@ def test_a_failed_run_without_the_metric_is_the_worst_outcome_in_a_rank_test(tmp
     assert row["ci_high"] == np.inf and row["verdict"] == "inconclusive"  # 3 seeds: no rank test can decide
 
 
-def test_failure_values_and_directions():
+def test_failure_values_of_outcomes():
     runs = pd.DataFrame(
         {"status": ["done", "diverged", "not_trained", "diverged"], "test/acc": [0.9, None, 0.11, None]}
     )
     assert failures.run_values(runs, "test/acc", "mnist").tolist() == [0.9, 0.1, 0.11, 0.1]
     loss = pd.DataFrame({"status": ["done", "diverged"], "test/loss": [0.3, None]})
     assert failures.run_values(loss, "test/loss", "mnist").tolist() == [0.3, np.inf]
+    assert failures.run_values(loss.assign(status="not_trained"), "test/loss", "mnist").tolist() == [0.3, np.inf]
+
+
+def test_a_failed_run_counts_as_the_worst_outcome_of_a_probe_even_where_it_measured_one():
+    # A net stuck at chance reads as smooth (a flat plateau) and shift-free: its own probe values favour its arm.
+    runs = pd.DataFrame(
+        {
+            "status": ["done", "not_trained", "diverged"],
+            "log10(median(smooth/loss_range))": [-2.0, -4.0, None],
+            "median(ics/*/cos)": [0.5, 0.99, None],
+            "diverged": [0.0, 1.0, 1.0],
+            "test/acc": [0.97, 0.11, None],
+        }
+    )
+    assert failures.run_values(runs, "log10(median(smooth/loss_range))", "mnist").tolist() == [-2.0, np.inf, np.inf]
+    assert failures.run_values(runs, "median(ics/*/cos)", "mnist").tolist() == [0.5, -np.inf, -np.inf]
+    # Outcomes of training keep a failed run's own value: its low accuracy, its divergence flag.
+    assert failures.run_values(runs, "test/acc", "mnist").tolist() == [0.97, 0.11, 0.1]
+    assert failures.run_values(runs, "diverged", "mnist").tolist() == [0.0, 1.0, 1.0]
+    assert failures.is_outcome("log10(test/loss)") and not failures.is_outcome("relu/*/dead_frac")
+
+
+def test_metric_directions_and_the_rank_contrast_of_a_worst_outcome():
     assert failures.metric_direction("median(ics/*/cos)") == "higher"
     assert failures.metric_direction("log10(median(smooth/loss_range))") == "lower"
     assert failures.metric_direction("acc_spread") == "lower" and failures.metric_direction("test/acc") == "higher"

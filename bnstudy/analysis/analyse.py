@@ -5,8 +5,8 @@ What is counted where:
 - a group is every run with the same config apart from the seed. Its table value is the mean over the runs
   that finished `done` and trained (bnstudy.analysis.stats.is_trained) with a finite value, with the diverged
   and not-trained runs counted beside it. In a comparison every finished run of the group counts, a failed one
-  against its arm (bnstudy.analysis.failures): its value where it has one, chance for a diverged run's
-  accuracy, else the worst outcome and a rank test.
+  against its arm (bnstudy.analysis.failures): its own value of an outcome of training (accuracy, loss),
+  chance for a diverged run's accuracy, else (every probe of a mechanism) the worst outcome and a rank test.
 - with `select: {by: val/acc, over: [optimizer.lr]}` the study has two phases on disjoint seeds
   (bnstudy.analysis.phases): each arm (a combination of the other grid columns) chooses its setting of `over`
   on the selection seeds' runs (best mean validation score over all runs there, failures counted; the test

@@ -1,11 +1,16 @@
 """How a failed run counts in a comparison: a run that diverged or finished without learning stays in its arm's
 group and counts against it, never dropped (dropping it would let failing help an arm).
 
-- Its value where it has one: a run that did not learn has a test accuracy, and that is its outcome.
+- An outcome of training (an accuracy, a loss, the divergence and convergence flags: `is_outcome`) at its own
+  value where it has one: a run that did not learn has a test accuracy, and that low accuracy is its outcome.
 - A diverged run's accuracy (`*acc*` keys; not a spread of accuracies) is chance, 1 / classes: its weights
   give outputs that are not finite, so it predicts nothing better than a constant class (`failure_value`).
-- Any other metric a failed run lacks (a loss, a smoothness probe, steps to a target) is the worst outcome:
-  +inf when lower is better, -inf when higher is better (`metric_direction`, or the comparison's `better:`).
+- Every other metric of a failed run (a probe of a mechanism: smoothness, ICS, a BN discrepancy, dead units,
+  a generalization gap; steps to a target), and an outcome it lacks, is the worst outcome: +inf when lower is
+  better, -inf when higher is better (`metric_direction`, or the comparison's `better:`). A probe read on a
+  network that did not train describes the failure, not the mechanism, and its value can favour the arm: a
+  net stuck at chance sits on a plateau whose loss barely changes, so it reads as smooth and shift-free, and
+  counting that value would let failing help an arm as much as dropping the run would.
   A comparison with such a value is decided by a rank test (`rank_contrast`): the Wilcoxon signed-rank test on
   the per-seed contrasts when paired, Mann-Whitney's U for two unpaired groups; the worst outcome ranks below
   every measured one. Its estimate is the median per-seed contrast and its interval the distribution-free
@@ -31,6 +36,8 @@ _ACCURACY = re.compile(r"(^|/)(acc(_running|_batch|_population)?|epoch_acc)$")
 _HIGHER_IS_BETTER = re.compile(
     r"(^|/)(acc(_running|_batch|_population)?|epoch_acc|cos|reached_target|converged)$|max_stable"
 )
+# Outcomes of training: a failed run's own value of these already counts against it.
+_OUTCOME = re.compile(r"(^|/)(acc(_running|_batch|_population)?|epoch_acc|loss|diverged|converged|reached_target)$")
 _FUNCTION = re.compile(r"^\w+\((.+)\)$")
 
 
@@ -49,6 +56,12 @@ def metric_direction(metric: str, declared: str | None = None) -> str:
     return "higher" if _HIGHER_IS_BETTER.search(_inner(metric)) else "lower"
 
 
+def is_outcome(metric: str) -> bool:
+    """Whether the metric is an outcome of training (accuracy, loss, diverged, converged, reached_target), which
+    a failed run keeps at its own value; any other metric is a probe, where a failed run is the worst outcome."""
+    return bool(_OUTCOME.search(_inner(metric)))
+
+
 def failure_value(metric: str, status: str, dataset: str) -> float:
     """What a failed run without a value of `metric` counts as: chance for a diverged run's accuracy, else NaN
     (the worst outcome, resolved by the comparison)."""
@@ -62,10 +75,11 @@ def worst(metric: str, declared: str | None = None) -> float:
 
 
 def run_values(runs: pd.DataFrame, metric: str, dataset: str, better: str | None = None) -> pd.Series:
-    """Each run's outcome of `metric`: its value; for a failed run without one, chance (a diverged run's
-    accuracy) or the worst outcome (+-inf). Runs that are not failed keep NaN where they lack the metric."""
+    """Each run's outcome of `metric`: its value; for a failed run, its own value of an outcome where it has
+    one, else chance (a diverged run's accuracy) or the worst outcome (+-inf). Runs that are not failed keep
+    NaN where they lack the metric."""
     values = pd.to_numeric(runs[metric], errors="coerce") if metric in runs else pd.Series(np.nan, index=runs.index)
-    failed = runs["status"].isin(FAILED) & values.isna()
+    failed = runs["status"].isin(FAILED) & (values.isna() | (not is_outcome(metric)))
     if failed.any():
         fill = [failure_value(metric, s, dataset) for s in runs.loc[failed, "status"]]
         fill = [worst(metric, better) if math.isnan(v) else v for v in fill]

@@ -116,10 +116,14 @@ def verdict_rules(a: Analysis) -> list[str]:
         "(`require_trained: false`)."
     )
     failed = (
-        " In a comparison, a failed run counts against its arm, never dropped: at its value where it has one "
-        "(a run that did not learn has a test accuracy), at chance accuracy (1 / classes) where it diverged, "
-        "and otherwise as the worst outcome, the comparison then decided by a rank test (Wilcoxon signed-rank "
-        "on the per-seed contrasts, or Mann-Whitney's U) whose interval is that of the median contrast."
+        " In a comparison, a failed run counts against its arm, never dropped: an outcome of training (an "
+        "accuracy, a loss) at its own value where it has one (a run that did not learn has a test accuracy), "
+        "an accuracy at chance (1 / classes) where it diverged, and otherwise, every probe of a mechanism "
+        "(smoothness, ICS, a BN discrepancy, dead units, a generalization gap) included, as the worst outcome: "
+        "a probe read on a net that did not train describes the failure (a net stuck at chance reads as "
+        "smooth), so its value must not help its arm. A comparison holding a worst outcome is decided by a "
+        "rank test (Wilcoxon signed-rank on the per-seed contrasts, or Mann-Whitney's U) whose interval is that "
+        "of the median contrast."
     )
     return [
         "Each comparison is a contrast of group means over seeds (mean A - mean B; with `relative_to`, that "
