@@ -88,11 +88,12 @@ def test_packed_job_writes_one_folder_per_model_with_distinct_configs(small_data
 
 
 def test_diverging_run_ends_with_status_diverged(small_data, run_app):
-    out = run_app("model.norm=none", "optimizer.lr=1e6", "train.max_steps_per_epoch=4")
+    out = run_app("model.norm=none", "optimizer.lr=1e6", "train.max_steps_per_epoch=4", "train.epochs=2")
     (folder,) = run_folders(out)
     summary = read_summary(folder)
     assert summary["status"] == "diverged" and summary["diverged_step"] >= 0
     assert summary["test/acc"] is None
+    assert summary["epochs_trained"] == 1 < summary["epochs"]  # stopped after the epoch it diverged in
 
 
 def test_library_info_lines_are_silenced_and_warnings_kept():
@@ -184,7 +185,7 @@ def test_bn_run_keeps_its_three_modes_beside_the_running_training_subset(small_d
 
 
 def test_diverged_run_is_not_trained_and_has_no_gen_gap(small_data, run_app):
-    out = run_app("model.norm=none", "optimizer.lr=1e6", "train.max_steps_per_epoch=4")
+    out = run_app("model.norm=none", "optimizer.lr=1e6", "train.max_steps_per_epoch=4", "train.epochs=2")
     summary = read_summary(run_folders(out)[0])
     assert summary["status"] == "diverged" and summary["trained"] is False and summary["gen_gap"] is None
 

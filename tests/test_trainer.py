@@ -64,11 +64,20 @@ def test_pack_of_three_matches_each_model_trained_alone(arrays):
         assert packed.final["test/acc"][k] == pytest.approx(alone.final["test/acc"][0], abs=1.5 / 64)
 
 
+def test_a_pack_whose_every_run_diverged_stops_at_the_end_of_that_epoch(arrays):
+    sched = schedule(epochs=3, log_every=1, max_steps_per_epoch=4, eval_batch_size=64)
+    result, logs = train(arrays, [{"lr": 1e6, "seed": 0}, {"lr": 1e7, "seed": 1}], norm="none", sched=sched)
+    assert (result.diverged_step >= 0).all() and (result.diverged_step < 4).all()  # both within epoch 1
+    assert result.epochs_trained == 1 and len(logs["train/loss"]) == 4  # epochs 2 and 3 not trained
+    assert [s["status"] for s in trainer.summarize_final(result)] == ["diverged", "diverged"]
+
+
 def test_diverging_member_does_not_disturb_the_rest_of_its_pack(arrays):
     rows = [{"lr": 0.05, "seed": 0}, {"lr": 1e6, "seed": 0}]
     packed, packed_logs = train(arrays, rows, norm="none")
     alone, alone_logs = train(arrays, rows[:1], norm="none")
     assert packed.diverged_step.tolist()[0] == -1 and packed.diverged_step[1] >= 0
+    assert packed.epochs_trained == SCHEDULE.epochs  # one run still finite: the pack trains to the end
     np.testing.assert_allclose(packed_logs["train/loss"][:, 0], alone_logs["train/loss"][:, 0], rtol=PACK_RTOL)
 
 

@@ -80,6 +80,7 @@ def train_pack(
     pack_facts = {
         "epochs": cfg.train.epochs,
         "steps": cfg.train.epochs * trainer.steps_per_epoch,
+        "epochs_trained": result.epochs_trained,  # fewer than `epochs` when every run of the pack diverged
         "lr_schedule": trainer.setup.lr_schedule.describe(),  # its shape; the peak is optimizer.lr
         "num_train": trainer.num_train,
         "num_val": 0 if trainer.data.val_labels is None else int(trainer.data.val_labels.shape[0]),

@@ -49,6 +49,7 @@ class PackResult:
     final: dict[str, np.ndarray]  # key -> [K]: the last evaluation's metrics, the last probe's, ICS medians
     diverged_step: np.ndarray  # [K], -1 where the run did not diverge
     timings: dict[str, float]
+    epochs_trained: int  # the last epoch trained, counted from 1: short of the schedule when every run diverged
 
 
 class NullProgress:
@@ -158,7 +159,9 @@ class PackTrainer:
         on_epoch_end: EpochEndFn | None = None,
     ) -> PackResult:
         """Train the pack from `start_epoch` to the schedule's end, calling `on_log` with [K] arrays at
-        each log point and `on_epoch_end(state, epoch)` after each epoch (and its evaluation).
+        each log point and `on_epoch_end(state, epoch)` after each epoch (and its evaluation). A pack whose
+        every run has diverged stops at the end of that epoch: what is left would be NaN arithmetic (slower
+        than finite on a CPU) that changes no result, since a diverged run's outcome is its divergence step.
 
         `state` (default: a fresh init from `hp`) is where training starts, e.g. a restored checkpoint.
         """
@@ -184,6 +187,7 @@ class PackTrainer:
             clock["eval"] += wall - (self.cache.compile_seconds - compiled0)
             return record
 
+        epochs_trained = start_epoch
         for epoch in range(start_epoch, s.epochs):
             bar = progress_factory(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{s.epochs}")
             t0, compiled0, before = time.perf_counter(), self.cache.compile_seconds, dict(clock)
@@ -202,11 +206,14 @@ class PackTrainer:
                     ics_probes.append({k: v for k, v in probe.items() if k.startswith("ics/")})
             if evaluations:
                 final = {**last_probe, **evaluations[max(evaluations)]}
+            epochs_trained = epoch + 1
             if on_epoch_end is not None:
                 on_epoch_end(state, epoch)
+            if all_diverged(state):
+                break
         final |= ics_medians(ics_probes)
         eval_time = clock["eval"]
-        steps = (s.epochs - start_epoch) * self.steps_per_epoch
+        steps = (epochs_trained - start_epoch) * self.steps_per_epoch
         timings = {
             "compile_time": self.cache.compile_seconds - compile0,
             "train_time": train_time,
@@ -215,7 +222,7 @@ class PackTrainer:
             "step_time": train_time / max(steps, 1),
             "examples_per_s": steps * self.setup.batch_size / max(train_time, 1e-9),
         }
-        return PackResult(state, final, np.asarray(jax.device_get(state.diverged_step)), timings)
+        return PackResult(state, final, np.asarray(jax.device_get(state.diverged_step)), timings, epochs_trained)
 
     def _probe_due(self, step: int, prefix: str = "smooth/") -> bool:
         return schedule_lib.probe_due(self.schedule, step, prefix)
@@ -325,6 +332,10 @@ def emit_train_logs(history, probes, evaluations, base, epoch, steps_per_epoch, 
         records.setdefault(end, {}).update(window)
     for i in sorted(records):
         on_log(base + i, epoch + i / n, records[i])
+
+
+def all_diverged(state: engine.TrainState) -> bool:
+    return bool(np.all(np.asarray(jax.device_get(state.diverged_step)) >= 0))
 
 
 def ics_medians(probes: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
