@@ -30,14 +30,13 @@ from bnstudy.analysis.derived import FAILED, NUM_CLASSES
 from bnstudy.analysis.errors import ReportError
 from bnstudy.analysis.stats import CONFIDENCE, Contrast
 
-_ACCURACY = re.compile(r"(^|/)(acc(_running|_batch|_population)?|epoch_acc)$")
+_ACC = r"acc(_running|_batch|_population)?|epoch_acc"  # the accuracy keys, as the last part of a logged key
+_ACCURACY = re.compile(rf"(^|/)({_ACC})$")
 # Metrics where a larger value is the better outcome; every other compared metric is better when smaller
 # (losses, errors, gaps, KL, ICS shifts, smoothness ranges and constants, dead units, steps, step time, spreads).
-_HIGHER_IS_BETTER = re.compile(
-    r"(^|/)(acc(_running|_batch|_population)?|epoch_acc|cos|reached_target|converged)$|max_stable"
-)
+_HIGHER_IS_BETTER = re.compile(rf"(^|/)({_ACC}|cos|reached_target|converged)$|max_stable")
 # Outcomes of training: a failed run's own value of these already counts against it.
-_OUTCOME = re.compile(r"(^|/)(acc(_running|_batch|_population)?|epoch_acc|loss|diverged|converged|reached_target)$")
+_OUTCOME = re.compile(rf"(^|/)({_ACC}|loss|diverged|converged|reached_target)$")
 _FUNCTION = re.compile(r"^\w+\((.+)\)$")
 
 
