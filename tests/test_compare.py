@@ -194,14 +194,16 @@ def test_smoothness_mean_over_training_is_compared_per_learning_rate(tmp_path):
     assert a.verdict == "inconclusive"
 
 
-def trend_runs(root: Path, spec: dict, slope_of_seed, norms=("before_relu",)) -> dict:
-    """KL = 2 * b ** slope per (norm, seed), with a small wiggle so the per-seed fit is not exact."""
+def trend_runs(root: Path, spec: dict, slope_of_seed, norms=("before_relu",), diverged=()) -> dict:
+    """KL = 2 * b ** slope per (norm, seed), with a small wiggle so the per-seed fit is not exact; the runs
+    `diverged` names as (norm, seed, batch size) diverged without a KL."""
     truth = {}
     for norm in norms:
         for seed in range(4):
             slope = slope_of_seed(norm, seed)
             for i, bs in enumerate((2, 8, 32, 128)):
                 kl = 2.0 * bs**slope * (1.0 + 0.05 * (-1) ** (i + seed))
+                failed = (norm, seed, bs) in diverged
                 write_run(
                     root,
                     study="batch_size",
@@ -209,7 +211,8 @@ def trend_runs(root: Path, spec: dict, slope_of_seed, norms=("before_relu",)) ->
                     seed=seed,
                     batch_size=bs,
                     lr=0.05 * bs / 128,
-                    summary={"test/acc": 0.9, "disc/kl": kl},
+                    status="diverged" if failed else "done",
+                    summary={"test/acc": None, "disc/kl": None} if failed else {"test/acc": 0.9, "disc/kl": kl},
                     spec=spec,
                 )
                 truth.setdefault((norm, seed), []).append((bs, kl))
@@ -278,3 +281,32 @@ def test_trend_difference_of_two_arms_is_paired_and_a_seed_missing_a_point_is_dr
     d = [fitted_slope(truth["before_relu", s]) - fitted_slope(truth["after_relu", s]) for s in range(4)]
     assert row["estimate"] == pytest.approx(np.mean(d)) and row["method"] == "paired (4 seeds)"
     assert row["n"] == "4 of 4 seeds / 4 of 5 seeds"
+
+
+@pytest.mark.parametrize(
+    "expect, failed_arm", [("less", "before_relu"), ("less", "after_relu"), ("greater", "after_relu")]
+)
+def test_a_seed_whose_run_failed_in_a_probe_trend_counts_against_the_claim_not_dropped(tmp_path, expect, failed_arm):
+    """A diverged run has no KL: its seed's slope is the one against the claim, for either arm and direction,
+    so a failure never helps the claim (dropping the seed could), and the rank test decides."""
+    comp = {"metric": "disc/kl", "trend": "train.batch_size", "logy": True, "expect": expect}
+    spec = {
+        "claim": "x.",
+        "metrics": ["disc/kl"],
+        "compare": [{**comp, "a": {"model.norm": "before_relu"}, "b": {"model.norm": "after_relu"}}],
+    }
+    root = tmp_path / "runs"
+    trend_runs(
+        root,
+        spec,
+        lambda norm, seed: (-1.0 if norm == "before_relu" else -0.3) + 0.02 * seed,
+        norms=("before_relu", "after_relu"),
+        diverged={(failed_arm, 0, 2)},
+    )
+    (row,) = analyse_dir("batch_size", root).comparisons.to_dict("records")
+    contrasts = "+inf" if expect == "less" else "-inf"
+    assert row["method"] == "signed-rank (4 seeds)", row
+    failed_side = 0 if failed_arm == "before_relu" else 1
+    assert row["n"].split(" / ")[failed_side] == "4 of 4 seeds (1 with a failed run: against the claim)"
+    against_end = row["ci_high"] if contrasts == "+inf" else row["ci_low"]
+    assert against_end == (np.inf if contrasts == "+inf" else -np.inf)

@@ -4,6 +4,7 @@ The statistical rules themselves live in bnstudy.analysis.stats."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -242,24 +243,43 @@ def with_contrast(
 
 
 def seed_slopes(
-    sel: pd.DataFrame, metric: str, axis: str, logx: bool, logy: bool, n_axis: int, dataset: str = ""
+    sel: pd.DataFrame,
+    metric: str,
+    axis: str,
+    logx: bool,
+    logy: bool,
+    n_axis: int,
+    dataset: str = "",
+    against: float = math.nan,
 ) -> pd.Series:
     """Per seed (index): the least-squares slope of the metric (log10 if `logy`) against the axis (log10 if
     `logx`) over that seed's runs (scipy.stats.linregress). A seed counts only when every one of the
-    context's `n_axis` axis values has a finished run with a usable value (> 0 on a log scale; a failed run
-    counts at its value or chance accuracy, bnstudy.analysis.failures): a slope over part of the axis would
-    not estimate the same thing."""
-    done = sel
-    x = pd.to_numeric(done[axis], errors="coerce")
-    y = failures.run_values(done, metric, dataset)
-    ok = np.isfinite(x) & np.isfinite(y) & ((x > 0) if logx else True) & ((y > 0) if logy else True)
-    part = pd.DataFrame({"seed": done["seed"], "x": x, "y": y})[ok]
+    context's `n_axis` axis values has a run with a usable value (> 0 on a log scale): a slope over part of
+    the axis would not estimate the same thing. A failed run counts at its own value or chance accuracy
+    (bnstudy.analysis.failures); where it is the worst outcome (+-inf: a probe the failed run has no meaningful
+    value of), its seed's slope is `against`, the slope that counts against the claim, never dropped."""
+    x = pd.to_numeric(sel[axis], errors="coerce")
+    y = failures.run_values(sel, metric, dataset)
+    usable = np.isfinite(x) & ((x > 0) if logx else True)
+    failed = usable & np.isinf(y)
+    ok = usable & np.isfinite(y) & ((y > 0) if logy else True)
+    part = pd.DataFrame({"seed": sel["seed"], "x": x, "y": y, "failed": failed})[ok | failed]
     slopes = {}
     for seed, g in part.groupby("seed", sort=True):
         if g["x"].nunique() == n_axis >= 3 and len(g) == n_axis:
+            if g["failed"].any():
+                slopes[seed] = against
+                continue
             gx, gy = np.log10(g["x"]) if logx else g["x"], np.log10(g["y"]) if logy else g["y"]
             slopes[seed] = scipy_stats.linregress(gx.to_numpy(float), gy.to_numpy(float)).slope
     return pd.Series(slopes, dtype=float).rename_axis("seed")
+
+
+def slope_against(expect: str, coef: float) -> float:
+    """The slope of one arm that counts against the claim: it moves the contrast (sum of coef x slope) to
+    +inf when the claim expects it below (`less`) or within a margin (`equivalent`), to -inf when above."""
+    toward = -1.0 if expect == "greater" else 1.0
+    return math.copysign(math.inf, toward * coef)
 
 
 def tied_to(frame: pd.DataFrame, col: str, axis: str) -> bool:
@@ -295,7 +315,7 @@ def compare_trend(
     results = []
     for ctx in sorted(contexts, key=lambda d: [str(v) for v in d.values()]):
         groups, notes, rows, settings, dead = [], [], [], [], []
-        for filters, _ in arms:
+        for filters, coef in arms:
             full = {**where, **ctx, **filters}
             sel = frame[matches(frame, full)]
             rows.append(sel)
@@ -303,8 +323,11 @@ def compare_trend(
             dead.append(coverage.dead(full))
             axis_values = {s.get(axis) for s in settings[-1]} if coverage.settings is not None else set()
             n_axis = len(axis_values) or int(pd.to_numeric(sel[axis], errors="coerce").nunique())
-            groups.append(seed_slopes(sel, comp["metric"], axis, logx, logy, n_axis, dataset))
-            notes.append(f"{len(groups[-1])} of {sel['seed'].nunique() if 'seed' in sel else 0} seeds")
+            against = slope_against(comp["expect"], coef)
+            groups.append(seed_slopes(sel, comp["metric"], axis, logx, logy, n_axis, dataset, against))
+            n_failed = int(np.isinf(groups[-1]).sum())
+            failed_note = f" ({n_failed} with a failed run: against the claim)" if n_failed else ""
+            notes.append(f"{len(groups[-1])} of {sel['seed'].nunique() if 'seed' in sel else 0} seeds{failed_note}")
         label = f"slope of {y_name} vs {x_name}"
         if len(arms) == 2:
             label = f"({filters_label(comp['a'])}) - ({filters_label(comp['b'])}): {label}"
