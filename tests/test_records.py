@@ -146,3 +146,25 @@ def test_a_change_to_a_fingerprinted_file_changes_the_fingerprint(tmp_path):
     copy.write_bytes(first.read_bytes() + b"\n# a change\n")
     changed = subprocess.run([sys.executable, "-c", code, str(copy)], capture_output=True, text=True, check=True)
     assert same.stdout.strip() == provenance.code_fingerprint() != changed.stdout.strip()
+
+
+def test_a_dirty_sha_means_uncommitted_code_not_a_study_writing_its_results(tmp_path):
+    """A study writes its report and raw runs into results/ while it trains: its later runs must not record the
+    commit as `-dirty`; a change to bnstudy/ or experiments/ must."""
+    repo = tmp_path / "checkout"
+    for name in ("bnstudy/engine.py", "experiments/placement.yaml", "results/README.md"):
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_text("one\n")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run([*git, "add", "-A"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-qm", "c"], cwd=repo, check=True)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+    assert provenance.checkout_sha(repo) == head
+    (repo / "results/README.md").write_text("a study landed\n")
+    assert provenance.checkout_sha(repo) == head
+    for name in ("experiments/placement.yaml", "bnstudy/engine.py"):
+        (repo / name).write_text("two\n")
+        assert provenance.checkout_sha(repo) == f"{head}-dirty", name
+        subprocess.run(["git", "checkout", "-q", "--", name], cwd=repo, check=True)
+    assert provenance.checkout_sha(tmp_path) is None  # not a checkout

@@ -18,16 +18,26 @@ _command: list[str] = []  # the training command of this process, as the user ty
 PACKAGES = ("bnstudy", "jax", "jaxlib", "flax", "optax", "numpy", "tensorflow-datasets", "hydra-core", "wandb")
 
 
+# What a `-dirty` SHA speaks of: uncommitted changes to these decide a run's numbers. A study writes its own
+# report and raw runs into results/ as it goes, which must not mark the runs after it as uncommitted code.
+CODE_PATHS = ("bnstudy", "configs", "experiments", "pyproject.toml")
+
+
 @functools.lru_cache(maxsize=1)
 def git_sha() -> str | None:
-    """The checkout's commit, with `-dirty` when it has uncommitted changes; None outside git."""
-    repo = Path(__file__).resolve().parents[2]
+    """This checkout's commit, with `-dirty` when its code (CODE_PATHS) has uncommitted changes; None outside git."""
+    return checkout_sha(Path(__file__).resolve().parents[2])
+
+
+def checkout_sha(repo: Path) -> str | None:
+    """The commit of the git checkout at `repo`, with `-dirty` when a tracked file under CODE_PATHS differs from
+    it (results/, docs/ and tests/ do not count); None outside git."""
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True, timeout=10
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", *CODE_PATHS],
             cwd=repo,
             capture_output=True,
             text=True,
