@@ -99,8 +99,9 @@ failed=()
 for study in "${studies[@]}"; do
   start=$(date +%s)
   out=results/${network:+$network/}$study
-  # A report from before raw runs were kept cannot be resumed or rewritten: it is replaced as a whole.
-  [ -f "$out/runs.jsonl.gz" ] || rm -rf "$out"
+  # A report from before raw runs were kept cannot be resumed or rewritten: it is replaced as a whole. A folder
+  # with no report yet (an interrupted first session's training_time.json) is kept: its time adds up.
+  if [ ! -f "$out/runs.jsonl.gz" ] && [ -f "$out/verdict.json" ]; then rm -rf "$out"; fi
   status=0
   train_and_report "$study" "$out" || status=$?
   if [ $status -ne 0 ]; then

@@ -57,14 +57,18 @@ def fake_python(tmp_path, fails: dict[str, int]):
     return bin_dir
 
 
-def regenerate_with(tmp_path, fails, *args):
+def regenerate_with(tmp_path, fails, *args, results_files=()):
     """The script run from a copy of the tree it reads (results/, experiments/), so that nothing it deletes or
-    writes touches the checkout; training and reports faked by `fake_python`."""
+    writes touches the checkout; training and reports faked by `fake_python`. `results_files`: paths under
+    results/ written before it starts."""
     import os
     import shutil
 
     tree = tmp_path / "tree"
     (tree / "results").mkdir(parents=True)
+    for name in results_files:
+        (tree / "results" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tree / "results" / name).write_text("{}\n")
     shutil.copy(SCRIPT, tree / "results" / "regenerate.sh")
     shutil.copytree(SCRIPT.parents[1] / "experiments", tree / "experiments")
     env = {**os.environ, "PATH": f"{fake_python(tmp_path, fails)}:{os.environ['PATH']}", "CALLS": str(tmp_path / "c")}
@@ -95,3 +99,13 @@ def test_set_passes_each_override_to_every_study_named(tmp_path):
     assert done.returncode == 0, done.stderr
     studies = [c for c in (tmp_path / "c").read_text().splitlines() if "bnstudy.study" in c]
     assert len(studies) == 2 and all(c.endswith(f"{cut} train.epochs=2") for c in studies), studies
+
+
+def test_an_old_report_without_raw_runs_is_replaced_but_an_interrupted_sessions_time_is_kept(tmp_path):
+    """A report from before raw runs were kept goes; a folder an interrupted first session left (its
+    training_time.json, no report and no pack yet) stays, so the next session's time adds to it."""
+    kept, old = "ics/training_time.json", "dead_units/verdict.json"
+    done = regenerate_with(tmp_path, {}, "ics", "dead_units", results_files=(kept, old))
+    assert done.returncode == 0, done.stderr
+    results = tmp_path / "tree" / "results"
+    assert (results / kept).is_file() and not (results / old).exists()

@@ -249,8 +249,8 @@ def seed_slopes(
     logx: bool,
     logy: bool,
     n_axis: int,
-    dataset: str = "",
-    against: float = math.nan,
+    dataset: str,
+    against: float,
 ) -> pd.Series:
     """Per seed (index): the least-squares slope of the metric (log10 if `logy`) against the axis (log10 if
     `logx`) over that seed's runs (scipy.stats.linregress). A seed counts only when every one of the
